@@ -1,0 +1,186 @@
+"""NextItNet with TERACON's task-specific masks (Kim et al., KDD 2023, Sec. 4).
+
+Each residual block masks the output of both of its convolutions with a task mask in (0, 1)^C:
+task 1 (and every task when relation-aware masks are off) uses m = σ(s·e_t) (Eq. 11); once more
+than one task exists, m_t = σ(s·(w_tᵀ tanh(s·E_t) + b_t)) with E_t = [e_t; e_j; −e_j for j ≠ t]
+(Eqs. 12–13). Heads live in an nn.ModuleList grown by `add_task`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    n_items: int                                  # vocabulary with <UNK> (= task 1's class count)
+    task_classes: list[int]                       # head sizes, one per task, task 1 first
+    channels: int = 256
+    dilations: list[int] = field(default_factory=lambda: [1, 4, 1, 4, 1, 4, 1, 4])
+    kernel_size: int = 3
+    task_emb_init: list[float] = field(default_factory=lambda: [0.0, 2.0])
+    relation: bool = False                        # relation-aware masks (Eq. 12–13)
+    use_masks: bool = True                        # False: the fine-tuning baseline (no masks)
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_classes)
+
+    @property
+    def n_layers(self) -> int:
+        return 2 * len(self.dilations)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilation: int, n_out: int) -> torch.Tensor:
+    """Dilated causal convolution producing the last `n_out` positions.
+
+    x [B, n, C_in] holds the last n positions of the sequence; when n is shorter than the receptive
+    window it is the whole sequence and is left-padded with zeros, as NextItNet's ZeroPad2d.
+    weight [C_out, C_in, k]: out[t] = Σ_i weight[:, :, i] · x[t − (k−1−i)·dilation].
+    """
+    kernel = weight.shape[2]
+    need = n_out + (kernel - 1) * dilation
+    if x.shape[1] < need:
+        x = F.pad(x, (0, 0, need - x.shape[1], 0))
+    else:
+        x = x[:, x.shape[1] - need:]
+    taps = torch.cat([x[:, i * dilation:i * dilation + n_out] for i in range(kernel)], dim=2)  # [B, n_out, k·C_in]
+    flat_weight = weight.permute(0, 2, 1).reshape(weight.shape[0], -1)                          # [C_out, k·C_in]
+    return F.linear(taps, flat_weight, bias)                                                      # [B, n_out, C_out]
+
+
+class ResidualBlock(nn.Module):
+    """conv(d) → LayerNorm → ReLU → × mask1 → conv(2d) → LayerNorm → ReLU → × mask2 → + input."""
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int):
+        super().__init__()
+        self.dilation = dilation
+        self.conv1 = nn.Conv1d(channels, channels, kernel_size, dilation=dilation)
+        self.ln1 = nn.LayerNorm(channels, eps=1e-8)
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size, dilation=2 * dilation)
+        self.ln2 = nn.LayerNorm(channels, eps=1e-8)
+
+    def receptive(self, n_out: int, length: int) -> tuple[int, int]:
+        """Positions needed after conv1 and before conv1 to produce the last n_out outputs."""
+        reach = self.conv1.kernel_size[0] - 1
+        middle = min(length, n_out + reach * 2 * self.dilation)
+        return middle, min(length, middle + reach * self.dilation)
+
+    def forward(self, x: torch.Tensor, mask1: torch.Tensor, mask2: torch.Tensor, n_out: int, length: int) -> torch.Tensor:
+        middle, _ = self.receptive(n_out, length)
+        out = causal_conv(x, self.conv1.weight, self.conv1.bias, self.dilation, middle)     # [B, middle, C]
+        out = F.relu(self.ln1(out)) * mask1
+        out = causal_conv(out, self.conv2.weight, self.conv2.bias, 2 * self.dilation, n_out)  # [B, n_out, C]
+        out = F.relu(self.ln2(out)) * mask2
+        return out + x[:, x.shape[1] - n_out:]
+
+
+def _init_head(head: nn.Linear) -> nn.Linear:
+    head.weight.data.normal_(0.0, 0.01)
+    head.bias.data.fill_(0.1)
+    return head
+
+
+class NextItNet(nn.Module):
+    """The backbone with per-task masks and heads. forward(items, task, s) → (logits, masks)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        channels = config.channels
+        self.item_embedding = nn.Embedding(config.n_items, channels)
+        bound = math.sqrt(1.0 / config.n_items)
+        self.item_embedding.weight.data.uniform_(-bound, bound)
+        self.blocks = nn.ModuleList(ResidualBlock(channels, config.kernel_size, d) for d in config.dilations)
+        self.heads = nn.ModuleList(_init_head(nn.Linear(channels, n)) for n in config.task_classes)
+        self.task_embedding = nn.Parameter(self._new_task_rows(config.n_tasks))  # [N, n_layers, C]
+        if config.relation:
+            self._reset_relation()
+
+    # ------------------------------------------------------------ tasks
+
+    def _new_task_rows(self, n: int) -> torch.Tensor:
+        low, high = self.config.task_emb_init
+        return torch.empty(n, self.config.n_layers, self.config.channels).uniform_(low, high)
+
+    def _reset_relation(self) -> None:
+        """Relation layers Linear(2N−1, 1) per task and masked layer, init N(0, 0.01) and bias 0.1.
+
+        Their input grows with N, so (as the authors' code) they are re-initialised at each new stage.
+        """
+        n_tasks, n_layers = self.config.n_tasks, self.config.n_layers
+        device = self.task_embedding.device
+        self.relation_weight = nn.Parameter(torch.empty(n_tasks, n_layers, 2 * n_tasks - 1, device=device).normal_(0.0, 0.01))
+        self.relation_bias = nn.Parameter(torch.full((n_tasks, n_layers), 0.1, device=device))
+
+    def add_task(self, n_classes: int, relation: bool = True) -> None:
+        """Grow by one task: a new head, a new task-embedding row, fresh relation layers."""
+        device = self.task_embedding.device
+        self.config.task_classes = [*self.config.task_classes, n_classes]
+        self.heads.append(_init_head(nn.Linear(self.config.channels, n_classes)).to(device))
+        rows = self._new_task_rows(1).to(device)
+        self.task_embedding = nn.Parameter(torch.cat([self.task_embedding.data, rows]))
+        self.config.relation = relation
+        if relation:
+            self._reset_relation()
+        else:
+            for name in ("relation_weight", "relation_bias"):
+                if hasattr(self, name):
+                    delattr(self, name)
+
+    # ------------------------------------------------------------ masks
+
+    def task_masks(self, task: int, s: float) -> torch.Tensor:
+        """Masks of every masked layer for `task` at scale s → [n_layers, C]."""
+        embedding = self.task_embedding                                   # [N, n_layers, C]
+        if not self.config.use_masks:
+            return torch.ones_like(embedding[task])
+        if not self.config.relation:
+            return torch.sigmoid(s * embedding[task])                     # Eq. 11
+        others = [j for j in range(self.config.n_tasks) if j != task]
+        other_rows = embedding[others]                                    # [N−1, n_layers, C]
+        signed = torch.stack([other_rows, -other_rows], dim=1).reshape(-1, *embedding.shape[1:])  # [2N−2, n_layers, C]
+        context = torch.cat([embedding[task:task + 1], signed])           # [2N−1, n_layers, C]
+        activated = torch.tanh(s * context)
+        mixed = torch.einsum("klc,lk->lc", activated, self.relation_weight[task])  # [n_layers, C]
+        mixed = mixed + self.relation_bias[task][:, None]
+        return torch.sigmoid(s * mixed)                                   # Eq. 13
+
+    # ------------------------------------------------------------ forward
+
+    def hidden(self, items: torch.Tensor, masks: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """items [B, L] → hidden [B, C] (last position) or [B, L, C].
+
+        With last_only, each layer computes only the positions the last output can see.
+        """
+        length = items.shape[1]
+        needed = [1 if last_only else length]
+        for block in reversed(self.blocks):
+            needed.append(block.receptive(needed[-1], length)[1])
+        needed.reverse()                                                   # needed[i] = positions entering block i
+        x = self.item_embedding(items[:, length - needed[0]:])             # [B, needed[0], C]
+        for i, block in enumerate(self.blocks):
+            x = block(x, masks[2 * i], masks[2 * i + 1], needed[i + 1], length)
+        return x[:, -1] if last_only else x
+
+    def forward(self, items: torch.Tensor, task: int, s: float, last_only: bool = True,
+                masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of head `task` ([B, n_classes] or [B, L, n_classes]) and the masks used [n_layers, C]."""
+        if masks is None:
+            masks = self.task_masks(task, s)
+        return self.heads[task](self.hidden(items, masks, last_only)), masks
+
+    # ------------------------------------------------------------ checkpoints
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "NextItNet":
+        model = cls(ModelConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model_state"], strict=True)
+        return model

@@ -1,0 +1,6 @@
+"""Stage 1: pretrain NextItNet on next-item prediction (see trainer.py)."""
+from trainer import main
+from utils import cli
+
+if __name__ == "__main__":
+    cli(lambda: main(stage=1))

@@ -1,0 +1,6 @@
+"""Any stage K >= 2 (task 7 and beyond too): `--stage K`, or the stage after `--paths` (see trainer.py)."""
+from trainer import main
+from utils import cli
+
+if __name__ == "__main__":
+    cli(main)

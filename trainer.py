@@ -1,0 +1,349 @@
+"""The one training routine behind train_task1.py and train_teracon_t2.py … t6.py (and any later stage).
+
+Stage 1 pretrains NextItNet on next-item prediction with HAT-style masks σ(s·e). Stage K ≥ 2 reloads
+stage K−1, adds task K and trains it with TERACON: relation-aware masks, and knowledge retention from
+ONE frozen copy of the stage-(K−1) model that pseudo-labels the batch's users for every earlier task.
+After each stage every task 1..K is scored on its own test split (metrics.json, printed as a table).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data_loader import (ItemIndex, TaskData, build_index, check_split, load_sequences, load_task, read_index,
+                         split_indices, write_index, batches)
+from evaluate import evaluate_tasks, score
+from model import ModelConfig, NextItNet
+from utils import (CHECKPOINT_FORMAT, DATASETS, DataError, anneal, atomic_torch_save, format_table, load_checkpoint,
+                   preset_paths, resolve_device, retention_loss, sampling_ratio, set_seed, stage_defaults, task_name,
+                   write_json)
+
+INITIAL_RATIO = 0.9  # sampling ratio before the first batch (authors' code)
+EMBEDDING_CLAMP = 6.0
+
+
+def build_parser(stage: int | None) -> argparse.ArgumentParser:
+    title = f"stage {stage}" if stage else "any stage ≥ 2 (--stage, or the stage after --paths)"
+    parser = argparse.ArgumentParser(description=f"TERACON training, {title}.")
+    add = parser.add_argument
+    add("--dataset", choices=sorted(DATASETS), help="fill --datapath/--datapath_index/--paths/--savepath")
+    if stage is None:
+        add("--stage", type=int, help="task number being learned (default: the stage after --paths)")
+    add("--datapath", help="this task's data file")
+    add("--datapath_index", help="item index (written by task 1, read by later tasks)")
+    add("--paths", help="previous stage's checkpoint (.t7)")
+    add("--savepath", help="checkpoint written as <savepath>.t7, metrics as <savepath>.metrics.json")
+    add("--epochs", type=int)
+    add("--lr", type=float)
+    add("--batch", type=int)
+    add("--eval_batch", type=int, default=256, help="batch size for validation/test (no effect on results)")
+    add("--smax", type=float, default=50)
+    add("--alpha", type=float, default=0.7, help="weight of the knowledge-retention loss")
+    add("--L2", type=float, default=0.75, help="task 1: weight of the mean-mask regulariser")
+    add("--seed", type=int, default=10)
+    add("--top_k", type=int, default=5)
+    add("--split_percentage", type=float, default=0.2)
+    add("--gpu_num", default=None, help="the original's device flag: an int (cuda:N) or 'cpu'")
+    add("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add("--channels", type=int, default=256)
+    add("--patience", type=int, default=5)
+    add("--task_kind", choices=["rec", "cls"], help="default: rec when the task has more than top_k+15 classes")
+    add("--select_on", default="acc", help="validation metric for early stopping: acc (hit@1) or mrr@5")
+    add("--no_embedding_clamp", action="store_true",
+        help="stages ≥ 2: do not clamp task embeddings to [-6, 6] (the original t2–t6 scripts' clamp never fires)")
+    add("--nested_samples", action="store_true",
+        help="earlier tasks share one shuffle (nested prefixes), as the original; default: independent samples")
+    add("--no_relation", action="store_true", help="ablation: plain σ(s·e) masks for every task")
+    add("--no_retention", action="store_true", help="ablation: α = 0")
+    add("--uniform_sampling", action="store_true", help="ablation: fixed sampling ratio 0.9")
+    add("--method", choices=["teracon", "finetune"], default="teracon",
+        help="finetune: no masks, no retention, a new head per task (forgetting baseline)")
+    return parser
+
+
+def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser(stage).parse_args(argv)
+    if stage is None:
+        stage = args.stage
+        if stage is None and args.paths:
+            stage = int(load_checkpoint(args.paths)["stage"]) + 1
+        if stage is None or stage < 2:
+            raise DataError("give --stage K (K ≥ 2) or --paths of the previous stage's checkpoint")
+    args.stage = stage
+    if args.dataset:
+        for key, value in preset_paths(args.dataset, stage).items():
+            if getattr(args, key) is None:  # explicit flags win
+                setattr(args, key, value)
+    for key, value in stage_defaults(stage).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    required = ["datapath", "datapath_index", "savepath"] + (["paths"] if stage > 1 else [])
+    missing = [f"--{key}" for key in required if getattr(args, key) is None]
+    if missing:
+        raise DataError(f"missing {', '.join(missing)} (or give --dataset)")
+    if args.method == "finetune" or args.no_retention:
+        args.alpha = 0.0
+    return args
+
+
+def task_record(args: argparse.Namespace, n_classes: int) -> dict:
+    kind = args.task_kind or ("rec" if n_classes > args.top_k + 15 else "cls")
+    return {"name": task_name(args.dataset, args.stage), "datapath": args.datapath, "kind": kind,
+            "n_classes": n_classes, "seed": args.seed, "split_percentage": args.split_percentage}
+
+
+def guard_outputs(args: argparse.Namespace) -> str:
+    """The checkpoint path; never an earlier stage's checkpoint."""
+    target = args.savepath + ".t7"
+    if args.paths and os.path.abspath(target) == os.path.abspath(args.paths):
+        raise DataError(f"{target}: --savepath would overwrite the checkpoint this stage starts from")
+    if os.path.isfile(target):
+        try:
+            existing = torch.load(target, map_location="cpu", weights_only=True).get("stage")
+        except Exception:
+            existing = None
+        if existing is not None and existing != args.stage:
+            raise DataError(f"{target}: holds stage {existing}'s checkpoint; choose another --savepath")
+    return target
+
+
+def checkpoint_dict(args: argparse.Namespace, model: NextItNet, tasks: list[dict], epoch: int,
+                    valid: dict[str, float]) -> dict:
+    return {"format_version": CHECKPOINT_FORMAT, "stage": args.stage, "model_config": model.config_dict(),
+            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "tasks": tasks, "index_path": args.datapath_index, "args": vars(args), "epoch": epoch,
+            "valid": valid}
+
+
+def fit(args: argparse.Namespace, train_epoch: Callable[[int], dict], validate: Callable[[], dict],
+        on_best: Callable[[int, dict], None]) -> None:
+    """Early stopping: validate after each epoch, `on_best` at each new best, stop after `patience` misses."""
+    best, misses = None, 0
+    for epoch in range(args.epochs):
+        started = time.time()
+        stats = train_epoch(epoch)
+        valid = validate()
+        if args.select_on not in valid:
+            raise DataError(f"--select_on {args.select_on}: not a metric of this task ({', '.join(valid)})")
+        value = valid[args.select_on]
+        improved = best is None or value > best
+        summary = " ".join(f"{k}={v:.4f}" for k, v in valid.items())
+        print(f"epoch {epoch}: loss {stats['loss']:.4f} retention {stats['retention']:.4f} skipped {stats['skipped']} "
+              f"| valid {summary} | {time.time() - started:.1f}s{' *' if improved else ''}", flush=True)
+        if stats["finite_steps"] == 0:
+            raise DataError(f"{args.datapath}: no finite loss in epoch {epoch}; nothing saved (try a lower --lr)")
+        if improved:
+            best, misses = value, 0
+            on_best(epoch, valid)
+        else:
+            misses += 1
+            if misses >= args.patience:
+                print(f"early stop: no better validation {args.select_on} for {args.patience} epochs")
+                break
+
+
+def finish(args: argparse.Namespace, model: NextItNet, checkpoint_path: str, index: ItemIndex,
+           device: torch.device, cache: dict[int, TaskData]) -> dict:
+    """Reload the best checkpoint and score every task 1..K on its own test split."""
+    checkpoint = load_checkpoint(checkpoint_path, "this stage's checkpoint")
+    model.load_state_dict(checkpoint["model_state"], strict=True)
+    tasks = evaluate_tasks(model, checkpoint["tasks"], index, args.smax, args.eval_batch, device, args.top_k, cache)
+    metrics = {"stage": args.stage, "tasks": tasks}
+    write_json(args.savepath + ".metrics.json", metrics)
+    print(format_table(args.stage, tasks))
+    print(f"saved {checkpoint_path} and {args.savepath}.metrics.json")
+    return metrics
+
+
+def clamp_task_embedding(model: NextItNet) -> None:
+    with torch.no_grad():
+        model.task_embedding.clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
+
+
+def prepare_index(args: argparse.Namespace, index: ItemIndex) -> None:
+    """Write the index task 1 built; an existing index from other data is never overwritten."""
+    if os.path.isfile(args.datapath_index):
+        existing = read_index(args.datapath_index)
+        if np.array_equal(existing.keys, index.keys):
+            return
+        raise DataError(f"{args.datapath_index}: an index made from other data exists; "
+                        "remove it or give another --datapath_index")
+    write_index(index, args.datapath_index)
+    print(f"index of {index.size} items written to {args.datapath_index}")
+
+
+def run_task1(args: argparse.Namespace) -> dict:
+    """Stage 1: CE over all positions + L2 · mean mask, s annealed per batch (Eqs. 11, 19)."""
+    print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    device = resolve_device(args.device, args.gpu_num)
+    rng = set_seed(args.seed)
+    checkpoint_path = guard_outputs(args)
+    sequences, index = load_sequences(args.datapath)  # [n_users, L]
+    parts = split_indices(len(sequences), args.seed, args.split_percentage)
+    check_split(args.datapath, len(sequences), parts)
+    train_rows, valid_rows, test_rows = parts
+    print(f"task 1: {len(sequences)} users, length {sequences.shape[1]}, {index.size} items "
+          f"(train/valid/test {train_rows.size}/{valid_rows.size}/{test_rows.size})")
+    prepare_index(args, index)
+    examples = TaskData(sequences[:, :-1], sequences[:, -1], index.size)
+    record = task_record(args, index.size)
+    record["kind"] = args.task_kind or "rec"
+
+    config = ModelConfig(n_items=index.size, task_classes=[index.size], channels=args.channels,
+                         use_masks=args.method == "teracon")
+    model = NextItNet(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    train_tensor = torch.from_numpy(sequences)
+    batches_per_epoch = train_rows.size / args.batch
+
+    def train_epoch(epoch: int) -> dict:
+        model.train()
+        stats = {"loss": 0.0, "retention": 0.0, "skipped": 0, "finite_steps": 0}
+        for b, rows in enumerate(tqdm(batches(train_rows.size, args.batch, rng), desc=f"task 1 epoch {epoch}",
+                                      leave=False, disable=None)):
+            s = anneal(b, batches_per_epoch, args.smax)
+            sequence = train_tensor[train_rows[rows]].to(device, non_blocking=True)  # [B, L]
+            logits, masks = model(sequence[:, :-1], 0, s, last_only=False)        # [B, L−1, V], [n_layers, C]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), sequence[:, 1:].reshape(-1))
+            loss = loss + args.L2 * masks.mean()
+            optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                optimizer.step()
+                stats["loss"] += loss.item()
+                stats["finite_steps"] += 1
+            else:
+                stats["skipped"] += 1
+            clamp_task_embedding(model)
+        stats["loss"] /= max(stats["finite_steps"], 1)
+        return stats
+
+    def on_best(epoch: int, valid: dict) -> None:
+        test = score(model, 0, examples, test_rows, record["kind"], args.smax, args.eval_batch, device, args.top_k)
+        print("  test at best validation: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
+        atomic_torch_save(checkpoint_dict(args, model, [record], epoch, valid), checkpoint_path)
+
+    fit(args, train_epoch,
+        lambda: score(model, 0, examples, valid_rows, record["kind"], args.smax, args.eval_batch, device, args.top_k),
+        on_best)
+    return finish(args, model, checkpoint_path, index, device, {1: examples})
+
+
+def load_previous(args: argparse.Namespace) -> tuple[dict, ItemIndex]:
+    """The stage-(K−1) checkpoint and the index, checked against each other and this script."""
+    checkpoint = load_checkpoint(args.paths)
+    previous = checkpoint.get("stage")
+    if previous != args.stage - 1:
+        maker = "train_task1.py" if args.stage == 2 else f"train_teracon_t{args.stage - 1}.py"
+        raise DataError(f"{args.paths}: is stage {previous}'s checkpoint; stage {args.stage} needs task "
+                        f"{args.stage - 1}'s checkpoint, made by {maker}")
+    index = read_index(args.datapath_index)
+    n_items = checkpoint["model_config"]["n_items"]
+    if index.size != n_items:
+        raise DataError(f"{args.datapath_index}: index has {index.size} items but {args.paths} was trained on "
+                        f"{n_items} (made from other data)")
+    return checkpoint, index
+
+
+def run_continual(args: argparse.Namespace) -> dict:
+    """Stage K ≥ 2: CE(task K) + α · Σ_j c_j · MSE(student_j, teacher_j) (Eqs. 14–18)."""
+    print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    device = resolve_device(args.device, args.gpu_num)
+    rng = set_seed(args.seed)
+    checkpoint_path = guard_outputs(args)
+    checkpoint, index = load_previous(args)
+    data = load_task(args.datapath, index)
+    parts = split_indices(len(data.targets), args.seed, args.split_percentage)
+    check_split(args.datapath, len(data.targets), parts)
+    train_rows, valid_rows, test_rows = parts
+    record = task_record(args, data.n_classes)
+    print(f"task {args.stage}: {len(data.targets)} examples, {data.n_classes} classes ({record['kind']}), "
+          f"train/valid/test {train_rows.size}/{valid_rows.size}/{test_rows.size}")
+
+    teacher = NextItNet.from_checkpoint(checkpoint).to(device).eval()  # ONE frozen teacher for every earlier task
+    teacher.requires_grad_(False)
+    model = NextItNet.from_checkpoint(checkpoint)
+    if args.method == "finetune":
+        model.config.use_masks = False
+    model.add_task(data.n_classes, relation=not args.no_relation and args.method == "teracon")
+    model = model.to(device)
+    task = args.stage - 1
+    earlier = list(range(task))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    inputs, targets = torch.from_numpy(data.inputs), torch.from_numpy(data.targets)
+    batches_per_epoch = train_rows.size / args.batch
+    ratios = [INITIAL_RATIO] * len(earlier)
+    tasks = checkpoint["tasks"] + [record]
+
+    def retention(x: torch.Tensor, s: float, task_masks: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Knowledge-retention loss on sampled rows of the batch, and next batch's ratios (Eq. 14–16)."""
+        size = x.shape[0]
+        shared = rng.permutation(size)
+        students, teachers, new_ratios = [], [], []
+        for j in earlier:
+            sample = (shared if args.nested_samples else rng.permutation(size))[:int(size * ratios[j])]
+            rows = torch.from_numpy(sample).to(device)
+            x_j = x[rows, :-1] if j == 0 else x[rows]  # task 1 predicts the source's last item
+            with torch.no_grad():
+                teacher_masks = teacher.task_masks(j, s)
+                teacher_logits = teacher(x_j, j, s, masks=teacher_masks)[0] if sample.size else x_j.new_zeros(0)
+            student_logits = model(x_j, j, s)[0] if sample.size else teacher_logits
+            students.append(student_logits)
+            teachers.append(teacher_logits)
+            new_ratios.append(ratios[j] if args.uniform_sampling else sampling_ratio(teacher_masks, task_masks))
+        return retention_loss(students, teachers, ratios), new_ratios
+
+    def train_epoch(epoch: int) -> dict:
+        nonlocal ratios
+        model.train()
+        stats = {"loss": 0.0, "retention": 0.0, "skipped": 0, "finite_steps": 0}
+        for b, rows in enumerate(tqdm(batches(train_rows.size, args.batch, rng), desc=f"task {args.stage} epoch {epoch}",
+                                      leave=False, disable=None)):
+            s = anneal(b, batches_per_epoch, args.smax)
+            chosen = train_rows[rows]
+            x = inputs[chosen].to(device, non_blocking=True)          # [B, L]
+            y = targets[chosen].to(device, non_blocking=True)         # [B]
+            task_masks = model.task_masks(task, s)                    # [n_layers, C]
+            logits, _ = model(x, task, s, masks=task_masks)           # [B, n_classes]
+            loss = F.cross_entropy(logits, y)
+            if args.alpha > 0 and earlier:
+                kept, ratios = retention(x, s, task_masks)
+                loss = loss + args.alpha * kept
+                stats["retention"] += args.alpha * kept.item()
+            optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):  # the original checks the CE term only
+                loss.backward()
+                optimizer.step()
+                stats["loss"] += loss.item()
+                stats["finite_steps"] += 1
+            else:
+                stats["skipped"] += 1
+            if not args.no_embedding_clamp:
+                clamp_task_embedding(model)
+        stats["loss"] /= max(stats["finite_steps"], 1)
+        stats["retention"] /= max(stats["finite_steps"] + stats["skipped"], 1)
+        return stats
+
+    def on_best(epoch: int, valid: dict) -> None:
+        test = score(model, task, data, test_rows, record["kind"], args.smax, args.eval_batch, device, args.top_k)
+        print("  test at best validation: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
+        atomic_torch_save(checkpoint_dict(args, model, tasks, epoch, valid), checkpoint_path)
+
+    fit(args, train_epoch,
+        lambda: score(model, task, data, valid_rows, record["kind"], args.smax, args.eval_batch, device, args.top_k),
+        on_best)
+    return finish(args, model, checkpoint_path, index, device, {args.stage: data})
+
+
+def main(stage: int | None = None, argv: list[str] | None = None) -> dict:
+    args = parse_args(stage, argv)
+    return run_task1(args) if args.stage == 1 else run_continual(args)

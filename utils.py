@@ -1,0 +1,238 @@
+"""Shared pieces: errors, atomic writes, seeding, metrics, the knowledge-retention loss and sampling ratio,
+checkpoint I/O and the per-dataset / per-stage defaults."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = 1
+
+
+class DataError(Exception):
+    """Bad input the user can fix; reported as one line naming the file, no traceback."""
+
+
+def cli(main: Callable[[], Any]) -> None:
+    """Run `main`, turning DataError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    try:
+        main()
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: earlier checkpoints are untouched; this stage's best-so-far checkpoint "
+              "(if any) is loadable", file=sys.stderr)
+        sys.exit(130)
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp_path)
+        os.replace(temp_path, path)
+    finally:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    def write(temp_path: str) -> None:
+        with open(temp_path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    _atomic_write(path, write)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    _atomic_write(path, lambda temp_path: torch.save(obj, temp_path))
+
+
+def write_json(path: str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def set_seed(seed: int) -> np.random.Generator:
+    """Seed python, numpy and torch; return the numpy Generator the training loop draws batches from."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def resolve_device(device: str | None, gpu_num: str | None) -> torch.device:
+    """--device wins; else the original's --gpu_num (an int or 'cpu'); else cuda when available."""
+    if device is None and gpu_num is not None:
+        device = "cpu" if str(gpu_num) == "cpu" else f"cuda:{gpu_num}"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------- metrics
+
+def metric_names(top_k: int) -> list[str]:
+    long_k = top_k + 15
+    return [f"mrr@{top_k}", f"hit@{top_k}", f"ndcg@{top_k}", f"mrr@{long_k}", f"hit@{long_k}", f"ndcg@{long_k}", "acc"]
+
+
+def ranking_sums(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per-batch sums of MRR, HR, NDCG at top_k and top_k+15 and hit@1, as the authors' accuracy_test.
+
+    The rank r (from 0) is the target's position in torch.topk's sorted list; MRR = 1/(r+1),
+    NDCG = 1/log2(r+2), HR = 1, all 0 when the target is outside the top k.
+    logits [B, n], targets [B] → [7] (order of `metric_names`).
+    """
+    n_classes = logits.shape[1]
+    long_k = min(top_k + 15, n_classes)
+    top = torch.topk(logits, k=long_k, sorted=True).indices  # [B, long_k]
+    hit = top == targets[:, None]                            # [B, long_k]
+    rank = torch.arange(long_k, device=logits.device, dtype=torch.float64)
+    reciprocal = (hit * (1.0 / (rank + 1.0))).sum(1)         # [B]
+    gain = (hit * (1.0 / torch.log2(rank + 2.0))).sum(1)     # [B]
+    short = hit[:, :min(top_k, n_classes)]
+    short_rank = rank[:short.shape[1]]
+    sums = [
+        (short * (1.0 / (short_rank + 1.0))).sum(),
+        short.sum(),
+        (short * (1.0 / torch.log2(short_rank + 2.0))).sum(),
+        reciprocal.sum(),
+        hit.sum(),
+        gain.sum(),
+        (logits.argmax(1) == targets).sum(),
+    ]
+    return torch.stack([value.to(torch.float64) for value in sums])
+
+
+# ---------------------------------------------------------------- TERACON's retention pieces
+
+def sampling_ratio(teacher_masks: torch.Tensor, task_masks: torch.Tensor) -> float:
+    """Eq. 15: ratio_j = 1 − mean over masked layers of σ(6 · cos(m̃_j, m_t)).
+
+    teacher_masks, task_masks: [n_layers, C] (earlier task j's mask under the teacher, current task's mask).
+    """
+    cosine = F.cosine_similarity(teacher_masks.detach(), task_masks.detach(), dim=1, eps=1e-6)  # [n_layers]
+    return float(1.0 - torch.sigmoid(6.0 * cosine).mean())
+
+
+def retention_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], ratios: list[float]) -> torch.Tensor:
+    """Eq. 16: Σ_j (ratio_j / Σ_k ratio_k) · MSE(student_j, teacher_j) over earlier tasks j.
+
+    An empty sample (int(B · ratio_j) = 0) contributes nothing; the original's MSE of an empty tensor is NaN.
+    """
+    total = sum(ratios)
+    terms = [ratio / total * F.mse_loss(s, t) for s, t, ratio in zip(student, teacher, ratios) if s.shape[0] > 0]
+    if not terms or total <= 0:
+        reference = student[0] if student else torch.zeros(())
+        return reference.sum() * 0.0
+    return torch.stack(terms).sum()
+
+
+def anneal(batch_index: int, batches_per_epoch: float, smax: float) -> float:
+    """Eq. 19: s = 1/smax + (smax − 1/smax) · b / B within each epoch."""
+    return 1.0 / smax + (smax - 1.0 / smax) * batch_index / batches_per_epoch
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def load_checkpoint(path: str, what: str = "--paths") -> dict:
+    """Load one of our checkpoints safely (weights_only); a missing or corrupt file is a DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: checkpoint not found ({what})")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{path}: not a readable checkpoint ({reason[:120]})") from None
+    if not isinstance(checkpoint, dict):
+        raise DataError(f"{path}: not a TERACON checkpoint")
+    if "model_config" not in checkpoint:
+        raise DataError(f"{path}: not a checkpoint of this suite (no model_config)")
+    if checkpoint.get("format_version") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: checkpoint format {checkpoint.get('format_version')} is not {CHECKPOINT_FORMAT}")
+    return checkpoint
+
+
+# ---------------------------------------------------------------- defaults
+
+TTL_FILES = [
+    "original_desen_pretrain.csv",
+    "original_desen_finetune_click_nouserID.csv",
+    "original_desen_finetune_like_nouserID.csv",
+    "original_desen_age.csv",
+    "original_desen_gender.csv",
+    "original_desen_lifestatus.csv",
+]
+PREPARED_FILES = [f"task{k}.csv" for k in range(1, 7)]
+
+DATASETS: dict[str, dict[str, Any]] = {
+    "ttl": {"folder": "Data/TTL", "files": TTL_FILES,
+            "names": ["next_item", "click", "like", "age", "gender", "life_status"],
+            "missing": "download the TTL dataset (link in the authors' README, github.com/Sein-Kim/TERACON) "
+                       "and put its six CSV files in Data/TTL/"},
+    "movielens": {"folder": "Data/movielens", "files": PREPARED_FILES,
+                  "names": ["next_item", "watch", "like", "task4", "task5", "task6"],
+                  "missing": "prepare it first: python prepare_data.py --source <ml-folder> --out Data/movielens"},
+    "demo": {"folder": "Data/demo", "files": PREPARED_FILES,
+             "names": ["next_item", "watch", "like", "age", "gender", "occupation"],
+             "missing": "prepare it first: python prepare_data.py --source recbole --out Data/demo "
+                        "(needs: pip install --no-deps recbole==1.2.1)"},
+}
+
+# Per-stage training defaults (paper / authors' run script): stage 1 lr 1e-3 batch 32; stage 2 lr 1e-3
+# (revised script); later stages lr 1e-4; batch 1024; smax 50; α 0.7.
+STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
+    1: {"lr": 1e-3, "batch": 32, "epochs": 10},
+    2: {"lr": 1e-3, "batch": 1024, "epochs": 100},
+}
+LATER_STAGE_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "batch": 1024, "epochs": 100}
+
+
+def stage_defaults(stage: int) -> dict[str, Any]:
+    return STAGE_DEFAULTS.get(stage, LATER_STAGE_DEFAULTS)
+
+
+def task_name(dataset: str | None, stage: int) -> str:
+    if dataset in DATASETS and stage <= len(DATASETS[dataset]["names"]):
+        return DATASETS[dataset]["names"][stage - 1]
+    return f"task{stage}"
+
+
+def preset_paths(dataset: str, stage: int) -> dict[str, str]:
+    """--dataset fills --datapath, --datapath_index, --paths and --savepath for a stage."""
+    preset = DATASETS[dataset]
+    if stage > len(preset["files"]):
+        raise DataError(f"--dataset {dataset} has {len(preset['files'])} tasks; give --datapath for task {stage}")
+    folder = preset["folder"]
+    datapath = os.path.join(folder, preset["files"][stage - 1])
+    if not os.path.isfile(datapath):
+        raise DataError(f"{datapath}: not found; {preset['missing']}")
+    save_folder = os.path.join("saved_models", dataset)
+    paths = {"datapath": datapath, "datapath_index": os.path.join(save_folder, "index.csv"),
+             "savepath": os.path.join(save_folder, f"task{stage}")}
+    if stage > 1:
+        paths["paths"] = os.path.join(save_folder, f"task{stage - 1}.t7")
+    return paths
+
+
+def format_table(stage: int, tasks: dict[str, dict]) -> str:
+    """The metrics of every task after `stage`, one row per task."""
+    columns = list(dict.fromkeys(name for entry in tasks.values() for name in entry["test"]))
+    header = f"stage {stage}: test metrics\n{'task':<6}{'kind':<6}" + "".join(f"{c:>10}" for c in columns)
+    rows = []
+    for key, entry in tasks.items():
+        cells = "".join(f"{entry['test'][c]:>10.4f}" if c in entry["test"] else f"{'':>10}" for c in columns)
+        rows.append(f"{key:<6}{entry['kind']:<6}{cells}")
+    return "\n".join([header] + rows)
+
