@@ -74,6 +74,8 @@ def tokenize(path: str, fields: int) -> Tokens:
     data_keep = ~blank
     data, is_newline, is_comma, is_digit = data[data_keep], is_newline[data_keep], is_comma[data_keep], is_digit[data_keep]
     file_line = file_line_of_newline[kept_lines]
+    if data.size == 0:
+        raise DataError(f"{path}: file is empty (only blank lines)")
 
     # ',,' marks the source/target boundary of task-k files; the second comma of the pair is dropped.
     double = is_comma[:-1] & is_comma[1:]

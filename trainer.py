@@ -65,6 +65,7 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
     add("--no_relation", action="store_true", help="ablation: plain σ(s·e) masks for every task")
     add("--no_retention", action="store_true", help="ablation: α = 0")
     add("--uniform_sampling", action="store_true", help="ablation: fixed sampling ratio 0.9")
+    add("--resume", action="store_true", help="continue an interrupted stage from its last finished epoch")
     add("--method", choices=["teracon", "finetune"], default="teracon",
         help="finetune: no masks, no retention, a new head per task (forgetting baseline)")
     return parser
@@ -125,10 +126,16 @@ def checkpoint_dict(args: argparse.Namespace, model: NextItNet, tasks: list[dict
 
 
 def fit(args: argparse.Namespace, train_epoch: Callable[[int], dict], validate: Callable[[], dict],
-        on_best: Callable[[int, dict], None]) -> None:
-    """Early stopping: validate after each epoch, `on_best` at each new best, stop after `patience` misses."""
-    best, misses = None, 0
-    for epoch in range(args.epochs):
+        on_best: Callable[[int, dict], None], resume: Resume) -> None:
+    """Early stopping: validate after each epoch, `on_best` at each new best, stop after `patience` misses.
+
+    After every epoch the training state is saved so that `--resume` continues from the next epoch.
+    """
+    best, misses, start = resume.restore()
+    if start >= args.epochs or misses >= args.patience:
+        print(f"resume: stage already finished at epoch {start - 1}")
+        return
+    for epoch in range(start, args.epochs):
         started = time.time()
         stats = train_epoch(epoch)
         valid = validate()
@@ -137,7 +144,7 @@ def fit(args: argparse.Namespace, train_epoch: Callable[[int], dict], validate: 
         value = valid[args.select_on]
         improved = best is None or value > best
         summary = " ".join(f"{k}={v:.4f}" for k, v in valid.items())
-        print(f"epoch {epoch}: loss {stats['loss']:.4f} retention {stats['retention']:.4f} skipped {stats['skipped']} "
+        print(f"epoch {epoch}: loss {stats['loss']:.4f} retention {stats['retention']:.3g} skipped {stats['skipped']} "
               f"| valid {summary} | {time.time() - started:.1f}s{' *' if improved else ''}", flush=True)
         if stats["finite_steps"] == 0:
             raise DataError(f"{args.datapath}: no finite loss in epoch {epoch}; nothing saved (try a lower --lr)")
@@ -146,9 +153,45 @@ def fit(args: argparse.Namespace, train_epoch: Callable[[int], dict], validate: 
             on_best(epoch, valid)
         else:
             misses += 1
-            if misses >= args.patience:
-                print(f"early stop: no better validation {args.select_on} for {args.patience} epochs")
-                break
+        resume.save(epoch, best, misses)
+        if misses >= args.patience:
+            print(f"early stop: no better validation {args.select_on} for {args.patience} epochs")
+            break
+
+
+class Resume:
+    """The state `--resume` needs, saved atomically after each epoch to `<savepath>.resume.t7`."""
+
+    def __init__(self, args: argparse.Namespace, model: NextItNet, optimizer: torch.optim.Optimizer,
+                 rng: np.random.Generator, extra: dict):
+        self.path = args.savepath + ".resume.t7"
+        self.args, self.model, self.optimizer, self.rng, self.extra = args, model, optimizer, rng, extra
+
+    def save(self, epoch: int, best: float, misses: int) -> None:
+        atomic_torch_save({"stage": self.args.stage, "epoch": epoch, "best": best, "misses": misses,
+                           "model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict(),
+                           "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                           "extra": dict(self.extra)}, self.path)
+
+    def restore(self) -> tuple[float | None, int, int]:
+        """(best, misses, first epoch to run); a fresh start unless --resume."""
+        if not self.args.resume:
+            return None, 0, 0
+        if not os.path.isfile(self.path):
+            raise DataError(f"{self.path}: nothing to resume (no interrupted run of stage {self.args.stage} there)")
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(state["model_state"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer_state"])
+        except Exception as error:
+            raise DataError(f"{self.path}: cannot resume from it ({str(error).splitlines()[0][:120]})") from None
+        if state["stage"] != self.args.stage:
+            raise DataError(f"{self.path}: belongs to stage {state['stage']}, not {self.args.stage}")
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.extra.update(state["extra"])
+        print(f"resuming stage {self.args.stage} after epoch {state['epoch']}")
+        return state["best"], state["misses"], state["epoch"] + 1
 
 
 def finish(args: argparse.Namespace, model: NextItNet, checkpoint_path: str, index: ItemIndex,
@@ -161,6 +204,8 @@ def finish(args: argparse.Namespace, model: NextItNet, checkpoint_path: str, ind
     write_json(args.savepath + ".metrics.json", metrics)
     print(format_table(args.stage, tasks))
     print(f"saved {checkpoint_path} and {args.savepath}.metrics.json")
+    if os.path.exists(args.savepath + ".resume.t7"):
+        os.remove(args.savepath + ".resume.t7")
     return metrics
 
 
@@ -234,7 +279,7 @@ def run_task1(args: argparse.Namespace) -> dict:
 
     fit(args, train_epoch,
         lambda: score(model, 0, examples, valid_rows, record["kind"], args.smax, args.eval_batch, device, args.top_k),
-        on_best)
+        on_best, Resume(args, model, optimizer, rng, {}))
     return finish(args, model, checkpoint_path, index, device, {1: examples})
 
 
@@ -256,11 +301,12 @@ def load_previous(args: argparse.Namespace) -> tuple[dict, ItemIndex]:
 
 def run_continual(args: argparse.Namespace) -> dict:
     """Stage K ≥ 2: CE(task K) + α · Σ_j c_j · MSE(student_j, teacher_j) (Eqs. 14–18)."""
-    print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     device = resolve_device(args.device, args.gpu_num)
     rng = set_seed(args.seed)
     checkpoint_path = guard_outputs(args)
     checkpoint, index = load_previous(args)
+    args.channels = checkpoint["model_config"]["channels"]  # the model's shape comes from the checkpoint
+    print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     data = load_task(args.datapath, index)
     parts = split_indices(len(data.targets), args.seed, args.split_percentage)
     check_split(args.datapath, len(data.targets), parts)
@@ -281,7 +327,7 @@ def run_continual(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     inputs, targets = torch.from_numpy(data.inputs), torch.from_numpy(data.targets)
     batches_per_epoch = train_rows.size / args.batch
-    ratios = [INITIAL_RATIO] * len(earlier)
+    state = {"ratios": [INITIAL_RATIO] * len(earlier)}  # sampling ratios carried from batch to batch
     tasks = checkpoint["tasks"] + [record]
 
     def retention(x: torch.Tensor, s: float, task_masks: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
@@ -290,7 +336,7 @@ def run_continual(args: argparse.Namespace) -> dict:
         shared = rng.permutation(size)
         students, teachers, new_ratios = [], [], []
         for j in earlier:
-            sample = (shared if args.nested_samples else rng.permutation(size))[:int(size * ratios[j])]
+            sample = (shared if args.nested_samples else rng.permutation(size))[:int(size * state["ratios"][j])]
             rows = torch.from_numpy(sample).to(device)
             x_j = x[rows, :-1] if j == 0 else x[rows]  # task 1 predicts the source's last item
             with torch.no_grad():
@@ -299,11 +345,10 @@ def run_continual(args: argparse.Namespace) -> dict:
             student_logits = model(x_j, j, s)[0] if sample.size else teacher_logits
             students.append(student_logits)
             teachers.append(teacher_logits)
-            new_ratios.append(ratios[j] if args.uniform_sampling else sampling_ratio(teacher_masks, task_masks))
-        return retention_loss(students, teachers, ratios), new_ratios
+            new_ratios.append(state["ratios"][j] if args.uniform_sampling else sampling_ratio(teacher_masks, task_masks))
+        return retention_loss(students, teachers, state["ratios"]), new_ratios
 
     def train_epoch(epoch: int) -> dict:
-        nonlocal ratios
         model.train()
         stats = {"loss": 0.0, "retention": 0.0, "skipped": 0, "finite_steps": 0}
         for b, rows in enumerate(tqdm(batches(train_rows.size, args.batch, rng), desc=f"task {args.stage} epoch {epoch}",
@@ -316,7 +361,7 @@ def run_continual(args: argparse.Namespace) -> dict:
             logits, _ = model(x, task, s, masks=task_masks)           # [B, n_classes]
             loss = F.cross_entropy(logits, y)
             if args.alpha > 0 and earlier:
-                kept, ratios = retention(x, s, task_masks)
+                kept, state["ratios"] = retention(x, s, task_masks)
                 loss = loss + args.alpha * kept
                 stats["retention"] += args.alpha * kept.item()
             optimizer.zero_grad(set_to_none=True)
@@ -340,7 +385,7 @@ def run_continual(args: argparse.Namespace) -> dict:
 
     fit(args, train_epoch,
         lambda: score(model, task, data, valid_rows, record["kind"], args.smax, args.eval_batch, device, args.top_k),
-        on_best)
+        on_best, Resume(args, model, optimizer, rng, state))
     return finish(args, model, checkpoint_path, index, device, {args.stage: data})
 
 

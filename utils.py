@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 from typing import Any, Callable
@@ -21,7 +22,8 @@ class DataError(Exception):
 
 
 def cli(main: Callable[[], Any]) -> None:
-    """Run `main`, turning DataError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    """Run `main`, turning DataError (and Ctrl-C or a kill) into one line on stderr and a non-zero exit."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except DataError as error:
@@ -31,6 +33,10 @@ def cli(main: Callable[[], Any]) -> None:
         print("interrupted: earlier checkpoints are untouched; this stage's best-so-far checkpoint "
               "(if any) is loadable", file=sys.stderr)
         sys.exit(130)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:

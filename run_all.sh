@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Run all six TERACON stages in order and print the forgetting matrix.
+#   bash run_all.sh demo        # MovieLens-100K from RecBole's wheel, small settings, CPU, ~10 minutes
+#   bash run_all.sh ttl         # Data/TTL/ (download first), the paper's settings
+#   bash run_all.sh movielens   # Data/movielens/ (python prepare_data.py --source <ml-folder> --out Data/movielens)
+# Extra arguments are passed to every stage, e.g. `bash run_all.sh demo --device cpu --seed 3`.
+set -euo pipefail
+cd "$(dirname "$0")"
+dataset="${1:-demo}"
+shift || true
+python=${PYTHON:-python}
+
+if ! $python -c "import torch, numpy, pandas, sklearn, tqdm" 2>/dev/null; then
+    echo "installing requirements (torch's CPU build is torch==2.13.0)"
+    $python -m pip install --quiet torch==2.13.0 || true
+    $python -m pip install --quiet -r requirements.txt
+fi
+
+case "$dataset" in
+    demo)
+        if [ ! -f Data/demo/task6.csv ]; then
+            $python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('recbole') is None)" \
+                || $python -m pip install --quiet --no-deps recbole==1.2.1
+            $python prepare_data.py --source recbole --out Data/demo
+        fi
+        # Small enough for a 2-core CPU: 64 channels, a few epochs per stage.
+        stage1=(--channels 64 --epochs 8 --patience 3)
+        later=(--epochs 8 --patience 3)
+        ;;
+    ttl|movielens)
+        stage1=()
+        later=()
+        ;;
+    *)
+        echo "usage: bash run_all.sh demo|ttl|movielens [flags for every stage]" >&2
+        exit 2
+        ;;
+esac
+
+out="saved_models/$dataset"
+mkdir -p "$out"
+$python train_task1.py --dataset "$dataset" "${stage1[@]}" "$@"
+for k in 2 3 4 5 6; do
+    $python "train_teracon_t$k.py" --dataset "$dataset" "${later[@]}" "$@"
+done
+$python evaluate.py --matrix "$out"/task[1-6].metrics.json --csv "$out/forgetting_matrix.csv"
+echo "forgetting matrix saved to $out/forgetting_matrix.csv"
