@@ -9,8 +9,6 @@ import argparse
 import csv
 import io
 import json
-import os
-import sys
 
 import numpy as np
 import torch

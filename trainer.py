@@ -8,23 +8,22 @@ After each stage every task 1..K is scored on its own test split (metrics.json, 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
-import sys
 import time
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data_loader import (ItemIndex, TaskData, build_index, check_split, load_sequences, load_task, read_index,
+from data_loader import (ItemIndex, TaskData, check_split, load_sequences, load_task, read_index,
                          split_indices, write_index, batches)
 from evaluate import evaluate_tasks, score
 from model import ModelConfig, NextItNet
 from utils import (CHECKPOINT_FORMAT, DATASETS, DataError, anneal, atomic_torch_save, format_table, load_checkpoint,
-                   preset_paths, resolve_device, retention_loss, sampling_ratio, set_seed, stage_defaults, task_name,
+                   preset_kind, preset_paths, resolve_device, retention_loss, sampling_ratio, set_seed, stage_defaults, task_name,
                    write_json)
 
 INITIAL_RATIO = 0.9  # sampling ratio before the first batch (authors' code)
@@ -57,7 +56,9 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
     add("--channels", type=int, default=256)
     add("--patience", type=int, default=5)
     add("--task_kind", choices=["rec", "cls"], help="default: rec when the task has more than top_k+15 classes")
-    add("--select_on", default="acc", help="validation metric for early stopping: acc (hit@1) or mrr@5")
+    add("--select_on", default="acc", choices=["acc", "mrr@5", "hit@5", "ndcg@5", "mrr@20", "hit@20", "ndcg@20"],
+        help="validation metric for early stopping on rec tasks (cls tasks use acc); the revised code uses acc "
+             "(hit@1) everywhere, the original t2/t3 scripts mrr@5")
     add("--no_embedding_clamp", action="store_true",
         help="stages ≥ 2: do not clamp task embeddings to [-6, 6] (the original t2–t6 scripts' clamp never fires)")
     add("--nested_samples", action="store_true",
@@ -65,6 +66,9 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
     add("--no_relation", action="store_true", help="ablation: plain σ(s·e) masks for every task")
     add("--no_retention", action="store_true", help="ablation: α = 0")
     add("--uniform_sampling", action="store_true", help="ablation: fixed sampling ratio 0.9")
+    add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
+    add("--ce_chunk", type=int, default=0, help="task 1: exact cross-entropy over this many rows at a time "
+        "(lower peak memory for large vocabularies); 0 = all at once")
     add("--resume", action="store_true", help="continue an interrupted stage from its last finished epoch")
     add("--method", choices=["teracon", "finetune"], default="teracon",
         help="finetune: no masks, no retention, a new head per task (forgetting baseline)")
@@ -97,7 +101,7 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Nam
 
 
 def task_record(args: argparse.Namespace, n_classes: int) -> dict:
-    kind = args.task_kind or ("rec" if n_classes > args.top_k + 15 else "cls")
+    kind = args.task_kind or preset_kind(args.dataset, args.stage) or ("rec" if n_classes > args.top_k + 15 else "cls")
     return {"name": task_name(args.dataset, args.stage), "datapath": args.datapath, "kind": kind,
             "n_classes": n_classes, "seed": args.seed, "split_percentage": args.split_percentage}
 
@@ -139,9 +143,7 @@ def fit(args: argparse.Namespace, train_epoch: Callable[[int], dict], validate: 
         started = time.time()
         stats = train_epoch(epoch)
         valid = validate()
-        if args.select_on not in valid:
-            raise DataError(f"--select_on {args.select_on}: not a metric of this task ({', '.join(valid)})")
-        value = valid[args.select_on]
+        value = valid[args.select_on if args.select_on in valid else "acc"]  # cls tasks only report acc
         improved = best is None or value > best
         summary = " ".join(f"{k}={v:.4f}" for k, v in valid.items())
         print(f"epoch {epoch}: loss {stats['loss']:.4f} retention {stats['retention']:.3g} skipped {stats['skipped']} "
@@ -214,6 +216,82 @@ def clamp_task_embedding(model: NextItNet) -> None:
         model.task_embedding.clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
 
 
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast for --amp (CPU and GPU); a no-op otherwise."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def chunked_cross_entropy(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean CE of head(hidden) computed `chunk` rows at a time; each chunk's logits are recomputed in
+    backward, so the peak holds one chunk's logits instead of all (same loss, exactly)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        part = checkpoint(lambda h, y: F.cross_entropy(head(h).float(), y, reduction="sum"),
+                          hidden[start:start + chunk], targets[start:start + chunk], use_reentrant=False)
+        total = total + part
+    return total / hidden.shape[0]
+
+
+def task1_loss(model: NextItNet, sequence: torch.Tensor, s: float, l2: float, ce_chunk: int = 0) -> torch.Tensor:
+    """Stage 1: CE of every next item (inputs seq[:-1], targets seq[1:]) + L2 · mean of all masks."""
+    masks = model.task_masks(0, s)                                          # [n_layers, C]
+    hidden = model.hidden(sequence[:, :-1], masks, last_only=False)         # [B, L−1, C]
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), sequence[:, 1:].reshape(-1)
+    if ce_chunk and hidden.shape[0] > ce_chunk:
+        loss = chunked_cross_entropy(model.heads[0], hidden, targets, ce_chunk)
+    else:
+        loss = F.cross_entropy(model.heads[0](hidden).float(), targets)
+    return loss + l2 * masks.mean()
+
+
+def continual_loss(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,
+                   ratios: list[float], rng: np.random.Generator,
+                   args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Stage K: CE(task K) + α · retention (Eqs. 14–18) → (loss, retention term, next batch's ratios).
+
+    For every earlier task j, int(B · ratio_j) users of the batch are pseudo-labelled by the ONE frozen
+    teacher under its task-j mask; the student's head j under its own task-j mask is pulled towards them.
+    """
+    task_masks = model.task_masks(task, s)                                  # [n_layers, C]
+    loss = F.cross_entropy(model(x, task, s, masks=task_masks)[0].float(), y)
+    if args.alpha <= 0 or task == 0:
+        return loss, loss.new_zeros(()), ratios
+    size = x.shape[0]
+    shared = rng.permutation(size)
+    students, teachers, new_ratios = [], [], []
+    for j in range(task):
+        sample = (shared if args.nested_samples else rng.permutation(size))[:int(size * ratios[j])]
+        rows = torch.from_numpy(sample).to(x.device)
+        x_j = x[rows, :-1] if j == 0 else x[rows]                           # task 1 predicts the source's last item
+        with torch.no_grad():
+            teacher_masks = teacher.task_masks(j, s)
+            teachers.append(teacher(x_j, j, s, masks=teacher_masks)[0].float() if sample.size else loss.new_zeros(0))
+        students.append(model(x_j, j, s)[0].float() if sample.size else loss.new_zeros(0))
+        new_ratios.append(ratios[j] if args.uniform_sampling else sampling_ratio(teacher_masks, task_masks))
+    kept = retention_loss(students, teachers, ratios)
+    return loss + args.alpha * kept, kept.detach(), new_ratios
+
+
+def optimizer_step(model: NextItNet, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clamp: bool) -> bool:
+    """Step unless the loss is non-finite (the original checks the CE term only); then clamp task embeddings."""
+    optimizer.zero_grad(set_to_none=True)
+    finite = bool(torch.isfinite(loss))
+    if finite:
+        loss.backward()
+        optimizer.step()
+    if clamp:
+        clamp_task_embedding(model)
+    return finite
+
+
+def account(stats: dict, loss: torch.Tensor, finite: bool) -> None:
+    if finite:
+        stats["loss"] += float(loss)
+        stats["finite_steps"] += 1
+    else:
+        stats["skipped"] += 1
+
+
 def prepare_index(args: argparse.Namespace, index: ItemIndex) -> None:
     """Write the index task 1 built; an existing index from other data is never overwritten."""
     if os.path.isfile(args.datapath_index):
@@ -241,7 +319,6 @@ def run_task1(args: argparse.Namespace) -> dict:
     prepare_index(args, index)
     examples = TaskData(sequences[:, :-1], sequences[:, -1], index.size)
     record = task_record(args, index.size)
-    record["kind"] = args.task_kind or "rec"
 
     config = ModelConfig(n_items=index.size, task_classes=[index.size], channels=args.channels,
                          use_masks=args.method == "teracon")
@@ -257,18 +334,9 @@ def run_task1(args: argparse.Namespace) -> dict:
                                       leave=False, disable=None)):
             s = anneal(b, batches_per_epoch, args.smax)
             sequence = train_tensor[train_rows[rows]].to(device, non_blocking=True)  # [B, L]
-            logits, masks = model(sequence[:, :-1], 0, s, last_only=False)        # [B, L−1, V], [n_layers, C]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), sequence[:, 1:].reshape(-1))
-            loss = loss + args.L2 * masks.mean()
-            optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
-                optimizer.step()
-                stats["loss"] += loss.item()
-                stats["finite_steps"] += 1
-            else:
-                stats["skipped"] += 1
-            clamp_task_embedding(model)
+            with autocast(device, args.amp):
+                loss = task1_loss(model, sequence, s, args.L2, args.ce_chunk)
+            account(stats, loss, optimizer_step(model, optimizer, loss, clamp=True))
         stats["loss"] /= max(stats["finite_steps"], 1)
         return stats
 
@@ -323,30 +391,11 @@ def run_continual(args: argparse.Namespace) -> dict:
     model.add_task(data.n_classes, relation=not args.no_relation and args.method == "teracon")
     model = model.to(device)
     task = args.stage - 1
-    earlier = list(range(task))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     inputs, targets = torch.from_numpy(data.inputs), torch.from_numpy(data.targets)
     batches_per_epoch = train_rows.size / args.batch
-    state = {"ratios": [INITIAL_RATIO] * len(earlier)}  # sampling ratios carried from batch to batch
+    state = {"ratios": [INITIAL_RATIO] * task}  # sampling ratios carried from batch to batch
     tasks = checkpoint["tasks"] + [record]
-
-    def retention(x: torch.Tensor, s: float, task_masks: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-        """Knowledge-retention loss on sampled rows of the batch, and next batch's ratios (Eq. 14–16)."""
-        size = x.shape[0]
-        shared = rng.permutation(size)
-        students, teachers, new_ratios = [], [], []
-        for j in earlier:
-            sample = (shared if args.nested_samples else rng.permutation(size))[:int(size * state["ratios"][j])]
-            rows = torch.from_numpy(sample).to(device)
-            x_j = x[rows, :-1] if j == 0 else x[rows]  # task 1 predicts the source's last item
-            with torch.no_grad():
-                teacher_masks = teacher.task_masks(j, s)
-                teacher_logits = teacher(x_j, j, s, masks=teacher_masks)[0] if sample.size else x_j.new_zeros(0)
-            student_logits = model(x_j, j, s)[0] if sample.size else teacher_logits
-            students.append(student_logits)
-            teachers.append(teacher_logits)
-            new_ratios.append(state["ratios"][j] if args.uniform_sampling else sampling_ratio(teacher_masks, task_masks))
-        return retention_loss(students, teachers, state["ratios"]), new_ratios
 
     def train_epoch(epoch: int) -> dict:
         model.train()
@@ -357,23 +406,10 @@ def run_continual(args: argparse.Namespace) -> dict:
             chosen = train_rows[rows]
             x = inputs[chosen].to(device, non_blocking=True)          # [B, L]
             y = targets[chosen].to(device, non_blocking=True)         # [B]
-            task_masks = model.task_masks(task, s)                    # [n_layers, C]
-            logits, _ = model(x, task, s, masks=task_masks)           # [B, n_classes]
-            loss = F.cross_entropy(logits, y)
-            if args.alpha > 0 and earlier:
-                kept, state["ratios"] = retention(x, s, task_masks)
-                loss = loss + args.alpha * kept
-                stats["retention"] += args.alpha * kept.item()
-            optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):  # the original checks the CE term only
-                loss.backward()
-                optimizer.step()
-                stats["loss"] += loss.item()
-                stats["finite_steps"] += 1
-            else:
-                stats["skipped"] += 1
-            if not args.no_embedding_clamp:
-                clamp_task_embedding(model)
+            with autocast(device, args.amp):
+                loss, kept, state["ratios"] = continual_loss(model, teacher, x, y, task, s, state["ratios"], rng, args)
+            stats["retention"] += args.alpha * float(kept)
+            account(stats, loss, optimizer_step(model, optimizer, loss, clamp=not args.no_embedding_clamp))
         stats["loss"] /= max(stats["finite_steps"], 1)
         stats["retention"] /= max(stats["finite_steps"] + stats["skipped"], 1)
         return stats

@@ -185,13 +185,16 @@ PREPARED_FILES = [f"task{k}.csv" for k in range(1, 7)]
 DATASETS: dict[str, dict[str, Any]] = {
     "ttl": {"folder": "Data/TTL", "files": TTL_FILES,
             "names": ["next_item", "click", "like", "age", "gender", "life_status"],
+            "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
             "missing": "download the TTL dataset (link in the authors' README, github.com/Sein-Kim/TERACON) "
                        "and put its six CSV files in Data/TTL/"},
     "movielens": {"folder": "Data/movielens", "files": PREPARED_FILES,
                   "names": ["next_item", "watch", "like", "task4", "task5", "task6"],
+                  "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
                   "missing": "prepare it first: python prepare_data.py --source <ml-folder> --out Data/movielens"},
     "demo": {"folder": "Data/demo", "files": PREPARED_FILES,
              "names": ["next_item", "watch", "like", "age", "gender", "occupation"],
+             "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
              "missing": "prepare it first: python prepare_data.py --source recbole --out Data/demo "
                         "(needs: pip install --no-deps recbole==1.2.1)"},
 }
@@ -213,6 +216,12 @@ def task_name(dataset: str | None, stage: int) -> str:
     if dataset in DATASETS and stage <= len(DATASETS[dataset]["names"]):
         return DATASETS[dataset]["names"][stage - 1]
     return f"task{stage}"
+
+
+def preset_kind(dataset: str | None, stage: int) -> str | None:
+    """The kind of the preset's task (rec or cls), None outside the presets."""
+    kinds = DATASETS.get(dataset or "", {}).get("kinds", [])
+    return kinds[stage - 1] if stage <= len(kinds) else None
 
 
 def preset_paths(dataset: str, stage: int) -> dict[str, str]:
