@@ -36,7 +36,7 @@ def _read_bytes(path: str) -> np.ndarray:
     with open(path, "rb") as handle:
         raw = handle.read()
     data = np.frombuffer(raw, dtype=np.uint8)
-    data = data[(data != 13) & (data != 32) & (data != 9)]  # drop \r, spaces, tabs
+    data = data[data != 13]  # Windows line ends
     if data.size == 0:
         raise DataError(f"{path}: file is empty")
     if data[-1] != NEWLINE:
@@ -44,87 +44,86 @@ def _read_bytes(path: str) -> np.ndarray:
     return data
 
 
-def _line_number(data: np.ndarray, position: int) -> int:
-    return int(np.count_nonzero(data[:position] == NEWLINE)) + 1
+def _bad_character(path: str, data: np.ndarray, position: int) -> DataError:
+    line_no = int(np.count_nonzero(data[:position] == NEWLINE)) + 1
+    start, stop = position, position
+    while start > 0 and data[start - 1] not in (NEWLINE, COMMA):
+        start -= 1
+    while data[stop] not in (NEWLINE, COMMA):
+        stop += 1
+    token = bytes(data[start:stop]).decode("latin-1")
+    return DataError(f"{path}:{line_no}: non-integer token {token!r}")
 
 
 def tokenize(path: str, fields: int) -> Tokens:
-    """Parse comma-separated integers; with fields=2 each line must be `source,,targets`."""
+    """Parse comma-separated integers; with fields=2 each line must be `source,,targets`.
+
+    Positions of separators are found with numpy and the digits parsed in one np.fromstring call.
+    """
     data = _read_bytes(path)
-    is_newline = data == NEWLINE
-    is_comma = data == COMMA
-    is_digit = (data >= 48) & (data <= 57)
-    bad = np.flatnonzero(~(is_newline | is_comma | is_digit))
+    bad = np.flatnonzero((data != NEWLINE) & (data != COMMA) & ((data < 48) | (data > 57)))
     if bad.size:
-        line_no = _line_number(data, bad[0])
-        start = bad[0] - 1
-        while start >= 0 and data[start] not in (NEWLINE, COMMA):
-            start -= 1
-        stop = bad[0]
-        while data[stop] not in (NEWLINE, COMMA):
-            stop += 1
-        token = bytes(data[start + 1:stop]).decode("latin-1")
-        raise DataError(f"{path}:{line_no}: non-integer token {token!r}")
+        raise _bad_character(path, data, int(bad[0]))
 
-    # Blank lines are skipped; a line number maps every kept line back to the file.
-    line_start = np.concatenate(([True], is_newline[:-1]))
-    blank = line_start & is_newline
-    file_line_of_newline = np.cumsum(is_newline)[is_newline]  # 1-based line number of each line
-    kept_lines = ~blank[is_newline]
-    data_keep = ~blank
-    data, is_newline, is_comma, is_digit = data[data_keep], is_newline[data_keep], is_comma[data_keep], is_digit[data_keep]
-    file_line = file_line_of_newline[kept_lines]
-    if data.size == 0:
+    newline_at = np.flatnonzero(data == NEWLINE)                        # [raw lines]
+    line_start = np.concatenate(([0], newline_at[:-1] + 1))
+    blank = line_start == newline_at
+    file_line = np.flatnonzero(~blank) + 1                              # 1-based number of each kept line
+    if blank.any():
+        data = np.delete(data, newline_at[blank])
+    if file_line.size == 0:
         raise DataError(f"{path}: file is empty (only blank lines)")
+    newline_at = np.flatnonzero(data == NEWLINE)                        # [n_lines]
+    n_lines = int(newline_at.size)
 
-    # ',,' marks the source/target boundary of task-k files; the second comma of the pair is dropped.
-    double = is_comma[:-1] & is_comma[1:]
-    boundary_first = np.concatenate((double, [False]))
-    boundary_second = np.concatenate(([False], double))
-    line_of_byte = np.concatenate(([0], np.cumsum(is_newline)[:-1]))
-    boundaries_per_line = np.bincount(line_of_byte[boundary_first], minlength=file_line.size)
-    if fields == 2:
-        wrong = np.flatnonzero(boundaries_per_line != 1)
-        if wrong.size:
-            count = boundaries_per_line[wrong[0]]
-            what = "no ',,' separator between source and targets" if count == 0 else "more than one ',,' separator"
-            raise DataError(f"{path}:{file_line[wrong[0]]}: {what}")
-    elif boundaries_per_line.any():
-        wrong = int(np.flatnonzero(boundaries_per_line)[0])
-        raise DataError(f"{path}:{file_line[wrong]}: empty token (',,') in a sequence file")
-    keep = ~boundary_second
-    data, is_newline, is_comma, is_digit = data[keep], is_newline[keep], is_comma[keep], is_digit[keep]
-    boundary = boundary_first[keep]
-    line_of_byte = line_of_byte[keep]
+    comma_at = np.flatnonzero(data == COMMA)
+    pair = comma_at[:-1][np.diff(comma_at) == 1]                       # first comma of each ',,'
+    pairs_per_line = np.bincount(np.searchsorted(newline_at, pair), minlength=n_lines)
+    if fields == 2 and np.any(pairs_per_line != 1):
+        wrong = int(np.flatnonzero(pairs_per_line != 1)[0])
+        what = "no ',,' separator between source and targets" if pairs_per_line[wrong] == 0 else "more than one ',,'"
+        raise DataError(f"{path}:{file_line[wrong]}: {what}")
+    if fields == 1 and pair.size:
+        raise DataError(f"{path}:{file_line[np.searchsorted(newline_at, pair[0])]}: empty token (',,')")
+    if pair.size:  # drop the second comma of each pair; the first closes the last source token
+        data = np.delete(data, pair + 1)
+        boundary = pair - np.arange(pair.size)
+        newline_at = np.flatnonzero(data == NEWLINE)
+    else:
+        boundary = pair
 
-    separator = is_newline | is_comma
-    token_of_byte = np.concatenate(([0], np.cumsum(separator)[:-1]))  # a separator closes its token
-    token_end = np.flatnonzero(separator)  # [n_tokens] index of each token's closing separator
-    token_line = line_of_byte[token_end]
-    digits_per_token = np.bincount(token_of_byte[is_digit], minlength=token_end.size)
-    empty = np.flatnonzero(digits_per_token == 0)
+    is_separator = (data == COMMA) | (data == NEWLINE)
+    closer = np.flatnonzero(is_separator)                               # [n_tokens] byte closing each token
+    opener = np.concatenate(([0], closer[:-1] + 1))
+    digits = closer - opener
+    token_line = np.searchsorted(newline_at, closer)                    # [n_tokens]
+    boundary_token = np.searchsorted(closer, boundary)                  # [n_lines or 0] token closed by ',,'
+    empty = np.flatnonzero(digits == 0)
     if empty.size:
-        end = token_end[empty[0]]
-        if boundary[end]:
+        first = int(empty[0])
+        line = int(token_line[first])
+        if fields == 2 and boundary_token[line] == first:
             what = "a line with no source items before ',,'"
-        elif fields == 2 and is_newline[end] and boundary[end - 1]:
+        elif fields == 2 and boundary_token[line] == first - 1 and data[closer[first]] == NEWLINE:
             what = "a line with no target after ',,'"
         else:
             what = "empty token"
-        raise DataError(f"{path}:{file_line[token_line[empty[0]]]}: {what}")
-    too_long = np.flatnonzero(digits_per_token > _MAX_DIGITS)
+        raise DataError(f"{path}:{file_line[line]}: {what}")
+    too_long = np.flatnonzero(digits > _MAX_DIGITS)
     if too_long.size:
-        raise DataError(f"{path}:{file_line[token_line[too_long[0]]]}: integer token longer than {_MAX_DIGITS} digits")
+        line = int(token_line[too_long[0]])
+        raise DataError(f"{path}:{file_line[line]}: integer token longer than {_MAX_DIGITS} digits")
 
-    digit_positions = np.flatnonzero(is_digit)
-    exponent = token_end[token_of_byte[digit_positions]] - digit_positions - 1
-    place = (data[digit_positions].astype(np.int64) - 48) * (10 ** exponent.astype(np.int64))
-    first_digit = np.concatenate(([0], np.cumsum(digits_per_token)[:-1]))
-    values = np.add.reduceat(place, first_digit) if place.size else np.zeros(0, np.int64)
-
-    boundaries_before = np.cumsum(boundary) - boundary  # ',,' boundaries strictly before each byte
-    token_field = boundaries_before[token_end] - (token_line if fields == 2 else 0)
-    return Tokens(values, token_line, token_field.astype(np.int64), int(file_line.size), file_line)
+    text = data.copy()
+    text[is_separator] = 32
+    values = np.fromstring(text.tobytes(), dtype=np.int64, sep=" ")    # [n_tokens]
+    if values.size != closer.size:
+        raise DataError(f"{path}: could not parse every token")
+    if fields == 2:
+        field = (np.arange(closer.size) > boundary_token[token_line]).astype(np.int64)
+    else:
+        field = np.zeros(closer.size, dtype=np.int64)
+    return Tokens(values, token_line, field, n_lines, file_line)
 
 
 def left_pad(values: np.ndarray, line: np.ndarray, n_lines: int, pad_value: int = 0) -> np.ndarray:
@@ -230,10 +229,9 @@ def load_task(path: str, index: ItemIndex) -> TaskData:
     """Task k ≥ 2: `source,,targets` lines; a line with m targets becomes m examples (line order kept)."""
     tokens = tokenize(path, fields=2)
     is_source = tokens.field == 0
-    source_raw = left_pad(tokens.values[is_source], tokens.line[is_source], tokens.n_lines, pad_value=0)
-    if source_raw.shape[1] == 0:
-        raise DataError(f"{path}:{tokens.file_line[0]}: a line with no source items before ',,'")
-    sources = index.lookup(source_raw, path)  # [n_lines, L]
+    source_ids = index.lookup(tokens.values[is_source], path)
+    pad = int(index.lookup(np.zeros(1, np.int64), path)[0]) if np.isin(0, index.keys) else 0  # the item "0"
+    sources = left_pad(source_ids, tokens.line[is_source], tokens.n_lines, pad_value=pad)  # [n_lines, L]
     target_raw = tokens.values[~is_source]
     target_line = tokens.line[~is_source]
     target_keys, target_ids = np.unique(target_raw, return_inverse=True)

@@ -51,6 +51,9 @@ def evaluate_tasks(model: NextItNet, checkpoint_tasks: list[dict], index: ItemIn
     """Every task of the model, each on its own test split → {"1": {"kind", "test"}, ...}."""
     results = {}
     for number, record in enumerate(checkpoint_tasks, start=1):
+        if record["datapath"] is None and not (cache and number in cache):
+            print(f"task {number}: not scored (its data path is unknown: a checkpoint converted from the authors' code)")
+            continue
         if cache is not None and number in cache:
             data = cache[number]
         else:
@@ -83,7 +86,8 @@ def forgetting_matrix(metric_files: list[str]) -> tuple[list[str], list[list[str
             if task is None:
                 row.append("")
                 continue
-            name = next((m for m in task["test"] if m.startswith("mrr@")), "acc") if task["kind"] == "rec" else "acc"
+            name = min((m for m in task["test"] if m.startswith("mrr@")), key=lambda m: int(m[4:]), default="acc")
+            name = name if task["kind"] == "rec" else "acc"  # MRR at the smaller cut-off (MRR@5 by default)
             row.append(f"{task['test'][name]:.4f}")
         rows.append(row)
     return header, rows
@@ -129,6 +133,10 @@ def main() -> None:
         raise DataError(f"{args.paths}: holds tasks 1..{len(tasks)}, not task {args.task}")
     record = dict(tasks[args.task - 1])
     record["datapath"] = args.datapath or record["datapath"]
+    if record["datapath"] is None:
+        raise DataError(f"{args.paths}: does not record task {args.task}'s data file; give --datapath")
+    if not (args.datapath_index or checkpoint["index_path"]):
+        raise DataError(f"{args.paths}: does not record the item index; give --datapath_index")
     record["seed"] = record["seed"] if args.seed is None else args.seed
     if args.split_percentage is not None:
         record["split_percentage"] = args.split_percentage

@@ -367,6 +367,14 @@ def load_previous(args: argparse.Namespace) -> tuple[dict, ItemIndex]:
     return checkpoint, index
 
 
+def fill_datapath(args: argparse.Namespace, number: int, record: dict) -> dict:
+    """An earlier task's record; one converted from the authors' code gets its data path from --dataset."""
+    if record["datapath"] is None and args.dataset:
+        record = {**record, "datapath": preset_paths(args.dataset, number)["datapath"],
+                  "name": task_name(args.dataset, number)}
+    return record
+
+
 def run_continual(args: argparse.Namespace) -> dict:
     """Stage K ≥ 2: CE(task K) + α · Σ_j c_j · MSE(student_j, teacher_j) (Eqs. 14–18)."""
     device = resolve_device(args.device, args.gpu_num)
@@ -395,7 +403,7 @@ def run_continual(args: argparse.Namespace) -> dict:
     inputs, targets = torch.from_numpy(data.inputs), torch.from_numpy(data.targets)
     batches_per_epoch = train_rows.size / args.batch
     state = {"ratios": [INITIAL_RATIO] * task}  # sampling ratios carried from batch to batch
-    tasks = checkpoint["tasks"] + [record]
+    tasks = [fill_datapath(args, number, earlier) for number, earlier in enumerate(checkpoint["tasks"], 1)] + [record]
 
     def train_epoch(epoch: int) -> dict:
         model.train()

@@ -164,7 +164,8 @@ def load_checkpoint(path: str, what: str = "--paths") -> dict:
     if not isinstance(checkpoint, dict):
         raise DataError(f"{path}: not a TERACON checkpoint")
     if "model_config" not in checkpoint:
-        raise DataError(f"{path}: not a checkpoint of this suite (no model_config)")
+        from original_checkpoints import convert_original  # the authors' layout, converted in memory
+        return convert_original(checkpoint, path)
     if checkpoint.get("format_version") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: checkpoint format {checkpoint.get('format_version')} is not {CHECKPOINT_FORMAT}")
     return checkpoint

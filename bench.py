@@ -1,0 +1,213 @@
+"""Benchmark on synthetic data generated in-process: training and evaluation throughput, peak memory, loading.
+
+    python bench.py                                   # defaults: CPU-sized
+    python bench.py --items 645974 --length 100 --device cuda --amp   # TTL scale
+    python bench.py --write_data /tmp/bench_data      # also write the data as TTL-style files
+
+Each phase runs in its own process so that its peak memory (RSS on CPU, max allocated on GPU) is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from data_loader import ItemIndex, TaskData, load_task
+from evaluate import score
+from model import ModelConfig, NextItNet
+from trainer import INITIAL_RATIO, continual_loss, optimizer_step, task1_loss, autocast
+
+PHASES = ["task1", "taskK", "eval", "load"]
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--items", type=int, default=5000, help="vocabulary (task-1 classes)")
+    add("--users", type=int, default=4096, help="synthetic users (rows) per task")
+    add("--length", type=int, default=50, help="sequence length")
+    add("--channels", type=int, default=256)
+    add("--batch1", type=int, default=32, help="task-1 batch")
+    add("--batch", type=int, default=1024, help="task-K batch")
+    add("--stage", type=int, default=2, help="K: task-K step with retention over K−1 earlier tasks")
+    add("--classes", type=int, default=100, help="class count of tasks ≥ 2")
+    add("--steps", type=int, default=5, help="timed steps per phase (after one warm-up step)")
+    add("--load_lines", type=int, default=1_000_000, help="lines of the task file timed by the load phase")
+    add("--device", default="cpu")
+    add("--amp", action="store_true")
+    add("--ce_chunk", type=int, default=0)
+    add("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    add("--write_data", help="write the synthetic task-1 and task-2 files here (for running other code on them)")
+    return parser.parse_args()
+
+
+def peak_memory(device: torch.device) -> float:
+    """MiB: max allocated on GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stage_models(args: argparse.Namespace, device: torch.device) -> tuple[NextItNet, NextItNet]:
+    """A stage-K student and its stage-(K−1) teacher with random weights."""
+    model = NextItNet(ModelConfig(n_items=args.items, task_classes=[args.items], channels=args.channels))
+    for _ in range(2, args.stage):
+        model.add_task(args.classes)
+    teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    model.add_task(args.classes)
+    return model.to(device), teacher
+
+
+def timed(step, steps: int, device: torch.device) -> float:
+    step()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - started) / steps
+
+
+def run_phase(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    if args.phase == "load":
+        return load_phase(args)
+    sequences = torch.from_numpy(rng.integers(1, args.items, size=(args.users, args.length)))
+    if args.phase == "task1":
+        model = NextItNet(ModelConfig(n_items=args.items, task_classes=[args.items], channels=args.channels)).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step() -> None:
+            rows = rng.integers(0, args.users, args.batch1)
+            with autocast(device, args.amp):
+                loss = task1_loss(model, sequences[rows].to(device), 25.0, 0.75, args.ce_chunk)
+            optimizer_step(model, optimizer, loss, clamp=True)
+        seconds = timed(step, args.steps, device)
+        return {"phase": "task1 train step", "batch": args.batch1, "seconds": seconds,
+                "samples_per_s": args.batch1 / seconds, "peak_mib": peak_memory(device)}
+    model, teacher = stage_models(args, device)
+    if args.phase == "taskK":
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        targets = torch.from_numpy(rng.integers(1, args.classes, size=args.users))
+        options = argparse.Namespace(alpha=0.7, nested_samples=False, uniform_sampling=True)
+        ratios = [INITIAL_RATIO] * (args.stage - 1)
+
+        def step() -> None:
+            rows = rng.integers(0, args.users, args.batch)
+            x, y = sequences[rows].to(device), targets[rows].to(device)
+            with autocast(device, args.amp):
+                loss, _, _ = continual_loss(model, teacher, x, y, args.stage - 1, 25.0, ratios, rng, options)
+            optimizer_step(model, optimizer, loss, clamp=True)
+        seconds = timed(step, args.steps, device)
+        return {"phase": f"task{args.stage} train step (retention 0.9 of batch per earlier task)", "batch": args.batch,
+                "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device)}
+    data = TaskData(sequences.numpy()[:, :-1], sequences.numpy()[:, -1], args.items)
+    rows = np.arange(args.users)
+    with autocast(device, args.amp):
+        seconds = timed(lambda: score(model, 0, data, rows, "rec", 50.0, 256, device), 1, device)
+    return {"phase": "evaluation (task 1, full ranking)", "batch": 256, "seconds": seconds,
+            "samples_per_s": args.users / seconds, "peak_mib": peak_memory(device)}
+
+
+def write_task_file(path: str, lines: int, length: int, items: int, rng: np.random.Generator) -> None:
+    source = rng.integers(1, items, size=(lines, length))
+    targets = rng.integers(1, 100, size=(lines, 2))
+    with open(path, "w") as handle:
+        for start in range(0, lines, 100_000):
+            block = [",".join(map(str, s)) + ",," + ",".join(map(str, t))
+                     for s, t in zip(source[start:start + 100_000], targets[start:start + 100_000])]
+            handle.write("\n".join(block) + "\n")
+
+
+def per_line_load(path: str, item_dict: dict[str, int]) -> np.ndarray:
+    """The baseline: the authors' style of a per-line Python loop (split, dict look-ups, one row per target)."""
+    examples = []
+    for line in open(path):
+        source, targets = line.rstrip("\n").split(",,")
+        mapped = [item_dict[x] for x in source.split(",")]
+        for target in targets.split(","):
+            examples.append(mapped + [0, int(target)])
+    return np.array(examples)
+
+
+def load_phase(args: argparse.Namespace) -> dict:
+    rng = np.random.default_rng(0)
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "task.csv")
+    write_task_file(path, args.load_lines, args.length, args.items, rng)
+    index = ItemIndex(np.arange(1, args.items, dtype=np.int64))
+    started = time.perf_counter()
+    ours = load_task(path, index)
+    vectorised = time.perf_counter() - started
+    baseline_lines = min(args.load_lines, 100_000)
+    small = os.path.join(folder, "small.csv")
+    write_task_file(small, baseline_lines, args.length, args.items, np.random.default_rng(0))
+    item_dict = {str(i): i for i in range(1, args.items)}
+    started = time.perf_counter()
+    per_line_load(small, item_dict)
+    per_line = (time.perf_counter() - started) * args.load_lines / baseline_lines
+    os.remove(path)
+    os.remove(small)
+    os.rmdir(folder)
+    return {"phase": f"load {args.load_lines} task lines", "lines": args.load_lines, "examples": len(ours.targets),
+            "seconds": vectorised, "per_line_seconds": per_line, "speedup": per_line / vectorised,
+            "peak_mib": peak_memory(torch.device("cpu"))}
+
+
+def write_data(args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(0)
+    os.makedirs(args.write_data, exist_ok=True)
+    sequences = rng.integers(1, args.items, size=(args.users, args.length))
+    np.savetxt(os.path.join(args.write_data, "task1.csv"), sequences, fmt="%d", delimiter=",")
+    write_task_file(os.path.join(args.write_data, "task2.csv"), args.users, args.length, args.items, rng)
+    print(f"wrote {args.write_data}/task1.csv and task2.csv")
+
+
+def main() -> None:
+    args = parse()
+    if args.phase:
+        print(json.dumps(run_phase(args)))
+        return
+    if args.write_data:
+        write_data(args)
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"device {args.device}{', bf16 autocast' if args.amp else ''}")
+    print(f"sizes: items {args.items}, users {args.users}, length {args.length}, channels {args.channels}, "
+          f"batch {args.batch1} (task 1) / {args.batch} (task {args.stage})")
+    print(f"{'phase':<62}{'s/step':>10}{'samples/s':>12}{'peak MiB':>10}")
+    argv = [a for a in sys.argv[1:] if not a.startswith("--write_data")]
+    if "--write_data" in sys.argv:
+        position = sys.argv.index("--write_data")
+        argv = sys.argv[1:position] + sys.argv[position + 2:]
+    for phase in PHASES:
+        output = subprocess.run([sys.executable, __file__, *argv, "--phase", phase], capture_output=True, text=True)
+        if output.returncode != 0:
+            print(f"{phase}: failed\n{output.stderr[-2000:]}")
+            continue
+        row = json.loads(output.stdout.strip().splitlines()[-1])
+        if phase == "load":
+            print(f"{row['phase']:<62}{row['seconds']:>10.2f}{'':>12}{row['peak_mib']:>10.0f}")
+            print(f"  per-line loop (extrapolated from 100k lines): {row['per_line_seconds']:.1f} s "
+                  f"→ {row['speedup']:.1f}× faster")
+        else:
+            print(f"{row['phase']:<62}{row['seconds']:>10.3f}{row['samples_per_s']:>12.0f}{row['peak_mib']:>10.0f}")
+
+
+if __name__ == "__main__":
+    main()
