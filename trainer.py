@@ -286,7 +286,7 @@ def optimizer_step(model: NextItNet, optimizer: torch.optim.Optimizer, loss: tor
 
 def account(stats: dict, loss: torch.Tensor, finite: bool) -> None:
     if finite:
-        stats["loss"] += float(loss)
+        stats["loss"] += float(loss.detach())
         stats["finite_steps"] += 1
     else:
         stats["skipped"] += 1
