@@ -239,3 +239,11 @@ def test_same_seed_gives_identical_metrics(tmp_path):
         assert result.returncode == 0, result.stderr
         outputs.append([(folder / f"task{k}.metrics.json").read_bytes() for k in (1, 2)])
     assert outputs[0] == outputs[1]
+
+
+def test_stage_without_finite_loss_fails_and_saves_nothing(tmp_path):
+    files = synthetic(str(tmp_path))
+    result = stage1(files, "--L2", "nan")
+    assert_clean_error(result, "t1.csv", "no finite loss")
+    assert not os.path.exists(tmp_path / "task1.t7")
+    assert "skipped" in result.stdout
