@@ -48,9 +48,8 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilat
         x = F.pad(x, (0, 0, need - x.shape[1], 0))
     else:
         x = x[:, x.shape[1] - need:]
-    taps = torch.cat([x[:, i * dilation:i * dilation + n_out] for i in range(kernel)], dim=2)  # [B, n_out, k·C_in]
-    flat_weight = weight.permute(0, 2, 1).reshape(weight.shape[0], -1)                          # [C_out, k·C_in]
-    return F.linear(taps, flat_weight, bias)                                                      # [B, n_out, C_out]
+    # [B, need, C_in] → [B, C_in, need] → conv → [B, C_out, n_out] → [B, n_out, C_out]
+    return F.conv1d(x.transpose(1, 2).contiguous(), weight, bias, dilation=dilation).transpose(1, 2)
 
 
 class ResidualBlock(nn.Module):
