@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+import distributed
 from data_loader import (ItemIndex, TaskData, check_split, load_sequences, load_task, read_index,
                          split_indices, write_index, batches)
 from evaluate import evaluate_tasks, score
@@ -141,21 +142,25 @@ def fit(args: argparse.Namespace, train_epoch: Callable[[int], dict], validate: 
         return
     for epoch in range(start, args.epochs):
         started = time.time()
-        stats = train_epoch(epoch)
-        valid = validate()
+        stats = distributed.average_stats(train_epoch(epoch))
+        trained = time.time()
+        valid = distributed.from_main(validate)  # rank 0's scores: every rank takes the same decisions
         value = valid[args.select_on if args.select_on in valid else "acc"]  # cls tasks only report acc
         improved = best is None or value > best
         summary = " ".join(f"{k}={v:.4f}" for k, v in valid.items())
         print(f"epoch {epoch}: loss {stats['loss']:.4f} retention {stats['retention']:.3g} skipped {stats['skipped']} "
-              f"| valid {summary} | {time.time() - started:.1f}s{' *' if improved else ''}", flush=True)
+              f"| valid {summary} | train {trained - started:.1f}s, all {time.time() - started:.1f}s"
+              f"{' *' if improved else ''}", flush=True)
         if stats["finite_steps"] == 0:
             raise DataError(f"{args.datapath}: no finite loss in epoch {epoch}; nothing saved (try a lower --lr)")
         if improved:
             best, misses = value, 0
-            on_best(epoch, valid)
+            if distributed.is_main():
+                on_best(epoch, valid)
         else:
             misses += 1
-        resume.save(epoch, best, misses)
+        if distributed.is_main():
+            resume.save(epoch, best, misses)
         if misses >= args.patience:
             print(f"early stop: no better validation {args.select_on} for {args.patience} epochs")
             break
@@ -198,7 +203,9 @@ class Resume:
 
 def finish(args: argparse.Namespace, model: NextItNet, checkpoint_path: str, index: ItemIndex,
            device: torch.device, cache: dict[int, TaskData]) -> dict:
-    """Reload the best checkpoint and score every task 1..K on its own test split."""
+    """Reload the best checkpoint and score every task 1..K on its own test split (rank 0 only)."""
+    if not distributed.is_main():
+        return {}
     checkpoint = load_checkpoint(checkpoint_path, "this stage's checkpoint")
     model.load_state_dict(checkpoint["model_state"], strict=True)
     tasks = evaluate_tasks(model, checkpoint["tasks"], index, args.smax, args.eval_batch, device, args.top_k, cache)
@@ -272,12 +279,17 @@ def continual_loss(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: tor
     return loss + args.alpha * kept, kept.detach(), new_ratios
 
 
-def optimizer_step(model: NextItNet, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clamp: bool) -> bool:
-    """Step unless the loss is non-finite (the original checks the CE term only); then clamp task embeddings."""
+def optimizer_step(model: NextItNet, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clamp: bool,
+                   weight: float = 1.0) -> bool:
+    """Step unless the loss is non-finite (the original checks the CE term only); then clamp task embeddings.
+
+    Under torchrun: skipped on every rank if any rank's loss is non-finite; gradients averaged over ranks,
+    `weight` being this rank's share of the global batch (see distributed.batches)."""
     optimizer.zero_grad(set_to_none=True)
-    finite = bool(torch.isfinite(loss))
+    finite = distributed.all_finite(loss, weight)
     if finite:
         loss.backward()
+        distributed.average_gradients(model, weight)
         optimizer.step()
     if clamp:
         clamp_task_embedding(model)
@@ -316,7 +328,8 @@ def run_task1(args: argparse.Namespace) -> dict:
     train_rows, valid_rows, test_rows = parts
     print(f"task 1: {len(sequences)} users, length {sequences.shape[1]}, {index.size} items "
           f"(train/valid/test {train_rows.size}/{valid_rows.size}/{test_rows.size})")
-    prepare_index(args, index)
+    if distributed.is_main():
+        prepare_index(args, index)
     examples = TaskData(sequences[:, :-1], sequences[:, -1], index.size)
     record = task_record(args, index.size)
 
@@ -330,13 +343,13 @@ def run_task1(args: argparse.Namespace) -> dict:
     def train_epoch(epoch: int) -> dict:
         model.train()
         stats = {"loss": 0.0, "retention": 0.0, "skipped": 0, "finite_steps": 0}
-        for b, rows in enumerate(tqdm(batches(train_rows.size, args.batch, rng), desc=f"task 1 epoch {epoch}",
-                                      leave=False, disable=None)):
+        shards = distributed.batches(train_rows.size, args.batch, rng)  # (this rank's rows, its share)
+        for b, (rows, weight) in enumerate(tqdm(shards, desc=f"task 1 epoch {epoch}", leave=False, disable=None)):
             s = anneal(b, batches_per_epoch, args.smax)
             sequence = train_tensor[train_rows[rows]].to(device, non_blocking=True)  # [B, L]
             with autocast(device, args.amp):
                 loss = task1_loss(model, sequence, s, args.L2, args.ce_chunk)
-            account(stats, loss, optimizer_step(model, optimizer, loss, clamp=True))
+            account(stats, loss, optimizer_step(model, optimizer, loss, clamp=True, weight=weight))
         stats["loss"] /= max(stats["finite_steps"], 1)
         return stats
 
@@ -408,8 +421,9 @@ def run_continual(args: argparse.Namespace) -> dict:
     def train_epoch(epoch: int) -> dict:
         model.train()
         stats = {"loss": 0.0, "retention": 0.0, "skipped": 0, "finite_steps": 0}
-        for b, rows in enumerate(tqdm(batches(train_rows.size, args.batch, rng), desc=f"task {args.stage} epoch {epoch}",
-                                      leave=False, disable=None)):
+        shards = distributed.batches(train_rows.size, args.batch, rng)  # (this rank's rows, its share)
+        for b, (rows, weight) in enumerate(tqdm(shards, desc=f"task {args.stage} epoch {epoch}", leave=False,
+                                                disable=None)):
             s = anneal(b, batches_per_epoch, args.smax)
             chosen = train_rows[rows]
             x = inputs[chosen].to(device, non_blocking=True)          # [B, L]
@@ -417,7 +431,8 @@ def run_continual(args: argparse.Namespace) -> dict:
             with autocast(device, args.amp):
                 loss, kept, state["ratios"] = continual_loss(model, teacher, x, y, task, s, state["ratios"], rng, args)
             stats["retention"] += args.alpha * float(kept)
-            account(stats, loss, optimizer_step(model, optimizer, loss, clamp=not args.no_embedding_clamp))
+            account(stats, loss, optimizer_step(model, optimizer, loss, clamp=not args.no_embedding_clamp,
+                                                weight=weight))
         stats["loss"] /= max(stats["finite_steps"], 1)
         stats["retention"] /= max(stats["finite_steps"] + stats["skipped"], 1)
         return stats
@@ -435,4 +450,5 @@ def run_continual(args: argparse.Namespace) -> dict:
 
 def main(stage: int | None = None, argv: list[str] | None = None) -> dict:
     args = parse_args(stage, argv)
-    return run_task1(args) if args.stage == 1 else run_continual(args)
+    with distributed.session(args):  # torchrun: join the process group (a no-op in a single process)
+        return run_task1(args) if args.stage == 1 else run_continual(args)

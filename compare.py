@@ -1,0 +1,240 @@
+"""Compare TERACON with fine-tuning and its ablations over several seeds, in one table.
+
+    python compare.py --dataset demo --seeds 3 [--out runs/compare] [--jobs 2]
+                      [--methods teracon,finetune,no_relation,no_retention,uniform_sampling] [-- flags for every stage]
+
+For each seed S (0 .. seeds−1), stage 1 runs ONCE into <out>/seedS/task1 and is shared by every method of
+that seed; stages 2..N then run for each method in <out>/seedS/<method>/taskK, each stage a subprocess with
+one thread, up to --jobs methods at a time. The per-dataset flags are run_all.sh's; flags after `--` go to
+every stage (last one wins, e.g. `-- --epochs 5`). A stage whose metrics.json exists is skipped, an
+interrupted one continues with --resume, so rerunning the same command resumes the comparison.
+
+The table (compare.md and compare.csv in --out, and printed) has one row per method: every task's headline
+metric after stage N (MRR@5 for rec tasks, accuracy for cls tasks) as mean ± sd over seeds, and task-1
+retention = task 1's MRR@5 after stage N / after stage 1 (the shared stage 1 of the same seed).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+from utils import DATASETS, DataError, atomic_write_text, cli, preset_paths
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+METHODS: dict[str, list[str]] = {
+    "teracon": [],
+    "finetune": ["--method", "finetune"],
+    "no_relation": ["--no_relation"],
+    "no_retention": ["--no_retention"],
+    "uniform_sampling": ["--uniform_sampling"],
+}
+
+# run_all.sh's per-dataset flags: (stage 1, stages >= 2). Keep the two in step.
+STAGE_FLAGS: dict[str, tuple[list[str], list[str]]] = {
+    "demo": (["--channels", "64", "--epochs", "20", "--patience", "5", "--select_on", "mrr@5"],
+             ["--epochs", "15", "--patience", "5", "--select_on", "mrr@5", "--batch", "256", "--lr", "1e-3"]),
+}
+
+Results = dict[str, dict[int, dict[int, dict]]]  # {method: {seed: {stage: metrics.json}}}
+
+
+def savepath(out: str, seed: int, method: str, stage: int) -> str:
+    """Stage 1 is shared by the methods of a seed; later stages live in the method's folder."""
+    if stage == 1:
+        return os.path.join(out, f"seed{seed}", "task1")
+    return os.path.join(out, f"seed{seed}", method, f"task{stage}")
+
+
+def stage_command(dataset: str, out: str, seed: int, method: str, stage: int, extra: list[str]) -> list[str]:
+    """The command line of one stage (paths under `out`, the preset's data files via --dataset)."""
+    first, later = STAGE_FLAGS.get(dataset, ([], []))
+    script = ["train_task1.py"] if stage == 1 else ["train_teracon.py", "--stage", str(stage)]
+    command = [sys.executable, *script, "--dataset", dataset, "--seed", str(seed),
+               "--savepath", savepath(out, seed, method, stage),
+               "--datapath_index", os.path.join(out, f"seed{seed}", "index.csv")]
+    if stage == 1:
+        return command + first + extra
+    return command + ["--paths", savepath(out, seed, method, stage - 1) + ".t7", *METHODS[method], *later, *extra]
+
+
+def run_stage(command: list[str], save: str, label: str) -> bool:
+    """Run one stage unless its metrics.json exists; output goes to <save>.log. True when it has metrics."""
+    if os.path.isfile(save + ".metrics.json"):
+        print(f"{label}: skipped (metrics exist)", flush=True)
+        return True
+    if os.path.isfile(save + ".resume.t7"):
+        command = command + ["--resume"]
+    os.makedirs(os.path.dirname(save), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    started = time.time()
+    with open(save + ".log", "a", encoding="utf-8") as log:
+        log.write(f"# {datetime.now().isoformat(timespec='seconds')}\n# {shlex.join(command)}\n")
+        log.flush()
+        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    ok = code == 0 and os.path.isfile(save + ".metrics.json")
+    state = "done" if ok else f"FAILED (exit {code}; see {save}.log)"
+    print(f"{label}: {state} in {time.time() - started:.0f}s", flush=True)
+    return ok
+
+
+def run_all(dataset: str, out: str, seeds: list[int], methods: list[str], stages: int, extra: list[str],
+            jobs: int) -> int:
+    """Every (seed, method) chain on a pool of `jobs` threads; stage 1 once per seed. Returns failed chains."""
+    locks = {seed: threading.Lock() for seed in seeds}
+    first: dict[int, bool] = {}
+
+    def chain(seed: int, method: str) -> bool:
+        with locks[seed]:
+            if seed not in first:
+                first[seed] = run_stage(stage_command(dataset, out, seed, method, 1, extra),
+                                        savepath(out, seed, method, 1), f"seed {seed} stage 1")
+        if not first[seed]:
+            return False
+        for stage in range(2, stages + 1):
+            command = stage_command(dataset, out, seed, method, stage, extra)
+            if not run_stage(command, savepath(out, seed, method, stage), f"seed {seed} {method} stage {stage}"):
+                return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(chain, seed, method) for seed in seeds for method in methods]
+        return sum(not future.result() for future in futures)
+
+
+def load_results(out: str, seeds: list[int], methods: list[str], stages: int) -> Results:
+    """Every metrics.json that exists, stage 1 (shared) repeated under each method."""
+    results: Results = {}
+    for method in methods:
+        for seed in seeds:
+            for stage in range(1, stages + 1):
+                path = savepath(out, seed, method, stage) + ".metrics.json"
+                if os.path.isfile(path):
+                    with open(path, encoding="utf-8") as handle:
+                        results.setdefault(method, {}).setdefault(seed, {})[stage] = json.load(handle)
+    return results
+
+
+def headline(task: dict) -> float:
+    """MRR at the smallest cut-off (MRR@5) for rec tasks, accuracy for cls tasks (as evaluate.forgetting_matrix)."""
+    names = [name for name in task["test"] if name.startswith("mrr@")]
+    if task["kind"] != "rec" or not names:
+        return task["test"]["acc"]
+    return task["test"][min(names, key=lambda name: int(name[4:]))]
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1; 0 for one value, NaN for none)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summary_rows(results: Results, final_stage: int) -> list[dict]:
+    """One row per method: {"method", "seeds", "task1".."taskN": (mean, sd), "retention": (mean, sd)}.
+
+    Only seeds that finished `final_stage` count; retention also needs that seed's stage 1 (and a non-zero
+    task-1 metric there).
+    """
+    rows = []
+    for method, by_seed in results.items():
+        finished = {seed: stages for seed, stages in by_seed.items() if final_stage in stages}
+        row: dict = {"method": method, "seeds": len(finished)}
+        for task in range(1, final_stage + 1):
+            values = [headline(stages[final_stage]["tasks"][str(task)]) for stages in finished.values()
+                      if str(task) in stages[final_stage]["tasks"]]
+            row[f"task{task}"] = mean_sd(values)
+        ratios = [headline(stages[final_stage]["tasks"]["1"]) / headline(stages[1]["tasks"]["1"])
+                  for stages in finished.values() if 1 in stages and headline(stages[1]["tasks"]["1"]) > 0]
+        row["retention"] = mean_sd(ratios)
+        rows.append(row)
+    return rows
+
+
+def task_labels(dataset: str, stages: int) -> list[str]:
+    preset = DATASETS[dataset]
+    return [f"{k} {preset['names'][k - 1]} ({'MRR@5' if preset['kinds'][k - 1] == 'rec' else 'acc'})"
+            for k in range(1, stages + 1)]
+
+
+def markdown_table(rows: list[dict], labels: list[str], header: str) -> str:
+    """`header` lines, then the table with `mean ± sd` cells."""
+    columns = ["method", "seeds", *labels, "task-1 retention"]
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [row[f"task{k}"] for k in range(1, len(labels) + 1)] + [row["retention"]]
+        lines.append("| " + " | ".join([row["method"], str(row["seeds"])]
+                                      + [f"{mean:.4f} ± {sd:.4f}" for mean, sd in cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: list[dict], n_tasks: int) -> str:
+    """Mean and sd in separate columns, full precision."""
+    names = [f"task{k}" for k in range(1, n_tasks + 1)] + ["retention"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "seeds"] + [f"{name}_{part}" for name in names for part in ("mean", "sd")])
+    for row in rows:
+        writer.writerow([row["method"], row["seeds"]] + [value for name in names for value in row[name]])
+    return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    own, extra = argv[:split], argv[split + 1:]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds: 0 .. seeds-1")
+    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
+    parser.add_argument("--jobs", type=int, default=2, help="methods run in parallel (one thread each)")
+    args = parser.parse_args(own)
+    methods = [name for name in args.methods.split(",") if name]
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown or not methods:
+        parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    if args.seeds < 1 or args.jobs < 1:
+        parser.error("--seeds and --jobs must be at least 1")
+    stages = len(DATASETS[args.dataset]["files"])
+    out = os.path.abspath(args.out)
+    os.chdir(REPO)  # the presets' data paths are relative to the repository root
+    out = os.path.relpath(out) if out.startswith(os.path.join(REPO, "")) else out
+    for stage in range(1, stages + 1):
+        preset_paths(args.dataset, stage)  # a missing data file is reported here, in one line
+    seeds = list(range(args.seeds))
+    command = shlex.join(["python", "compare.py", *argv])
+    started = time.time()
+    print(f"{command}\n{len(seeds)} seeds x {len(methods)} methods, {stages} stages, {args.jobs} jobs, out {out}",
+          flush=True)
+    failed = run_all(args.dataset, out, seeds, methods, stages, extra, args.jobs)
+
+    rows = summary_rows(load_results(out, seeds, methods, stages), stages)
+    header = (f"Command: `{command}`  \nDate: {datetime.now().astimezone().isoformat(timespec='seconds')} "
+              f"(wall time {(time.time() - started) / 60:.1f} min)  \n"
+              f"Headline metric of every task after stage {stages} (MRR@5 for rec tasks, accuracy for cls tasks), "
+              f"mean ± sd (n−1) over seeds {', '.join(map(str, seeds))}; task-1 retention = task 1's MRR@5 after "
+              f"stage {stages} / after stage 1.")
+    table = markdown_table(rows, task_labels(args.dataset, stages), header)
+    atomic_write_text(os.path.join(out, "compare.md"), table)
+    atomic_write_text(os.path.join(out, "compare.csv"), csv_table(rows, stages))
+    print("\n" + table + f"\nwritten to {os.path.join(out, 'compare.md')} and {os.path.join(out, 'compare.csv')}")
+    if failed:
+        raise DataError(f"{failed} (seed, method) chain(s) failed; see the .log files under {out}; "
+                        "rerun the same command to resume")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,175 @@
+"""Figures of a run: how related the tasks' masks are, and the forgetting matrix.
+
+    python figures.py --paths CKPT [--out DIR] [--matrix metrics.json ...]
+
+--paths writes task_relation_layers.png (the cosine similarity of every pair of tasks' masks at s = smax,
+one small heatmap per masked layer) and task_relation_mean.png (the same averaged over layers), the
+paper's task-embedding figure. --matrix writes forgetting_matrix.png: rows = after stage, columns = task,
+cells = the headline metric (MRR@5 for rec tasks, accuracy for cls tasks); the colour is the value over
+the task's best value in any stage, so forgetting reads the same for rec and cls tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from evaluate import forgetting_matrix
+from model import NextItNet
+from utils import DataError, cli, load_checkpoint
+
+DEFAULT_SMAX = 50.0
+
+
+def mask_similarity(model: NextItNet, s: float = DEFAULT_SMAX) -> np.ndarray:
+    """Cosine similarity of every pair of tasks' masks per masked layer → [n_layers, N, N].
+
+    masks_t = model.task_masks(t, s) [n_layers, C]; cell [l, a, b] = <m_a[l], m_b[l]> / (|m_a[l]| |m_b[l]|)
+    (a mask that is exactly zero has similarity 0 with everything).
+    """
+    with torch.no_grad():
+        masks = torch.stack([model.task_masks(t, s) for t in range(model.config.n_tasks)]).double()  # [N, n_layers, C]
+    unit = masks / masks.norm(dim=2, keepdim=True).clamp_min(1e-300)
+    return torch.einsum("alc,blc->lab", unit, unit).numpy()
+
+
+def layer_names(model: NextItNet) -> list[str]:
+    """Masked layer l is convolution l % 2 + 1 of residual block l // 2 (dilation d, then 2d)."""
+    return [f"block {l // 2 + 1} conv {l % 2 + 1} (d={d * (1 + l % 2)})"
+            for l, d in enumerate(d for d in model.config.dilations for _ in range(2))]
+
+
+def _heatmap(ax, values: np.ndarray, colours: np.ndarray, labels_x: list[str], labels_y: list[str],
+             annotate: str, vmin: float = 0.0, vmax: float = 1.0):
+    """One imshow with tick labels and each cell's value written in format `annotate` ("" = none); NaN blank."""
+    image = ax.imshow(np.ma.masked_invalid(colours), vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(labels_x)), labels_x)
+    ax.set_yticks(range(len(labels_y)), labels_y)
+    if annotate:
+        for (i, j), value in np.ndenumerate(values):
+            if not math.isnan(value):
+                light = (colours[i, j] - vmin) / max(vmax - vmin, 1e-12) > 0.55
+                ax.text(j, i, format(value, annotate), ha="center", va="center", fontsize=8,
+                        color="black" if light else "white")
+    return image
+
+
+def similarity_range(similarity: np.ndarray) -> tuple[float, str]:
+    """Colour floor and number format: nearly identical masks get a narrow scale and enough decimals."""
+    low = float(np.nanmin(similarity))
+    if low <= 0.5:
+        return 0.0, ".2f"
+    digits = min(6, max(2, math.ceil(-math.log10(max(1.0 - low, 1e-6))) + 1))
+    return math.floor(low * 10 ** digits) / 10 ** digits, f".{digits}f"
+
+
+def _finer(digits: str) -> str:
+    """Colour-bar tick format: one decimal more than the cells' format (".4f" → "%.5f")."""
+    return f"%.{int(digits[1:-1]) + 1}f"
+
+
+def _scale(low: float) -> str:
+    return "" if low == 0.0 else f" (colour scale {low:g}..1)"
+
+
+def relation_figures(checkpoint: dict, out: str, name: str = "") -> list[str]:
+    """task_relation_layers.png and task_relation_mean.png of a checkpoint; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = NextItNet.from_checkpoint(checkpoint).eval()
+    smax = float((checkpoint.get("args") or {}).get("smax") or DEFAULT_SMAX)
+    similarity = mask_similarity(model, smax)                                      # [n_layers, N, N]
+    n_layers, n_tasks, _ = similarity.shape
+    numbers = [str(t) for t in range(1, n_tasks + 1)]
+    low, digits = similarity_range(similarity)
+    names = [f"{t} {task.get('name') or ''}".strip() for t, task in enumerate(checkpoint["tasks"], 1)]
+    note = "" if model.config.use_masks else " (no masks: every mask is 1)"
+    title = f"{name}stage {checkpoint['stage']}: cosine similarity of task masks at s={smax:g}{note}"
+
+    cols = math.ceil(math.sqrt(n_layers))
+    rows = math.ceil(n_layers / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols + 1.2, 2.4 * rows + 0.8), squeeze=False,
+                             constrained_layout=True)
+    for layer, (ax, label) in enumerate(zip(axes.flat, layer_names(model))):
+        image = _heatmap(ax, similarity[layer], similarity[layer], numbers, numbers,
+                         digits if n_tasks <= 4 else "", vmin=low)
+        ax.set_aspect("equal")
+        ax.set_title(label, fontsize=9)
+    for ax in list(axes.flat)[n_layers:]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="cosine similarity", format=_finer(digits))
+    fig.suptitle(f"{title}, per masked layer{_scale(low)}\ntasks: {', '.join(names)}")
+    layers_path = os.path.join(out, "task_relation_layers.png")
+    fig.savefig(layers_path, dpi=110)
+    plt.close(fig)
+
+    mean = similarity.mean(axis=0)                                                  # [N, N]
+    low, digits = similarity_range(mean)
+    fig, ax = plt.subplots(figsize=(1.1 * n_tasks + 3.5, 1.0 * n_tasks + 2.0), constrained_layout=True)
+    image = _heatmap(ax, mean, mean, names, names, digits, vmin=low)
+    ax.tick_params(axis="x", labelrotation=45)
+    fig.colorbar(image, ax=ax, label="cosine similarity", format=_finer(digits))
+    ax.set_title(f"{title},\nmean over {n_layers} masked layers{_scale(low)}", fontsize=10)
+    mean_path = os.path.join(out, "task_relation_mean.png")
+    fig.savefig(mean_path, dpi=110)
+    plt.close(fig)
+    return [layers_path, mean_path]
+
+
+def forgetting_figure(metric_files: list[str], out: str, name: str = "") -> str:
+    """forgetting_matrix.png from metrics.json files (evaluate.forgetting_matrix); returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    header, rows = forgetting_matrix(metric_files)
+    values = np.array([[float(cell) if cell else math.nan for cell in row[1:]] for row in rows])  # [stages, tasks]
+    kinds: dict[str, str] = {}
+    for path in metric_files:
+        with open(path, encoding="utf-8") as handle:
+            kinds.update({k: task["kind"] for k, task in json.load(handle)["tasks"].items()})
+    best = np.nanmax(np.where(np.isnan(values), -np.inf, values), axis=0)
+    relative = np.where(best > 0, values / np.where(best > 0, best, 1.0), math.nan)
+    columns = [f"{h}\n{'MRR@5' if kinds.get(h[4:]) == 'rec' else 'acc'}" for h in header[1:]]
+    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 2.5, 0.7 * len(rows) + 2.0), constrained_layout=True)
+    image = _heatmap(ax, values, relative, columns, [f"after {row[0]}" for row in rows], ".3g")
+    fig.colorbar(image, ax=ax, label="value / the task's best over stages")
+    ax.set_title(f"{name}forgetting matrix: test metric of every task after each stage", fontsize=10)
+    path = os.path.join(out, "forgetting_matrix.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", help="checkpoint (.t7): task-relation heatmaps of its masks")
+    parser.add_argument("--matrix", nargs="+", help="metrics.json files of one run: forgetting-matrix heatmap")
+    parser.add_argument("--out", default="figures", help="folder for the PNG files (default: figures)")
+    parser.add_argument("--title", default="", help="prefix of every figure's title, e.g. the run's name")
+    args = parser.parse_args(argv)
+    if not args.paths and not args.matrix:
+        parser.error("give --paths and/or --matrix")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise DataError("matplotlib is not installed (pip install matplotlib)")
+    os.makedirs(args.out, exist_ok=True)
+    prefix = f"{args.title}: " if args.title else ""
+    written = []
+    if args.paths:
+        written += relation_figures(load_checkpoint(args.paths), args.out, prefix)
+    if args.matrix:
+        written.append(forgetting_figure(args.matrix, args.out, prefix))
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    cli(main)

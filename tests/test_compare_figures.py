@@ -1,0 +1,162 @@
+"""compare.py's table and stage commands, figures.py's mask similarity and PNG files.
+
+Expected values are computed by hand in the tests (loops over channels, explicit means and n−1 sds).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import compare
+import figures
+import trainer
+import utils
+from model import ModelConfig, NextItNet
+
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed (pip install matplotlib): figures untested")
+
+
+def three_task_model(relation: bool) -> NextItNet:
+    """A tiny NextItNet grown to 3 tasks with add_task, random embeddings (and relation layers)."""
+    torch.manual_seed(0)
+    model = NextItNet(ModelConfig(n_items=20, task_classes=[20], channels=8, dilations=[1, 2]))
+    model.add_task(5, relation=relation)
+    model.add_task(3, relation=relation)
+    with torch.no_grad():
+        model.task_embedding.uniform_(-1.0, 1.0)
+        if relation:
+            model.relation_weight.normal_(0.0, 0.7)
+            model.relation_bias.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def hand_cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+@pytest.mark.parametrize("relation", [False, True])
+@pytest.mark.parametrize("s", [1.5, 50.0])
+def test_mask_similarity_matches_hand_computation(relation, s):
+    model = three_task_model(relation)
+    similarity = figures.mask_similarity(model, s)
+    n_layers = model.config.n_layers
+    assert similarity.shape == (n_layers, 3, 3)
+    embedding = model.task_embedding.detach()
+    for layer in range(n_layers):
+        for a in range(3):
+            for b in range(3):
+                if relation:
+                    mask_a = model.task_masks(a, s)[layer].tolist()
+                    mask_b = model.task_masks(b, s)[layer].tolist()
+                else:  # Eq. 11 by hand: σ(s·e)
+                    mask_a = [1 / (1 + math.exp(-s * float(v))) for v in embedding[a, layer]]
+                    mask_b = [1 / (1 + math.exp(-s * float(v))) for v in embedding[b, layer]]
+                assert similarity[layer, a, b] == pytest.approx(hand_cosine(mask_a, mask_b), abs=1e-6)
+    np.testing.assert_allclose(similarity, similarity.transpose(0, 2, 1), atol=1e-12)
+    np.testing.assert_allclose(similarity[:, range(3), range(3)], 1.0, atol=1e-9)
+    if s == 1.5:  # unsaturated masks: the tasks really differ
+        assert similarity.min() < 0.99
+
+
+def metrics_file(path, stage: int, values: dict[int, float]) -> str:
+    """A metrics.json with task 1 rec and the others cls, as trainer.finish writes it."""
+    tasks = {str(k): {"kind": "rec", "test": {"mrr@5": v, "mrr@20": v + 0.1, "hit@5": 0.5, "acc": 0.01}}
+             if k == 1 else {"kind": "cls", "test": {"acc": v}} for k, v in values.items()}
+    path.write_text(json.dumps({"stage": stage, "tasks": tasks}))
+    return str(path)
+
+
+@needs_matplotlib
+def test_figures_writes_png_files(tmp_path):
+    model = three_task_model(relation=True)
+    argv = ["--datapath", "d.csv", "--datapath_index", "index.csv", "--savepath", str(tmp_path / "task3"),
+            "--paths", str(tmp_path / "task2.t7"), "--channels", "8", "--device", "cpu"]
+    args = trainer.parse_args(3, argv)
+    tasks = [{"name": name, "datapath": "x", "kind": kind, "n_classes": n, "seed": 10, "split_percentage": 0.2}
+             for name, kind, n in (("next_item", "rec", 20), ("watch", "cls", 5), ("age", "cls", 3))]
+    checkpoint = tmp_path / "task3.t7"
+    utils.atomic_torch_save(trainer.checkpoint_dict(args, model, tasks, 0, {"acc": 0.5}), str(checkpoint))
+    first = metrics_file(tmp_path / "task1.metrics.json", 1, {1: 0.2})
+    second = metrics_file(tmp_path / "task2.metrics.json", 2, {1: 0.1, 2: 0.6})
+    out = tmp_path / "figures"
+    written = figures.main(["--paths", str(checkpoint), "--out", str(out), "--matrix", second, first])
+    names = {os.path.basename(path) for path in written}
+    assert names == {"task_relation_layers.png", "task_relation_mean.png", "forgetting_matrix.png"}
+    for path in written:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, path
+
+
+def run(stage: int, task_values: dict[int, float]) -> dict:
+    return {"stage": stage, "tasks": {str(k): {"kind": "rec" if k == 1 else "cls",
+                                               "test": {"mrr@5": v, "mrr@20": 0.9, "acc": 0.0} if k == 1
+                                               else {"acc": v}} for k, v in task_values.items()}}
+
+
+def test_summary_rows_mean_sd_and_retention():
+    results = {
+        "teracon": {s: {1: run(1, {1: first}), 3: run(3, {1: last, 2: t2, 3: t3})}
+                    for s, (first, last, t2, t3) in enumerate([(0.2, 0.1, 0.5, 0.7), (0.4, 0.3, 0.6, 0.7),
+                                                               (0.5, 0.5, 0.7, 0.7)])},
+        "finetune": {0: {1: run(1, {1: 0.2}), 2: run(2, {1: 0.05, 2: 0.9}), 3: run(3, {1: 0.02, 2: 0.4, 3: 0.8})},
+                     1: {1: run(1, {1: 0.4}), 2: run(2, {1: 0.3, 2: 0.9})}},  # seed 1 did not finish stage 3
+    }
+    rows = {row["method"]: row for row in compare.summary_rows(results, final_stage=3)}
+    teracon = rows["teracon"]
+    assert teracon["seeds"] == 3
+    mean1 = (0.1 + 0.3 + 0.5) / 3
+    sd1 = math.sqrt(((0.1 - mean1) ** 2 + (0.3 - mean1) ** 2 + (0.5 - mean1) ** 2) / 2)
+    assert teracon["task1"] == pytest.approx((mean1, sd1))
+    assert teracon["task2"] == pytest.approx((0.6, 0.1))
+    assert teracon["task3"] == pytest.approx((0.7, 0.0), abs=1e-12)
+    ratios = [0.1 / 0.2, 0.3 / 0.4, 0.5 / 0.5]
+    mean_r = sum(ratios) / 3
+    sd_r = math.sqrt(sum((r - mean_r) ** 2 for r in ratios) / 2)
+    assert teracon["retention"] == pytest.approx((mean_r, sd_r))
+    finetune = rows["finetune"]
+    assert finetune["seeds"] == 1
+    assert finetune["task1"] == pytest.approx((0.02, 0.0))
+    assert finetune["retention"] == pytest.approx((0.1, 0.0))
+
+    markdown = compare.markdown_table(compare.summary_rows(results, 3), ["1 a", "2 b", "3 c"], "Command: `x`")
+    assert markdown.startswith("Command: `x`")
+    assert f"| teracon | 3 | {mean1:.4f} ± {sd1:.4f} | 0.6000 ± 0.1000 | 0.7000 ± 0.0000 | " \
+           f"{mean_r:.4f} ± {sd_r:.4f} |" in markdown
+    lines = compare.csv_table(compare.summary_rows(results, 3), 3).splitlines()
+    assert lines[0].split(",")[:4] == ["method", "seeds", "task1_mean", "task1_sd"]
+    assert float(lines[1].split(",")[2]) == pytest.approx(mean1)
+
+
+def test_headline_is_mrr5_for_rec_and_acc_for_cls():
+    assert compare.headline({"kind": "rec", "test": {"mrr@20": 0.3, "mrr@5": 0.2, "acc": 0.1}}) == 0.2
+    assert compare.headline({"kind": "cls", "test": {"acc": 0.7}}) == 0.7
+
+
+def test_stage_commands_share_stage1_and_chain_per_method():
+    first = compare.stage_command("demo", "runs/c", 2, "finetune", 1, ["--epochs", "1"])
+    assert first[1] == "train_task1.py"
+    assert first[first.index("--savepath") + 1] == os.path.join("runs/c", "seed2", "task1")
+    assert first[first.index("--datapath_index") + 1] == os.path.join("runs/c", "seed2", "index.csv")
+    assert first[first.index("--seed") + 1] == "2" and "--method" not in first
+    assert first[first.index("--channels") + 1] == "64" and first[-2:] == ["--epochs", "1"]
+
+    second = compare.stage_command("demo", "runs/c", 2, "finetune", 2, ["--epochs", "1"])
+    assert second[second.index("--paths") + 1] == os.path.join("runs/c", "seed2", "task1.t7")
+    assert second[second.index("--savepath") + 1] == os.path.join("runs/c", "seed2", "finetune", "task2")
+    assert second[second.index("--method") + 1] == "finetune" and second[-2:] == ["--epochs", "1"]
+    assert second[second.index("--batch") + 1] == "256"
+
+    third = compare.stage_command("demo", "runs/c", 0, "no_relation", 3, [])
+    assert third[third.index("--paths") + 1] == os.path.join("runs/c", "seed0", "no_relation", "task2.t7")
+    assert "--no_relation" in third and third[third.index("--stage") + 1] == "3"
+    teracon = compare.stage_command("demo", "runs/c", 0, "teracon", 4, [])
+    assert not {"--method", "--no_relation", "--no_retention", "--uniform_sampling"} & set(teracon)
