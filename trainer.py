@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import distributed
 from data_loader import (ItemIndex, TaskData, check_split, load_sequences, load_task, read_index,
-                         split_indices, write_index, batches)
+                         split_indices, write_index)
 from evaluate import evaluate_tasks, score
 from model import ModelConfig, NextItNet
 from utils import (CHECKPOINT_FORMAT, DATASETS, DataError, anneal, atomic_torch_save, format_table, load_checkpoint,
