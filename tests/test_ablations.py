@@ -1,0 +1,44 @@
+"""The ablation flags and the fine-tuning baseline run as scripts and change what they say they change."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+
+def run(repo_root, env, script, *args):
+    done = subprocess.run([sys.executable, str(repo_root / script), *map(str, args)], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_ablation_flags_and_finetune(tmp_path, data_writer, subprocess_env, repo_root):
+    data = data_writer(tmp_path / "data", n_users=200, seed=3)
+    common = ["--epochs", 1, "--channels", 8, "--device", "cpu", "--datapath_index", tmp_path / "index.csv"]
+    run(repo_root, subprocess_env, "train_task1.py", "--datapath", data.task1, "--savepath", tmp_path / "task1",
+        *common)
+    variants = {
+        "ablated": ["--no_relation", "--uniform_sampling", "--nested_samples", "--no_embedding_clamp"],
+        "no_retention": ["--no_retention"],
+        "finetune": ["--method", "finetune"],
+        "teracon": [],
+    }
+    configs = {}
+    for name, flags in variants.items():
+        done = run(repo_root, subprocess_env, "train_teracon_t2.py", "--datapath", data.task2,
+                   "--paths", tmp_path / "task1.t7", "--savepath", tmp_path / name, "--batch", 32, *common, *flags)
+        checkpoint = torch.load(tmp_path / f"{name}.t7", weights_only=True)
+        configs[name] = checkpoint["model_config"]
+        metrics = json.loads((tmp_path / f"{name}.metrics.json").read_text())
+        assert set(metrics["tasks"]) == {"1", "2"}
+        if name in ("no_retention", "finetune"):
+            assert checkpoint["args"]["alpha"] == 0.0
+            assert "retention 0 " in done.stdout
+        else:
+            assert checkpoint["args"]["alpha"] == 0.7
+    assert configs["teracon"]["relation"] and configs["teracon"]["use_masks"]
+    assert not configs["ablated"]["relation"] and configs["ablated"]["use_masks"]
+    assert not configs["finetune"]["relation"] and not configs["finetune"]["use_masks"]
