@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from data_loader import ItemIndex, TaskData, check_split, load_sequences_with_index, load_task, read_index, split_indices
 from model import NextItNet
-from utils import DataError, cli, load_checkpoint, metric_names, ranking_sums, write_json
+from utils import DataError, atomic_write_text, cli, load_checkpoint, metric_names, ranking_sums, write_json
 
 
 def load_task_data(stage: int, datapath: str, index: ItemIndex) -> tuple[TaskData, np.ndarray | None]:
@@ -115,7 +115,6 @@ def main() -> None:
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows([header] + rows)
         if args.csv:
-            from utils import atomic_write_text
             atomic_write_text(args.csv, buffer.getvalue())
         widths = [max(len(r[i]) for r in [header] + rows) + 2 for i in range(len(header))]
         print("forgetting matrix (rows: after stage; MRR@5 for rec tasks, accuracy for cls tasks)")
