@@ -89,6 +89,7 @@ def session(args: argparse.Namespace) -> Iterator[None]:
         sys.stdout, sys.stderr = open(os.devnull, "w"), _NotATerminal(stderr)
     try:
         yield
+        barrier()  # leave together: a gloo rank exiting while rank 0 still works could abort at exit
     finally:
         if sys.stdout is not stdout:
             sys.stdout.close()
@@ -101,6 +102,16 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if not active():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 def broadcast_object(value: Any) -> Any:
