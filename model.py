@@ -41,6 +41,8 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilat
     x [B, n, C_in] holds the last n positions of the sequence; when n is shorter than the receptive
     window it is the whole sequence and is left-padded with zeros, as NextItNet's ZeroPad2d.
     weight [C_out, C_in, k]: out[t] = Σ_i weight[:, :, i] · x[t − (k−1−i)·dilation].
+    The [B, n, C] memory is read as a channels-last image [B, C, 1, n], the authors' (1, k) conv2d layout,
+    so oneDNN/cuDNN convolve it in place and return [B, n_out, C] memory: no transposes either way.
     """
     kernel = weight.shape[2]
     need = n_out + (kernel - 1) * dilation
@@ -48,8 +50,16 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilat
         x = F.pad(x, (0, 0, need - x.shape[1], 0))
     else:
         x = x[:, x.shape[1] - need:]
-    # [B, need, C_in] → [B, C_in, need] → conv → [B, C_out, n_out] → [B, n_out, C_out]
-    return F.conv1d(x.transpose(1, 2).contiguous(), weight, bias, dilation=dilation).transpose(1, 2)
+    image = x.unsqueeze(1).permute(0, 3, 1, 2)                                    # [B, C_in, 1, need], NHWC
+    out = F.conv2d(image, weight.unsqueeze(2), bias, dilation=(1, dilation))        # [B, C_out, 1, n_out]
+    return out.permute(0, 2, 3, 1).squeeze(1)                                      # [B, n_out, C_out]
+
+
+def channels_last(conv: nn.Conv1d) -> nn.Conv1d:
+    """Store the weight [C_out, C_in, k] with C_in innermost: the layout a channels-last conv reads, so no
+    per-step reorder. Shape, values and state-dict keys are unchanged."""
+    conv.weight = nn.Parameter(conv.weight.data.permute(0, 2, 1).contiguous().permute(0, 2, 1))
+    return conv
 
 
 class ResidualBlock(nn.Module):
@@ -58,9 +68,9 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int, kernel_size: int, dilation: int):
         super().__init__()
         self.dilation = dilation
-        self.conv1 = nn.Conv1d(channels, channels, kernel_size, dilation=dilation)
+        self.conv1 = channels_last(nn.Conv1d(channels, channels, kernel_size, dilation=dilation))
         self.ln1 = nn.LayerNorm(channels, eps=1e-8)
-        self.conv2 = nn.Conv1d(channels, channels, kernel_size, dilation=2 * dilation)
+        self.conv2 = channels_last(nn.Conv1d(channels, channels, kernel_size, dilation=2 * dilation))
         self.ln2 = nn.LayerNorm(channels, eps=1e-8)
 
     def receptive(self, n_out: int, length: int) -> tuple[int, int]:
@@ -72,10 +82,10 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask1: torch.Tensor, mask2: torch.Tensor, n_out: int, length: int) -> torch.Tensor:
         middle, _ = self.receptive(n_out, length)
         out = causal_conv(x, self.conv1.weight, self.conv1.bias, self.dilation, middle)     # [B, middle, C]
-        out = F.relu(self.ln1(out)) * mask1
+        out = F.relu(self.ln1(out)) * mask1.to(out.dtype)  # under --amp the branch stays bf16
         out = causal_conv(out, self.conv2.weight, self.conv2.bias, 2 * self.dilation, n_out)  # [B, n_out, C]
-        out = F.relu(self.ln2(out)) * mask2
-        return out + x[:, x.shape[1] - n_out:]
+        out = F.relu(self.ln2(out)) * mask2.to(out.dtype)
+        return out + x[:, x.shape[1] - n_out:]                                            # fp32 residual stream
 
 
 def _init_head(head: nn.Linear) -> nn.Linear:
