@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from utils import DataError, atomic_write_text
 
@@ -21,30 +23,32 @@ _MAX_DIGITS = 18  # int64 holds every 18-digit decimal
 
 @dataclass
 class Tokens:
-    """Every integer token of a file: its value, 0-based line (among non-blank lines), field and source line."""
+    """Every integer token of a file's non-blank lines, in order, and where each line's tokens lie."""
 
-    values: np.ndarray   # [n_tokens] int64
-    line: np.ndarray     # [n_tokens] int64, index among kept (non-blank) lines
-    field: np.ndarray    # [n_tokens] int64, 0 before ',,' and 1 after it
-    n_lines: int
-    file_line: np.ndarray  # [n_lines] int64, 1-based line number in the file
+    values: np.ndarray      # [n_tokens] int64; with fields=2 each line's ',,' is a placeholder token (0)
+    line_start: np.ndarray  # [n_lines + 1] int64: line i is values[line_start[i]:line_start[i + 1]]
+    split: np.ndarray       # [n_lines] int64: index of line i's ',,' placeholder (fields=2; empty otherwise)
+    file_line: np.ndarray   # [n_lines] int64, 1-based line number in the file
+
+    @property
+    def n_lines(self) -> int:
+        return int(self.file_line.size)
 
 
-def _read_bytes(path: str) -> np.ndarray:
+def _read_bytes(path: str) -> bytes:
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     with open(path, "rb") as handle:
         raw = handle.read()
-    data = np.frombuffer(raw, dtype=np.uint8)
-    data = data[data != 13]  # Windows line ends
-    if data.size == 0:
+    if b"\r" in raw:
+        raw = raw.replace(b"\r", b"")  # Windows line ends
+    if not raw:
         raise DataError(f"{path}: file is empty")
-    if data[-1] != NEWLINE:
-        data = np.append(data, np.uint8(NEWLINE))
-    return data
+    return raw if raw.endswith(b"\n") else raw + b"\n"
 
 
-def _bad_character(path: str, data: np.ndarray, position: int) -> DataError:
+def _bad_character(path: str, data: np.ndarray) -> DataError:
+    position = int(np.flatnonzero((data != NEWLINE) & (data != COMMA) & ((data < 48) | (data > 57)))[0])
     line_no = int(np.count_nonzero(data[:position] == NEWLINE)) + 1
     start, stop = position, position
     while start > 0 and data[start - 1] not in (NEWLINE, COMMA):
@@ -55,87 +59,176 @@ def _bad_character(path: str, data: np.ndarray, position: int) -> DataError:
     return DataError(f"{path}:{line_no}: non-integer token {token!r}")
 
 
+# SWAR: 8 ASCII digits in one little-endian uint64 (first digit in the lowest byte) → their value.
+# _DIGITS_OF[n] keeps the low nibble of the last n bytes (a digit's value) and zeroes the bytes before.
+_DIGITS_OF = np.array([0] + [0x0F0F0F0F0F0F0F0F & ((2**64 - 1) << (8 * (8 - n))) & (2**64 - 1) for n in range(1, 9)],
+                      dtype=np.uint64)
+
+
+def _eight_digits(window: np.ndarray, length: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """window [n] uint64: the 8 bytes ending at each token's end; length [n] (0..8, more reads 8) → values
+    [n] int64 (into `out` when given). Bytes before the token become leading zeros; pairs, quads, then
+    octets of digits combine."""
+    digits = np.bitwise_and(window, np.take(_DIGITS_OF, length, mode="clip"),
+                            out=None if out is None else out.view(np.uint64))  # each byte 0..9
+    for factor, shift, mask in ((2561, 8, 0x00FF00FF00FF00FF), (6553601, 16, 0x0000FFFF0000FFFF)):
+        np.multiply(digits, np.uint64(factor), out=digits)                    # byte pairs → 10·a + b, ...
+        np.right_shift(digits, np.uint64(shift), out=digits)
+        np.bitwise_and(digits, np.uint64(mask), out=digits)
+    np.multiply(digits, np.uint64(42949672960001), out=digits)
+    np.right_shift(digits, np.uint64(32), out=digits)
+    return digits.view(np.int64)
+
+
+_CHUNK = 1 << 21  # bytes scanned at a time: every temporary stays small and in cache
+
+
+@dataclass
+class _Scan:
+    """What one pass over a file's bytes finds: every token's value, and the few tokens checks need."""
+
+    values: np.ndarray       # [n_tokens] int64
+    line_end: np.ndarray     # token closing each raw line
+    end_length: np.ndarray   # its digit count (0 for a blank line)
+    empty: np.ndarray        # tokens with no digit: the ',,' placeholders and malformed tokens
+    empty_ends_line: np.ndarray
+    first_long: int          # first token longer than _MAX_DIGITS, or -1
+
+
+class _Windows:
+    """windows[i] = the 8 bytes i..i+7 of the file as one little-endian uint64 (i may be negative: '0's)."""
+
+    def __init__(self, raw: bytes):
+        body = raw if len(raw) >= 64 else raw + b"\0" * 64
+        self.body = np.ndarray((len(body) - 7,), dtype="<u8", buffer=body, strides=(1,))
+        head = b"0" * 16 + body[:32]
+        self.head = np.ndarray((len(head) - 7,), dtype="<u8", buffer=head, strides=(1,))
+
+    def __getitem__(self, position: np.ndarray) -> np.ndarray:
+        if not position.size or position[0] >= 0:                             # positions ascend
+            return self.body[position]
+        out = self.body[np.maximum(position, 0)]
+        before = position < 0
+        out[before] = self.head[position[before] + 16]
+        return out
+
+
+def _scan(raw: bytes) -> _Scan:
+    """Every ',' or newline closes a token; its digits are read 8 bytes at a time (SWAR) from unaligned
+    uint64 windows of the file, chunk by chunk (chunks end at a newline), one chunk per CPU at a time
+    (numpy releases the GIL)."""
+    data = np.frombuffer(raw, dtype=np.uint8)
+    bounds = [0]
+    while bounds[-1] < data.size:
+        bounds.append(raw.find(b"\n", min(bounds[-1] + _CHUNK, data.size - 1)) + 1)
+    chunks = list(zip(bounds, bounds[1:]))
+    with ThreadPoolExecutor(max(1, min(len(chunks), os.cpu_count() or 1, 8))) as pool:
+        counts = list(pool.map(lambda chunk: int(np.count_nonzero(data[chunk[0]:chunk[1]] < 48)), chunks))
+        firsts = np.concatenate(([0], np.cumsum(counts)))                      # first token of each chunk
+        values = np.empty(int(firsts[-1]), dtype=np.int64)
+        windows = _Windows(raw)
+        parts = list(pool.map(lambda i: _scan_chunk(raw, data, windows, *chunks[i], int(firsts[i]),
+                                                    values[firsts[i]:firsts[i + 1]]), range(len(chunks))))
+    joined = {key: np.concatenate([part[key] for part in parts]) for key in parts[0] if key != "first_long"}
+    longs = [part["first_long"] for part in parts if part["first_long"] >= 0]
+    return _Scan(values, first_long=longs[0] if longs else -1, **joined)
+
+
+def _scan_chunk(raw: bytes, data: np.ndarray, windows: _Windows, start: int, stop: int, token: int,
+                out: np.ndarray) -> dict:
+    """Tokens closed in bytes [start, stop) (token numbers from `token`): values into `out`; line ends,
+    empty tokens and the first over-long token for the checks."""
+    closer = np.flatnonzero(data[start:stop] < 48)                            # [count] bytes closing tokens
+    closer += start
+    length = np.empty_like(closer)
+    length[0] = closer[0] - start
+    np.subtract(closer[1:], closer[:-1], out=length[1:])
+    length[1:] -= 1
+    ends_line = data[closer] == NEWLINE
+    line_end = np.flatnonzero(ends_line)
+    empty = np.flatnonzero(length == 0)
+    _eight_digits(windows[closer - 8], length, out=out)
+    first_long = -1
+    long = np.flatnonzero(length > 8)
+    if long.size:                                                             # 9..16 digits: the 8 before as well
+        out[long] += _eight_digits(windows[closer[long] - 16], length[long] - 8) * 10**8
+        for i in long[length[long] > 16]:                                     # rare: exact, one by one
+            if length[i] > _MAX_DIGITS:
+                first_long = token + int(i) if first_long < 0 else first_long
+            else:
+                out[i] = int(raw[closer[i] - length[i]:closer[i]])
+    return {"line_end": line_end + token, "end_length": length[line_end], "empty": empty + token,
+            "empty_ends_line": ends_line[empty], "first_long": first_long}
+
+
 def tokenize(path: str, fields: int) -> Tokens:
     """Parse comma-separated integers; with fields=2 each line must be `source,,targets`.
 
-    Positions of separators are found with numpy and the digits parsed in one np.fromstring call.
+    One vectorised pass over the bytes (see _scan); the checks then look only at line ends and at
+    the few empty tokens, so a well-formed file costs no per-line or per-token Python.
     """
-    data = _read_bytes(path)
-    bad = np.flatnonzero((data != NEWLINE) & (data != COMMA) & ((data < 48) | (data > 57)))
-    if bad.size:
-        raise _bad_character(path, data, int(bad[0]))
-
-    newline_at = np.flatnonzero(data == NEWLINE)                        # [raw lines]
-    line_start = np.concatenate(([0], newline_at[:-1] + 1))
-    blank = line_start == newline_at
-    file_line = np.flatnonzero(~blank) + 1                              # 1-based number of each kept line
-    if blank.any():
-        data = np.delete(data, newline_at[blank])
-    if file_line.size == 0:
+    raw = _read_bytes(path)
+    if raw.translate(None, b"0123456789,\n"):
+        raise _bad_character(path, np.frombuffer(raw, dtype=np.uint8))
+    scan = _scan(raw)
+    line_end, values = scan.line_end, scan.values
+    blank = (scan.end_length == 0) & (np.diff(line_end, prepend=-1) == 1)
+    if blank.all():
         raise DataError(f"{path}: file is empty (only blank lines)")
-    newline_at = np.flatnonzero(data == NEWLINE)                        # [n_lines]
-    n_lines = int(newline_at.size)
-
-    comma_at = np.flatnonzero(data == COMMA)
-    pair = comma_at[:-1][np.diff(comma_at) == 1]                       # first comma of each ',,'
-    pairs_per_line = np.bincount(np.searchsorted(newline_at, pair), minlength=n_lines)
-    if fields == 2 and np.any(pairs_per_line != 1):
-        wrong = int(np.flatnonzero(pairs_per_line != 1)[0])
-        what = "no ',,' separator between source and targets" if pairs_per_line[wrong] == 0 else "more than one ',,'"
-        raise DataError(f"{path}:{file_line[wrong]}: {what}")
-    if fields == 1 and pair.size:
-        raise DataError(f"{path}:{file_line[np.searchsorted(newline_at, pair[0])]}: empty token (',,')")
-    if pair.size:  # drop the second comma of each pair; the first closes the last source token
-        data = np.delete(data, pair + 1)
-        boundary = pair - np.arange(pair.size)
-        newline_at = np.flatnonzero(data == NEWLINE)
-    else:
-        boundary = pair
-
-    is_separator = (data == COMMA) | (data == NEWLINE)
-    closer = np.flatnonzero(is_separator)                               # [n_tokens] byte closing each token
-    opener = np.concatenate(([0], closer[:-1] + 1))
-    digits = closer - opener
-    token_line = np.searchsorted(newline_at, closer)                    # [n_tokens]
-    boundary_token = np.searchsorted(closer, boundary)                  # [n_lines or 0] token closed by ',,'
-    empty = np.flatnonzero(digits == 0)
-    if empty.size:
-        first = int(empty[0])
-        line = int(token_line[first])
-        if fields == 2 and boundary_token[line] == first:
-            what = "a line with no source items before ',,'"
-        elif fields == 2 and boundary_token[line] == first - 1 and data[closer[first]] == NEWLINE:
-            what = "a line with no target after ',,'"
-        else:
-            what = "empty token"
-        raise DataError(f"{path}:{file_line[line]}: {what}")
-    too_long = np.flatnonzero(digits > _MAX_DIGITS)
-    if too_long.size:
-        line = int(token_line[too_long[0]])
-        raise DataError(f"{path}:{file_line[line]}: integer token longer than {_MAX_DIGITS} digits")
-
-    text = data.copy()
-    text[is_separator] = 32
-    values = np.fromstring(text.tobytes(), dtype=np.int64, sep=" ")    # [n_tokens]
-    if values.size != closer.size:
-        raise DataError(f"{path}: could not parse every token")
+    file_line = np.flatnonzero(~blank) + 1
+    empty, empty_ends_line = scan.empty, scan.empty_ends_line
+    if blank.any():                                                     # drop the blank lines' empty tokens
+        values = np.delete(values, line_end[blank])
+        not_blank = ~np.isin(empty, line_end[blank])
+        empty, empty_ends_line = empty[not_blank], empty_ends_line[not_blank]
+        empty = empty - np.searchsorted(line_end[blank], empty)
+        line_end = line_end[~blank] - np.cumsum(blank)[~blank]
+    line_start = np.concatenate(([0], line_end + 1))
+    empty_line = np.searchsorted(line_end, empty)
+    closes_line = empty_ends_line
+    after_comma = (empty > line_start[empty_line])                      # the token before is on this line
+    pair = ~closes_line & after_comma                                   # the second comma of a ',,'
+    if fields == 1 and pair.any():
+        raise DataError(f"{path}:{file_line[empty_line[np.argmax(pair)]]}: empty token (',,')")
     if fields == 2:
-        field = (np.arange(closer.size) > boundary_token[token_line]).astype(np.int64)
-    else:
-        field = np.zeros(closer.size, dtype=np.int64)
-    return Tokens(values, token_line, field, n_lines, file_line)
+        pairs_per_line = np.bincount(empty_line[pair], minlength=file_line.size)
+        if np.any(pairs_per_line != 1):
+            wrong = int(np.flatnonzero(pairs_per_line != 1)[0])
+            what = "no ',,' separator between source and targets" if pairs_per_line[wrong] == 0 else "more than one ',,'"
+            raise DataError(f"{path}:{file_line[wrong]}: {what}")
+    if not pair.all():
+        first = int(np.flatnonzero(~pair)[0])
+        token, line = int(empty[first]), int(empty_line[first])
+        split = empty[pair][line] if fields == 2 else -2
+        what = ("a line with no source items before ',,'" if token + 1 == split else
+                "a line with no target after ',,'" if token - 1 == split and closes_line[first] else "empty token")
+        raise DataError(f"{path}:{file_line[line]}: {what}")
+    if scan.first_long >= 0:
+        line = int(np.searchsorted(scan.line_end, scan.first_long))
+        raise DataError(f"{path}:{line + 1}: integer token longer than {_MAX_DIGITS} digits")
+    return Tokens(values, line_start, empty[pair] if fields == 2 else np.zeros(0, np.int64), file_line)
 
 
-def left_pad(values: np.ndarray, line: np.ndarray, n_lines: int, pad_value: int = 0) -> np.ndarray:
-    """Ragged rows of `values` grouped by `line` → [n_lines, max_len], left-padded with `pad_value`."""
-    lengths = np.bincount(line, minlength=n_lines)  # [n_lines]
-    width = int(lengths.max()) if n_lines else 0
-    out = np.full((n_lines, width), pad_value, dtype=np.int64)
-    if values.size:
-        offset_in_line = np.arange(values.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        column = width - lengths[line] + offset_in_line
-        out[line, column] = values
+def segments(values: np.ndarray, starts: np.ndarray, stops: np.ndarray, pad_value: int = 0) -> np.ndarray:
+    """Rows values[starts[i]:stops[i]] → [n, max_len], left-padded with `pad_value`.
+
+    Equal-length rows at a fixed stride (the usual, padded file) are a reshape, not a copy per token."""
+    lengths = stops - starts                                            # [n]
+    n = lengths.size
+    width = int(lengths.max()) if n else 0
+    if n and np.all(lengths == width) and (n == 1 or np.all(np.diff(starts) == starts[1] - starts[0])):
+        stride = int(starts[1] - starts[0]) if n > 1 else width
+        return np.lib.stride_tricks.as_strided(values[starts[0]:], (n, width), (stride * values.itemsize,
+                                               values.itemsize), writeable=False)
+    out = np.full((n, width), pad_value, dtype=values.dtype)
+    if values.size and n:
+        row = np.repeat(np.arange(n), lengths)
+        column = np.arange(row.size) - np.repeat(np.cumsum(lengths) - lengths, lengths) + (width - lengths)[row]
+        out[row, column] = values[np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(row.size)]
     return out
+
+
+_DENSE_LIMIT = 1 << 25  # ids below this are looked up in a table (≤ 256 MiB), above by binary search
 
 
 @dataclass
@@ -148,19 +241,40 @@ class ItemIndex:
     def size(self) -> int:
         return int(self.keys.size) + 1
 
+    @property
+    def has_zero(self) -> bool:
+        return bool(self.keys.size and self.keys[0] == 0)
+
     def lookup(self, raw: np.ndarray, path: str) -> np.ndarray:
         """Map raw ids to indices; unknown ids become `<UNK>` (0) with one warning that counts them."""
-        position = np.searchsorted(self.keys, raw)
-        position_clipped = np.minimum(position, max(self.keys.size - 1, 0))
-        known = (self.keys.size > 0) & (self.keys[position_clipped] == raw) if self.keys.size else np.zeros(raw.shape, bool)
-        unknown = int(raw.size - np.count_nonzero(known))
+        if self.keys.size and 0 <= self.keys[0] and self.keys[-1] < _DENSE_LIMIT and raw.size:
+            table = np.zeros(int(self.keys[-1]) + 2, dtype=np.int64)        # 0 (<UNK>) unless an item
+            table[self.keys] = np.arange(1, self.size)
+            mapped = np.take(table, raw, mode="clip")                         # ids beyond the last item → 0
+        else:
+            position = np.searchsorted(self.keys, raw)
+            clipped = np.minimum(position, max(self.keys.size - 1, 0))
+            known = self.keys[clipped] == raw if self.keys.size else np.zeros(raw.shape, bool)
+            mapped = np.where(known, clipped + 1, 0).astype(np.int64)
+        unknown = int(mapped.size - np.count_nonzero(mapped))
         if unknown:
             warnings.warn(f"{path}: {unknown} item token(s) not in the index, mapped to <UNK>", stacklevel=2)
-        return np.where(known, position_clipped + 1, 0).astype(np.int64)
+        return mapped
+
+
+def dense_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(values, return_inverse=True) for non-negative ids, by a presence table when ids are small."""
+    if values.size and values.min() >= 0 and values.max() < _DENSE_LIMIT:
+        present = np.zeros(int(values.max()) + 1, dtype=bool)
+        present[values] = True
+        rank = np.cumsum(present) - 1                                         # [max + 1]
+        return np.flatnonzero(present), rank[values]
+    keys, inverse = np.unique(values, return_inverse=True)
+    return keys, inverse.reshape(-1)
 
 
 def build_index(raw: np.ndarray) -> ItemIndex:
-    return ItemIndex(np.unique(raw))
+    return ItemIndex(dense_unique(raw.reshape(-1))[0])
 
 
 def write_index(index: ItemIndex, path: str) -> None:
@@ -201,41 +315,61 @@ def read_index(path: str) -> ItemIndex:
 
 @dataclass
 class TaskData:
-    """One task's examples: inputs [n, L] item indices, targets [n] class indices, class count."""
+    """One task's examples: sources [n_lines, L] item indices, targets [n] class indices, class count.
 
-    inputs: np.ndarray
+    Example i reads sources[source_row[i]] (a line with m targets is m examples sharing one row); with
+    source_row None, example i is row i. `inputs` materialises the [n, L] matrix."""
+
+    sources: np.ndarray
     targets: np.ndarray
     n_classes: int
+    source_row: np.ndarray | None = None
+
+    def rows(self, examples: np.ndarray) -> np.ndarray:
+        return examples if self.source_row is None else self.source_row[examples]
+
+    @property
+    def inputs(self) -> np.ndarray:
+        return self.sources if self.source_row is None else self.sources[self.source_row]
 
 
 def load_sequences(path: str) -> tuple[np.ndarray, ItemIndex]:
     """Task 1: one user per line → ([n_users, L] item indices, index built from the file)."""
-    tokens = tokenize(path, fields=1)
-    raw = left_pad(tokens.values, tokens.line, tokens.n_lines, pad_value=0)  # [n_users, L]
-    if raw.shape[1] < 2:
-        raise DataError(f"{path}: every line has a single item; next-item prediction needs at least 2")
+    raw = _task1_rows(path)
     index = build_index(raw)
     return index.lookup(raw, path), index
 
 
 def load_sequences_with_index(path: str, index: ItemIndex) -> np.ndarray:
     """Task 1 mapped through an existing index (for evaluation of a trained model)."""
+    return index.lookup(_task1_rows(path), path)
+
+
+def _task1_rows(path: str) -> np.ndarray:
+    """Raw task-1 sequences [n_users, L], left-padded with the raw item 0."""
     tokens = tokenize(path, fields=1)
-    raw = left_pad(tokens.values, tokens.line, tokens.n_lines, pad_value=0)
-    return index.lookup(raw, path)
+    raw = segments(tokens.values, tokens.line_start[:-1], tokens.line_start[1:])
+    if raw.shape[1] < 2:
+        raise DataError(f"{path}: every line has a single item; next-item prediction needs at least 2")
+    return raw
 
 
 def load_task(path: str, index: ItemIndex) -> TaskData:
     """Task k ≥ 2: `source,,targets` lines; a line with m targets becomes m examples (line order kept)."""
     tokens = tokenize(path, fields=2)
-    is_source = tokens.field == 0
-    source_ids = index.lookup(tokens.values[is_source], path)
-    pad = int(index.lookup(np.zeros(1, np.int64), path)[0]) if np.isin(0, index.keys) else 0  # the item "0"
-    sources = left_pad(source_ids, tokens.line[is_source], tokens.n_lines, pad_value=pad)  # [n_lines, L]
-    target_raw = tokens.values[~is_source]
-    target_line = tokens.line[~is_source]
-    target_keys, target_ids = np.unique(target_raw, return_inverse=True)
-    return TaskData(inputs=sources[target_line], targets=target_ids.astype(np.int64) + 1, n_classes=int(target_keys.size) + 1)
+    raw = segments(tokens.values, tokens.line_start[:-1], tokens.split, pad_value=-1)  # [n_lines, L], -1 = none
+    if raw.min() >= 0:
+        sources = index.lookup(raw, path)
+    else:  # short sources are left-padded with the item "0" (index 0, <UNK>, when "0" is not an item)
+        present = raw >= 0
+        sources = np.full(raw.shape, index.lookup(np.zeros(1, np.int64), path)[0] if index.has_zero else 0)
+        sources[present] = index.lookup(raw[present], path)
+    targets_per_line = tokens.line_start[1:] - tokens.split - 1         # [n_lines]
+    target_raw = segments(tokens.values, tokens.split + 1, tokens.line_start[1:], pad_value=-1)
+    target_raw = target_raw[target_raw >= 0] if target_raw.min() < 0 else target_raw.reshape(-1)
+    target_keys, target_ids = dense_unique(target_raw)
+    source_row = None if np.all(targets_per_line == 1) else np.repeat(np.arange(tokens.n_lines), targets_per_line)
+    return TaskData(sources, target_ids + 1, int(target_keys.size) + 1, source_row)
 
 
 def split_indices(n: int, seed: int, split_percentage: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -259,3 +393,33 @@ def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np
     """Row indices per batch; shuffled when `rng` is given. Unlike the original, the last partial batch is kept."""
     order = rng.permutation(n) if rng is not None else np.arange(n)
     return [order[start:start + batch_size] for start in range(0, n, batch_size)]
+
+
+class Staging:
+    """Gathers rows of a host tensor and moves them to the device. On CUDA the rows are gathered into one of
+    two page-locked buffers and copied asynchronously; before a buffer is refilled, the host waits for the
+    copy out of it (a CUDA event), so the host may run one batch ahead of the device."""
+
+    def __init__(self, data: torch.Tensor, device: torch.device):
+        self.data, self.device = data, device
+        self.buffers: list[torch.Tensor | None] = [None, None]
+        self.copied: list = [None, None]
+        self.turn = 0
+
+    def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        if self.device.type != "cuda":
+            return self.data[index].to(self.device)
+        turn, self.turn = self.turn, 1 - self.turn
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()                          # the last copy out of this buffer is done
+        buffer = self.buffers[turn]
+        if buffer is None or buffer.shape[0] < index.numel():
+            buffer = self.buffers[turn] = torch.empty((index.numel(), *self.data.shape[1:]),
+                                                      dtype=self.data.dtype).pin_memory()
+        staged = buffer[:index.numel()]
+        torch.index_select(self.data, 0, index, out=staged)
+        on_device = staged.to(self.device, non_blocking=True)
+        self.copied[turn] = torch.cuda.Event()
+        self.copied[turn].record()
+        return on_device

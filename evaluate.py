@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_loader import ItemIndex, TaskData, check_split, load_sequences_with_index, load_task, read_index, split_indices
+from data_loader import ItemIndex, Staging, TaskData, check_split, load_sequences_with_index, load_task, read_index, split_indices
 from model import NextItNet
-from utils import DataError, atomic_write_text, cli, load_checkpoint, metric_names, ranking_sums, write_json
+from utils import DataError, atomic_write_text, cli, keep_freed_memory, load_checkpoint, metric_names, ranking_sums, write_json
 
 
 def load_task_data(stage: int, datapath: str, index: ItemIndex) -> tuple[TaskData, np.ndarray | None]:
@@ -34,10 +34,11 @@ def score(model: NextItNet, task: int, data: TaskData, rows: np.ndarray, kind: s
     model.eval()
     masks = model.task_masks(task, s)
     sums = torch.zeros(7, dtype=torch.float64, device=device)
+    stage_sources = Staging(torch.from_numpy(np.ascontiguousarray(data.sources)), device)
+    stage_targets = Staging(torch.from_numpy(data.targets), device)
     for start in tqdm(range(0, rows.size, batch_size), desc=desc, leave=False, disable=None):
         chunk = rows[start:start + batch_size]
-        inputs = torch.from_numpy(data.inputs[chunk]).to(device, non_blocking=True)
-        targets = torch.from_numpy(data.targets[chunk]).to(device, non_blocking=True)
+        inputs, targets = stage_sources(data.rows(chunk)), stage_targets(chunk)   # [b, L], [b]
         logits, _ = model(inputs, task, s, last_only=True, masks=masks)
         sums += ranking_sums(logits.float(), targets, top_k)
     values = (sums / max(rows.size, 1)).tolist()
@@ -121,6 +122,7 @@ def main() -> None:
         for row in [header] + rows:
             print("".join(cell.rjust(width) for cell, width in zip(row, widths)))
         return
+    keep_freed_memory()
     if not args.paths or not args.task:
         parser.error("--paths and --task are required (or --matrix)")
 
