@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -19,13 +19,13 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import distributed
-from data_loader import (ItemIndex, TaskData, check_split, load_sequences, load_task, read_index,
+from data_loader import (ItemIndex, Staging, TaskData, check_split, load_sequences, load_task, read_index,
                          split_indices, write_index)
 from evaluate import evaluate_tasks, score
 from model import ModelConfig, NextItNet
-from utils import (CHECKPOINT_FORMAT, DATASETS, DataError, anneal, atomic_torch_save, format_table, load_checkpoint,
-                   preset_kind, preset_paths, resolve_device, retention_loss, sampling_ratio, set_seed, stage_defaults, task_name,
-                   write_json)
+from utils import (CHECKPOINT_FORMAT, DATASETS, DataError, anneal, atomic_torch_save, format_table, keep_freed_memory,
+                   load_checkpoint, preset_kind, preset_paths, resolve_device, retention_term, sampling_ratio, set_seed,
+                   stage_defaults, task_name, write_json)
 
 INITIAL_RATIO = 0.9  # sampling ratio before the first batch (authors' code)
 EMBEDDING_CLAMP = 6.0
@@ -68,6 +68,8 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
     add("--no_retention", action="store_true", help="ablation: α = 0")
     add("--uniform_sampling", action="store_true", help="ablation: fixed sampling ratio 0.9")
     add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
+    add("--compile", action="store_true", help="torch.compile the residual stack of the model (and the teacher); "
+        "the first steps of each shape are slower while it compiles")
     add("--ce_chunk", type=int, default=0, help="task 1: exact cross-entropy over this many rows at a time "
         "(lower peak memory for large vocabularies); 0 = all at once")
     add("--resume", action="store_true", help="continue an interrupted stage from its last finished epoch")
@@ -223,6 +225,21 @@ def clamp_task_embedding(model: NextItNet) -> None:
         model.task_embedding.clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
 
 
+def compile_backbone(model: NextItNet) -> NextItNet:
+    """--compile: torch.compile model.hidden (embedding + residual blocks), where the many small ops are;
+    masks, heads and losses stay eager. The batch dimension is dynamic (retention samples and the last
+    batch vary); sequence lengths stay static, so a stage compiles a few graphs (train/eval, L and L−1)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    compiled = torch.compile(model.hidden)
+
+    def hidden(items: torch.Tensor, masks: torch.Tensor, last_only: bool) -> torch.Tensor:
+        torch._dynamo.maybe_mark_dynamic(items, 0)
+        return compiled(items, masks, last_only)
+    model.hidden = hidden
+    return model
+
+
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast for --amp (CPU and GPU); a no-op otherwise."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -251,32 +268,84 @@ def task1_loss(model: NextItNet, sequence: torch.Tensor, s: float, l2: float, ce
     return loss + l2 * masks.mean()
 
 
-def continual_loss(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,
-                   ratios: list[float], rng: np.random.Generator,
-                   args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Stage K: CE(task K) + α · retention (Eqs. 14–18) → (loss, retention term, next batch's ratios).
+def continual_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,
+                    ratios: list[float], rng: np.random.Generator, args: argparse.Namespace,
+                    new_ratios: list[float]) -> Iterator[torch.Tensor]:
+    """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K), then α · c_j · MSE_j for each earlier task j.
 
     For every earlier task j, int(B · ratio_j) users of the batch are pseudo-labelled by the ONE frozen
     teacher under its task-j mask; the student's head j under its own task-j mask is pulled towards them.
+    Each term has its own graph, so a caller may back-propagate it before asking for the next one.
+    The next batch's ratios are appended to `new_ratios`.
     """
     task_masks = model.task_masks(task, s)                                  # [n_layers, C]
-    loss = F.cross_entropy(model(x, task, s, masks=task_masks)[0].float(), y)
+    yield F.cross_entropy(model(x, task, s, masks=task_masks)[0].float(), y)
     if args.alpha <= 0 or task == 0:
-        return loss, loss.new_zeros(()), ratios
-    size = x.shape[0]
+        new_ratios.extend(ratios)
+        return
+    size, total = x.shape[0], sum(ratios)
     shared = rng.permutation(size)
-    students, teachers, new_ratios = [], [], []
     for j in range(task):
         sample = (shared if args.nested_samples else rng.permutation(size))[:int(size * ratios[j])]
         rows = torch.from_numpy(sample).to(x.device)
         x_j = x[rows, :-1] if j == 0 else x[rows]                           # task 1 predicts the source's last item
         with torch.no_grad():
             teacher_masks = teacher.task_masks(j, s)
-            teachers.append(teacher(x_j, j, s, masks=teacher_masks)[0].float() if sample.size else loss.new_zeros(0))
-        students.append(model(x_j, j, s)[0].float() if sample.size else loss.new_zeros(0))
+            pseudo = teacher(x_j, j, s, masks=teacher_masks)[0].float() if sample.size else None
         new_ratios.append(ratios[j] if args.uniform_sampling else sampling_ratio(teacher_masks, task_masks))
-    kept = retention_loss(students, teachers, ratios)
-    return loss + args.alpha * kept, kept.detach(), new_ratios
+        if sample.size:
+            yield args.alpha * retention_term(model(x_j, j, s)[0].float(), pseudo, ratios[j], total)
+
+
+def continual_loss(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,
+                   ratios: list[float], rng: np.random.Generator,
+                   args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The whole stage-K loss as one graph → (loss, α · retention, next batch's ratios)."""
+    new_ratios: list[float] = []
+    ce, *kept = continual_terms(model, teacher, x, y, task, s, ratios, rng, args, new_ratios)
+    retention = torch.stack(kept).sum() if kept else ce.new_zeros(())
+    return ce + retention, retention.detach(), new_ratios
+
+
+def continual_step(model: NextItNet, teacher: NextItNet, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                   y: torch.Tensor, task: int, s: float, ratios: list[float], rng: np.random.Generator,
+                   args: argparse.Namespace, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
+    """One optimiser step on the stage-K loss → (loss, α · retention, next ratios, stepped).
+
+    Each term is back-propagated as soon as it is computed, so only one pass's activations are alive at
+    a time (at task 6: one instead of six); the gradients add up to the gradient of the sum. The step is
+    skipped if the total is non-finite (on any rank under torchrun), as optimizer_step."""
+    device = x.device
+    optimizer.zero_grad(set_to_none=True)
+    new_ratios: list[float] = []
+    terms = continual_terms(model, teacher, x, y, task, s, ratios, rng, args, new_ratios)
+    values = []
+    while True:
+        with autocast(device, args.amp):
+            term = next(terms, None)
+        if term is None:
+            break
+        term.backward()
+        values.append(term.detach())
+    loss, retention = torch.stack(values).sum(), torch.stack(values[1:]).sum() if len(values) > 1 else values[0] * 0
+    stepped = distributed.all_finite(loss, weight)
+    if stepped:
+        distributed.average_gradients(model, weight)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not args.no_embedding_clamp:
+        clamp_task_embedding(model)
+    return loss, retention, new_ratios, stepped
+
+
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam (β = 0.9, 0.999, eps 1e-8, no weight decay), as the authors; the fused kernel where torch has one
+    for the device (one pass over all parameters instead of a dozen small ops per tensor)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
 
 
 def optimizer_step(model: NextItNet, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clamp: bool,
@@ -336,8 +405,10 @@ def run_task1(args: argparse.Namespace) -> dict:
     config = ModelConfig(n_items=index.size, task_classes=[index.size], channels=args.channels,
                          use_masks=args.method == "teracon")
     model = NextItNet(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    train_tensor = torch.from_numpy(sequences)
+    if args.compile:
+        compile_backbone(model)
+    optimizer = adam(model.parameters(), args.lr)
+    stage_sequences = Staging(torch.from_numpy(sequences), device)
     batches_per_epoch = train_rows.size / args.batch
 
     def train_epoch(epoch: int) -> dict:
@@ -346,7 +417,7 @@ def run_task1(args: argparse.Namespace) -> dict:
         shards = distributed.batches(train_rows.size, args.batch, rng)  # (this rank's rows, its share)
         for b, (rows, weight) in enumerate(tqdm(shards, desc=f"task 1 epoch {epoch}", leave=False, disable=None)):
             s = anneal(b, batches_per_epoch, args.smax)
-            sequence = train_tensor[train_rows[rows]].to(device, non_blocking=True)  # [B, L]
+            sequence = stage_sequences(train_rows[rows])                             # [B, L]
             with autocast(device, args.amp):
                 loss = task1_loss(model, sequence, s, args.L2, args.ce_chunk)
             account(stats, loss, optimizer_step(model, optimizer, loss, clamp=True, weight=weight))
@@ -411,9 +482,13 @@ def run_continual(args: argparse.Namespace) -> dict:
         model.config.use_masks = False
     model.add_task(data.n_classes, relation=not args.no_relation and args.method == "teracon")
     model = model.to(device)
+    if args.compile:
+        compile_backbone(model)
+        compile_backbone(teacher)
     task = args.stage - 1
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    inputs, targets = torch.from_numpy(data.inputs), torch.from_numpy(data.targets)
+    optimizer = adam(model.parameters(), args.lr)
+    stage_sources = Staging(torch.from_numpy(np.ascontiguousarray(data.sources)), device)
+    stage_targets = Staging(torch.from_numpy(data.targets), device)
     batches_per_epoch = train_rows.size / args.batch
     state = {"ratios": [INITIAL_RATIO] * task}  # sampling ratios carried from batch to batch
     tasks = [fill_datapath(args, number, earlier) for number, earlier in enumerate(checkpoint["tasks"], 1)] + [record]
@@ -426,13 +501,12 @@ def run_continual(args: argparse.Namespace) -> dict:
                                                 disable=None)):
             s = anneal(b, batches_per_epoch, args.smax)
             chosen = train_rows[rows]
-            x = inputs[chosen].to(device, non_blocking=True)          # [B, L]
-            y = targets[chosen].to(device, non_blocking=True)         # [B]
-            with autocast(device, args.amp):
-                loss, kept, state["ratios"] = continual_loss(model, teacher, x, y, task, s, state["ratios"], rng, args)
-            stats["retention"] += args.alpha * float(kept)
-            account(stats, loss, optimizer_step(model, optimizer, loss, clamp=not args.no_embedding_clamp,
-                                                weight=weight))
+            x = stage_sources(data.rows(chosen))                       # [B, L]
+            y = stage_targets(chosen)                                  # [B]
+            loss, kept, state["ratios"], stepped = continual_step(model, teacher, optimizer, x, y, task, s,
+                                                                  state["ratios"], rng, args, weight)
+            stats["retention"] += float(kept)
+            account(stats, loss, stepped)
         stats["loss"] /= max(stats["finite_steps"], 1)
         stats["retention"] /= max(stats["finite_steps"] + stats["skipped"], 1)
         return stats
@@ -450,5 +524,6 @@ def run_continual(args: argparse.Namespace) -> dict:
 
 def main(stage: int | None = None, argv: list[str] | None = None) -> dict:
     args = parse_args(stage, argv)
+    keep_freed_memory()
     with distributed.session(args):  # torchrun: join the process group (a no-op in a single process)
         return run_task1(args) if args.stage == 1 else run_continual(args)
