@@ -396,29 +396,30 @@ def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np
 
 
 class Staging:
-    """Gathers rows of a host tensor and moves them to the device. On CUDA the rows are gathered into one of
-    two page-locked buffers and copied asynchronously; before a buffer is refilled, the host waits for the
-    copy out of it (a CUDA event), so the host may run one batch ahead of the device."""
+    """Gathers rows of a host array (numpy, any strides) and moves them to the device as a tensor. On CUDA
+    the rows are gathered into one of two page-locked buffers and copied asynchronously; before a buffer
+    is refilled, the host waits for the copy out of it (a CUDA event), so the host may run one batch
+    ahead of the device."""
 
-    def __init__(self, data: torch.Tensor, device: torch.device):
+    def __init__(self, data: np.ndarray, device: torch.device):
         self.data, self.device = data, device
         self.buffers: list[torch.Tensor | None] = [None, None]
         self.copied: list = [None, None]
         self.turn = 0
 
     def __call__(self, rows: np.ndarray) -> torch.Tensor:
-        index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        rows = np.asarray(rows, dtype=np.int64)
         if self.device.type != "cuda":
-            return self.data[index].to(self.device)
+            return torch.from_numpy(self.data[rows]).to(self.device)
         turn, self.turn = self.turn, 1 - self.turn
         if self.copied[turn] is not None:
             self.copied[turn].synchronize()                          # the last copy out of this buffer is done
         buffer = self.buffers[turn]
-        if buffer is None or buffer.shape[0] < index.numel():
-            buffer = self.buffers[turn] = torch.empty((index.numel(), *self.data.shape[1:]),
-                                                      dtype=self.data.dtype).pin_memory()
-        staged = buffer[:index.numel()]
-        torch.index_select(self.data, 0, index, out=staged)
+        if buffer is None or buffer.shape[0] < rows.size:
+            buffer = self.buffers[turn] = torch.from_numpy(
+                np.empty((rows.size, *self.data.shape[1:]), dtype=self.data.dtype)).pin_memory()
+        staged = buffer[:rows.size]
+        np.take(self.data, rows, axis=0, out=staged.numpy())
         on_device = staged.to(self.device, non_blocking=True)
         self.copied[turn] = torch.cuda.Event()
         self.copied[turn].record()

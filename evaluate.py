@@ -34,8 +34,8 @@ def score(model: NextItNet, task: int, data: TaskData, rows: np.ndarray, kind: s
     model.eval()
     masks = model.task_masks(task, s)
     sums = torch.zeros(7, dtype=torch.float64, device=device)
-    stage_sources = Staging(torch.from_numpy(np.ascontiguousarray(data.sources)), device)
-    stage_targets = Staging(torch.from_numpy(data.targets), device)
+    stage_sources = Staging(data.sources, device)
+    stage_targets = Staging(data.targets, device)
     for start in tqdm(range(0, rows.size, batch_size), desc=desc, leave=False, disable=None):
         chunk = rows[start:start + batch_size]
         inputs, targets = stage_sources(data.rows(chunk)), stage_targets(chunk)   # [b, L], [b]

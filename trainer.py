@@ -408,7 +408,7 @@ def run_task1(args: argparse.Namespace) -> dict:
     if args.compile:
         compile_backbone(model)
     optimizer = adam(model.parameters(), args.lr)
-    stage_sequences = Staging(torch.from_numpy(sequences), device)
+    stage_sequences = Staging(sequences, device)
     batches_per_epoch = train_rows.size / args.batch
 
     def train_epoch(epoch: int) -> dict:
@@ -487,8 +487,8 @@ def run_continual(args: argparse.Namespace) -> dict:
         compile_backbone(teacher)
     task = args.stage - 1
     optimizer = adam(model.parameters(), args.lr)
-    stage_sources = Staging(torch.from_numpy(np.ascontiguousarray(data.sources)), device)
-    stage_targets = Staging(torch.from_numpy(data.targets), device)
+    stage_sources = Staging(data.sources, device)
+    stage_targets = Staging(data.targets, device)
     batches_per_epoch = train_rows.size / args.batch
     state = {"ratios": [INITIAL_RATIO] * task}  # sampling ratios carried from batch to batch
     tasks = [fill_datapath(args, number, earlier) for number, earlier in enumerate(checkpoint["tasks"], 1)] + [record]

@@ -225,3 +225,10 @@ def test_compile_gives_the_eager_results(data_writer, repo_root, subprocess_env,
     for task, entry in eager["tasks"].items():
         for metric, value in entry["test"].items():
             assert compiled["tasks"][task]["test"][metric] == pytest.approx(value, abs=1e-6), (task, metric)
+
+
+def test_staging_gathers_rows_of_a_strided_array():
+    matrix = np.arange(60).reshape(6, 10)[:, 1:8]                               # a non-contiguous view
+    staged = data_loader.Staging(matrix, torch.device("cpu"))(np.array([4, 0, 4]))
+    assert staged.dtype == torch.int64 and staged.is_contiguous()
+    np.testing.assert_array_equal(staged.numpy(), matrix[[4, 0, 4]])
