@@ -185,9 +185,8 @@ def tokenize(path: str, fields: int) -> Tokens:
         line_end = line_end[~blank] - np.cumsum(blank)[~blank]
     line_start = np.concatenate(([0], line_end + 1))
     empty_line = np.searchsorted(line_end, empty)
-    closes_line = empty_ends_line
     after_comma = (empty > line_start[empty_line])                      # the token before is on this line
-    pair = ~closes_line & after_comma                                   # the second comma of a ',,'
+    pair = ~empty_ends_line & after_comma                               # the second comma of a ',,'
     if fields == 1 and pair.any():
         raise DataError(f"{path}:{file_line[empty_line[np.argmax(pair)]]}: empty token (',,')")
     if fields == 2:
@@ -201,7 +200,7 @@ def tokenize(path: str, fields: int) -> Tokens:
         token, line = int(empty[first]), int(empty_line[first])
         split = empty[pair][line] if fields == 2 else -2
         what = ("a line with no source items before ',,'" if token + 1 == split else
-                "a line with no target after ',,'" if token - 1 == split and closes_line[first] else "empty token")
+                "a line with no target after ',,'" if token - 1 == split and empty_ends_line[first] else "empty token")
         raise DataError(f"{path}:{file_line[line]}: {what}")
     if scan.first_long >= 0:
         line = int(np.searchsorted(scan.line_end, scan.first_long))
