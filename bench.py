@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+import flags
 from data_loader import ItemIndex, TaskData, load_task
 from evaluate import score
 from model import ModelConfig, NextItNet
@@ -31,24 +32,25 @@ PHASES = ["task1", "taskK", "eval", "load"]
 
 
 def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--items", type=int, default=5000, help="vocabulary (task-1 classes)")
-    add("--users", type=int, default=4096, help="synthetic users (rows) per task")
-    add("--length", type=int, default=50, help="sequence length")
-    add("--channels", type=int, default=256)
-    add("--batch1", type=int, default=32, help="task-1 batch")
-    add("--batch", type=int, default=1024, help="task-K batch")
-    add("--stage", type=int, default=2, help="K: task-K step with retention over K−1 earlier tasks")
-    add("--classes", type=int, default=100, help="class count of tasks ≥ 2")
-    add("--steps", type=int, default=5, help="timed steps per phase (after one warm-up step)")
-    add("--load_lines", type=int, default=1_000_000, help="lines of the task file timed by the load phase")
-    add("--device", default="cpu")
+    add("--items", type=flags.integer(2), default=5000, help="vocabulary (task-1 classes), >= 2")
+    add("--users", type=flags.positive_int, default=4096, help="synthetic users (rows) per task")
+    add("--length", type=flags.integer(2), default=50, help="sequence length, >= 2")
+    add("--channels", type=flags.positive_int, default=256)
+    add("--batch1", type=flags.positive_int, default=32, help="task-1 batch")
+    add("--batch", type=flags.positive_int, default=1024, help="task-K batch")
+    add("--stage", type=flags.integer(2), default=2, help="K >= 2: task-K step with retention over K−1 earlier tasks")
+    add("--classes", type=flags.integer(2), default=100, help="class count of tasks ≥ 2, >= 2")
+    add("--steps", type=flags.positive_int, default=5, help="timed steps per phase (after one warm-up step)")
+    add("--load_lines", type=flags.positive_int, default=1_000_000, help="lines of the task file timed by the load phase")
+    add("--device", type=flags.device, default="cpu")
     add("--amp", action="store_true")
-    add("--ce_chunk", type=int, default=0)
+    add("--ce_chunk", type=flags.nonnegative_int, default=0)
     add("--compile", action="store_true", help="torch.compile the residual stacks (as the scripts' --compile)")
     add("--phase", choices=PHASES, help=argparse.SUPPRESS)
-    add("--write_data", help="write the synthetic task-1 and task-2 files here (for running other code on them)")
+    add("--write_data", type=flags.output_dir,
+        help="write the synthetic task-1 and task-2 files here (for running other code on them)")
     return parser.parse_args()
 
 

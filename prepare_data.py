@@ -25,6 +25,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+import flags
+
 AGE_BINS = np.array([18, 25, 35, 45, 50, 56])  # ml-1m's brackets; also maps ml-1m's own codes 1,18,..,56
 AGE_NAMES = ["<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
 GENDER_CODES = {"F": 1, "M": 2}
@@ -418,20 +420,27 @@ def sort_task(task: Task) -> Task:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(description="Convert raw MovieLens into TERACON's six-task files.")
-    parser.add_argument("--source", required=True, help="raw MovieLens folder, or 'recbole' for the wheel's ml-100k")
-    parser.add_argument("--out", required=True, help="output folder, e.g. Data/ml100k")
-    parser.add_argument("--seq_len", type=int, default=50, help="task-1 sequence length (left-padded with 0)")
-    parser.add_argument("--window", type=int, default=10, help="held-out interactions per user for tasks 2..6")
-    parser.add_argument("--min_interactions", type=int, default=20, help="drop users with fewer interactions")
-    parser.add_argument("--like_threshold", type=float, default=4.0, help="task-3 'like': rating >= this")
+    parser = flags.Parser(description="Convert raw MovieLens into TERACON's six-task files.")
+    parser.add_argument("--source", required=True, type=source,
+                        help="raw MovieLens folder, or 'recbole' for the wheel's ml-100k")
+    parser.add_argument("--out", required=True, type=flags.output_dir, help="output folder, e.g. Data/ml100k")
+    parser.add_argument("--seq_len", type=flags.positive_int, default=50, help="task-1 sequence length (left-padded with 0)")
+    parser.add_argument("--window", type=flags.positive_int, default=10, help="held-out interactions per user for tasks 2..6")
+    parser.add_argument("--min_interactions", type=flags.positive_int, default=20,
+                        help="drop users with fewer interactions; must exceed --window")
+    parser.add_argument("--like_threshold", type=flags.finite_float, default=4.0, help="task-3 'like': rating >= this")
     return parser.parse_args(argv)
 
 
+def source(text: str) -> str:
+    """--source: `recbole`, or a folder (a missing one is reported by read_source, naming the path)."""
+    if text != "recbole" and os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return text
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Settings that would leave a kept user without a task-1 sequence."""
-    if args.seq_len < 1 or args.window < 1:
-        raise PrepError("--seq_len and --window must be >= 1")
+    """Settings that would leave a kept user without a task-1 sequence (each flag's own domain: parse_args)."""
     if args.min_interactions <= args.window:
         raise PrepError("--min_interactions must exceed --window so every kept user has a task-1 sequence")
 
@@ -474,6 +483,10 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     hist = split_histories(raw.ratings, args.seq_len, args.window, args.min_interactions)
     if hist.users.size == 0:
         raise PrepError(f"{args.source}: no user has >= {args.min_interactions} interactions")
+    ratings = hist.window["rating"]
+    if not (ratings >= args.like_threshold).any():
+        raise PrepError(f"--like_threshold {args.like_threshold:g}: no held-out rating reaches it (they range "
+                        f"{ratings.min():g}..{ratings.max():g}), so task 3 'like' would be empty")
     tasks = [sort_task(task) for task in build_tasks(raw, hist, args.like_threshold)]
     os.makedirs(args.out, exist_ok=True)
     write_tokens(os.path.join(args.out, "task1.csv"), *task1_tokens(hist.t1))

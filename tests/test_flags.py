@@ -1,0 +1,441 @@
+"""Every flag of every entry point is checked: a value outside its domain ends in ONE line on stderr that
+names the flag, exit status 2, no traceback, and nothing written (issue 14).
+
+Entry points run in-process through their main / parse path (utils.cli where the script uses it), so the
+whole file stays fast; three subprocess runs prove the real shell behaviour.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import compare
+import data_loader
+import evaluate
+import figures
+import flags
+import predict
+import prepare_data
+import synth
+import trainer
+import utils
+from model import ModelConfig, NextItNet
+
+REPO = Path(__file__).resolve().parent.parent
+NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("TERACON_SYSTEM_MALLOC", "1")  # keep_freed_memory would retune this test process's malloc
+
+
+def error_line(capsys, call) -> str:
+    """Run `call` as its script would (cli or sys.exit of its return); assert exit 2 and one clean line."""
+    previous = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as info:
+            sys.exit(call())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, data_writer) -> dict:
+    """Synthetic data, its index and an (untrained) stage-1 checkpoint: enough to reach the data checks."""
+    folder = tmp_path_factory.mktemp("flags")
+    data = data_writer(folder / "data")
+    _, index = data_loader.load_sequences(str(data.task1))
+    data_loader.write_index(index, str(folder / "index.csv"))
+    args = trainer.parse_args(1, ["--datapath", str(data.task1), "--datapath_index", str(folder / "index.csv"),
+                                  "--savepath", str(folder / "task1"), "--channels", "8", "--device", "cpu"])
+    model = NextItNet(ModelConfig(n_items=index.size, task_classes=[index.size], channels=8))
+    record = trainer.task_record(args, index.size)
+    utils.atomic_torch_save(trainer.checkpoint_dict(args, model, [record], 0, {"acc": 0.0}), str(folder / "task1.t7"))
+    (folder / "metrics.json").write_text('{"stage": 1, "tasks": {}}\n')
+    return {"folder": folder, "t1": str(data.task1), "t2": str(data.task2), "index": str(folder / "index.csv"),
+            "ckpt": str(folder / "task1.t7"), "classes": index.size,
+            "rec2": data_loader.load_task(str(data.task2), index).n_classes}
+
+
+# ------------------------------------------------------------------ the shared pieces
+
+@pytest.mark.parametrize("message, line", [
+    ("argument --batch: must be a positive integer (got 0)", "--batch must be a positive integer (got 0)"),
+    ("argument --dataset: invalid choice: 'x'", "--dataset: invalid choice: 'x'"),
+    ("the following arguments are required: --out", "the following arguments are required: --out"),
+    ("two\nlines", "two lines"),
+])
+def test_one_line(message, line):
+    assert flags.one_line(message) == line
+
+
+@pytest.mark.parametrize("check, good, bad", [
+    (flags.positive_int, ["1", "+7", "1_000"], ["0", "-1", "1.5", "x", ""]),
+    (flags.nonnegative_int, ["0", "3"], ["-5", "nan"]),
+    (flags.seed, ["0", str(2**32 - 1)], ["-1", str(2**32)]),
+    (flags.positive_float, ["1e-9", "3"], ["0", "-1", "nan", "inf", "-inf", "x"]),
+    (flags.nonnegative_float, ["0", "0.7"], ["-0.1", "nan", "inf"]),
+    (flags.finite_float, ["-3", "4.5"], ["nan", "inf"]),
+    (flags.fraction, ["0.2", "0.999"], ["0", "1", "1.5", "-0.1", "nan"]),
+    (flags.smax, ["1", "400"], ["0", "0.5", "inf"]),
+    (flags.metric, ["acc", "mrr@5", "ndcg@20"], ["mrr@0", "auc", "hit@x"]),
+    (flags.gpu_num, ["cpu"], ["-1", "x"]),
+    (flags.device, ["cpu"], ["gpu", "cuda:x", ""]),
+])
+def test_validators(check, good, bad):
+    for text in good:
+        check(text)
+    for text in bad:
+        with pytest.raises(flags.argparse.ArgumentTypeError):
+            check(text)
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")
+def test_cuda_flags_without_cuda():
+    for check, text in ((flags.device, "cuda"), (flags.device, "cuda:0"), (flags.gpu_num, "0")):
+        with pytest.raises(flags.argparse.ArgumentTypeError, match="CUDA is not available"):
+            check(text)
+
+
+def parsers(monkeypatch) -> dict:
+    """The parser each entry point builds, caught at its parse_args call."""
+    caught = {}
+
+    class Caught(Exception):
+        pass
+
+    def grab(self, args=None, namespace=None):
+        caught["parser"] = self
+        raise Caught
+
+    monkeypatch.setattr(flags.Parser, "parse_args", grab)
+    found = {}
+    for name, call in {"train_task1.py": lambda: trainer.main(1, []), "train_teracon.py": lambda: trainer.main(None, []),
+                       "evaluate.py": evaluate.main, "compare.py": lambda: compare.main([]),
+                       "figures.py": lambda: figures.main([]), "prepare_data.py": lambda: prepare_data.main([]),
+                       "bench.py": bench.parse, "predict.py": predict.main, "synth.py": lambda: synth.main([])}.items():
+        with pytest.raises(Caught):
+            call()
+        found[name] = caught.pop("parser")
+    return found
+
+
+FREE_TEXT = {"--title"}  # figures.py: any text is a title
+
+
+def test_every_flag_states_its_domain(monkeypatch):
+    """Every flag that takes a value has a validator (type=) or choices, so none reaches the code unchecked."""
+    for name, parser in parsers(monkeypatch).items():
+        assert isinstance(parser, flags.Parser), name
+        for action in parser._actions:
+            if action.nargs == 0 or set(action.option_strings) & FREE_TEXT:
+                continue
+            assert action.type is not None or action.choices is not None, (name, action.option_strings)
+
+
+def test_help_still_works(capsys):
+    with pytest.raises(SystemExit) as info:
+        trainer.parse_args(1, ["--help"])
+    assert info.value.code == 0 and "--split_percentage" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ training scripts
+
+BAD_TRAINING = [
+    ("--batch", "0"), ("--batch", "-3"), ("--batch", "1.5"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"),
+    ("--lr", "inf"), ("--smax", "0"), ("--smax", "0.5"), ("--smax", "inf"), ("--alpha", "-0.1"), ("--alpha", "nan"),
+    ("--L2", "-1"), ("--L2", "inf"), ("--channels", "0"), ("--seed", "-1"), ("--seed", str(2**32)),
+    ("--eval_batch", "0"), ("--epochs", "0"), ("--patience", "0"), ("--split_percentage", "1.5"),
+    ("--split_percentage", "0"), ("--split_percentage", "1"), ("--top_k", "0"), ("--ce_chunk", "-5"),
+    ("--device", "gpu"), ("--gpu_num", "-1"), ("--gpu_num", "x"), ("--select_on", "auc"), ("--select_on", "mrr@7"),
+    ("--task_kind", "both"), ("--method", "other"), ("--dataset", "nowhere"),
+    ("--datapath", "{dir}"), ("--datapath", "{dir}/missing.csv"), ("--datapath_index", "{dir}"),
+    ("--savepath", "{t1}/task1"), ("--savepath", "{dir}/"), ("--savepath", ""),
+] + ([("--device", "cuda"), ("--gpu_num", "0")] if NO_CUDA else [])
+
+
+def stage1_argv(files: dict, out: Path, flag: str, value: str) -> list[str]:
+    argv = {"--datapath": files["t1"], "--datapath_index": str(out / "index.csv"), "--savepath": str(out / "task1"),
+            "--channels": "8", "--epochs": "1", "--device": "cpu"}
+    value = value.format(dir=str(files["folder"]), t1=files["t1"])
+    if flag == "--gpu_num":
+        argv.pop("--device")
+    argv[flag] = value
+    return [part for key, item in argv.items() for part in (key, item)]
+
+
+@pytest.mark.parametrize("flag, value", BAD_TRAINING)
+def test_train_task1(stage1, tmp_path, capsys, flag, value):
+    out = tmp_path / "out"
+    line = error_line(capsys, lambda: utils.cli(lambda: trainer.main(1, stage1_argv(stage1, out, flag, value))))
+    assert line.startswith(f"error: {flag}"), line
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--top_k", "5000", "at most --top_k {fits} fits"),
+    ("--top_k", "{fits_plus}", "at most --top_k {fits} fits"),
+    ("--split_percentage", "0.001", "--split_percentage 0.005 or more"),
+])
+def test_train_task1_after_reading_data(stage1, tmp_path, capsys, flag, value, expected):
+    """Domains that depend on the data: checked after reading it, before the index or anything else is written."""
+    out = tmp_path / "out"
+    fits = stage1["classes"] - 15
+    value = value.format(fits_plus=fits + 1)
+    line = error_line(capsys, lambda: utils.cli(lambda: trainer.main(1, stage1_argv(stage1, out, flag, value))))
+    assert line.startswith(f"error: {flag} {value}" if flag == "--top_k" else "error: "), line
+    assert flag in line and expected.format(fits=fits) in line, line
+    assert files_under(tmp_path) == []
+
+
+def stage2_argv(files: dict, out: Path, *extra: str) -> list[str]:
+    return ["--datapath", files["t2"], "--datapath_index", files["index"], "--paths", files["ckpt"],
+            "--savepath", str(out / "task2"), "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("stage, extra, expected", [
+    (2, ["--batch", "0"], "error: --batch must be a positive integer (got 0)"),
+    (2, ["--alpha", "-1"], "error: --alpha must be"),
+    (2, ["--paths", "{dir}"], "error: --paths: {dir} is a directory, not a file"),
+    (2, ["--paths", "{dir}/nope.t7"], "error: --paths: {dir}/nope.t7: file not found"),
+    (2, ["--datapath_index", "{dir}/none.csv"], "error: --datapath_index: {dir}/none.csv: file not found"),
+    (None, ["--stage", "1"], "error: --stage must be an integer >= 2 (got 1)"),
+    (None, ["--stage", "x"], "error: --stage must be an integer >= 2 (got 'x')"),
+    (2, ["--top_k", "5000"], "error: --top_k 5000: task 1 has {classes} classes, so at most --top_k {fits} fits"),
+    (2, ["--top_k", "30", "--task_kind", "rec"], "error: --top_k 30: task 2 has {rec2} classes, so at most --top_k "
+                                                 "{fits2} fits"),
+    (2, ["--split_percentage", "0.001"], "--split_percentage 0.001 (got"),
+])
+def test_later_stages(stage1, tmp_path, capsys, stage, extra, expected):
+    out = tmp_path / "out"
+    before = files_under(stage1["folder"])
+    names = {"dir": str(stage1["folder"]), "classes": stage1["classes"], "fits": stage1["classes"] - 15,
+             "rec2": stage1["rec2"], "fits2": stage1["rec2"] - 15}
+    extra = [part.format(**names) for part in extra]
+    line = error_line(capsys, lambda: utils.cli(lambda: trainer.main(stage, stage2_argv(stage1, out, *extra))))
+    assert expected.format(**names) in line, line
+    assert files_under(tmp_path) == [] and files_under(stage1["folder"]) == before
+
+
+# ------------------------------------------------------------------ evaluate.py
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--batch", "0"], "error: --batch must be a positive integer"),
+    (["--top_k", "0"], "error: --top_k must be"),
+    (["--seed", "-1"], "error: --seed must be"),
+    (["--split_percentage", "2"], "error: --split_percentage must be"),
+    (["--smax", "0"], "error: --smax must be"),
+    (["--task", "0"], "error: --task must be a positive integer"),
+    (["--device", "gpu"], "error: --device must be"),
+    (["--paths", "{dir}"], "error: --paths: {dir} is a directory"),
+    (["--paths", "{dir}/no.t7"], "error: --paths: {dir}/no.t7: file not found"),
+    (["--datapath", "{dir}"], "error: --datapath: {dir} is a directory"),
+    (["--datapath_index", "{dir}/no.csv"], "error: --datapath_index: {dir}/no.csv: file not found"),
+    (["--json", "{dir}"], "error: --json: {dir} is a directory"),
+    (["--task", "9"], "error: --task 9: "),
+    (["--top_k", "5000"], "error: --top_k 5000: task 1 has {classes} classes, so at most --top_k {fits} fits"),
+    (["--split_percentage", "0.001"], "at --split_percentage 0.001"),
+    (["--matrix", "{dir}/none.json"], "error: --matrix: {dir}/none.json: file not found"),
+    (["--matrix", "{dir}/metrics.json", "--csv", "{ckpt}/m.csv"], "error: --csv: {ckpt}/m.csv: cannot be written"),
+])
+def test_evaluate(stage1, tmp_path, capsys, monkeypatch, extra, expected):
+    names = {"dir": str(stage1["folder"]), "ckpt": stage1["ckpt"], "classes": stage1["classes"],
+             "fits": stage1["classes"] - 15}
+    argv = ["--paths", stage1["ckpt"], "--task", "1", "--datapath", stage1["t1"], "--datapath_index",
+            stage1["index"], "--device", "cpu", "--json", str(tmp_path / "out" / "e.json")]
+    argv += [part.format(**names) for part in extra]
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv])
+    before = files_under(stage1["folder"])
+    line = error_line(capsys, lambda: utils.cli(evaluate.main))
+    assert expected.format(**names) in line, line
+    assert files_under(tmp_path) == [] and files_under(stage1["folder"]) == before
+
+
+def test_evaluate_needs_paths_and_task(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--batch", "8"])
+    assert "--paths and --task" in error_line(capsys, lambda: utils.cli(evaluate.main))
+
+
+# ------------------------------------------------------------------ compare.py, figures.py
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--seeds", "0"], "error: --seeds must be a positive integer (got 0)"),
+    (["--seeds", "-2"], "error: --seeds must be"),
+    (["--jobs", "0"], "error: --jobs must be a positive integer (got 0)"),
+    (["--methods", "teracon,magic"], "error: --methods: unknown magic; choose from"),
+    (["--methods", ","], "error: --methods: unknown (none given)"),
+    (["--out", "{file}"], "error: --out: {file} is a file, not a folder"),
+    (["--dataset", "nowhere"], "error: --dataset: invalid choice"),
+    (["--", "--batch", "0"], "error: --batch must be a positive integer (got 0)"),
+    (["--", "--lr", "nan"], "error: --lr must be"),
+])
+def test_compare(stage1, tmp_path, capsys, monkeypatch, argv, expected):
+    monkeypatch.chdir(tmp_path)  # restored afterwards, should compare get as far as its os.chdir
+    names = {"file": stage1["t1"]}
+    own = ["--dataset", "demo", "--out", str(tmp_path / "cmp")]
+    argv = [part.format(**names) for part in argv]
+    split = argv.index("--") if "--" in argv else len(argv)
+    line = error_line(capsys, lambda: utils.cli(lambda: compare.main(own + argv[:split] + argv[split:])))
+    assert expected.format(**names) in line, line
+    assert files_under(tmp_path) == []
+
+
+def test_compare_needs_dataset(tmp_path, capsys):
+    line = error_line(capsys, lambda: utils.cli(lambda: compare.main(["--out", str(tmp_path / "cmp")])))
+    assert "--dataset" in line and not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--paths", "{dir}"], "error: --paths: {dir} is a directory, not a file"),
+    (["--paths", "{dir}/no.t7"], "error: --paths: {dir}/no.t7: file not found"),
+    (["--matrix", "{dir}/metrics.json", "{dir}/no.json"], "error: --matrix: {dir}/no.json: file not found"),
+    (["--paths", "{ckpt}", "--out", "{ckpt}"], "error: --out: {ckpt} is a file, not a folder"),
+    ([], "give --paths and/or --matrix"),
+])
+def test_figures(stage1, tmp_path, capsys, argv, expected):
+    names = {"dir": str(stage1["folder"]), "ckpt": stage1["ckpt"]}
+    argv = [part.format(**names) for part in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "figs")]
+    line = error_line(capsys, lambda: utils.cli(lambda: figures.main(argv)))
+    assert expected.format(**names) in line, line
+    assert files_under(tmp_path) == []
+
+
+# ------------------------------------------------------------------ prepare_data.py
+
+def raw_ratings(folder: Path) -> Path:
+    """A tiny ml-latest-style source: 6 users x 12 ratings of 1..3 stars."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = [f"{u},{int(rng.integers(1, 20))},{int(rng.integers(1, 4))}.0,{100 + t}" for u in range(1, 7) for t in range(12)]
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")
+    (folder / "movies.csv").write_text("movieId,title,genres\n" + "".join(f"{i},Film {i},Drama\n" for i in range(1, 20)))
+    return folder
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--seq_len", "0"], "error: --seq_len must be a positive integer (got 0)"),
+    (["--window", "-1"], "error: --window must be a positive integer"),
+    (["--min_interactions", "0"], "error: --min_interactions must be a positive integer"),
+    (["--min_interactions", "3", "--window", "3"], "error: --min_interactions must exceed --window"),
+    (["--like_threshold", "nan"], "error: --like_threshold must be a finite number"),
+    (["--like_threshold", "9"], "error: --like_threshold 9: no held-out rating reaches it (they range 1..3)"),
+    (["--out", "{file}"], "error: --out: {file} is a file, not a folder"),
+    (["--source", "{file}"], "error: --source: {file} is a file, not a folder"),
+])
+def test_prepare_data(tmp_path, capsys, argv, expected):
+    source = raw_ratings(tmp_path / "raw")
+    names = {"file": str(source / "ratings.csv")}
+    argv = ["--source", str(source), "--out", str(tmp_path / "out"), "--seq_len", "4", "--window", "3",
+            "--min_interactions", "5"] + [part.format(**names) for part in argv]
+    line = error_line(capsys, lambda: prepare_data.main(argv))
+    assert expected.format(**names) in line, line
+    assert files_under(tmp_path) == ["raw", "raw/movies.csv", "raw/ratings.csv"]
+
+
+def test_prepare_data_needs_out(capsys):
+    assert "--out" in error_line(capsys, lambda: prepare_data.main(["--source", "recbole"]))
+
+
+# ------------------------------------------------------------------ bench.py
+
+@pytest.mark.parametrize("flag, value", [
+    ("--items", "1"), ("--users", "0"), ("--length", "1"), ("--channels", "0"), ("--batch1", "0"), ("--batch", "0"),
+    ("--stage", "1"), ("--classes", "1"), ("--steps", "0"), ("--load_lines", "0"), ("--ce_chunk", "-1"),
+    ("--device", "gpu"), ("--write_data", "{file}"), ("--phase", "warp"),
+])
+def test_bench(stage1, tmp_path, capsys, monkeypatch, flag, value):
+    monkeypatch.setattr(sys, "argv", ["bench.py", flag, value.format(file=stage1["t1"])])
+    line = error_line(capsys, bench.parse)
+    assert line.startswith(f"error: {flag}"), line
+
+
+# ------------------------------------------------------------------ predict.py, synth.py
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--paths", "{dir}"], "error: --paths: {dir} is a directory, not a file"),
+    (["--paths", "{dir}/no.t7"], "error: --paths: {dir}/no.t7: file not found"),
+    (["--task", "0"], "error: --task must be a positive integer (got 0)"),
+    (["--top", "0"], "error: --top must be a positive integer (got 0)"),
+    (["--batch", "-1"], "error: --batch must be a positive integer"),
+    (["--probe_task", "0"], "error: --probe_task must be a positive integer"),
+    (["--input", "{dir}/users.csv"], "error: --input: {dir}/users.csv: file not found"),
+    (["--out", "{dir}"], "error: --out: {dir} is a directory, not a file"),
+    (["--datapath", "{dir}"], "error: --datapath: {dir} is a directory, not a file"),
+    (["--datapath_index", "{dir}/no.csv"], "error: --datapath_index: {dir}/no.csv: file not found"),
+    (["--device", "gpu"], "error: --device must be"),
+    (["--task", "9"], "error: --task 9: {ckpt} holds tasks 1..1"),
+    (["--probe_task", "4", "--out", "{dir}/new/probe.json"], "error: --probe_task 4: {ckpt} holds tasks 1..1"),
+])
+def test_predict(stage1, tmp_path, capsys, monkeypatch, argv, expected):
+    names = {"dir": str(stage1["folder"]), "ckpt": stage1["ckpt"]}
+    argv = ["--paths", stage1["ckpt"], "--input", stage1["t1"], "--out", str(tmp_path / "out" / "p.csv"),
+            "--device", "cpu"] + [part.format(**names) for part in argv]
+    monkeypatch.setattr(sys, "argv", ["predict.py", *argv])
+    before = files_under(stage1["folder"])
+    line = error_line(capsys, lambda: utils.cli(predict.main))
+    assert expected.format(**names) in line, line
+    assert files_under(tmp_path) == [] and files_under(stage1["folder"]) == before
+
+
+def test_predict_needs_paths(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["predict.py", "--task", "1"])
+    assert "--paths" in error_line(capsys, lambda: utils.cli(predict.main))
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--seed", "-1"], "error: --seed must be"), (["--users", "19"], "error: --users must be an integer >= 20"),
+    (["--items", "1"], "error: --items must be"), (["--length", "2"], "error: --length must be an integer >= 3"),
+    (["--clusters", "51"], "error: --clusters must be an integer in [2, 50]"),
+    (["--strength", "-1"], "error: --strength must be"), (["--favourite", "nan"], "error: --favourite must be"),
+    (["--series", "1"], "error: --series must be a finite number >= 0 and < 1 (got 1)"),
+    (["--items", "5", "--clusters", "10"], "error: --items must be >= --clusters (10) (got 5)"),
+    (["--out", "{file}"], "error: --out: {file} is a file, not a folder"),
+])
+def test_synth(stage1, tmp_path, capsys, argv, expected):
+    names = {"file": stage1["t1"]}
+    argv = ["--out", str(tmp_path / "synth")] + [part.format(**names) for part in argv]
+    line = error_line(capsys, lambda: utils.cli(lambda: synth.main(argv)))
+    assert expected.format(**names) in line, line
+    assert files_under(tmp_path) == []
+
+
+# ------------------------------------------------------------------ from the shell
+
+@pytest.mark.parametrize("script, argv, flag", [
+    ("train_task1.py", ["--batch", "0"], "--batch"),
+    ("compare.py", ["--dataset", "demo", "--seeds", "0"], "--seeds"),
+    ("prepare_data.py", ["--source", "recbole", "--seq_len", "0"], "--seq_len"),
+])
+def test_shell(stage1, tmp_path, subprocess_env, script, argv, flag):
+    out = tmp_path / "out"
+    common = {"train_task1.py": ["--datapath", stage1["t1"], "--datapath_index", str(out / "index.csv"),
+                                 "--savepath", str(out / "task1"), "--device", "cpu"],
+              "compare.py": ["--out", str(out)], "prepare_data.py": ["--out", str(out)]}[script]
+    result = subprocess.run([sys.executable, str(REPO / script), *common, *argv], capture_output=True, text=True,
+                            env=subprocess_env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.fullmatch(rf"error: {flag} must be a positive integer \(got 0\)\n", result.stderr), result.stderr
+    assert result.stdout == "" and files_under(tmp_path) == []
