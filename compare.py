@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
+import flags
 from utils import DATASETS, DataError, atomic_write_text, cli, preset_paths
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -44,6 +45,8 @@ METHODS: dict[str, list[str]] = {
 
 # run_all.sh's per-dataset flags: (stage 1, stages >= 2). Keep the two in step.
 STAGE_FLAGS: dict[str, tuple[list[str], list[str]]] = {
+    "synth": (["--channels", "64", "--epochs", "10", "--patience", "3", "--select_on", "mrr@5"],
+              ["--epochs", "10", "--patience", "3", "--select_on", "mrr@5", "--batch", "256", "--lr", "1e-3"]),
     "demo": (["--channels", "64", "--epochs", "20", "--patience", "5", "--select_on", "mrr@5"],
              ["--epochs", "15", "--patience", "5", "--select_on", "mrr@5", "--batch", "256", "--lr", "1e-3"]),
 }
@@ -135,6 +138,11 @@ def headline(task: dict) -> float:
     return task["test"][min(names, key=lambda name: int(name[4:]))]
 
 
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96 is within 4 %).
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n − 1; 0 for one value, NaN for none)."""
     if not values:
@@ -142,24 +150,90 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """95 % interval of the mean over seeds: mean ± t(0.975, n−1) · sd / √n (NaN for fewer than 2 values)."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    mean, sd = mean_sd(values)
+    t = T975[len(values) - 2] if len(values) - 1 <= len(T975) else 1.96
+    half = t * sd / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def final_values(by_seed: dict[int, dict[int, dict]], final_stage: int) -> dict[str, dict[int, float]]:
+    """{"task1".."taskN", "retention": {seed: value}} of the seeds that finished `final_stage`; retention =
+    task 1's headline after `final_stage` / after stage 1 (needs that seed's stage 1, non-zero)."""
+    values: dict[str, dict[int, float]] = {f"task{k}": {} for k in range(1, final_stage + 1)}
+    values["retention"] = {}
+    for seed, stages in by_seed.items():
+        if final_stage not in stages:
+            continue
+        tasks = stages[final_stage]["tasks"]
+        for k in range(1, final_stage + 1):
+            if str(k) in tasks:
+                values[f"task{k}"][seed] = headline(tasks[str(k)])
+        if 1 in stages and headline(stages[1]["tasks"]["1"]) > 0:
+            values["retention"][seed] = headline(tasks["1"]) / headline(stages[1]["tasks"]["1"])
+    return values
+
+
 def summary_rows(results: Results, final_stage: int) -> list[dict]:
-    """One row per method: {"method", "seeds", "task1".."taskN": (mean, sd), "retention": (mean, sd)}.
+    """One row per method: {"method", "seeds", "task1".."taskN": (mean, sd), "retention": (mean, sd)} and,
+    under the same names + "_ci", the 95 % t-interval over seeds.
 
     Only seeds that finished `final_stage` count; retention also needs that seed's stage 1 (and a non-zero
     task-1 metric there).
     """
     rows = []
     for method, by_seed in results.items():
-        finished = {seed: stages for seed, stages in by_seed.items() if final_stage in stages}
-        row: dict = {"method": method, "seeds": len(finished)}
-        for task in range(1, final_stage + 1):
-            values = [headline(stages[final_stage]["tasks"][str(task)]) for stages in finished.values()
-                      if str(task) in stages[final_stage]["tasks"]]
-            row[f"task{task}"] = mean_sd(values)
-        ratios = [headline(stages[final_stage]["tasks"]["1"]) / headline(stages[1]["tasks"]["1"])
-                  for stages in finished.values() if 1 in stages and headline(stages[1]["tasks"]["1"]) > 0]
-        row["retention"] = mean_sd(ratios)
+        values = final_values(by_seed, final_stage)
+        row: dict = {"method": method, "seeds": sum(final_stage in stages for stages in by_seed.values())}
+        for name, per_seed in values.items():
+            row[name] = mean_sd(list(per_seed.values()))
+            row[name + "_ci"] = t_interval(list(per_seed.values()))
         rows.append(row)
+    return rows
+
+
+def paired_rows(results: Results, final_stage: int) -> list[dict]:
+    """For each pair of methods (a, b): a − b per task and for retention, paired by seed (the same stage-1
+    checkpoint and split), as {"pair", name: (mean, lo, hi, n)}; the interval is the t-interval over seeds."""
+    values = {method: final_values(by_seed, final_stage) for method, by_seed in results.items()}
+    rows = []
+    methods = list(results)
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            row: dict = {"pair": f"{a} − {b}"}
+            for name in values[a]:
+                seeds = sorted(set(values[a][name]) & set(values[b][name]))
+                differences = [values[a][name][seed] - values[b][name][seed] for seed in seeds]
+                row[name] = (mean_sd(differences)[0], *t_interval(differences), len(differences))
+            rows.append(row)
+    return rows
+
+
+def reference_rows(results: Results, final_stage: int) -> list[dict]:
+    """The strongest trivial baseline and (when the data's generator knows it) the ceiling of every task on
+    the same test splits, as rows of the summary table (mean over the seeds' splits; no retention)."""
+    by_task: dict[str, dict[str, dict[int, float]]] = {"trivial baseline": {}, "ceiling": {}}
+    for by_seed in results.values():
+        for seed, stages in by_seed.items():
+            for k, task in stages.get(final_stage, {}).get("tasks", {}).items():
+                versus = task.get("vs_baseline")
+                if versus:
+                    by_task["trivial baseline"].setdefault(f"task{k}", {})[seed] = \
+                        task["baseline"][versus["baseline"]]["test"][versus["metric"]]
+                    if versus["metric"] in task.get("ceiling", {}):
+                        by_task["ceiling"].setdefault(f"task{k}", {})[seed] = task["ceiling"][versus["metric"]]
+    rows = []
+    for name, tasks in by_task.items():
+        if tasks:
+            row: dict = {"method": name, "seeds": max(len(per_seed) for per_seed in tasks.values())}
+            for k in range(1, final_stage + 1):
+                per_seed = list(tasks.get(f"task{k}", {}).values())
+                row[f"task{k}"], row[f"task{k}_ci"] = mean_sd(per_seed), t_interval(per_seed)
+            row["retention"], row["retention_ci"] = (math.nan, math.nan), (math.nan, math.nan)
+            rows.append(row)
     return rows
 
 
@@ -169,25 +243,47 @@ def task_labels(dataset: str, stages: int) -> list[str]:
             for k in range(1, stages + 1)]
 
 
+def _cell(mean: float, interval: tuple[float, float]) -> str:
+    if math.isnan(mean):
+        return ""
+    return f"{mean:.4f}" if math.isnan(interval[0]) else f"{mean:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
 def markdown_table(rows: list[dict], labels: list[str], header: str) -> str:
-    """`header` lines, then the table with `mean ± sd` cells."""
+    """`header` lines, then the table with `mean [95 % interval over seeds]` cells."""
     columns = ["method", "seeds", *labels, "task-1 retention"]
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [row[f"task{k}"] for k in range(1, len(labels) + 1)] + [row["retention"]]
+        names = [f"task{k}" for k in range(1, len(labels) + 1)] + ["retention"]
         lines.append("| " + " | ".join([row["method"], str(row["seeds"])]
-                                      + [f"{mean:.4f} ± {sd:.4f}" for mean, sd in cells]) + " |")
+                                      + [_cell(row[name][0], row[name + "_ci"]) for name in names]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(rows: list[dict], labels: list[str]) -> str:
+    """Paired differences: `mean [95 % interval]`, bold where the interval excludes 0."""
+    columns = ["a − b", "seeds", *labels, "task-1 retention"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        names = [f"task{k}" for k in range(1, len(labels) + 1)] + ["retention"]
+        cells = []
+        for name in names:
+            mean, low, high, _ = row[name]
+            text = _cell(mean, (low, high))
+            cells.append(f"**{text}**" if text and (low > 0 or high < 0) else text)
+        lines.append("| " + " | ".join([row["pair"], str(max(row[name][3] for name in names))] + cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def csv_table(rows: list[dict], n_tasks: int) -> str:
-    """Mean and sd in separate columns, full precision."""
+    """Mean, sd and the 95 % interval over seeds in separate columns, full precision."""
     names = [f"task{k}" for k in range(1, n_tasks + 1)] + ["retention"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "seeds"] + [f"{name}_{part}" for name in names for part in ("mean", "sd")])
+    writer.writerow(["method", "seeds"] + [f"{name}_{part}" for name in names for part in ("mean", "sd", "lo", "hi")])
     for row in rows:
-        writer.writerow([row["method"], row["seeds"]] + [value for name in names for value in row[name]])
+        writer.writerow([row["method"], row["seeds"]] + [value for name in names
+                                                          for value in (*row[name], *row[name + "_ci"])])
     return buffer.getvalue()
 
 
@@ -195,23 +291,24 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     own, extra = argv[:split], argv[split + 1:]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds: 0 .. seeds-1")
-    parser.add_argument("--out", default="runs/compare")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
-    parser.add_argument("--jobs", type=int, default=2, help="methods run in parallel (one thread each)")
+    parser.add_argument("--seeds", type=flags.positive_int, default=3, help="number of seeds: 0 .. seeds-1")
+    parser.add_argument("--out", type=flags.output_dir, default="runs/compare")
+    parser.add_argument("--methods", type=flags.comma_list(list(METHODS)), default=list(METHODS),
+                        help="comma-separated, of: " + ", ".join(METHODS))
+    parser.add_argument("--jobs", type=flags.positive_int, default=2, help="methods run in parallel (one thread each)")
     args = parser.parse_args(own)
-    methods = [name for name in args.methods.split(",") if name]
-    unknown = [name for name in methods if name not in METHODS]
-    if unknown or not methods:
-        parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
-    if args.seeds < 1 or args.jobs < 1:
-        parser.error("--seeds and --jobs must be at least 1")
+    import trainer  # the flags after `--` are checked as every stage will parse them, before any stage runs
+    trainer.build_parser(None).parse_args(extra)
+    methods = args.methods
     stages = len(DATASETS[args.dataset]["files"])
     out = os.path.abspath(args.out)
     os.chdir(REPO)  # the presets' data paths are relative to the repository root
     out = os.path.relpath(out) if out.startswith(os.path.join(REPO, "")) else out
+    if args.dataset == "synth":  # the benchmark is regenerated (deterministic, seconds), as run_all.sh does
+        import synth
+        synth.main(["--out", DATASETS["synth"]["folder"]])
     for stage in range(1, stages + 1):
         preset_paths(args.dataset, stage)  # a missing data file is reported here, in one line
     seeds = list(range(args.seeds))
@@ -221,13 +318,19 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     failed = run_all(args.dataset, out, seeds, methods, stages, extra, args.jobs)
 
-    rows = summary_rows(load_results(out, seeds, methods, stages), stages)
+    results = load_results(out, seeds, methods, stages)
+    rows = summary_rows(results, stages) + reference_rows(results, stages)
+    labels = task_labels(args.dataset, stages)
     header = (f"Command: `{command}`  \nDate: {datetime.now().astimezone().isoformat(timespec='seconds')} "
               f"(wall time {(time.time() - started) / 60:.1f} min)  \n"
               f"Headline metric of every task after stage {stages} (MRR@5 for rec tasks, accuracy for cls tasks), "
-              f"mean ± sd (n−1) over seeds {', '.join(map(str, seeds))}; task-1 retention = task 1's MRR@5 after "
-              f"stage {stages} / after stage 1.")
-    table = markdown_table(rows, task_labels(args.dataset, stages), header)
+              f"mean and 95 % t-interval over seeds {', '.join(map(str, seeds))} (each seed its own split and "
+              f"stage 1); task-1 retention = task 1's MRR@5 after stage {stages} / after stage 1. `trivial "
+              f"baseline`: the strongest of popularity, popularity without the user's items (rec) and the "
+              f"majority class (cls) on the same test users; `ceiling`: the Bayes-optimal score (synth only).")
+    table = markdown_table(rows, labels, header) + (
+        "\nPaired differences a − b over seeds (same seed: same split and stage-1 checkpoint), mean and 95 % "
+        "t-interval; **bold**: the interval excludes 0.\n\n" + paired_table(paired_rows(results, stages), labels))
     atomic_write_text(os.path.join(out, "compare.md"), table)
     atomic_write_text(os.path.join(out, "compare.csv"), csv_table(rows, stages))
     print("\n" + table + f"\nwritten to {os.path.join(out, 'compare.md')} and {os.path.join(out, 'compare.csv')}")

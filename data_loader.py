@@ -6,6 +6,7 @@ Files are parsed as bytes with numpy, not line by line.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -317,12 +318,14 @@ class TaskData:
     """One task's examples: sources [n_lines, L] item indices, targets [n] class indices, class count.
 
     Example i reads sources[source_row[i]] (a line with m targets is m examples sharing one row); with
-    source_row None, example i is row i. `inputs` materialises the [n, L] matrix."""
+    source_row None, example i is row i. `inputs` materialises the [n, L] matrix. `target_keys[c - 1]` is
+    the raw label of class c (task k ≥ 2; None for task 1, whose classes are the item index)."""
 
     sources: np.ndarray
     targets: np.ndarray
     n_classes: int
     source_row: np.ndarray | None = None
+    target_keys: np.ndarray | None = None
 
     def rows(self, examples: np.ndarray) -> np.ndarray:
         return examples if self.source_row is None else self.source_row[examples]
@@ -368,7 +371,7 @@ def load_task(path: str, index: ItemIndex) -> TaskData:
     target_raw = target_raw[target_raw >= 0] if target_raw.min() < 0 else target_raw.reshape(-1)
     target_keys, target_ids = dense_unique(target_raw)
     source_row = None if np.all(targets_per_line == 1) else np.repeat(np.arange(tokens.n_lines), targets_per_line)
-    return TaskData(sources, target_ids + 1, int(target_keys.size) + 1, source_row)
+    return TaskData(sources, target_ids + 1, int(target_keys.size) + 1, source_row, target_keys)
 
 
 def split_indices(n: int, seed: int, split_percentage: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -382,10 +385,26 @@ def split_indices(n: int, seed: int, split_percentage: float = 0.2) -> tuple[np.
     return perm[:dev], perm[dev:dev_valid], perm[dev_valid:]
 
 
-def check_split(path: str, n: int, parts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+def check_split(path: str, n: int, parts: tuple[np.ndarray, np.ndarray, np.ndarray],
+                split_percentage: float | None = None) -> None:
+    """Every part non-empty; else one line naming the file and, when a larger --split_percentage would do, it."""
     if any(part.size == 0 for part in parts):
         sizes = "/".join(str(part.size) for part in parts)
-        raise DataError(f"{path}: {n} examples are too few to make train/validation/test (got {sizes})")
+        message = f"{path}: {n} examples are too few to make train/validation/test"
+        fits = smallest_split(n) if split_percentage is not None else None
+        if fits is not None:
+            raise DataError(f"{message} at --split_percentage {split_percentage:g} (got {sizes}); "
+                            f"--split_percentage {fits:g} or more would make all three")
+        raise DataError(f"{message} (got {sizes})")
+
+
+def smallest_split(n: int) -> float | None:
+    """The smallest split_percentage (3 decimals) leaving train, validation and test non-empty for n examples:
+    split_indices needs 2 <= int(split_percentage * n) <= n - 1; None when no value < 1 does."""
+    value = math.ceil(2000 / max(n, 1)) / 1000
+    while value < 1 and int(value * float(n)) < 2:
+        value = round(value + 0.001, 3)
+    return value if value < 1 and 2 <= int(value * float(n)) <= n - 1 else None
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 
 import numpy as np
 import torch
 
-from evaluate import forgetting_matrix
+import flags
+from evaluate import matrix_cells
 from model import NextItNet
 from utils import DataError, cli, load_checkpoint
 
@@ -124,24 +124,37 @@ def relation_figures(checkpoint: dict, out: str, name: str = "") -> list[str]:
 
 
 def forgetting_figure(metric_files: list[str], out: str, name: str = "") -> str:
-    """forgetting_matrix.png from metrics.json files (evaluate.forgetting_matrix); returns its path."""
+    """forgetting_matrix.png from metrics.json files (evaluate.matrix_cells); returns its path. Each cell
+    shows the value, its 95 % interval and the strongest trivial baseline (b); a cell that is not above its
+    baseline is marked with `!` and a red frame."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    header, rows = forgetting_matrix(metric_files)
-    values = np.array([[float(cell) if cell else math.nan for cell in row[1:]] for row in rows])  # [stages, tasks]
-    kinds: dict[str, str] = {}
-    for path in metric_files:
-        with open(path, encoding="utf-8") as handle:
-            kinds.update({k: task["kind"] for k, task in json.load(handle)["tasks"].items()})
+    stages, n_tasks, cells = matrix_cells(metric_files)
+    grid = [[cells.get((stage, k)) for k in range(1, n_tasks + 1)] for stage in stages]
+    values = np.array([[cell["value"] if cell else math.nan for cell in row] for row in grid])   # [stages, tasks]
     best = np.nanmax(np.where(np.isnan(values), -np.inf, values), axis=0)
     relative = np.where(best > 0, values / np.where(best > 0, best, 1.0), math.nan)
-    columns = [f"{h}\n{'MRR@5' if kinds.get(h[4:]) == 'rec' else 'acc'}" for h in header[1:]]
-    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 2.5, 0.7 * len(rows) + 2.0), constrained_layout=True)
-    image = _heatmap(ax, values, relative, columns, [f"after {row[0]}" for row in rows], ".3g")
+    metrics = [next((row[k]["metric"] for row in grid if row[k]), "") for k in range(n_tasks)]
+    columns = [f"task{k + 1}\n{'MRR@5' if metric.startswith('mrr') else metric}" for k, metric in enumerate(metrics)]
+    fig, ax = plt.subplots(figsize=(1.9 * n_tasks + 2.5, 0.95 * len(stages) + 2.2), constrained_layout=True)
+    image = _heatmap(ax, values, relative, columns, [f"after {stage}" for stage in stages], "")
+    for (i, j), cell in np.ndenumerate(np.array(grid, dtype=object)):
+        if cell is None:
+            continue
+        text = f"{cell['value']:.3g}{'!' if cell['above'] is False else ''}"
+        if cell["ci95"]:
+            text += f"\n[{cell['ci95'][0]:.3g}, {cell['ci95'][1]:.3g}]"
+        if cell["baseline_value"] is not None:
+            text += f"\nb {cell['baseline_value']:.3g}"
+        light = relative[i, j] > 0.55
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if light else "white")
+        if cell["above"] is False:
+            ax.add_patch(plt.Rectangle((j - 0.48, i - 0.48), 0.96, 0.96, fill=False, edgecolor="red", linewidth=2))
     fig.colorbar(image, ax=ax, label="value / the task's best over stages")
-    ax.set_title(f"{name}forgetting matrix: test metric of every task after each stage", fontsize=10)
+    ax.set_title(f"{name}forgetting matrix: test metric of every task after each stage\n[95 % interval over test "
+                 "users], b = strongest trivial baseline; ! and red frame: not above it", fontsize=9)
     path = os.path.join(out, "forgetting_matrix.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -149,10 +162,12 @@ def forgetting_figure(metric_files: list[str], out: str, name: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", help="checkpoint (.t7): task-relation heatmaps of its masks")
-    parser.add_argument("--matrix", nargs="+", help="metrics.json files of one run: forgetting-matrix heatmap")
-    parser.add_argument("--out", default="figures", help="folder for the PNG files (default: figures)")
+    parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", type=flags.existing_file, help="checkpoint (.t7): task-relation heatmaps of its masks")
+    parser.add_argument("--matrix", nargs="+", type=flags.existing_file,
+                        help="metrics.json files of one run: forgetting-matrix heatmap")
+    parser.add_argument("--out", type=flags.output_dir, default="figures",
+                        help="folder for the PNG files (default: figures)")
     parser.add_argument("--title", default="", help="prefix of every figure's title, e.g. the run's name")
     args = parser.parse_args(argv)
     if not args.paths and not args.matrix:

@@ -19,13 +19,14 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import distributed
+import flags
 from data_loader import (ItemIndex, Staging, TaskData, check_split, load_sequences, load_task, read_index,
                          split_indices, write_index)
 from evaluate import evaluate_tasks, score
 from model import ModelConfig, NextItNet
-from utils import (CHECKPOINT_FORMAT, DATASETS, DataError, anneal, atomic_torch_save, format_table, keep_freed_memory,
-                   load_checkpoint, preset_kind, preset_paths, resolve_device, retention_term, sampling_ratio, set_seed,
-                   stage_defaults, task_name, write_json)
+from utils import (CHECKPOINT_FORMAT, DATASETS, DataError, anneal, atomic_torch_save, format_evidence, format_table,
+                   keep_freed_memory, load_checkpoint, preset_kind, preset_paths, resolve_device, retention_term,
+                   sampling_ratio, set_seed, stage_defaults, task_name, write_json)
 
 INITIAL_RATIO = 0.9  # sampling ratio before the first batch (authors' code)
 EMBEDDING_CLAMP = 6.0
@@ -33,32 +34,37 @@ EMBEDDING_CLAMP = 6.0
 
 def build_parser(stage: int | None) -> argparse.ArgumentParser:
     title = f"stage {stage}" if stage else "any stage ≥ 2 (--stage, or the stage after --paths)"
-    parser = argparse.ArgumentParser(description=f"TERACON training, {title}.")
+    parser = flags.Parser(description=f"TERACON training, {title}.")
     add = parser.add_argument
     add("--dataset", choices=sorted(DATASETS), help="fill --datapath/--datapath_index/--paths/--savepath")
     if stage is None:
-        add("--stage", type=int, help="task number being learned (default: the stage after --paths)")
-    add("--datapath", help="this task's data file")
-    add("--datapath_index", help="item index (written by task 1, read by later tasks)")
-    add("--paths", help="previous stage's checkpoint (.t7)")
-    add("--savepath", help="checkpoint written as <savepath>.t7, metrics as <savepath>.metrics.json")
-    add("--epochs", type=int)
-    add("--lr", type=float)
-    add("--batch", type=int)
-    add("--eval_batch", type=int, default=256, help="batch size for validation/test (no effect on results)")
-    add("--smax", type=float, default=50)
-    add("--alpha", type=float, default=0.7, help="weight of the knowledge-retention loss")
-    add("--L2", type=float, default=0.75, help="task 1: weight of the mean-mask regulariser")
-    add("--seed", type=int, default=10)
-    add("--top_k", type=int, default=5)
-    add("--split_percentage", type=float, default=0.2)
-    add("--gpu_num", default=None, help="the original's device flag: an int (cuda:N) or 'cpu'")
-    add("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    add("--channels", type=int, default=256)
-    add("--patience", type=int, default=5)
-    add("--task_kind", choices=["rec", "cls"], help="default: rec when the task has more than top_k+15 classes")
-    add("--select_on", default="acc", choices=["acc", "mrr@5", "hit@5", "ndcg@5", "mrr@20", "hit@20", "ndcg@20"],
-        help="validation metric for early stopping on rec tasks (cls tasks use acc); the revised code uses acc "
+        add("--stage", type=flags.integer(2),
+            help="task number being learned, >= 2 (default: the stage after --paths)")
+    add("--datapath", type=flags.input_file, help="this task's data file")
+    add("--datapath_index", type=flags.input_file, help="item index (written by task 1, read by later tasks)")
+    add("--paths", type=flags.input_file, help="previous stage's checkpoint (.t7)")
+    add("--savepath", type=flags.output_prefix,
+        help="checkpoint written as <savepath>.t7, metrics as <savepath>.metrics.json")
+    add("--epochs", type=flags.positive_int)
+    add("--lr", type=flags.positive_float)
+    add("--batch", type=flags.positive_int)
+    add("--eval_batch", type=flags.positive_int, default=256,
+        help="batch size for validation/test (no effect on results)")
+    add("--smax", type=flags.smax, default=50)
+    add("--alpha", type=flags.nonnegative_float, default=0.7, help="weight of the knowledge-retention loss")
+    add("--L2", type=flags.nonnegative_float, default=0.75, help="task 1: weight of the mean-mask regulariser")
+    add("--seed", type=flags.seed, default=10)
+    add("--top_k", type=flags.positive_int, default=5)
+    add("--split_percentage", type=flags.fraction, default=0.2, help="valid+test share, in (0, 1)")
+    add("--gpu_num", type=flags.gpu_num, default=None, help="the original's device flag: an int (cuda:N) or 'cpu'")
+    add("--device", type=flags.device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add("--channels", type=flags.positive_int, default=256)
+    add("--patience", type=flags.positive_int, default=5)
+    add("--task_kind", choices=["rec", "cls"],
+        help="default: rec for task 1, later tasks rec when they have more than top_k+15 classes")
+    add("--select_on", default="acc", type=flags.metric,
+        help="validation metric for early stopping on rec tasks (cls tasks use acc): acc, or mrr/hit/ndcg at "
+             "@top_k or @top_k+15 (mrr@5 ... ndcg@20 by default); the revised code uses acc "
              "(hit@1) everywhere, the original t2/t3 scripts mrr@5")
     add("--no_embedding_clamp", action="store_true",
         help="stages ≥ 2: do not clamp task embeddings to [-6, 6] (the original t2–t6 scripts' clamp never fires)")
@@ -70,8 +76,8 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
     add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
     add("--compile", action="store_true", help="torch.compile the residual stack of the model (and the teacher); "
         "the first steps of each shape are slower while it compiles")
-    add("--ce_chunk", type=int, default=0, help="task 1: exact cross-entropy over this many rows at a time "
-        "(lower peak memory for large vocabularies); 0 = all at once")
+    add("--ce_chunk", type=flags.nonnegative_int, default=0, help="task 1: exact cross-entropy over this many rows "
+        "at a time (lower peak memory for large vocabularies); 0 = all at once")
     add("--resume", action="store_true", help="continue an interrupted stage from its last finished epoch")
     add("--method", choices=["teracon", "finetune"], default="teracon",
         help="finetune: no masks, no retention, a new head per task (forgetting baseline)")
@@ -79,7 +85,9 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
 
 
 def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser(stage).parse_args(argv)
+    parser = build_parser(stage)
+    args = parser.parse_args(argv)
+    flags.check_select_on(parser, args.select_on, args.top_k)
     if stage is None:
         stage = args.stage
         if stage is None and args.paths:
@@ -104,7 +112,8 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Nam
 
 
 def task_record(args: argparse.Namespace, n_classes: int) -> dict:
-    kind = args.task_kind or preset_kind(args.dataset, args.stage) or ("rec" if n_classes > args.top_k + 15 else "cls")
+    kind = (args.task_kind or preset_kind(args.dataset, args.stage)
+            or ("rec" if args.stage == 1 or n_classes > args.top_k + 15 else "cls"))  # task 1: next item, always rec
     return {"name": task_name(args.dataset, args.stage), "datapath": args.datapath, "kind": kind,
             "n_classes": n_classes, "seed": args.seed, "split_percentage": args.split_percentage}
 
@@ -214,6 +223,7 @@ def finish(args: argparse.Namespace, model: NextItNet, checkpoint_path: str, ind
     metrics = {"stage": args.stage, "tasks": tasks}
     write_json(args.savepath + ".metrics.json", metrics)
     print(format_table(args.stage, tasks))
+    print(format_evidence(args.stage, tasks))
     print(f"saved {checkpoint_path} and {args.savepath}.metrics.json")
     if os.path.exists(args.savepath + ".resume.t7"):
         os.remove(args.savepath + ".resume.t7")
@@ -393,14 +403,15 @@ def run_task1(args: argparse.Namespace) -> dict:
     checkpoint_path = guard_outputs(args)
     sequences, index = load_sequences(args.datapath)  # [n_users, L]
     parts = split_indices(len(sequences), args.seed, args.split_percentage)
-    check_split(args.datapath, len(sequences), parts)
+    check_split(args.datapath, len(sequences), parts, args.split_percentage)
     train_rows, valid_rows, test_rows = parts
     print(f"task 1: {len(sequences)} users, length {sequences.shape[1]}, {index.size} items "
           f"(train/valid/test {train_rows.size}/{valid_rows.size}/{test_rows.size})")
+    record = task_record(args, index.size)
+    flags.check_top_k(args.top_k, record["kind"], index.size, "task 1")
     if distributed.is_main():
         prepare_index(args, index)
     examples = TaskData(sequences[:, :-1], sequences[:, -1], index.size)
-    record = task_record(args, index.size)
 
     config = ModelConfig(n_items=index.size, task_classes=[index.size], channels=args.channels,
                          use_masks=args.method == "teracon")
@@ -469,9 +480,13 @@ def run_continual(args: argparse.Namespace) -> dict:
     print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     data = load_task(args.datapath, index)
     parts = split_indices(len(data.targets), args.seed, args.split_percentage)
-    check_split(args.datapath, len(data.targets), parts)
+    check_split(args.datapath, len(data.targets), parts, args.split_percentage)
     train_rows, valid_rows, test_rows = parts
     record = task_record(args, data.n_classes)
+    kinds = [entry["kind"] for entry in checkpoint["tasks"]] + [record["kind"]]
+    classes = checkpoint["model_config"]["task_classes"] + [data.n_classes]
+    for number, (kind, n_classes) in enumerate(zip(kinds, classes), 1):
+        flags.check_top_k(args.top_k, kind, n_classes, f"task {number}")  # every task is scored at --top_k
     print(f"task {args.stage}: {len(data.targets)} examples, {data.n_classes} classes ({record['kind']}), "
           f"train/valid/test {train_rows.size}/{valid_rows.size}/{test_rows.size}")
 
@@ -524,6 +539,8 @@ def run_continual(args: argparse.Namespace) -> dict:
 
 def main(stage: int | None = None, argv: list[str] | None = None) -> dict:
     args = parse_args(stage, argv)
+    flags.require_files(args, ["datapath"] if args.stage == 1 else ["datapath", "datapath_index", "paths"],
+                        {"datapath_index": " (train_task1.py writes it)"})
     keep_freed_memory()
     with distributed.session(args):  # torchrun: join the process group (a no-op in a single process)
         return run_task1(args) if args.stage == 1 else run_continual(args)

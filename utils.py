@@ -113,32 +113,35 @@ def metric_names(top_k: int) -> list[str]:
     return [f"mrr@{top_k}", f"hit@{top_k}", f"ndcg@{top_k}", f"mrr@{long_k}", f"hit@{long_k}", f"ndcg@{long_k}", "acc"]
 
 
-def ranking_sums(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Per-batch sums of MRR, HR, NDCG at top_k and top_k+15 and hit@1, as the authors' accuracy_test.
+def ranking_values(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per-example MRR, HR, NDCG at top_k and top_k+15 and hit@1, as the authors' accuracy_test.
 
     The rank r (from 0) is the target's position in torch.topk's sorted list; MRR = 1/(r+1),
     NDCG = 1/log2(r+2), HR = 1, all 0 when the target is outside the top k.
-    logits [B, n], targets [B] → [7] (order of `metric_names`).
+    logits [B, n], targets [B] → [B, 7] float64 (columns in the order of `metric_names`).
     """
     n_classes = logits.shape[1]
     long_k = min(top_k + 15, n_classes)
     top = torch.topk(logits, k=long_k, sorted=True).indices  # [B, long_k]
-    hit = top == targets[:, None]                            # [B, long_k]
+    hit = (top == targets[:, None]).to(torch.float64)        # [B, long_k]
     rank = torch.arange(long_k, device=logits.device, dtype=torch.float64)
-    reciprocal = (hit * (1.0 / (rank + 1.0))).sum(1)         # [B]
-    gain = (hit * (1.0 / torch.log2(rank + 2.0))).sum(1)     # [B]
-    short = hit[:, :min(top_k, n_classes)]
-    short_rank = rank[:short.shape[1]]
-    sums = [
-        (short * (1.0 / (short_rank + 1.0))).sum(),
-        short.sum(),
-        (short * (1.0 / torch.log2(short_rank + 2.0))).sum(),
-        reciprocal.sum(),
-        hit.sum(),
-        gain.sum(),
-        (logits.argmax(1) == targets).sum(),
+    reciprocal, gain = 1.0 / (rank + 1.0), 1.0 / torch.log2(rank + 2.0)   # [long_k]
+    short = min(top_k, n_classes)
+    columns = [
+        (hit[:, :short] * reciprocal[:short]).sum(1),
+        hit[:, :short].sum(1),
+        (hit[:, :short] * gain[:short]).sum(1),
+        (hit * reciprocal).sum(1),
+        hit.sum(1),
+        (hit * gain).sum(1),
+        (logits.argmax(1) == targets).to(torch.float64),
     ]
-    return torch.stack([value.to(torch.float64) for value in sums])
+    return torch.stack(columns, dim=1)
+
+
+def ranking_sums(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per-batch sums of `ranking_values`: logits [B, n], targets [B] → [7]."""
+    return ranking_values(logits, targets, top_k).sum(0)
 
 
 # ---------------------------------------------------------------- TERACON's retention pieces
@@ -218,6 +221,10 @@ DATASETS: dict[str, dict[str, Any]] = {
                   "names": ["next_item", "watch", "like", "task4", "task5", "task6"],
                   "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
                   "missing": "prepare it first: python prepare_data.py --source <ml-folder> --out Data/movielens"},
+    "synth": {"folder": "Data/synth", "files": PREPARED_FILES,
+              "names": ["next_item", "click", "like", "age", "gender", "life_status"],
+              "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
+              "missing": "generate it first: python synth.py --out Data/synth"},
     "demo": {"folder": "Data/demo", "files": PREPARED_FILES,
              "names": ["next_item", "watch", "like", "age", "gender", "occupation"],
              "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
@@ -277,3 +284,31 @@ def format_table(stage: int, tasks: dict[str, dict]) -> str:
         rows.append(f"{key:<6}{entry['kind']:<6}{cells}")
     return "\n".join([header] + rows)
 
+
+
+def _ci(bounds: list[float]) -> str:
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
+
+
+def format_evidence(stage: int, tasks: dict[str, dict]) -> str:
+    """Each task's headline metric beside its 95 % interval, the strongest trivial baseline (with its
+    interval), the paired difference and, where the data's generator knows it, the ceiling; tasks whose
+    difference interval does not lie above 0 are marked `NOT above baseline`."""
+    lines = [f"stage {stage}: headline metric vs the strongest trivial baseline (95 % bootstrap intervals "
+             "over test users; difference paired on the same resamples)",
+             f"{'task':<5}{'kind':<5}{'metric':<7}{'users':>7}  {'score [95% CI]':<26}{'baseline':<19}"
+             f"{'its score [95% CI]':<26}{'difference [95% CI]':<28}{'ceiling':>8}"]
+    for key, entry in tasks.items():
+        if "vs_baseline" not in entry:
+            continue
+        versus = entry["vs_baseline"]
+        metric, name = versus["metric"], versus["baseline"]
+        baseline = entry["baseline"][name]
+        ceiling = entry.get("ceiling", {}).get(metric)
+        difference = f"{versus['difference']:+.4f} {_ci(versus['ci95'])}"
+        lines.append(f"{key:<5}{entry['kind']:<5}{metric:<7}{entry['n_test_users']:>7}  "
+                     f"{entry['test'][metric]:.4f} {_ci(entry['ci95'][metric]):<19}{name:<19}"
+                     f"{baseline['test'][metric]:.4f} {_ci(baseline['ci95'][metric]):<19}{difference:<28}"
+                     f"{'' if ceiling is None else f'{ceiling:.4f}':>8}"
+                     f"{'' if versus['above'] else '  NOT above baseline'}")
+    return "\n".join(lines)

@@ -127,13 +127,44 @@ def test_summary_rows_mean_sd_and_retention():
     assert finetune["task1"] == pytest.approx((0.02, 0.0))
     assert finetune["retention"] == pytest.approx((0.1, 0.0))
 
+    half1 = 4.303 * sd1 / math.sqrt(3)                              # t(0.975, 2 df)
+    assert teracon["task1_ci"] == pytest.approx((mean1 - half1, mean1 + half1))
+    assert all(math.isnan(v) for v in finetune["task1_ci"])          # one seed: no interval
+
     markdown = compare.markdown_table(compare.summary_rows(results, 3), ["1 a", "2 b", "3 c"], "Command: `x`")
     assert markdown.startswith("Command: `x`")
-    assert f"| teracon | 3 | {mean1:.4f} ± {sd1:.4f} | 0.6000 ± 0.1000 | 0.7000 ± 0.0000 | " \
-           f"{mean_r:.4f} ± {sd_r:.4f} |" in markdown
+    assert f"| teracon | 3 | {mean1:.4f} [{mean1 - half1:.4f}, {mean1 + half1:.4f}] | " in markdown
+    assert "| finetune | 1 | 0.0200 | 0.4000 | 0.8000 | 0.1000 |" in markdown
     lines = compare.csv_table(compare.summary_rows(results, 3), 3).splitlines()
-    assert lines[0].split(",")[:4] == ["method", "seeds", "task1_mean", "task1_sd"]
+    assert lines[0].split(",")[:6] == ["method", "seeds", "task1_mean", "task1_sd", "task1_lo", "task1_hi"]
     assert float(lines[1].split(",")[2]) == pytest.approx(mean1)
+
+
+def test_paired_differences_by_seed():
+    a = {s: {1: run(1, {1: 0.5}), 2: run(2, {1: v, 2: 0.5})} for s, v in enumerate([0.40, 0.42, 0.44])}
+    b = {s: {1: run(1, {1: 0.5}), 2: run(2, {1: v, 2: 0.5})} for s, v in enumerate([0.10, 0.13, 0.16])}
+    (row,) = compare.paired_rows({"a": a, "b": b}, final_stage=2)
+    differences = [0.30, 0.29, 0.28]
+    mean, sd = 0.29, 0.01
+    half = 4.303 * sd / math.sqrt(3)
+    assert row["pair"] == "a − b"
+    assert row["task1"] == pytest.approx((mean, mean - half, mean + half, 3))
+    assert row["task2"][:3] == pytest.approx((0.0, 0.0, 0.0), abs=1e-12)
+    assert row["retention"][0] == pytest.approx(sum(differences) / 3 / 0.5)
+    table = compare.paired_table([row], ["1 x", "2 y"])
+    assert f"**{mean:.4f} [{mean - half:.4f}, {mean + half:.4f}]**" in table   # excludes 0: bold
+    assert "| 0.0000 [0.0000, 0.0000] |" in table                                # does not
+
+
+def test_reference_rows_carry_baseline_and_ceiling():
+    def stage(seed: int) -> dict:
+        task = {"kind": "cls", "test": {"acc": 0.8}, "baseline": {"majority": {"test": {"acc": 0.5 + seed / 10}}},
+                "vs_baseline": {"baseline": "majority", "metric": "acc"}, "ceiling": {"acc": 0.9}}
+        return {1: {"stage": 1, "tasks": {"1": task}}}
+    rows = compare.reference_rows({"m": {0: stage(0), 1: stage(1)}}, final_stage=1)
+    assert [row["method"] for row in rows] == ["trivial baseline", "ceiling"]
+    assert rows[0]["task1"] == pytest.approx((0.55, math.sqrt(0.005)))
+    assert rows[1]["task1"] == pytest.approx((0.9, 0.0))
 
 
 def test_headline_is_mrr5_for_rec_and_acc_for_cls():

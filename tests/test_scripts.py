@@ -163,10 +163,19 @@ def test_forgetting_matrix_csv(long_run, repo_root, subprocess_env):
     files = [out / "task3.metrics.json", out / "task1.metrics.json", out / "task2.metrics.json"]  # any order
     done = run_script(repo_root, subprocess_env, "evaluate.py", "--matrix", *files, "--csv", target)
     rows = list(csv.reader(target.read_text().splitlines()))
-    assert rows[0] == ["stage", "task1", "task2", "task3"]
+    assert rows[0][:4] == ["stage", "task1", "task2", "task3"]
+    assert rows[0][4:10] == ["task1_lo", "task1_hi", "task1_baseline", "task1_baseline_name", "task1_above_baseline",
+                             "task1_ceiling"]
     assert [row[0] for row in rows[1:]] == ["1", "2", "3"]
     for stage, row in zip((1, 2, 3), rows[1:]):
-        assert len(row) == 4
+        assert len(row) == 4 + 3 * 6
+        for task in range(1, stage + 1):
+            entry = metrics[stage]["tasks"][str(task)]
+            evidence = dict(zip(rows[0], row))
+            name = entry["vs_baseline"]["metric"]
+            assert float(evidence[f"task{task}_lo"]) == pytest.approx(entry["ci95"][name][0], abs=6e-5)
+            assert evidence[f"task{task}_baseline_name"] == entry["vs_baseline"]["baseline"]
+            assert evidence[f"task{task}_above_baseline"] == str(int(entry["vs_baseline"]["above"]))
         for task in (1, 2, 3):
             cell = row[task]
             if task > stage:

@@ -1,0 +1,117 @@
+"""Evidence for a score: trivial baselines on the same split and bootstrap intervals over test users.
+
+Pure functions over numpy arrays; the training and evaluation plumbing calls them (evaluate.evaluate_tasks).
+
+- Baselines, fitted on the task's TRAINING split only:
+  rec tasks: every item ranked by its training popularity (`popularity`), and the same ranking with the
+  user's own source items removed (`popularity_unseen`); cls tasks: the training split's majority class.
+- Intervals: percentile bootstrap (95 %) over test USERS: a line of a task file with m targets is m
+  examples of one user, resampled together (a cluster bootstrap). Fixed seed, B resamples; the model's
+  metrics, the baselines' and their paired differences are computed on the same resamples.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def class_counts(labels: np.ndarray, n_classes: int, exclude: tuple[int, ...] = ()) -> np.ndarray:
+    """How often each class occurs in `labels` (any shape); classes in `exclude` get −1 (ranked last)."""
+    counts = np.bincount(labels.reshape(-1), minlength=n_classes)[:n_classes].astype(np.float64)
+    for label in exclude:
+        counts[label] = -1.0
+    return counts
+
+
+def rank_values(ranks: np.ndarray, top_k: int, n_classes: int) -> np.ndarray:
+    """Per-example metrics [n, 7] (order of utils.metric_names) from the target's 0-based rank in a ranking
+    (np.inf: not ranked), as utils.ranking_values computes them from logits."""
+    long_k = min(top_k + 15, n_classes)
+    short = min(top_k, n_classes)
+    r = ranks.astype(np.float64)
+    with np.errstate(divide="ignore"):
+        reciprocal, gain = 1.0 / (r + 1.0), 1.0 / np.log2(r + 2.0)
+    columns = [np.where(r < short, reciprocal, 0.0), (r < short) * 1.0, np.where(r < short, gain, 0.0),
+               np.where(r < long_k, reciprocal, 0.0), (r < long_k) * 1.0, np.where(r < long_k, gain, 0.0),
+               (r == 0) * 1.0]
+    return np.stack(columns, axis=1)
+
+
+def popularity_ranks(scores: np.ndarray, targets: np.ndarray, source_classes: np.ndarray | None) -> np.ndarray:
+    """The target's 0-based rank in the ranking by `scores` [n_classes] (e.g. class_counts; ties: lower class
+    first) for each example (targets [n]); with
+    source_classes [n, L] (the classes of the user's source items, −1: none), those classes are removed
+    from that user's ranking first, and a target among them is not ranked (np.inf)."""
+    order = np.argsort(-scores, kind="stable")
+    rank = np.empty(scores.size, dtype=np.int64)
+    rank[order] = np.arange(scores.size)                               # [n_classes]
+    target_rank = rank[targets].astype(np.float64)                     # [n]
+    if source_classes is None:
+        return target_rank
+    distinct = np.sort(source_classes, axis=1)                         # [n, L]
+    repeated = np.zeros(distinct.shape, dtype=bool)
+    repeated[:, 1:] = distinct[:, 1:] == distinct[:, :-1]
+    valid = (distinct >= 0) & ~repeated                                # each source class once
+    ahead = valid & (rank[np.maximum(distinct, 0)] < target_rank[:, None])
+    own = (valid & (distinct == targets[:, None])).any(1)
+    return np.where(own, np.inf, target_rank - ahead.sum(1))
+
+
+def bootstrap(values: np.ndarray, groups: np.ndarray | None, resamples: int = BOOTSTRAP_RESAMPLES,
+              seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """Cluster-bootstrap means: values [n, m] per example, groups [n] user id of each example (None: each
+    example its own user) → [resamples, m], each row the mean over the examples of G users drawn with
+    replacement from the G test users."""
+    values = np.asarray(values, dtype=np.float64)
+    if groups is None:
+        sums, sizes = values, np.ones(values.shape[0])
+    else:
+        _, group = np.unique(groups, return_inverse=True)
+        sums = np.zeros((group.max() + 1, values.shape[1]))
+        np.add.at(sums, group, values)                                 # [G, m]
+        sizes = np.bincount(group).astype(np.float64)                  # [G]
+    n_groups = sizes.size
+    rng = np.random.default_rng(seed)
+    draws = np.empty((resamples, values.shape[1]))
+    for r in range(resamples):
+        chosen = rng.integers(0, n_groups, n_groups)                   # [G]
+        draws[r] = sums[chosen].sum(0) / sizes[chosen].sum()
+    return draws
+
+
+def interval(draws: np.ndarray, level: float = 0.95) -> np.ndarray:
+    """Percentile interval of bootstrap draws [B, m] → [m, 2] (lower, upper)."""
+    tail = (1.0 - level) / 2.0 * 100.0
+    return np.stack([np.percentile(draws, tail, axis=0), np.percentile(draws, 100.0 - tail, axis=0)], axis=1)
+
+
+def evidence(model: np.ndarray, baselines: dict[str, np.ndarray], names: list[str], headline: str,
+             groups: np.ndarray | None, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """The model's and each baseline's 95 % intervals, and the paired difference on the headline metric
+    against the strongest baseline (on the full test set), all from the same bootstrap resamples.
+
+    model [n, m] and each baseline [n, m]: per-example metric values in the order of `names`.
+    → {"ci95": {name: [lo, hi]}, "baseline": {b: {"test": {...}, "ci95": {...}}},
+       "vs_baseline": {"baseline", "metric", "difference", "ci95", "above"}}; "above" when the interval of
+    the difference lies entirely above 0.
+    """
+    h = names.index(headline)
+    strongest = max(baselines, key=lambda b: (baselines[b][:, h].mean(), b))
+    columns = [model] + list(baselines.values()) + [(model[:, h] - baselines[strongest][:, h])[:, None]]
+    draws = bootstrap(np.concatenate(columns, axis=1), groups, resamples, seed)
+    bounds = interval(draws)                                           # [columns, 2]
+    m = len(names)
+
+    def named(block: int) -> dict[str, list[float]]:
+        return {name: [float(lo), float(hi)] for name, (lo, hi) in zip(names, bounds[block * m:(block + 1) * m])}
+
+    result = {"ci95": named(0), "baseline": {}}
+    for b, (name, values) in enumerate(baselines.items(), start=1):
+        result["baseline"][name] = {"test": dict(zip(names, values.mean(0).tolist())), "ci95": named(b)}
+    low, high = bounds[-1]
+    result["vs_baseline"] = {"baseline": strongest, "metric": headline,
+                             "difference": float(model[:, h].mean() - baselines[strongest][:, h].mean()),
+                             "ci95": [float(low), float(high)], "above": bool(low > 0)}
+    return result
