@@ -1,0 +1,414 @@
+"""Use a trained checkpoint on new users: top-N items, predicted classes, user representations, a probe.
+
+    python predict.py --paths CKPT --task K --input users.csv [--top 20] [--out predictions.csv]
+    python predict.py --paths CKPT --task K --input users.csv --embed [--embed_task1] --out vectors.npy|.csv
+    python predict.py --paths CKPT --task K --probe_task J [--embed_task1] [--out probe.json]
+
+Each non-blank line of --input is one user: comma-separated raw item ids, oldest first (a task-1 line, any
+length). Task K's head reads the input length it was trained and scored on: task 1 the task-1 file's
+width − 1 (it predicts the item after the whole line, as evaluate.py feeds sequence[:-1] to predict the last
+item), task K ≥ 2 the width of its file's sources. Longer lines keep their last L items; shorter ones are
+left-padded with the padding item "0", as the loader pads the task files. Masks at s = smax (from the
+checkpoint). Items missing from the index become <UNK> (index 0), with one warning counting them.
+
+Outputs (CSV without --out is printed; every file is written atomically, and only once all of it is made):
+  rec task: line,rank,item,logit,prob     N rows per user (rank 1 first; every class ranked, as evaluate.py)
+  cls task: line,label[,name],p_<UNK>,p_<label>...   the predicted class's raw label from the task file
+            (and its name, when a tasks.json beside the task file maps it), softmax over the head
+  --embed:  [n_users, C] (.npy) or line,h0..h{C-1} (.csv): the last position's hidden vector under task K's
+            mask; --embed_task1 appends task 1's vector (2C columns: task K's, then task 1's)
+  --probe_task J (a cls task): a logistic regression on the vectors (as --embed: --task K's mask) of task
+            J's users, fitted on its training split and scored on its test split (the split its head was
+            scored on), beside head J's accuracy and the training split's majority class on those test rows
+
+`line` is the 1-based line number in --input (blank lines are skipped). Task K ≥ 2's labels are its own
+label space (the sorted distinct targets of its file), so predict.py reads the task file recorded in the
+checkpoint (or --datapath) to turn class codes back into raw labels.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import flags
+from data_loader import ItemIndex, TaskData, load_task, read_index, segments, split_indices, tokenize
+from evaluate import score
+from model import NextItNet
+from trainer import autocast
+from utils import DataError, atomic_write_text, cli, keep_freed_memory, load_checkpoint, resolve_device, write_json
+
+UNK = "<UNK>"
+
+
+@dataclass
+class TaskView:
+    """What predict.py needs of one task of a checkpoint."""
+
+    number: int                    # 1-based task number
+    name: str
+    kind: str                      # rec or cls
+    length: int                    # input positions its head was trained and scored on
+    labels: np.ndarray             # [n_classes] str: raw item id / raw label of each class, "<UNK>" for 0
+    names: dict[str, str]          # raw label → name (tasks.json); empty when none
+    data: TaskData | None = None   # the task file's examples (task K ≥ 2)
+
+
+@dataclass
+class Users:
+    """The input's users as one stream of item indices."""
+
+    items: np.ndarray       # [n_tokens] int64 item indices (0 = <UNK>)
+    line_start: np.ndarray  # [n_users + 1]: user i is items[line_start[i]:line_start[i + 1]]
+    file_line: np.ndarray   # [n_users] 1-based line number in the input file
+
+    @property
+    def size(self) -> int:
+        return int(self.file_line.size)
+
+
+# ---------------------------------------------------------------- tasks and inputs
+
+def pad_item(index: ItemIndex) -> int:
+    """The loader's left-padding token: the item "0" when the index has it, else <UNK> (0)."""
+    return 1 if index.has_zero else 0
+
+
+def label_names(datapath: str) -> dict[str, str]:
+    """raw label → name from a tasks.json beside the task file (prepare_data.py's), else {}."""
+    path = os.path.join(os.path.dirname(os.path.abspath(datapath)), "tasks.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not readable as JSON ({error})") from None
+    entries = [entry for entry in meta.get("tasks", []) if entry.get("file") == os.path.basename(datapath)]
+    codes = meta.get("label_maps", {}).get(entries[0].get("name"), {}) if entries else {}
+    return {str(code): str(name) for name, code in codes.items()}
+
+
+def task_view(checkpoint: dict, number: int, index: ItemIndex, datapath: str | None, source: str) -> TaskView:
+    """Task `number` of the checkpoint, its input length and class labels read from its task file."""
+    tasks = checkpoint["tasks"]
+    if not 1 <= number <= len(tasks):
+        raise DataError(f"{source}: holds tasks 1..{len(tasks)}, not task {number}")
+    record = tasks[number - 1]
+    path = datapath or record.get("datapath")
+    if path is None:
+        raise DataError(f"{source}: does not record task {number}'s data file; give --datapath")
+    n_classes = checkpoint["model_config"]["task_classes"][number - 1]
+    data = None
+    if number == 1:
+        tokens = tokenize(path, fields=1)
+        width = int(np.diff(tokens.line_start).max())                   # the loader pads every line to this
+        if width < 2:
+            raise DataError(f"{path}: every line has a single item; task 1 reads at least 2")
+        length, keys = width - 1, index.keys
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                             # the training file's own business
+            data = load_task(path, index)
+        length, keys = data.sources.shape[1], data.target_keys
+    labels = np.concatenate([[UNK], keys.astype(str)])
+    if labels.size != n_classes:
+        raise DataError(f"{path}: has {labels.size} classes with <UNK>, task {number}'s head in {source} "
+                        f"{n_classes} (not the file it was trained on)")
+    return TaskView(number, record.get("name") or f"task{number}", record["kind"], length, labels,
+                    label_names(path) if number > 1 else {}, data)
+
+
+def read_users(path: str, index: ItemIndex) -> Users:
+    """Parse --input (task-1 lines; a malformed line is one error naming path:line) and map it to indices,
+    with ONE warning line counting the items missing from the index."""
+    tokens = tokenize(path, fields=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                 # counted below, in one line
+        items = index.lookup(tokens.values, path)                       # [n_tokens]
+    unknown = int(items.size - np.count_nonzero(items))
+    if unknown:
+        print(f"warning: {path}: {unknown} item token(s) not in the index, mapped to {UNK} (index 0)",
+              file=sys.stderr)
+    return Users(items, tokens.line_start, tokens.file_line)
+
+
+def fit_width(rows: np.ndarray, length: int, pad: int) -> np.ndarray:
+    """[n, w] left-padded rows → [n, length]: the last `length` columns, or left-padded with `pad`."""
+    if rows.shape[1] >= length:
+        return np.array(rows[:, rows.shape[1] - length:], dtype=np.int64)    # a copy: torch wants it writable
+    out = np.full((rows.shape[0], length), pad, dtype=np.int64)
+    out[:, length - rows.shape[1]:] = rows
+    return out
+
+
+def user_inputs(users: Users, rows: np.ndarray, length: int, pad: int) -> np.ndarray:
+    """Users `rows` → [b, length]: each user's last `length` items, left-padded with `pad`."""
+    stops = users.line_start[rows + 1]
+    starts = np.maximum(users.line_start[rows], stops - length)
+    return fit_width(segments(users.items, starts, stops, pad_value=pad), length, pad)
+
+
+# ---------------------------------------------------------------- the model
+
+@torch.no_grad()
+def outputs(model: NextItNet, task: int, inputs: np.ndarray, masks: torch.Tensor, device: torch.device,
+            amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs [b, L] item indices → (hidden [b, C], logits [b, n_classes]) of head `task`, float32."""
+    items = torch.from_numpy(inputs).to(device)                        # [b, L]
+    with autocast(device, amp):
+        hidden = model.hidden(items, masks, last_only=True)             # [b, C]
+        logits = model.heads[task](hidden)                              # [b, n_classes]
+    return hidden.float(), logits.float()
+
+
+def row_batches(n: int, batch: int, desc: str) -> tqdm:
+    return tqdm(range(0, n, batch), desc=desc, leave=False, disable=None)
+
+
+def embed_rows(model: NextItNet, views: list[TaskView], rows_of, n: int, s: float, batch: int,
+               device: torch.device, amp: bool) -> np.ndarray:
+    """[n, C · len(views)] float32: row i's hidden vector under each view's mask, in the views' order.
+
+    rows_of(chunk, length) → [b, length] item indices of rows chunk."""
+    masks = [model.task_masks(view.number - 1, s) for view in views]  # each [n_layers, C]
+    channels = model.config.channels
+    vectors = np.empty((n, channels * len(views)), dtype=np.float32)
+    for start in row_batches(n, batch, "embed"):
+        chunk = np.arange(start, min(start + batch, n))
+        for j, view in enumerate(views):
+            hidden, _ = outputs(model, view.number - 1, rows_of(chunk, view.length), masks[j], device, amp)
+            vectors[chunk, j * channels:(j + 1) * channels] = hidden.cpu().numpy()
+    return vectors
+
+
+# ---------------------------------------------------------------- predictions
+
+def rec_lines(view: TaskView, lines: np.ndarray, logits: torch.Tensor, top: int, skip: np.ndarray) -> list[str]:
+    """CSV rows `line,rank,item,logit,prob`, `top` per user, best first (torch.topk's order, as evaluate).
+
+    `rank` is the class's 1-based place in the head's full ranking (evaluate's rank + 1); classes in `skip`
+    are left out of the list, so their places are gaps."""
+    k = min(top + skip.size, logits.shape[1])
+    best = torch.topk(logits, k=k, sorted=True)                                   # [b, k]
+    probs = torch.softmax(logits, dim=1).gather(1, best.indices).cpu().numpy()    # [b, k]
+    indices, values = best.indices.cpu().numpy(), best.values.cpu().numpy()
+    rows = []
+    for i, line in enumerate(lines):
+        for r in np.flatnonzero(~np.isin(indices[i], skip))[:top]:
+            rows.append(f"{line},{r + 1},{view.labels[indices[i, r]]},{values[i, r]:.6g},{probs[i, r]:.6g}")
+    return rows
+
+
+def csv_cell(text: str) -> str:
+    """`text` as one CSV cell: quoted when it holds a comma, a quote or a line break."""
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n\r') else text
+
+
+def cls_lines(view: TaskView, lines: np.ndarray, logits: torch.Tensor) -> list[str]:
+    """CSV rows `line,label[,name],p_<UNK>,p_<label>...`: the argmax class (evaluate's accuracy) and all
+    probabilities."""
+    probs = torch.softmax(logits, dim=1).cpu().numpy()                           # [b, n_classes]
+    labels = view.labels[probs.argmax(1)]
+    rows = []
+    for line, label, p in zip(lines, labels, probs):
+        name = [csv_cell(view.names.get(label, ""))] if view.names else []
+        rows.append(",".join([str(line), label, *name, *(f"{value:.6g}" for value in p)]))
+    return rows
+
+
+def special_classes(view: TaskView, index: ItemIndex) -> np.ndarray:
+    """Classes --skip_padding leaves out: <UNK> (0) and, for task 1, the padding item "0"."""
+    return np.array([0, 1] if view.number == 1 and index.has_zero else [0], dtype=np.int64)
+
+
+def prediction_csv(model: NextItNet, view: TaskView, users: Users, s: float, top: int, batch: int,
+                   device: torch.device, amp: bool, pad: int, skip: np.ndarray) -> str:
+    """The whole predictions CSV, made batch by batch."""
+    probabilities = [f"p_{label}" for label in view.labels]
+    header = (["line", "rank", "item", "logit", "prob"] if view.kind == "rec" else
+              ["line", "label", *(["name"] if view.names else []), *probabilities])
+    masks = model.task_masks(view.number - 1, s)                                 # [n_layers, C]
+    out = [",".join(header)]
+    for start in row_batches(users.size, batch, "predict"):
+        chunk = np.arange(start, min(start + batch, users.size))
+        _, logits = outputs(model, view.number - 1, user_inputs(users, chunk, view.length, pad), masks, device, amp)
+        lines = users.file_line[chunk]
+        out += rec_lines(view, lines, logits, top, skip) if view.kind == "rec" else cls_lines(view, lines, logits)
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- outputs
+
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+    """np.save through a temporary file in the same folder and os.replace: all of the file or none."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.save(stream, array)
+        os.replace(temp_path, path)
+    finally:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+
+
+def embedding_csv(vectors: np.ndarray, lines: np.ndarray) -> str:
+    """`line,h0,...` rows; %.9g round-trips float32 exactly."""
+    buffer = io.StringIO()
+    header = "line," + ",".join(f"h{j}" for j in range(vectors.shape[1]))
+    np.savetxt(buffer, np.column_stack([lines, vectors.astype(np.float64)]), fmt=["%d"] + ["%.9g"] * vectors.shape[1],
+               delimiter=",", header=header, comments="")
+    return buffer.getvalue()
+
+
+def emit(text: str, out: str | None, what: str) -> None:
+    """Write `text` to --out atomically, or print it."""
+    if out is None:
+        sys.stdout.write(text)
+        return
+    atomic_write_text(out, text)
+    print(f"{what} written to {out}")
+
+
+# ---------------------------------------------------------------- the probe
+
+def probe(model: NextItNet, views: list[TaskView], target: TaskView, record: dict, s: float, batch: int,
+          device: torch.device, amp: bool, pad: int) -> dict:
+    """Logistic regression on the users' vectors (views' masks) for cls task `target`: train split → test split,
+    beside head `target`'s accuracy and the training split's majority class on the same test rows."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    data = target.data
+    train, _, test = split_indices(len(data.targets), record["seed"], record["split_percentage"])
+    if train.size == 0 or test.size == 0:
+        raise DataError(f"{record['datapath']}: too few examples for a train and a test split")
+    vectors = embed_rows(model, views, lambda chunk, length: fit_width(data.sources[chunk], length, pad),
+                         data.sources.shape[0], s, batch, device, amp)          # [n_lines, D]
+    features, labels = vectors[data.rows(np.arange(len(data.targets)))], data.targets   # [n, D], [n]
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    classifier.fit(features[train], labels[train])
+    with autocast(device, amp):
+        head = score(model, target.number - 1, data, test, "cls", s, batch, device)["acc"]
+    majority = int(np.bincount(labels[train]).argmax())
+    label = str(target.labels[majority])
+    return {"task": target.number, "name": target.name, "features": [view.number for view in views],
+            "dims": int(vectors.shape[1]), "train": int(train.size), "test": int(test.size),
+            "logistic_regression": float(classifier.score(features[test], labels[test])),
+            "head": float(head), "majority": float(np.mean(labels[test] == majority)),
+            "majority_label": label, "majority_name": target.names.get(label, "")}
+
+
+def print_probe(result: dict) -> None:
+    masks = " + ".join(f"task {k}'s mask" for k in result["features"])
+    name = f" {result['majority_name']}" if result["majority_name"] else ""
+    majority = f"majority class ({result['majority_label']}{name})"
+    print(f"probe of task {result['task']} ({result['name']}): {result['dims']}-dim vectors ({masks}), "
+          f"logistic regression fitted on {result['train']} train rows, scored on {result['test']} test rows")
+    for what, key in (("logistic regression on the vectors", "logistic_regression"),
+                      (f"task {result['task']}'s head", "head"), (majority, "majority")):
+        print(f"  {what:<36} acc {result[key]:.4f}")
+
+
+# ---------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--paths", required=True, type=flags.existing_file, help="checkpoint (.t7), any stage")
+    add("--task", type=flags.positive_int, default=1, help="task whose head and mask are used (1-based; default 1)")
+    add("--input", type=flags.existing_file, help="users: one comma-separated line of raw item ids each")
+    add("--out", type=flags.output_file, help="predictions or --embed .csv, --embed .npy, --probe_task .json (default: print the CSV)")
+    add("--top", type=flags.positive_int, default=20, help="rec tasks: items per user (default 20)")
+    add("--skip_padding", action="store_true", help="rec tasks: leave <UNK> and task 1's padding item \"0\" out "
+        "of the list (evaluate.py ranks them; `rank` stays the place in the full ranking)")
+    add("--embed", action="store_true", help="write user vectors instead of predictions")
+    add("--embed_task1", action="store_true", help="with --embed / --probe_task: append task 1's vector")
+    add("--probe_task", type=flags.positive_int, help="a cls task: logistic regression on its users' vectors vs its head")
+    add("--datapath", type=flags.existing_file, help="task K's data file, for its input length and labels (default: as recorded in the "
+        "checkpoint; task K >= 2's class codes are mapped back to raw labels through it)")
+    add("--datapath_index", type=flags.existing_file, help="item index (default: as recorded in the checkpoint)")
+    add("--batch", type=flags.positive_int, default=256, help="users per forward pass (no effect on results)")
+    add("--device", type=flags.device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add("--amp", action="store_true", help="bf16 autocast")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flag combinations and the --out extension, before anything is loaded."""
+    if args.probe_task is None and not args.input:
+        parser.error("--input is required (or --probe_task)")
+    if args.embed_task1 and not (args.embed or args.probe_task):
+        parser.error("--embed_task1 needs --embed or --probe_task")
+    if args.embed_task1 and args.task == 1:
+        parser.error("--embed_task1 appends task 1's vector to task K's; with --task 1 leave it out")
+    extension = os.path.splitext(args.out or "")[1].lower()
+    allowed = [".json"] if args.probe_task else [".csv", ".npy"] if args.embed else [".csv"]
+    if args.out and extension not in allowed:
+        parser.error(f"--out {args.out}: expected {' or '.join(allowed)}")
+
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    check_args(parser, args)
+    keep_freed_memory()
+    device = resolve_device(args.device, None)
+    checkpoint = load_checkpoint(args.paths)
+    for flag, number in (("--task", args.task), ("--probe_task", args.probe_task)):
+        if number is not None and number > len(checkpoint["tasks"]):
+            raise DataError(f"{flag} {number}: {args.paths} holds tasks 1..{len(checkpoint['tasks'])}")
+    index_path = args.datapath_index or checkpoint.get("index_path")
+    if not index_path:
+        raise DataError(f"{args.paths}: does not record the item index; give --datapath_index")
+    index = read_index(index_path)
+    if index.size != checkpoint["model_config"]["n_items"]:
+        raise DataError(f"{index_path}: index has {index.size} items, {args.paths} "
+                        f"{checkpoint['model_config']['n_items']} (made from other data)")
+    model = NextItNet.from_checkpoint(checkpoint).to(device).eval()
+    s, pad = float(checkpoint["args"]["smax"]), pad_item(index)
+    view = task_view(checkpoint, args.task, index, args.datapath, args.paths)
+    views = [view] + ([task_view(checkpoint, 1, index, None, args.paths)] if args.embed_task1 else [])
+
+    if args.probe_task is not None:
+        target = (view if args.probe_task == args.task else
+                  task_view(checkpoint, args.probe_task, index, None, args.paths))
+        if target.kind != "cls" or target.data is None:
+            raise DataError(f"--probe_task {args.probe_task}: is a {target.kind} task; the probe fits a classifier "
+                            "to a cls task's labels")
+        result = probe(model, views, target, checkpoint["tasks"][args.probe_task - 1], s, args.batch, device,
+                       args.amp, pad)
+        print_probe(result)
+        if args.out:
+            write_json(args.out, result)
+        return
+
+    users = read_users(args.input, index)
+    if args.embed:
+        vectors = embed_rows(model, views, lambda chunk, length: user_inputs(users, chunk, length, pad),
+                             users.size, s, args.batch, device, args.amp)       # [n_users, D]
+        if args.out and args.out.lower().endswith(".npy"):
+            atomic_save_npy(args.out, vectors)
+            print(f"{vectors.shape[0]} user vectors of {vectors.shape[1]} dims written to {args.out}")
+        else:
+            emit(embedding_csv(vectors, users.file_line), args.out, f"{vectors.shape[0]} user vectors")
+        return
+    skip = special_classes(view, index) if args.skip_padding else np.zeros(0, dtype=np.int64)
+    text = prediction_csv(model, view, users, s, args.top, args.batch, device, args.amp, pad, skip)
+    emit(text, args.out, f"task {view.number} ({view.kind}) predictions for {users.size} users")
+
+
+if __name__ == "__main__":
+    cli(main)
