@@ -47,9 +47,27 @@ METHODS: dict[str, list[str]] = {
 STAGE_FLAGS: dict[str, tuple[list[str], list[str]]] = {
     "synth": (["--channels", "64", "--epochs", "10", "--patience", "3", "--select_on", "mrr@5"],
               ["--epochs", "10", "--patience", "3", "--select_on", "mrr@5", "--batch", "256", "--lr", "1e-3"]),
-    "demo": (["--channels", "64", "--epochs", "20", "--patience", "5", "--select_on", "mrr@5"],
-             ["--epochs", "15", "--patience", "5", "--select_on", "mrr@5", "--batch", "256", "--lr", "1e-3"]),
+    "demo": (["--channels", "64", "--epochs", "80", "--patience", "15", "--select_on", "ndcg@20",
+              "--split_percentage", "0.4"],
+             ["--epochs", "20", "--patience", "5", "--select_on", "ndcg@20", "--batch", "256", "--lr", "1e-3",
+              "--split_percentage", "0.4"]),
 }
+
+
+
+def prepare_synth() -> None:
+    import synth
+    synth.main(["--out", DATASETS["synth"]["folder"]])
+
+
+def prepare_demo() -> None:
+    import prepare_data
+    if prepare_data.main(["--source", "recbole", "--out", DATASETS["demo"]["folder"], "--seq_len", "100"]):
+        raise DataError("the demo data could not be prepared (pip install --no-deps recbole==1.2.1)")
+
+
+# The data run_all.sh regenerates before every run, with the same settings.
+PREPARE = {"synth": prepare_synth, "demo": prepare_demo}
 
 Results = dict[str, dict[int, dict[int, dict]]]  # {method: {seed: {stage: metrics.json}}}
 
@@ -306,9 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     out = os.path.abspath(args.out)
     os.chdir(REPO)  # the presets' data paths are relative to the repository root
     out = os.path.relpath(out) if out.startswith(os.path.join(REPO, "")) else out
-    if args.dataset == "synth":  # the benchmark is regenerated (deterministic, seconds), as run_all.sh does
-        import synth
-        synth.main(["--out", DATASETS["synth"]["folder"]])
+    if args.dataset in PREPARE:  # regenerated (deterministic, seconds), as run_all.sh does
+        PREPARE[args.dataset]()
     for stage in range(1, stages + 1):
         preset_paths(args.dataset, stage)  # a missing data file is reported here, in one line
     seeds = list(range(args.seeds))

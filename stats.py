@@ -89,17 +89,17 @@ def interval(draws: np.ndarray, level: float = 0.95) -> np.ndarray:
 
 def evidence(model: np.ndarray, baselines: dict[str, np.ndarray], names: list[str], headline: str,
              groups: np.ndarray | None, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
-    """The model's and each baseline's 95 % intervals, and the paired difference on the headline metric
-    against the strongest baseline (on the full test set), all from the same bootstrap resamples.
+    """The model's and each baseline's 95 % intervals, and the paired difference against the strongest
+    baseline on the headline metric (on the full test set), all from the same bootstrap resamples.
 
     model [n, m] and each baseline [n, m]: per-example metric values in the order of `names`.
     → {"ci95": {name: [lo, hi]}, "baseline": {b: {"test": {...}, "ci95": {...}}},
-       "vs_baseline": {"baseline", "metric", "difference", "ci95", "above"}}; "above" when the interval of
-    the difference lies entirely above 0.
+       "vs_baseline": {"baseline", "metric", "difference", "ci95", "above", "all": {name: {...}}}}: "above"
+    when the interval of the difference lies entirely above 0; "all" holds the same for every metric.
     """
     h = names.index(headline)
     strongest = max(baselines, key=lambda b: (baselines[b][:, h].mean(), b))
-    columns = [model] + list(baselines.values()) + [(model[:, h] - baselines[strongest][:, h])[:, None]]
+    columns = [model] + list(baselines.values()) + [model - baselines[strongest]]
     draws = bootstrap(np.concatenate(columns, axis=1), groups, resamples, seed)
     bounds = interval(draws)                                           # [columns, 2]
     m = len(names)
@@ -110,8 +110,8 @@ def evidence(model: np.ndarray, baselines: dict[str, np.ndarray], names: list[st
     result = {"ci95": named(0), "baseline": {}}
     for b, (name, values) in enumerate(baselines.items(), start=1):
         result["baseline"][name] = {"test": dict(zip(names, values.mean(0).tolist())), "ci95": named(b)}
-    low, high = bounds[-1]
-    result["vs_baseline"] = {"baseline": strongest, "metric": headline,
-                             "difference": float(model[:, h].mean() - baselines[strongest][:, h].mean()),
-                             "ci95": [float(low), float(high)], "above": bool(low > 0)}
+    differences = (model - baselines[strongest]).mean(0)
+    every = {name: {"difference": float(differences[i]), "ci95": named(len(baselines) + 1)[name],
+                    "above": bool(named(len(baselines) + 1)[name][0] > 0)} for i, name in enumerate(names)}
+    result["vs_baseline"] = {"baseline": strongest, "metric": headline, **every[headline], "all": every}
     return result

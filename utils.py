@@ -228,7 +228,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     "demo": {"folder": "Data/demo", "files": PREPARED_FILES,
              "names": ["next_item", "watch", "like", "age", "gender", "occupation"],
              "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
-             "missing": "prepare it first: python prepare_data.py --source recbole --out Data/demo "
+             "missing": "prepare it first: python prepare_data.py --source recbole --out Data/demo --seq_len 100 "
                         "(needs: pip install --no-deps recbole==1.2.1)"},
 }
 
@@ -290,6 +290,12 @@ def _ci(bounds: list[float]) -> str:
     return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
 
 
+def _also_above(versus: dict) -> str:
+    """The other metrics on which the model is above the same baseline (paired interval above 0)."""
+    others = [name for name, entry in versus.get("all", {}).items() if entry["above"] and name != versus["metric"]]
+    return f"  (above on {', '.join(others)})" if others and len(versus["all"]) > 1 else ""
+
+
 def format_evidence(stage: int, tasks: dict[str, dict]) -> str:
     """Each task's headline metric beside its 95 % interval, the strongest trivial baseline (with its
     interval), the paired difference and, where the data's generator knows it, the ceiling; tasks whose
@@ -310,5 +316,5 @@ def format_evidence(stage: int, tasks: dict[str, dict]) -> str:
                      f"{entry['test'][metric]:.4f} {_ci(entry['ci95'][metric]):<19}{name:<19}"
                      f"{baseline['test'][metric]:.4f} {_ci(baseline['ci95'][metric]):<19}{difference:<28}"
                      f"{'' if ceiling is None else f'{ceiling:.4f}':>8}"
-                     f"{'' if versus['above'] else '  NOT above baseline'}")
+                     f"{'' if versus['above'] else '  NOT above baseline'}{_also_above(versus)}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -191,3 +192,12 @@ def test_stage_commands_share_stage1_and_chain_per_method():
     assert "--no_relation" in third and third[third.index("--stage") + 1] == "3"
     teracon = compare.stage_command("demo", "runs/c", 0, "teracon", 4, [])
     assert not {"--method", "--no_relation", "--no_retention", "--uniform_sampling"} & set(teracon)
+
+
+def test_stage_flags_match_run_all(repo_root):
+    """compare.py runs each dataset with run_all.sh's flags, so its tables describe run_all.sh's runs."""
+    script = (repo_root / "run_all.sh").read_text()
+    for dataset, (first, later) in compare.STAGE_FLAGS.items():
+        block = re.search(rf"^    {dataset}\)\n(.*?);;", script, re.S | re.M).group(1)
+        assert re.search(r"stage1=\((.*?)\)", block).group(1).split() == first, dataset
+        assert re.search(r"later=\((.*?)\)", block).group(1).split() == later, dataset

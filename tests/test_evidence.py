@@ -84,6 +84,9 @@ def test_evidence_marks_above_only_when_the_paired_interval_excludes_zero():
     result = stats.evidence(better, {"weak": weak}, ["acc"], "acc", None)
     low, high = result["vs_baseline"]["ci95"]
     assert 0 < low < result["vs_baseline"]["difference"] < high and result["vs_baseline"]["above"] is True
+    assert result["vs_baseline"]["all"]["acc"]["ci95"] == [low, high]
+    two = stats.evidence(np.hstack([better, weak]), {"weak": np.hstack([weak, better])}, ["a", "b"], "a", None)
+    assert two["vs_baseline"]["all"]["a"]["above"] and not two["vs_baseline"]["all"]["b"]["above"]
     low, high = result["ci95"]["acc"]
     assert low < better.mean() < high
     assert result["baseline"]["weak"]["test"]["acc"] == pytest.approx(weak.mean())
@@ -200,3 +203,19 @@ def test_one_epoch_synth_run_reports_baselines_intervals_and_ceilings(tmp_path):
     assert header[:7] == ["stage"] + [f"task{k}" for k in range(1, 7)] and len(rows) == 6
     assert rows[5][header.index("task5_baseline_name")] == "majority"
     assert rows[5][header.index("task5_ceiling")] == f"{meta['tasks'][4]['ceiling']['acc']:.4f}"
+
+
+def test_stage_table_marks_tasks_not_above_their_baseline():
+    rng = np.random.default_rng(3)
+    good = rng.random((300, 7)) * 0.5 + 0.5
+    weak = rng.random((300, 7)) * 0.5
+    names = utils.metric_names(5)
+    above = stats.evidence(good, {"popularity": weak}, names, "mrr@5", None)
+    level = stats.evidence(good, {"popularity": good}, names, "mrr@5", None)
+    tasks = {str(k): {"kind": "rec", "test": dict(zip(names, good.mean(0))), "n_test_users": 300, **entry}
+             for k, entry in ((1, above), (2, level))}
+    tasks["2"]["ceiling"] = {"mrr@5": 0.9}
+    lines = utils.format_evidence(4, tasks).splitlines()
+    assert lines[0].startswith("stage 4:") and len(lines) == 4
+    assert "NOT above" not in lines[2] and "(above on hit@5, ndcg@5, mrr@20, hit@20, ndcg@20, acc)" in lines[2]
+    assert lines[3].rstrip().endswith("0.9000  NOT above baseline")
