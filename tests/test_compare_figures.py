@@ -166,6 +166,7 @@ def test_reference_rows_carry_baseline_and_ceiling():
     assert [row["method"] for row in rows] == ["trivial baseline", "ceiling"]
     assert rows[0]["task1"] == pytest.approx((0.55, math.sqrt(0.005)))
     assert rows[1]["task1"] == pytest.approx((0.9, 0.0))
+    assert all(math.isnan(v) for v in rows[1]["task1_ci"])          # a known value, not an estimate
 
 
 def test_headline_is_mrr5_for_rec_and_acc_for_cls():
