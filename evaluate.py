@@ -38,15 +38,15 @@ def score_values(model: NextItNet, task: int, data: TaskData, rows: np.ndarray, 
     """Per-example metrics [n_rows, 7] (order of `metric_names`) of head `task` on data rows; masks at scale s."""
     model.eval()
     masks = model.task_masks(task, s)
-    values = [np.zeros((0, 7))]
+    values = [torch.zeros((0, 7), dtype=torch.float64, device=device)]
     stage_sources = Staging(data.sources, device)
     stage_targets = Staging(data.targets, device)
     for start in tqdm(range(0, rows.size, batch_size), desc=desc, leave=False, disable=None):
         chunk = rows[start:start + batch_size]
         inputs, targets = stage_sources(data.rows(chunk)), stage_targets(chunk)   # [b, L], [b]
         logits, _ = model(inputs, task, s, last_only=True, masks=masks)
-        values.append(ranking_values(logits.float(), targets, top_k).cpu().numpy())
-    return np.concatenate(values)
+        values.append(ranking_values(logits.float(), targets, top_k))              # [b, 7], stays on the device
+    return torch.cat(values).cpu().numpy()
 
 
 def reported(values: np.ndarray, kind: str, top_k: int) -> dict[str, float]:
