@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run all six TERACON stages in order and print the forgetting matrix.
-#   bash run_all.sh demo        # MovieLens-100K from RecBole's wheel, small settings, CPU, ~10 minutes
-#   bash run_all.sh synth       # the controlled benchmark (synth.py), small settings, CPU, ~10 minutes
+#   bash run_all.sh demo        # MovieLens-100K from RecBole's wheel, small settings, CPU, ~2 minutes
+#   bash run_all.sh synth       # the controlled benchmark (synth.py), small settings, CPU, ~3 minutes
 #   bash run_all.sh ttl         # Data/TTL/ (download first), the paper's settings
 #   bash run_all.sh movielens   # Data/movielens/ (python prepare_data.py --source <ml-folder> --out Data/movielens)
 # Extra arguments are passed to every stage, e.g. `bash run_all.sh demo --device cpu --seed 3`.
