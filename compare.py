@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import flags
-from utils import DATASETS, DataError, atomic_write_text, cli, preset_paths
+from utils import DATASETS, DataError, atomic_write_text, cli, headline_metric, preset_paths
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,7 +52,6 @@ STAGE_FLAGS: dict[str, tuple[list[str], list[str]]] = {
              ["--epochs", "20", "--patience", "5", "--select_on", "ndcg@20", "--batch", "256", "--lr", "1e-3",
               "--split_percentage", "0.4"]),
 }
-
 
 
 def prepare_synth() -> None:
@@ -149,11 +148,8 @@ def load_results(out: str, seeds: list[int], methods: list[str], stages: int) ->
 
 
 def headline(task: dict) -> float:
-    """MRR at the smallest cut-off (MRR@5) for rec tasks, accuracy for cls tasks (as evaluate.forgetting_matrix)."""
-    names = [name for name in task["test"] if name.startswith("mrr@")]
-    if task["kind"] != "rec" or not names:
-        return task["test"]["acc"]
-    return task["test"][min(names, key=lambda name: int(name[4:]))]
+    """The value of the task's headline metric (utils.headline_metric: MRR@5 for rec, accuracy for cls)."""
+    return task["test"][headline_metric(task)]
 
 
 # Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96 is within 4 %).

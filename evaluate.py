@@ -20,8 +20,8 @@ import flags
 from data_loader import ItemIndex, Staging, TaskData, check_split, load_sequences_with_index, load_task, read_index, split_indices
 from model import NextItNet
 from stats import class_counts, evidence, popularity_ranks, rank_values
-from utils import (DataError, atomic_write_text, cli, keep_freed_memory, load_checkpoint, metric_names, ranking_values,
-                   write_json)
+from utils import (DataError, atomic_write_text, cli, headline_metric, keep_freed_memory, load_checkpoint, metric_names,
+                   ranking_values, write_json)
 
 
 def load_task_data(stage: int, datapath: str, index: ItemIndex) -> tuple[TaskData, np.ndarray | None]:
@@ -124,11 +124,12 @@ def task_report(model: NextItNet, number: int, record: dict, data: TaskData, ind
     train_rows, _, test_rows = parts
     kind = record["kind"]
     values = score_values(model, number - 1, data, test_rows, s, batch_size, device, top_k, desc=f"test task {number}")
-    names = list(reported(values, kind, top_k))
+    metrics = reported(values, kind, top_k)
+    names = list(metrics)
     columns = [metric_names(top_k).index(name) for name in names]
     baselines = baseline_values(data, kind, train_rows, test_rows, index, top_k)
     groups = data.rows(test_rows)
-    report = {"kind": kind, "test": reported(values, kind, top_k), "n_test": int(test_rows.size),
+    report = {"kind": kind, "test": metrics, "n_test": int(test_rows.size),
               "n_test_users": int(np.unique(groups).size)}
     report.update(evidence(values[:, columns], {b: v[:, columns] for b, v in baselines.items()}, names,
                            headline_name(kind, top_k), groups))
@@ -175,8 +176,7 @@ def load_stages(metric_files: list[str]) -> list[dict]:
 def matrix_cell(task: dict) -> dict:
     """A task's headline metric (MRR at the smallest cut-off for rec, acc for cls) with its interval, the
     strongest baseline, whether the model is above it (None when the file has no evidence) and the ceiling."""
-    names = sorted((m for m in task["test"] if m.startswith("mrr@")), key=lambda m: int(m[4:]))
-    metric = names[0] if task["kind"] == "rec" and names else "acc"
+    metric = headline_metric(task)
     versus = task.get("vs_baseline") or {}
     baseline = task.get("baseline", {}).get(versus.get("baseline"), {})
     return {"metric": metric, "value": task["test"][metric], "ci95": task.get("ci95", {}).get(metric),

@@ -32,7 +32,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -45,7 +44,8 @@ from data_loader import ItemIndex, TaskData, load_task, read_index, segments, sp
 from evaluate import score
 from model import NextItNet
 from trainer import autocast
-from utils import DataError, atomic_write_text, cli, keep_freed_memory, load_checkpoint, resolve_device, write_json
+from utils import (DataError, atomic_save_npy, atomic_write_text, cli, keep_freed_memory, load_checkpoint, resolve_device,
+                   write_json)
 
 UNK = "<UNK>"
 
@@ -248,20 +248,6 @@ def prediction_csv(model: NextItNet, view: TaskView, users: Users, s: float, top
 
 
 # ---------------------------------------------------------------- outputs
-
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    """np.save through a temporary file in the same folder and os.replace: all of the file or none."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.save(stream, array)
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-
 
 def embedding_csv(vectors: np.ndarray, lines: np.ndarray) -> str:
     """`line,h0,...` rows; %.9g round-trips float32 exactly."""

@@ -64,6 +64,14 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     _atomic_write(path, lambda temp_path: torch.save(obj, temp_path))
 
 
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+    """np.save written atomically (through an open handle: np.save would append .npy to the temporary name)."""
+    def write(temp_path: str) -> None:
+        with open(temp_path, "wb") as handle:
+            np.save(handle, array)
+    _atomic_write(path, write)
+
+
 def write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -284,6 +292,15 @@ def format_table(stage: int, tasks: dict[str, dict]) -> str:
         rows.append(f"{key:<6}{entry['kind']:<6}{cells}")
     return "\n".join([header] + rows)
 
+
+
+def headline_metric(task: dict) -> str:
+    """The metric a task entry of metrics.json is judged on: MRR at its smallest cut-off (MRR@5 by default)
+    for rec tasks, accuracy for cls tasks."""
+    names = [name for name in task["test"] if name.startswith("mrr@")]
+    if task["kind"] != "rec" or not names:
+        return "acc"
+    return min(names, key=lambda name: int(name[4:]))
 
 
 def _ci(bounds: list[float]) -> str:

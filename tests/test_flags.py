@@ -55,6 +55,12 @@ def error_line(capsys, call) -> str:
     return lines[0]
 
 
+def argv_error_line(capsys, monkeypatch, script: str, main, argv: list[str]) -> str:
+    """Run an entry point whose main() reads sys.argv (evaluate.py, predict.py) under utils.cli → error_line."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    return error_line(capsys, lambda: utils.cli(main))
+
+
 def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
@@ -264,16 +270,14 @@ def test_evaluate(stage1, tmp_path, capsys, monkeypatch, extra, expected):
     argv = ["--paths", stage1["ckpt"], "--task", "1", "--datapath", stage1["t1"], "--datapath_index",
             stage1["index"], "--device", "cpu", "--json", str(tmp_path / "out" / "e.json")]
     argv += [part.format(**names) for part in extra]
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv])
     before = files_under(stage1["folder"])
-    line = error_line(capsys, lambda: utils.cli(evaluate.main))
+    line = argv_error_line(capsys, monkeypatch, "evaluate.py", evaluate.main, argv)
     assert expected.format(**names) in line, line
     assert files_under(tmp_path) == [] and files_under(stage1["folder"]) == before
 
 
 def test_evaluate_needs_paths_and_task(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--batch", "8"])
-    assert "--paths and --task" in error_line(capsys, lambda: utils.cli(evaluate.main))
+    assert "--paths and --task" in argv_error_line(capsys, monkeypatch, "evaluate.py", evaluate.main, ["--batch", "8"])
 
 
 # ------------------------------------------------------------------ compare.py, figures.py
@@ -392,16 +396,14 @@ def test_predict(stage1, tmp_path, capsys, monkeypatch, argv, expected):
     names = {"dir": str(stage1["folder"]), "ckpt": stage1["ckpt"]}
     argv = ["--paths", stage1["ckpt"], "--input", stage1["t1"], "--out", str(tmp_path / "out" / "p.csv"),
             "--device", "cpu"] + [part.format(**names) for part in argv]
-    monkeypatch.setattr(sys, "argv", ["predict.py", *argv])
     before = files_under(stage1["folder"])
-    line = error_line(capsys, lambda: utils.cli(predict.main))
+    line = argv_error_line(capsys, monkeypatch, "predict.py", predict.main, argv)
     assert expected.format(**names) in line, line
     assert files_under(tmp_path) == [] and files_under(stage1["folder"]) == before
 
 
 def test_predict_needs_paths(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["predict.py", "--task", "1"])
-    assert "--paths" in error_line(capsys, lambda: utils.cli(predict.main))
+    assert "--paths" in argv_error_line(capsys, monkeypatch, "predict.py", predict.main, ["--task", "1"])
 
 
 @pytest.mark.parametrize("argv, expected", [
