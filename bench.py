@@ -26,7 +26,8 @@ from data_loader import ItemIndex, TaskData, load_task
 from evaluate import score
 from model import ModelConfig, NextItNet
 from utils import keep_freed_memory
-from trainer import INITIAL_RATIO, adam, autocast, compile_backbone, continual_step, optimizer_step, task1_loss
+from method import INITIAL_RATIO, task1_loss
+from trainer import adam, autocast, compile_backbone, continual_step, optimizer_step
 
 PHASES = ["task1", "taskK", "eval", "load"]
 
@@ -115,7 +116,8 @@ def run_phase(args: argparse.Namespace) -> dict:
     if args.phase == "taskK":
         optimizer = adam(model.parameters(), 1e-4)
         targets = torch.from_numpy(rng.integers(1, args.classes, size=args.users))
-        options = argparse.Namespace(alpha=0.7, nested_samples=False, uniform_sampling=True, amp=args.amp,
+        options = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous", nested_samples=False,
+                                     uniform_sampling=True, amp=args.amp,
                                      no_embedding_clamp=False)
         ratios = [INITIAL_RATIO] * (args.stage - 1)
 

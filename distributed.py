@@ -130,8 +130,8 @@ def from_main(compute: Callable[[], Any]) -> Any:
     return broadcast_object(compute() if is_main() else None)
 
 
-def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[tuple[np.ndarray, float]]:
-    """This rank's (rows, weight) for every global batch of `data_loader.batches(n, batch_size, rng)`.
+def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[tuple[np.ndarray, float, int]]:
+    """This rank's (rows, weight, global batch rows) for every global batch of `data_loader.batches(n, batch_size, rng)`.
 
     Every rank first takes rank 0's generator state, so all ranks draw the same shuffle even after
     drawing different retention samples; then rank r keeps rows r::world of each batch, so the union over
@@ -140,13 +140,13 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[tuple[np.
     batch's first row as a stand-in with weight 0, so that it still runs the step's collectives.
     """
     if not active():
-        return [(rows, 1.0) for rows in data_loader.batches(n, batch_size, rng)]
+        return [(rows, 1.0, rows.size) for rows in data_loader.batches(n, batch_size, rng)]
     rng.bit_generator.state = broadcast_object(rng.bit_generator.state)
     me, world = rank(), world_size()
     shards = []
     for rows in data_loader.batches(n, batch_size, rng):
         mine = rows[me::world]
-        shards.append((mine, mine.size / rows.size) if mine.size else (rows[:1], 0.0))
+        shards.append((mine, mine.size / rows.size, rows.size) if mine.size else (rows[:1], 0.0, rows.size))
     return shards
 
 

@@ -20,7 +20,8 @@ import flags
 from data_loader import ItemIndex, Staging, TaskData, check_split, load_sequences_with_index, load_task, read_index, split_indices
 from model import NextItNet
 from stats import class_counts, evidence, popularity_ranks, rank_values
-from utils import (DataError, atomic_write_text, cli, headline_metric, keep_freed_memory, load_checkpoint, metric_names,
+from checkpoints import load_checkpoint
+from utils import (DataError, atomic_write_text, cli, headline_metric, keep_freed_memory, metric_names,
                    ranking_values, write_json)
 
 

@@ -21,7 +21,8 @@ import torch
 import flags
 from evaluate import matrix_cells
 from model import NextItNet
-from utils import DataError, cli, load_checkpoint
+from checkpoints import load_checkpoint
+from utils import DataError, cli
 
 DEFAULT_SMAX = 50.0
 

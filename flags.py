@@ -101,6 +101,12 @@ fraction = real(0.0, 1.0, low_open=True, high_open=True, what="a number strictly
 smax = real(1.0, what="a finite number >= 1 (s is annealed from 1/smax up to smax)")
 
 
+def on_off(text: str) -> str:
+    if text not in ("on", "off"):
+        _fail(f"must be on or off (got {text!r})")
+    return text
+
+
 def metric(text: str) -> str:
     """acc, or mrr@K / hit@K / ndcg@K (K ≥ 1); whether K is reported depends on --top_k (check_select_on)."""
     if text != "acc" and not METRIC_PATTERN.fullmatch(text):

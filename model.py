@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+CHECKPOINT_FORMAT = 1  # version of the checkpoint layout written by trainer.checkpoint_dict
+
 
 @dataclass
 class ModelConfig:

@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
-from model import ModelConfig, NextItNet
-from utils import CHECKPOINT_FORMAT, DataError
+from model import CHECKPOINT_FORMAT, ModelConfig, NextItNet
+from utils import DataError
 
 # ---------------------------------------------------------------- the key mapping (the only one)
 # (original key, as a regular expression; our key, formatted with the groups and {layer} = 2·i + c − 1,

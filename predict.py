@@ -44,7 +44,8 @@ from data_loader import ItemIndex, TaskData, load_task, read_index, segments, sp
 from evaluate import score
 from model import NextItNet
 from trainer import autocast
-from utils import (DataError, atomic_save_npy, atomic_write_text, cli, keep_freed_memory, load_checkpoint, resolve_device,
+from checkpoints import load_checkpoint
+from utils import (DataError, atomic_save_npy, atomic_write_text, cli, keep_freed_memory, resolve_device,
                    write_json)
 
 UNK = "<UNK>"

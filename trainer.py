@@ -23,13 +23,12 @@ import flags
 from data_loader import (ItemIndex, Staging, TaskData, check_split, load_sequences, load_task, read_index,
                          split_indices, write_index)
 from evaluate import evaluate_tasks, score
-from model import ModelConfig, NextItNet
-from utils import (CHECKPOINT_FORMAT, DATASETS, DataError, anneal, atomic_torch_save, format_evidence, format_table,
-                   keep_freed_memory, load_checkpoint, preset_kind, preset_paths, resolve_device, retention_term,
-                   sampling_ratio, set_seed, stage_defaults, task_name, write_json)
-
-INITIAL_RATIO = 0.9  # sampling ratio before the first batch (authors' code)
-EMBEDDING_CLAMP = 6.0
+from checkpoints import load_checkpoint
+from method import (INITIAL_RATIO, RETENTION_RULES, Retention, Shard, anneal, clamp_task_embedding, continual_terms,
+                    task1_loss)
+from model import CHECKPOINT_FORMAT, ModelConfig, NextItNet
+from utils import (DATASETS, VARIANTS, DataError, atomic_torch_save, format_evidence, format_table, keep_freed_memory,
+                   preset_kind, preset_paths, resolve_device, set_seed, stage_defaults, task_name, write_json)
 
 
 def build_parser(stage: int | None) -> argparse.ArgumentParser:
@@ -52,8 +51,12 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
         help="batch size for validation/test (no effect on results)")
     add("--smax", type=flags.smax, default=50)
     add("--alpha", type=flags.nonnegative_float, default=0.7, help="weight of the knowledge-retention loss")
-    add("--L2", type=flags.nonnegative_float, default=0.75, help="task 1: weight of the mean-mask regulariser")
-    add("--seed", type=flags.seed, default=10)
+    add("--variant", choices=sorted(VARIANTS), default="revised",
+        help="which of the authors' two codes the flags below default to: revised (Sein-Kim/TERACON) or original "
+             "(Sein-Kim/TERACON_original); README, Faithfulness")
+    add("--L2", type=flags.nonnegative_float, help="task 1: weight of the mean-mask regulariser (original 0.75, "
+        "revised 0)")
+    add("--seed", type=flags.seed, help="original 10, revised 0")
     add("--top_k", type=flags.positive_int, default=5)
     add("--split_percentage", type=flags.fraction, default=0.2, help="valid+test share, in (0, 1)")
     add("--gpu_num", type=flags.gpu_num, default=None, help="the original's device flag: an int (cuda:N) or 'cpu'")
@@ -62,17 +65,28 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
     add("--patience", type=flags.positive_int, default=5)
     add("--task_kind", choices=["rec", "cls"],
         help="default: rec for task 1, later tasks rec when they have more than top_k+15 classes")
-    add("--select_on", default="acc", type=flags.metric,
+    add("--select_on", type=flags.metric,
         help="validation metric for early stopping on rec tasks (cls tasks use acc): acc, or mrr/hit/ndcg at "
              "@top_k or @top_k+15 (mrr@5 ... ndcg@20 by default); the revised code uses acc "
              "(hit@1) everywhere, the original t2/t3 scripts mrr@5")
-    add("--no_embedding_clamp", action="store_true",
-        help="stages ≥ 2: do not clamp task embeddings to [-6, 6] (the original t2–t6 scripts' clamp never fires)")
-    add("--nested_samples", action="store_true",
-        help="earlier tasks share one shuffle (nested prefixes), as the original; default: independent samples")
+    add("--ties", type=flags.on_off, nargs="?", const="on",
+        help="on: a validation score equal to the best so far counts as an improvement (the original's t2/t3 "
+             "scripts); off: only a higher one")
+    add("--embedding_clamp", type=flags.on_off, nargs="?", const="on",
+        help="stages ≥ 2: clamp task embeddings to [-6, 6] after each step (revised: on; the original t2–t6 "
+             "scripts' clamp never fires: off)")
+    add("--no_embedding_clamp", dest="embedding_clamp", action="store_const", const="off",
+        help="the same as --embedding_clamp off")
+    add("--nested_samples", type=flags.on_off, nargs="?", const="on",
+        help="on: earlier tasks' retention rows are prefixes of one shuffle (original); off: a shuffle each (revised)")
+    add("--ratio_weights", choices=["previous", "current"],
+        help="retention weights c_j from the previous batch's ratios (revised) or this batch's (original)")
     add("--no_relation", action="store_true", help="ablation: plain σ(s·e) masks for every task")
     add("--no_retention", action="store_true", help="ablation: α = 0")
     add("--uniform_sampling", action="store_true", help="ablation: fixed sampling ratio 0.9")
+    add("--retention", choices=list(RETENTION_RULES), default="paper",
+        help="how sampling ratios become retention rows and weights: " + "; ".join(
+            f"{name}: {text}" for name, text in RETENTION_RULES.items()))
     add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
     add("--compile", action="store_true", help="torch.compile the residual stack of the model (and the teacher); "
         "the first steps of each shape are slower while it compiles")
@@ -87,7 +101,6 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
 def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser(stage)
     args = parser.parse_args(argv)
-    flags.check_select_on(parser, args.select_on, args.top_k)
     if stage is None:
         stage = args.stage
         if stage is None and args.paths:
@@ -95,13 +108,15 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Nam
         if stage is None or stage < 2:
             raise DataError("give --stage K (K ≥ 2) or --paths of the previous stage's checkpoint")
     args.stage = stage
+    for key, value in stage_defaults(stage, args.variant).items():
+        if getattr(args, key) is None:  # explicit flags win
+            setattr(args, key, value)
+    flags.check_select_on(parser, args.select_on, args.top_k)
+    args.no_embedding_clamp, args.nested_samples = args.embedding_clamp == "off", args.nested_samples == "on"
     if args.dataset:
         for key, value in preset_paths(args.dataset, stage).items():
             if getattr(args, key) is None:  # explicit flags win
                 setattr(args, key, value)
-    for key, value in stage_defaults(stage).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     required = ["datapath", "datapath_index", "savepath"] + (["paths"] if stage > 1 else [])
     missing = [f"--{key}" for key in required if getattr(args, key) is None]
     if missing:
@@ -157,7 +172,7 @@ def fit(args: argparse.Namespace, train_epoch: Callable[[int], dict], validate: 
         trained = time.time()
         valid = distributed.from_main(validate)  # rank 0's scores: every rank takes the same decisions
         value = valid[args.select_on if args.select_on in valid else "acc"]  # cls tasks only report acc
-        improved = best is None or value > best
+        improved = best is None or value > best or (args.ties == "on" and value == best)
         summary = " ".join(f"{k}={v:.4f}" for k, v in valid.items())
         print(f"epoch {epoch}: loss {stats['loss']:.4f} retention {stats['retention']:.3g} skipped {stats['skipped']} "
               f"| valid {summary} | train {trained - started:.1f}s, all {time.time() - started:.1f}s"
@@ -230,11 +245,6 @@ def finish(args: argparse.Namespace, model: NextItNet, checkpoint_path: str, ind
     return metrics
 
 
-def clamp_task_embedding(model: NextItNet) -> None:
-    with torch.no_grad():
-        model.task_embedding.clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
-
-
 def compile_backbone(model: NextItNet) -> NextItNet:
     """--compile: torch.compile model.hidden (embedding + residual blocks), where the many small ops are;
     masks, heads and losses stay eager. The batch dimension is dynamic (retention samples and the last
@@ -255,80 +265,19 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def chunked_cross_entropy(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean CE of head(hidden) computed `chunk` rows at a time; each chunk's logits are recomputed in
-    backward, so the peak holds one chunk's logits instead of all (same loss, exactly)."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        part = checkpoint(lambda h, y: F.cross_entropy(head(h).float(), y, reduction="sum"),
-                          hidden[start:start + chunk], targets[start:start + chunk], use_reentrant=False)
-        total = total + part
-    return total / hidden.shape[0]
-
-
-def task1_loss(model: NextItNet, sequence: torch.Tensor, s: float, l2: float, ce_chunk: int = 0) -> torch.Tensor:
-    """Stage 1: CE of every next item (inputs seq[:-1], targets seq[1:]) + L2 · mean of all masks."""
-    masks = model.task_masks(0, s)                                          # [n_layers, C]
-    hidden = model.hidden(sequence[:, :-1], masks, last_only=False)         # [B, L−1, C]
-    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), sequence[:, 1:].reshape(-1)
-    if ce_chunk and hidden.shape[0] > ce_chunk:
-        loss = chunked_cross_entropy(model.heads[0], hidden, targets, ce_chunk)
-    else:
-        loss = F.cross_entropy(model.heads[0](hidden).float(), targets)
-    return loss + l2 * masks.mean()
-
-
-def continual_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,
-                    ratios: list[float], rng: np.random.Generator, args: argparse.Namespace,
-                    new_ratios: list[float]) -> Iterator[torch.Tensor]:
-    """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K), then α · c_j · MSE_j for each earlier task j.
-
-    For every earlier task j, int(B · ratio_j) users of the batch are pseudo-labelled by the ONE frozen
-    teacher under its task-j mask; the student's head j under its own task-j mask is pulled towards them.
-    Each term has its own graph, so a caller may back-propagate it before asking for the next one.
-    The next batch's ratios are appended to `new_ratios`.
-    """
-    task_masks = model.task_masks(task, s)                                  # [n_layers, C]
-    yield F.cross_entropy(model(x, task, s, masks=task_masks)[0].float(), y)
-    if args.alpha <= 0 or task == 0:
-        new_ratios.extend(ratios)
-        return
-    size, total = x.shape[0], sum(ratios)
-    shared = rng.permutation(size)
-    for j in range(task):
-        sample = (shared if args.nested_samples else rng.permutation(size))[:int(size * ratios[j])]
-        rows = torch.from_numpy(sample).to(x.device)
-        x_j = x[rows, :-1] if j == 0 else x[rows]                           # task 1 predicts the source's last item
-        with torch.no_grad():
-            teacher_masks = teacher.task_masks(j, s)
-            pseudo = teacher(x_j, j, s, masks=teacher_masks)[0].float() if sample.size else None
-        new_ratios.append(ratios[j] if args.uniform_sampling else sampling_ratio(teacher_masks, task_masks))
-        if sample.size:
-            yield args.alpha * retention_term(model(x_j, j, s)[0].float(), pseudo, ratios[j], total)
-
-
-def continual_loss(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,
-                   ratios: list[float], rng: np.random.Generator,
-                   args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """The whole stage-K loss as one graph → (loss, α · retention, next batch's ratios)."""
-    new_ratios: list[float] = []
-    ce, *kept = continual_terms(model, teacher, x, y, task, s, ratios, rng, args, new_ratios)
-    retention = torch.stack(kept).sum() if kept else ce.new_zeros(())
-    return ce + retention, retention.detach(), new_ratios
-
-
 def continual_step(model: NextItNet, teacher: NextItNet, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                    y: torch.Tensor, task: int, s: float, ratios: list[float], rng: np.random.Generator,
-                   args: argparse.Namespace, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
+                   args: argparse.Namespace, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
     """One optimiser step on the stage-K loss → (loss, α · retention, next ratios, stepped).
 
     Each term is back-propagated as soon as it is computed, so only one pass's activations are alive at
     a time (at task 6: one instead of six); the gradients add up to the gradient of the sum. The step is
     skipped if the total is non-finite (on any rank under torchrun), as optimizer_step."""
-    device = x.device
+    device, shard = x.device, shard or Shard(x.shape[0])
+    weight = shard.rows / shard.size                                   # this rank's share of the global batch
     optimizer.zero_grad(set_to_none=True)
     new_ratios: list[float] = []
-    terms = continual_terms(model, teacher, x, y, task, s, ratios, rng, args, new_ratios)
+    terms = continual_terms(model, teacher, x, y, task, s, ratios, rng, retention_settings(args), new_ratios, shard)
     values = []
     while True:
         with autocast(device, args.amp):
@@ -346,6 +295,12 @@ def continual_step(model: NextItNet, teacher: NextItNet, optimizer: torch.optim.
     if not args.no_embedding_clamp:
         clamp_task_embedding(model)
     return loss, retention, new_ratios, stepped
+
+
+def retention_settings(args: argparse.Namespace) -> Retention:
+    """The stage's knowledge-retention settings from its flags."""
+    return Retention(alpha=args.alpha, rule=args.retention, nested=args.nested_samples,
+                     uniform=args.uniform_sampling, current_weights=args.ratio_weights == "current")
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
@@ -426,7 +381,7 @@ def run_task1(args: argparse.Namespace) -> dict:
         model.train()
         stats = {"loss": 0.0, "retention": 0.0, "skipped": 0, "finite_steps": 0}
         shards = distributed.batches(train_rows.size, args.batch, rng)  # (this rank's rows, its share)
-        for b, (rows, weight) in enumerate(tqdm(shards, desc=f"task 1 epoch {epoch}", leave=False, disable=None)):
+        for b, (rows, weight, _) in enumerate(tqdm(shards, desc=f"task 1 epoch {epoch}", leave=False, disable=None)):
             s = anneal(b, batches_per_epoch, args.smax)
             sequence = stage_sequences(train_rows[rows])                             # [B, L]
             with autocast(device, args.amp):
@@ -512,14 +467,15 @@ def run_continual(args: argparse.Namespace) -> dict:
         model.train()
         stats = {"loss": 0.0, "retention": 0.0, "skipped": 0, "finite_steps": 0}
         shards = distributed.batches(train_rows.size, args.batch, rng)  # (this rank's rows, its share)
-        for b, (rows, weight) in enumerate(tqdm(shards, desc=f"task {args.stage} epoch {epoch}", leave=False,
-                                                disable=None)):
+        for b, (rows, weight, size) in enumerate(tqdm(shards, desc=f"task {args.stage} epoch {epoch}", leave=False,
+                                                      disable=None)):
             s = anneal(b, batches_per_epoch, args.smax)
             chosen = train_rows[rows]
             x = stage_sources(data.rows(chosen))                       # [B, L]
             y = stage_targets(chosen)                                  # [B]
+            shard = Shard(size, distributed.rank(), distributed.world_size())
             loss, kept, state["ratios"], stepped = continual_step(model, teacher, optimizer, x, y, task, s,
-                                                                  state["ratios"], rng, args, weight)
+                                                                  state["ratios"], rng, args, shard)
             stats["retention"] += float(kept)
             account(stats, loss, stepped)
         stats["loss"] /= max(stats["finite_steps"], 1)

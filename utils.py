@@ -1,5 +1,5 @@
-"""Shared pieces: errors, atomic writes, seeding, metrics, the knowledge-retention loss and sampling ratio,
-checkpoint I/O and the per-dataset / per-stage defaults."""
+"""Shared pieces: errors, atomic writes, seeding, metrics, the per-dataset / per-stage defaults and report
+formatting. TERACON's math is in method.py, checkpoint loading in checkpoints.py."""
 from __future__ import annotations
 
 import ctypes
@@ -13,10 +13,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-CHECKPOINT_FORMAT = 1
-
 
 class DataError(Exception):
     """Bad input the user can fix; reported as one line naming the file, no traceback."""
@@ -152,61 +148,6 @@ def ranking_sums(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> tor
     return ranking_values(logits, targets, top_k).sum(0)
 
 
-# ---------------------------------------------------------------- TERACON's retention pieces
-
-def sampling_ratio(teacher_masks: torch.Tensor, task_masks: torch.Tensor) -> float:
-    """Eq. 15: ratio_j = 1 − mean over masked layers of σ(6 · cos(m̃_j, m_t)).
-
-    teacher_masks, task_masks: [n_layers, C] (earlier task j's mask under the teacher, current task's mask).
-    """
-    cosine = F.cosine_similarity(teacher_masks.detach(), task_masks.detach(), dim=1, eps=1e-6)  # [n_layers]
-    return float(1.0 - torch.sigmoid(6.0 * cosine).mean())
-
-
-def retention_term(student: torch.Tensor, teacher: torch.Tensor, ratio: float, total_ratio: float) -> torch.Tensor:
-    """One earlier task's share of Eq. 16: (ratio_j / Σ_k ratio_k) · MSE(student_j, teacher_j)."""
-    return ratio / total_ratio * F.mse_loss(student, teacher)
-
-
-def retention_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], ratios: list[float]) -> torch.Tensor:
-    """Eq. 16: Σ_j (ratio_j / Σ_k ratio_k) · MSE(student_j, teacher_j) over earlier tasks j.
-
-    An empty sample (int(B · ratio_j) = 0) contributes nothing; the original's MSE of an empty tensor is NaN.
-    """
-    total = sum(ratios)
-    terms = [retention_term(s, t, ratio, total) for s, t, ratio in zip(student, teacher, ratios) if s.shape[0] > 0]
-    if not terms or total <= 0:
-        reference = student[0] if student else torch.zeros(())
-        return reference.sum() * 0.0
-    return torch.stack(terms).sum()
-
-
-def anneal(batch_index: int, batches_per_epoch: float, smax: float) -> float:
-    """Eq. 19: s = 1/smax + (smax − 1/smax) · b / B within each epoch."""
-    return 1.0 / smax + (smax - 1.0 / smax) * batch_index / batches_per_epoch
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def load_checkpoint(path: str, what: str = "--paths") -> dict:
-    """Load one of our checkpoints safely (weights_only); a missing or corrupt file is a DataError."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: checkpoint not found ({what})")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for truncated or foreign files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"{path}: not a readable checkpoint ({reason[:120]})") from None
-    if not isinstance(checkpoint, dict):
-        raise DataError(f"{path}: not a TERACON checkpoint")
-    if "model_config" not in checkpoint:
-        from original_checkpoints import convert_original  # the authors' layout, converted in memory
-        return convert_original(checkpoint, path)
-    if checkpoint.get("format_version") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path}: checkpoint format {checkpoint.get('format_version')} is not {CHECKPOINT_FORMAT}")
-    return checkpoint
-
-
 # ---------------------------------------------------------------- defaults
 
 TTL_FILES = [
@@ -241,7 +182,7 @@ DATASETS: dict[str, dict[str, Any]] = {
 }
 
 # Per-stage training defaults (paper / authors' run script): stage 1 lr 1e-3 batch 32; stage 2 lr 1e-3
-# (revised script); later stages lr 1e-4; batch 1024; smax 50; α 0.7.
+# (revised script; the original 1e-4); later stages lr 1e-4; batch 1024; smax 50; α 0.7.
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     1: {"lr": 1e-3, "batch": 32, "epochs": 10},
     2: {"lr": 1e-3, "batch": 1024, "epochs": 100},
@@ -249,8 +190,24 @@ STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
 LATER_STAGE_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "batch": 1024, "epochs": 100}
 
 
-def stage_defaults(stage: int) -> dict[str, Any]:
-    return STAGE_DEFAULTS.get(stage, LATER_STAGE_DEFAULTS)
+# --variant: every behaviour in which the authors' two codes differ, as the defaults of its own flag (README,
+# "Faithfulness" has the file and lines of both codes). A flag given on the command line wins.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "revised": {"seed": 0, "L2": 0.0, "ratio_weights": "previous", "ties": "off", "nested_samples": "off",
+                "embedding_clamp": "on", "select_on": "acc"},
+    "original": {"seed": 10, "L2": 0.75, "ratio_weights": "current", "ties": "off", "nested_samples": "on",
+                 "embedding_clamp": "off", "select_on": "acc"},
+}
+VARIANT_STAGES: dict[str, dict[int, dict[str, Any]]] = {
+    "revised": {},
+    "original": {2: {"lr": 1e-4, "select_on": "mrr@5", "ties": "on"}, 3: {"select_on": "mrr@5", "ties": "on"}},
+}
+
+
+def stage_defaults(stage: int, variant: str = "revised") -> dict[str, Any]:
+    """Every flag default of `stage` under `variant` that is not the flag's own default."""
+    return {**STAGE_DEFAULTS.get(stage, LATER_STAGE_DEFAULTS), **VARIANTS[variant],
+            **VARIANT_STAGES[variant].get(stage, {})}
 
 
 def task_name(dataset: str | None, stage: int) -> str:

@@ -16,6 +16,8 @@ import torch.nn as nn
 
 import data_loader
 import evaluate
+import checkpoints
+import method
 import trainer
 import utils
 from model import ModelConfig, NextItNet, causal_conv
@@ -101,10 +103,10 @@ def test_causal_conv_matches_authors_conv2d(dilation, kernel):
 def test_plain_masks_range_and_annealing(tiny_model):
     smax = 50.0
     batches = 37
-    assert utils.anneal(0, batches, smax) == pytest.approx(1.0 / smax, abs=1e-12)
-    assert utils.anneal(batches, batches, smax) == pytest.approx(smax, abs=1e-9)
-    assert utils.anneal(batches / 2, batches, smax) == pytest.approx((1.0 / smax + smax) / 2, rel=1e-9)
-    values = [utils.anneal(b, batches, smax) for b in range(batches + 1)]
+    assert method.anneal(0, batches, smax) == pytest.approx(1.0 / smax, abs=1e-12)
+    assert method.anneal(batches, batches, smax) == pytest.approx(smax, abs=1e-9)
+    assert method.anneal(batches / 2, batches, smax) == pytest.approx((1.0 / smax + smax) / 2, rel=1e-9)
+    values = [method.anneal(b, batches, smax) for b in range(batches + 1)]
     assert all(b > a for a, b in zip(values, values[1:]))
 
     model = tiny_model(task_classes=[20, 5], seed=3)
@@ -337,7 +339,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tiny_model, rela
               "split_percentage": 0.2} for k, n in enumerate(classes, 1)]
     path = tmp_path / "ckpt.t7"
     utils.atomic_torch_save(trainer.checkpoint_dict(args, model, tasks, 0, {"acc": 0.5}), str(path))
-    checkpoint = utils.load_checkpoint(str(path))
+    checkpoint = checkpoints.load_checkpoint(str(path))
     assert checkpoint["stage"] == stage
     loaded = NextItNet.from_checkpoint(checkpoint).eval()
     assert loaded.config == model.config
@@ -354,13 +356,13 @@ def test_load_checkpoint_rejects_foreign_files(tmp_path):
     bad = tmp_path / "bad.t7"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(utils.DataError):
-        utils.load_checkpoint(str(bad))
+        checkpoints.load_checkpoint(str(bad))
     with pytest.raises(utils.DataError):
-        utils.load_checkpoint(str(tmp_path / "missing.t7"))
+        checkpoints.load_checkpoint(str(tmp_path / "missing.t7"))
     foreign = tmp_path / "foreign.t7"
     torch.save({"state": torch.zeros(2)}, foreign)
     with pytest.raises(utils.DataError):
-        utils.load_checkpoint(str(foreign))
+        checkpoints.load_checkpoint(str(foreign))
 
 
 def test_add_task_without_relation_keeps_earlier_outputs(tiny_model):
@@ -416,40 +418,49 @@ def test_sampling_ratio_by_hand():
     current = torch.rand(6, 10, generator=gen)
     cosines = [float(teacher[l] @ current[l] / (teacher[l].norm() * current[l].norm())) for l in range(6)]
     expected = 1.0 - np.mean([1.0 / (1.0 + math.exp(-6.0 * c)) for c in cosines])
-    assert utils.sampling_ratio(teacher, current) == pytest.approx(expected, abs=1e-6)
+    assert method.sampling_ratio(teacher, current) == pytest.approx(expected, abs=1e-6)
     # identical masks: cos = 1 → 1 − σ(6)
-    assert utils.sampling_ratio(teacher, teacher) == pytest.approx(1.0 - 1.0 / (1.0 + math.exp(-6.0)), abs=1e-6)
+    assert method.sampling_ratio(teacher, teacher) == pytest.approx(1.0 - 1.0 / (1.0 + math.exp(-6.0)), abs=1e-6)
     # opposite-signed rows: cos = −1 → 1 − σ(−6)
-    assert utils.sampling_ratio(teacher, -teacher) == pytest.approx(1.0 - 1.0 / (1.0 + math.exp(6.0)), abs=1e-6)
+    assert method.sampling_ratio(teacher, -teacher) == pytest.approx(1.0 - 1.0 / (1.0 + math.exp(6.0)), abs=1e-6)
 
 
-def test_retention_loss_by_hand_and_empty_sample():
-    gen = torch.Generator().manual_seed(12)
-    students = [torch.randn(7, 30, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(4, 2, generator=gen)]
-    teachers = [torch.randn(7, 30, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(4, 2, generator=gen)]
+def test_retention_plan_by_hand():
     ratios = [0.9, 0.2, 0.05]
     total = sum(ratios)
-    expected = sum(r / total * float(((s - t) ** 2).mean()) for s, t, r in zip(students, teachers, ratios))
-    got = utils.retention_loss(students, teachers, ratios)
-    assert float(got) == pytest.approx(expected, rel=1e-5)
-
-    # an empty sample contributes nothing (and no NaN); the others keep their weight ratio_j / Σ_k ratio_k
-    student_empty = [torch.zeros(0, 30, requires_grad=True), students[1]]
-    teacher_empty = [torch.zeros(0, 30), teachers[1]]
-    got = utils.retention_loss(student_empty, teacher_empty, [0.9, 0.2])
-    assert torch.isfinite(got)
-    assert float(got) == pytest.approx(0.2 / 1.1 * float(((students[1] - teachers[1]) ** 2).mean()), rel=1e-5)
-
-    weights = torch.zeros(0, 30, requires_grad=True)
-    only_empty = utils.retention_loss([weights * 2], [torch.zeros(0, 30)], [0.0025])
-    assert torch.isfinite(only_empty) and float(only_empty.detach()) == 0.0
-    only_empty.backward()                                              # usable in a training step
-    assert weights.grad is None or torch.all(torch.isfinite(weights.grad))
+    # paper (Eqs. 15–16): int(B · ratio_j) rows, weight ratio_j / Σ ratio
+    assert method.retention_plan("paper", ratios, 100) == [(90, 0.9 / total), (20, 0.2 / total), (5, 0.05 / total)]
+    assert [rows for rows, _ in method.retention_plan("paper", [0.0025] * 5, 256)] == [0] * 5  # the vanishing sample
+    # all_rows: every row, same weights; per_task: every row, weights with mean 1
+    assert method.retention_plan("all_rows", ratios, 100) == [(100, r / total) for r in ratios]
+    per_task = method.retention_plan("per_task", ratios, 64)
+    assert [rows for rows, _ in per_task] == [64] * 3
+    assert [w for _, w in per_task] == pytest.approx([3 * r / total for r in ratios])
+    assert method.retention_plan("per_task", [0.0025] * 5, 256) == [(256, pytest.approx(1.0))] * 5
+    assert method.retention_plan("paper", [0.0, 0.0], 10) == [(0, 0.0), (0, 0.0)]
+    with pytest.raises(ValueError):
+        method.retention_plan("nope", ratios, 10)
 
 
-def test_retention_gradient_flows_to_student_only():
-    student = torch.randn(5, 4, requires_grad=True)
-    teacher = torch.randn(5, 4)
-    loss = utils.retention_loss([student], [teacher], [0.4])
+def test_retention_rows_global_draw_and_shards():
+    plan = [(5, 1.0), (3, 1.0)]
+    whole = method.retention_rows(np.random.default_rng(4), plan, method.Shard(11), nested=False)
+    assert [p.size for p in whole] == [5, 3] and all(len(set(p)) == p.size and p.max() < 11 for p in whole)
+    nested = method.retention_rows(np.random.default_rng(4), plan, method.Shard(11), nested=True)
+    assert np.array_equal(nested[1], nested[0][:3])                   # prefixes of one shuffle
+    # two ranks: rank r holds global rows r, r+2, …; together they hold exactly the one-process rows
+    shards = [method.Shard(11, rank, 2) for rank in range(2)]
+    assert [shard.rows for shard in shards] == [6, 5] and method.Shard(1, 1, 2).rows == 0
+    for positions in whole:
+        local = [shard.local(positions) for shard in shards]
+        assert sorted(np.concatenate([2 * local[0], 2 * local[1] + 1]).tolist()) == sorted(positions.tolist())
+
+
+def test_retention_term_by_hand_and_gradient():
+    gen = torch.Generator().manual_seed(12)
+    student = torch.randn(7, 30, generator=gen, requires_grad=True)
+    teacher = torch.randn(7, 30, generator=gen)
+    loss = method.retention_term(student, teacher, 0.4)
+    assert float(loss.detach()) == pytest.approx(0.4 * float(((student.detach() - teacher) ** 2).mean()), rel=1e-5)
     loss.backward()
-    torch.testing.assert_close(student.grad, 2 * (student.detach() - teacher) / student.numel())
+    torch.testing.assert_close(student.grad, 0.4 * 2 * (student.detach() - teacher) / student.numel())

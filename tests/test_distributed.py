@@ -1,16 +1,16 @@
 """Data-parallel training under torchrun (distributed.py): 2 CPU ranks, gloo, against one process.
 
 1. A worker launched on 2 ranks checks the pieces against single-process gradients computed on the same
-   rank: the task-1 loss and the stage-K loss (ratio 1, so the retention sample is the whole shard and the
-   result is exact) on batches split 3/2 and 1/0 (a stand-in row with weight 0), every rank ending with
+   rank: the task-1 loss and the stage-K loss (ratio 0.5: retention rows drawn from the global batch, so the
+   ranks' rows are the single process's and the result is exact) on batches split 3/2 and 1/0 (a stand-in row with weight 0), every rank ending with
    bitwise identical gradients; gradients absent on one rank / on every rank; the collective
    non-finite check; rank 0's shuffle on every rank; identical sampling ratios.
 2. train_task1.py and train_teracon_t2.py run by torchrun on 2 ranks versus a single process, on
    batches that split unevenly (27/26) and a last batch of one row: exit 0, one rank prints, one set of
    files, and the trained parameters equal the single-process ones within PARAM_TOL (measured: ~3e-7
    task 1, ~8e-7 task 2 without retention; wrong weighting or a doubled gradient moves them by 3e-4 to
-   2e-3). With retention the sampled rows differ from a single process, so only metrics (METRIC_TOL)
-   and a loose parameter bound (RETENTION_PARAM_TOL, measured ~2e-4) are checked.
+   2e-3). With retention too: the retention rows are drawn from the global batch (method.retention_rows),
+   so the two ranks use the single process's rows and the same tolerance holds.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import pytest
 import torch
 
 PARAM_TOL = 1e-5            # max |θ_2 ranks − θ_1 process| over every parameter, exact-equivalence runs
-RETENTION_PARAM_TOL = 1e-3  # the same with retention on (different retention samples); lr 1e-3, 4 steps
 METRIC_TOL = 0.05           # test metrics (30–39 test rows: one flipped near-tie is 0.026–0.034)
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
@@ -32,7 +31,6 @@ WORKER = r'''
 import sys
 sys.path.insert(0, sys.argv[1])
 import copy
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -41,7 +39,7 @@ import torch.distributed as dist
 torch.set_num_threads(1)
 import data_loader
 import distributed
-import trainer
+import method
 from model import ModelConfig, NextItNet
 
 dist.init_process_group("gloo")
@@ -81,7 +79,8 @@ def check_steps(make_model, loss_of, n, batch, what):
     assert rng.bit_generator.state == reference.bit_generator.state  # rank 0's stream, advanced alike
     assert len(shards) == len(expected)
     sizes = []
-    for step, ((rows, weight), full) in enumerate(zip(shards, expected)):
+    for step, ((rows, weight, size), full) in enumerate(zip(shards, expected)):
+        assert size == full.size
         mine = full[rank::world]
         if mine.size:
             assert np.array_equal(rows, mine) and weight == mine.size / full.size
@@ -89,10 +88,10 @@ def check_steps(make_model, loss_of, n, batch, what):
             assert weight == 0.0 and rows.size == 1  # a stand-in row, weight 0
         sizes.append(mine.size)
         model = make_model()
-        loss_of(model, full).backward()
+        loss_of(model, full, method.Shard(full.size)).backward()
         want = grads(model)
         model = make_model()
-        loss = loss_of(model, rows)
+        loss = loss_of(model, rows, method.Shard(full.size, rank, world))
         assert distributed.all_finite(loss, weight)
         loss.backward()
         distributed.average_gradients(model, weight)
@@ -106,31 +105,36 @@ def check_steps(make_model, loss_of, n, batch, what):
 torch.manual_seed(0)
 base1 = NextItNet(ModelConfig(n_items=30, task_classes=[30], channels=8))
 sequences = torch.from_numpy(np.random.default_rng(1).integers(1, 30, size=(11, 9)))
-sizes = check_steps(lambda: copy.deepcopy(base1), lambda m, rows: trainer.task1_loss(m, sequences[rows], 3.0, 0.75),
+sizes = check_steps(lambda: copy.deepcopy(base1), lambda m, rows, _: method.task1_loss(m, sequences[rows], 3.0, 0.75),
                     11, 5, "task 1")
 assert sizes == ([3, 3, 1] if rank == 0 else [2, 2, 0]), sizes
 
-# ---- stage 2 with relation masks and retention; ratio 1: the retention sample is every row of the shard
+# ---- stage 2 with relation masks and retention: rows drawn from the global batch, so ranks = one process
 teacher = copy.deepcopy(base1).eval().requires_grad_(False)
 base2 = copy.deepcopy(base1)
 torch.manual_seed(1)
 base2.add_task(12, relation=True)
 x = torch.from_numpy(np.random.default_rng(2).integers(1, 30, size=(11, 8)))
 y = torch.from_numpy(np.random.default_rng(3).integers(0, 12, size=11))
-args = SimpleNamespace(alpha=0.7, nested_samples=False, uniform_sampling=False)
+args = method.Retention(alpha=0.7)
 
 
-def stage2_loss(model, rows, ratios=(1.0,), alpha_args=args):
+def stage2_loss(model, rows, shard, ratios=(0.5,)):
+    """ratio 0.5: int(5 · 0.5) = 2 global rows per batch of 5, drawn by the same generator on every rank"""
     index = torch.as_tensor(rows)
-    loss, kept, new_ratios = trainer.continual_loss(model, teacher, x[index], y[index], 1, 5.0, list(ratios),
-                                                    np.random.default_rng(7), alpha_args)
-    assert kept.item() > 0
+    loss, kept, new_ratios = method.continual_loss(model, teacher, x[index], y[index], 1, 5.0, list(ratios),
+                                                   np.random.default_rng(7), args, shard)
+    stage2_loss.kept.append(kept.item() > 0)
     stage2_loss.ratios.append(new_ratios)
     return loss
 
 
-stage2_loss.ratios = []
+stage2_loss.ratios, stage2_loss.kept = [], []
 check_steps(lambda: copy.deepcopy(base2), stage2_loss, 11, 5, "stage 2")
+kept = [None] * world
+dist.all_gather_object(kept, stage2_loss.kept)
+assert any(kept[0]) and any(kept[1]), "each rank should hold some retention rows in some batch"
+assert not all(kept[0]) or not all(kept[1]), "some batch should have its retention rows on one rank only"
 ratios = stage2_loss.ratios
 gathered = [None] * world
 dist.all_gather_object(gathered, ratios)
@@ -139,17 +143,20 @@ assert all(r == ratios[0] for r in ratios), "sampling ratio depends on the rows"
 
 # ---- a gradient on one rank only (empty retention sample on rank 1), and on no rank (alpha 0)
 model = copy.deepcopy(base2)
-rows = np.arange(3)[rank::world]  # 2 rows / 1 row; ratio 0.5 → 1 / 0 sampled rows
+rows = np.arange(3)[rank::world]  # 2 rows / 1 row; ratio 0.5 → 1 global row, on one rank only
 index = torch.as_tensor(rows)
-loss, _, _ = trainer.continual_loss(model, teacher, x[index], y[index], 1, 5.0, [0.5], np.random.default_rng(7), args)
+loss, _, _ = method.continual_loss(model, teacher, x[index], y[index], 1, 5.0, [0.5], np.random.default_rng(7), args,
+                                   method.Shard(3, rank, world))
 loss.backward()
-assert (model.heads[0].weight.grad is None) == (rank == 1)
+holders = [None] * world
+dist.all_gather_object(holders, model.heads[0].weight.grad is not None)
+assert sum(holders) == 1, holders
 distributed.average_gradients(model, rows.size / 3)
 assert model.heads[0].weight.grad is not None
 same_on_every_rank(grads(model), "one-sided gradient")
 model = copy.deepcopy(base2)
-loss, _, _ = trainer.continual_loss(model, teacher, x[index], y[index], 1, 5.0, [0.5], np.random.default_rng(7),
-                                    SimpleNamespace(alpha=0.0, nested_samples=False, uniform_sampling=False))
+loss, _, _ = method.continual_loss(model, teacher, x[index], y[index], 1, 5.0, [0.5], np.random.default_rng(7),
+                                   method.Retention(alpha=0.0), method.Shard(3, rank, world))
 loss.backward()
 distributed.average_gradients(model, rows.size / 3)
 assert model.heads[0].weight.grad is None, "a parameter without gradient on every rank must keep grad None"
@@ -270,6 +277,5 @@ def test_task2_two_ranks_match_single_process(setting, repo_root, retention):
                     "--savepath", out / "task2")
     check_one_writer(done, out, "task2")
     difference = max_param_difference(reference / "task2.t7", out / "task2.t7")
-    tolerance = RETENTION_PARAM_TOL if retention else PARAM_TOL
-    assert difference <= tolerance, f"2-rank parameters differ from 1 process by {difference:.3g}"
+    assert difference <= PARAM_TOL, f"2-rank parameters differ from 1 process by {difference:.3g}"
     check_metrics_close(reference / "task2.metrics.json", out / "task2.metrics.json")

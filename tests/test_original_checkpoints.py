@@ -6,7 +6,6 @@ the last position; masks σ(s·ec[t]) at stage 1 and the relation-aware mask at 
 """
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import utils  # noqa: E402
-from model import NextItNet  # noqa: E402
+import checkpoints  # noqa: E402
+from model import CHECKPOINT_FORMAT, NextItNet  # noqa: E402
 from original_checkpoints import KEY_MAP, convert_original  # noqa: E402
 from utils import DataError  # noqa: E402
 
@@ -140,7 +139,7 @@ def test_mapping_table_is_one_table() -> None:
 def test_conversion_config_and_records(tmp_path: Path, stage: int) -> None:
     checkpoint, path = save_and_load(tmp_path, original_state(stage), f"task{stage}.t7")
     ours = convert_original(checkpoint, path)
-    assert ours["format_version"] == utils.CHECKPOINT_FORMAT and ours["stage"] == stage
+    assert ours["format_version"] == CHECKPOINT_FORMAT and ours["stage"] == stage
     config = ours["model_config"]
     assert config["n_items"] == V and config["channels"] == C and config["kernel_size"] == K_SIZE
     assert config["dilations"] == DILATIONS and config["relation"] == (stage >= 2) and config["use_masks"]
@@ -239,13 +238,11 @@ def test_unknown_layouts_raise_data_error_naming_the_file(tmp_path: Path, case: 
 
 
 def test_load_checkpoint_converts_when_wired(tmp_path: Path) -> None:
-    if "convert_original" not in inspect.getsource(utils.load_checkpoint):
-        pytest.skip("utils.load_checkpoint does not call convert_original yet")
     _, path = save_and_load(tmp_path, original_state(3), "task3.t7")
-    checkpoint = utils.load_checkpoint(path)
+    checkpoint = checkpoints.load_checkpoint(path)
     assert checkpoint["stage"] == 3 and checkpoint["model_config"]["relation"]
     NextItNet.from_checkpoint(checkpoint)
     foreign = tmp_path / "foreign.t7"
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(DataError, match=str(foreign)):
-        utils.load_checkpoint(str(foreign))
+        checkpoints.load_checkpoint(str(foreign))

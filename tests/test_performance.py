@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data_loader
+import method
 import trainer
 from model import ModelConfig, NextItNet
 
@@ -117,11 +118,12 @@ def test_streaming_backward_equals_one_backward_of_the_sum():
     """continual_step back-propagates each term as it comes; the gradient must be that of the whole loss."""
     model, teacher = stage4_models()
     x, y = torch.randint(1, 40, (24, 9)), torch.randint(0, 6, (24,))
-    args = argparse.Namespace(alpha=0.7, nested_samples=False, uniform_sampling=False, amp=False,
+    args = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous",
+                              nested_samples=False, uniform_sampling=False, amp=False,
                               no_embedding_clamp=True)
     reference = copy.deepcopy(model)
-    loss, kept, ratios = trainer.continual_loss(reference, teacher, x, y, 3, 7.0, [0.9, 0.5, 0.3],
-                                                np.random.default_rng(1), args)
+    loss, kept, ratios = method.continual_loss(reference, teacher, x, y, 3, 7.0, [0.9, 0.5, 0.3],
+                                               np.random.default_rng(1), trainer.retention_settings(args))
     loss.backward()
     captured = {}
 
@@ -146,7 +148,8 @@ def test_non_finite_total_skips_the_step():
     x, y = torch.randint(1, 40, (8, 9)), torch.randint(0, 6, (8,))
     with torch.no_grad():
         model.heads[3].bias.fill_(float("inf"))
-    args = argparse.Namespace(alpha=0.7, nested_samples=False, uniform_sampling=True, amp=False,
+    args = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous",
+                              nested_samples=False, uniform_sampling=True, amp=False,
                               no_embedding_clamp=True)
     optimizer = trainer.adam(model.parameters(), 1e-2)
     _, _, _, stepped = trainer.continual_step(model, teacher, optimizer, x, y, 3, 7.0, [0.9, 0.9, 0.9],
@@ -165,7 +168,7 @@ def test_adam_matches_reference_loop():
     for _ in range(3):
         for net, optimizer in ((model, fast), (reference, slow)):
             optimizer.zero_grad()
-            trainer.task1_loss(net, items, 5.0, 0.75).backward()
+            method.task1_loss(net, items, 5.0, 0.75).backward()
             optimizer.step()
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,0 +1,29 @@
+"""Loading checkpoints: ours (they carry their own ModelConfig), or the authors' (converted in memory by
+original_checkpoints.py). Writing is utils.atomic_torch_save."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from model import CHECKPOINT_FORMAT
+from original_checkpoints import convert_original
+from utils import DataError
+
+
+def load_checkpoint(path: str, what: str = "--paths") -> dict:
+    """Load one of our checkpoints safely (weights_only); a missing or corrupt file is a DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: checkpoint not found ({what})")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{path}: not a readable checkpoint ({reason[:120]})") from None
+    if not isinstance(checkpoint, dict):
+        raise DataError(f"{path}: not a TERACON checkpoint")
+    if "model_config" not in checkpoint:
+        return convert_original(checkpoint, path)  # the authors' layout, converted in memory
+    if checkpoint.get("format_version") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: checkpoint format {checkpoint.get('format_version')} is not {CHECKPOINT_FORMAT}")
+    return checkpoint

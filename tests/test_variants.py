@@ -1,0 +1,83 @@
+"""--variant original|revised: every behaviour in which the authors' two codes differ follows one switch, each
+still its own flag (explicit flags win); the behaviours themselves: retention weights from this batch's
+ratios, and ties in model selection."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import method
+import trainer
+
+BEHAVIOURS = ["seed", "L2", "lr", "select_on", "ties", "embedding_clamp", "nested_samples", "ratio_weights"]
+
+
+def parsed(stage: int, *extra: str) -> dict:
+    paths = ["--datapath", "d.csv", "--datapath_index", "i.csv", "--savepath", "out/t"]
+    args = trainer.parse_args(stage, [*paths, *(["--paths", "p.t7"] if stage > 1 else []), *extra])
+    return {key: getattr(args, key) for key in BEHAVIOURS + ["no_embedding_clamp"]}
+
+
+@pytest.mark.parametrize("stage, variant, expected", [
+    (1, "revised", {"seed": 0, "L2": 0.0, "lr": 1e-3}),
+    (1, "original", {"seed": 10, "L2": 0.75, "lr": 1e-3}),
+    (2, "revised", {"seed": 0, "lr": 1e-3, "select_on": "acc", "ties": "off", "embedding_clamp": "on",
+                    "no_embedding_clamp": False, "nested_samples": False, "ratio_weights": "previous"}),
+    (2, "original", {"seed": 10, "lr": 1e-4, "select_on": "mrr@5", "ties": "on", "embedding_clamp": "off",
+                     "no_embedding_clamp": True, "nested_samples": True, "ratio_weights": "current"}),
+    (3, "original", {"lr": 1e-4, "select_on": "mrr@5", "ties": "on"}),
+    (4, "original", {"lr": 1e-4, "select_on": "acc", "ties": "off"}),
+    (4, "revised", {"lr": 1e-4, "select_on": "acc", "ties": "off"}),
+])
+def test_variant_sets_every_difference(stage, variant, expected):
+    got = parsed(stage, "--variant", variant)
+    assert {key: got[key] for key in expected} == expected
+    if variant == "revised":
+        assert parsed(stage) == got                                     # the default variant
+
+
+def test_explicit_flags_win_over_the_variant():
+    got = parsed(2, "--variant", "original", "--seed", "3", "--lr", "0.01", "--nested_samples", "off",
+                 "--embedding_clamp", "--ties", "off", "--ratio_weights", "previous", "--select_on", "hit@5")
+    assert got == {"seed": 3, "L2": 0.75, "lr": 0.01, "select_on": "hit@5", "ties": "off", "embedding_clamp": "on",
+                   "no_embedding_clamp": False, "nested_samples": False, "ratio_weights": "previous"}
+    assert parsed(2, "--no_embedding_clamp")["no_embedding_clamp"] is True
+    assert parsed(2, "--nested_samples")["nested_samples"] is True
+
+
+@pytest.mark.parametrize("current", [False, True], ids=["previous", "current"])
+def test_retention_weights_from_previous_or_this_batch(tiny_model, current):
+    """all_rows: every row, so the terms are known by hand; only the weights c_j differ."""
+    teacher = tiny_model(task_classes=(30, 7, 5), relation=True, seed=1).eval().requires_grad_(False)
+    model = tiny_model(task_classes=(30, 7, 5), relation=True, seed=1)
+    model.add_task(4, relation=True)
+    x, y, s = torch.randint(1, 30, (9, 6)), torch.randint(0, 4, (9,)), 3.0
+    previous = [0.9, 0.2, 0.5]
+    retention = method.Retention(alpha=0.7, rule="all_rows", current_weights=current)
+    loss, kept, fresh = method.continual_loss(model, teacher, x, y, 3, s, previous, np.random.default_rng(0), retention)
+    task_masks = model.task_masks(3, s)
+    assert fresh == pytest.approx([method.sampling_ratio(teacher.task_masks(j, s), task_masks) for j in range(3)])
+    weights = fresh if current else previous
+    expected = 0.0
+    for j in range(3):
+        x_j = x[:, :-1] if j == 0 else x
+        mse = F.mse_loss(model(x_j, j, s)[0], teacher(x_j, j, s)[0])
+        expected += 0.7 * weights[j] / sum(weights) * float(mse.detach())
+    assert float(kept) == pytest.approx(expected, rel=1e-5)
+    assert fresh != pytest.approx(previous)                            # the two variants differ here
+
+
+@pytest.mark.parametrize("ties, improvements", [("on", [0, 1, 2, 3]), ("off", [0])])
+def test_ties_count_as_improvements_only_when_on(tmp_path, ties, improvements):
+    args = argparse.Namespace(ties=ties, select_on="mrr@5", epochs=4, patience=2, resume=False,
+                              savepath=str(tmp_path / "t"), stage=2, datapath="d.csv")
+    model = torch.nn.Linear(2, 2)
+    resume = trainer.Resume(args, model, torch.optim.SGD(model.parameters(), lr=0.1), np.random.default_rng(0), {})
+    best = []
+    trainer.fit(args, lambda epoch: {"loss": 1.0, "retention": 0.0, "skipped": 0, "finite_steps": 1},
+                lambda: {"mrr@5": 0.25}, lambda epoch, valid: best.append(epoch), resume)
+    assert best == improvements
