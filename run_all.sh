@@ -11,8 +11,16 @@ dataset="${1:-demo}"
 shift || true
 python=${PYTHON:-python}
 
-if ! $python -c "import torch, numpy, pandas, sklearn, tqdm" 2>/dev/null; then
-    echo "installing requirements (torch's CPU build is torch==2.13.0)"
+# The pinned versions of requirements.txt (the README's figures were measured with them; other numpy or
+# pandas versions printed a different demo matrix): installed unless every pin is already met.
+if ! $python - 2>/dev/null <<'PINS'
+import re, sys
+from importlib.metadata import version
+pins = [line.split("==") for line in open("requirements.txt") if re.match(r"[A-Za-z]", line)]
+sys.exit(any(version(name.strip()).split("+")[0] != wanted.strip() for name, wanted in pins))
+PINS
+then
+    echo "installing the pinned requirements (torch's CPU build is torch==2.13.0)"
     $python -m pip install --quiet torch==2.13.0 || true
     $python -m pip install --quiet -r requirements.txt
 fi

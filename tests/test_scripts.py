@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -189,3 +190,18 @@ def test_forgetting_matrix_csv(long_run, repo_root, subprocess_env):
                 f"stage {stage} task {task}: matrix cell {cell} is not the task's {name} {headline:.4f} "
                 f"(the matrix title says MRR@5 for rec tasks; all metrics: {others})")
     assert "task3" in done.stdout
+
+
+def test_run_all_installs_unless_every_pin_is_met(tmp_path, repo_root, subprocess_env):
+    """run_all.sh's check (its heredoc PINS) passes with requirements.txt as installed here and fails when a
+    pin differs or a package is missing, so a fresh machine gets the versions the README was measured with."""
+    script = (repo_root / "run_all.sh").read_text()
+    check = script.split("<<'PINS'\n", 1)[1].split("\nPINS\n", 1)[0]
+    pins = (repo_root / "requirements.txt").read_text()
+    cases = {"as pinned": (pins, 0), "other numpy": (re.sub(r"numpy==\S+", "numpy==0.0.1", pins), 1),
+             "missing package": (pins + "no-such-package-teracon==1.0\n", 1)}
+    for name, (text, expected) in cases.items():
+        (tmp_path / "requirements.txt").write_text(text)
+        done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=subprocess_env,
+                              capture_output=True, text=True)
+        assert done.returncode == expected, (name, done.stderr[-500:])
