@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -41,6 +42,8 @@ METHODS: dict[str, list[str]] = {
     "no_relation": ["--no_relation"],
     "no_retention": ["--no_retention"],
     "uniform_sampling": ["--uniform_sampling"],
+    "all_rows": ["--retention", "all_rows"],
+    "per_task": ["--retention", "per_task"],
 }
 
 # run_all.sh's per-dataset flags: (stage 1, stages >= 2). Keep the two in step.
@@ -252,6 +255,81 @@ def reference_rows(results: Results, final_stage: int) -> list[dict]:
     return rows
 
 
+def stage_values(by_seed: dict[int, dict[int, dict]], final_stage: int) -> dict[str, dict[int, float]]:
+    """Per seed that finished `final_stage`: "keptK" = task K's headline after `final_stage` / at stage K (the
+    stage that learned it; K < final_stage, non-zero there) and "learnedK" = task K's headline at stage K
+    (K ≥ 2: how well the new task was learned)."""
+    values: dict[str, dict[int, float]] = {}
+    for seed, stages in by_seed.items():
+        if final_stage not in stages:
+            continue
+        final = stages[final_stage]["tasks"]
+        for k in range(1, final_stage + 1):
+            own = stages.get(k, {}).get("tasks", {}).get(str(k))
+            if own is None:
+                continue
+            if k >= 2:
+                values.setdefault(f"learned{k}", {})[seed] = headline(own)
+            if k < final_stage and headline(own) > 0 and str(k) in final:
+                values.setdefault(f"kept{k}", {})[seed] = headline(final[str(k)]) / headline(own)
+    return values
+
+
+def epoch_seconds(out: str, seeds: list[int], method: str, stage: int) -> float:
+    """Mean training seconds per epoch of `stage` over seeds, read from the stages' logs (NaN without logs)."""
+    times = []
+    for seed in seeds:
+        path = savepath(out, seed, method, stage) + ".log"
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                times += [float(match) for match in re.findall(r"\| train ([0-9.]+)s", handle.read())]
+    return statistics.fmean(times) if times else math.nan
+
+
+def retention_rows(results: Results, final_stage: int, reference: str = "finetune") -> list[dict]:
+    """One row per method: every earlier task's kept share ("keptK": mean, lo, hi) and every new task's score
+    at its own stage minus `reference`'s, paired by seed ("learnedK": mean, lo, hi); "min_kept": the smallest
+    task mean of the kept shares."""
+    values = {method: stage_values(by_seed, final_stage) for method, by_seed in results.items()}
+    rows = []
+    for method, per_name in values.items():
+        row: dict = {"method": method, "seeds": max((len(v) for v in per_name.values()), default=0)}
+        for k in range(1, final_stage):
+            kept = list(per_name.get(f"kept{k}", {}).values())
+            row[f"kept{k}"] = (mean_sd(kept)[0], *t_interval(kept))
+        for k in range(2, final_stage + 1):
+            mine, theirs = per_name.get(f"learned{k}", {}), values.get(reference, {}).get(f"learned{k}", {})
+            differences = [mine[seed] - theirs[seed] for seed in sorted(set(mine) & set(theirs))]
+            row[f"learned{k}"] = (mean_sd(differences)[0], *t_interval(differences))
+        row["min_kept"] = min((row[f"kept{k}"][0] for k in range(1, final_stage)), default=math.nan)
+        rows.append(row)
+    return rows
+
+
+def retention_table(rows: list[dict], final_stage: int, seconds: dict[str, float], reference: str = "finetune") -> str:
+    """Kept shares and new-task differences, `mean [95 % interval over seeds]`; bold: a kept share whose
+    interval lies above 0.9, a difference whose interval excludes 0."""
+    kept = [f"kept {k}" for k in range(1, final_stage)]
+    learned = [f"new {k} − {reference}" for k in range(2, final_stage + 1)]
+    columns = ["method", "seeds", *kept, "lowest kept", *learned, f"s/epoch, stage {final_stage}"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for k in range(1, final_stage):
+            mean, low, high = row[f"kept{k}"]
+            text = _cell(mean, (low, high))
+            cells.append(f"**{text}**" if text and low > 0.9 else text)
+        cells.append("" if math.isnan(row["min_kept"]) else f"{row['min_kept']:.2f}")
+        for k in range(2, final_stage + 1):
+            mean, low, high = row[f"learned{k}"]
+            text = _cell(mean, (low, high))
+            cells.append(f"**{text}**" if text and (low > 0 or high < 0) else text)
+        time = seconds.get(row["method"], math.nan)
+        cells.append("" if math.isnan(time) else f"{time:.1f}")
+        lines.append("| " + " | ".join([row["method"], str(row["seeds"]), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def task_labels(dataset: str, stages: int) -> list[str]:
     preset = DATASETS[dataset]
     return [f"{k} {preset['names'][k - 1]} ({'MRR@5' if preset['kinds'][k - 1] == 'rec' else 'acc'})"
@@ -342,9 +420,15 @@ def main(argv: list[str] | None = None) -> None:
               f"stage 1); task-1 retention = task 1's MRR@5 after stage {stages} / after stage 1. `trivial "
               f"baseline`: the strongest of popularity, popularity without the user's items (rec) and the "
               f"majority class (cls) on the same test users; `ceiling`: the Bayes-optimal score (synth only).")
+    seconds = {method: epoch_seconds(out, seeds, method, stages) for method in methods}
     table = markdown_table(rows, labels, header) + (
         "\nPaired differences a − b over seeds (same seed: same split and stage-1 checkpoint), mean and 95 % "
-        "t-interval; **bold**: the interval excludes 0.\n\n" + paired_table(paired_rows(results, stages), labels))
+        "t-interval; **bold**: the interval excludes 0.\n\n" + paired_table(paired_rows(results, stages), labels)) + (
+        f"\nRetention and learning: `kept K` = task K's headline after stage {stages} / at stage K (**bold**: the "
+        "interval lies above 0.9); `new K − finetune` = task K's headline at stage K minus fine-tuning's, paired by "
+        f"seed (**bold**: the interval excludes 0); s/epoch = mean training time of a stage-{stages} epoch from "
+        f"the logs ({args.jobs} single-thread stages at a time).\n\n"
+        + retention_table(retention_rows(results, stages), stages, seconds))
     atomic_write_text(os.path.join(out, "compare.md"), table)
     atomic_write_text(os.path.join(out, "compare.csv"), csv_table(rows, stages))
     print("\n" + table + f"\nwritten to {os.path.join(out, 'compare.md')} and {os.path.join(out, 'compare.csv')}")

@@ -202,3 +202,26 @@ def test_stage_flags_match_run_all(repo_root):
         block = re.search(rf"^    {dataset}\)\n(.*?);;", script, re.S | re.M).group(1)
         assert re.search(r"stage1=\((.*?)\)", block).group(1).split() == first, dataset
         assert re.search(r"later=\((.*?)\)", block).group(1).split() == later, dataset
+
+
+def test_kept_shares_and_new_task_differences_by_seed(tmp_path):
+    """kept K = task K after the last stage / at stage K; new K − finetune paired by seed; s/epoch from logs."""
+    def chain(t1, t2, final1, final2, new3):
+        return {1: run(1, {1: t1}), 2: run(2, {1: 0.0, 2: t2}), 3: run(3, {1: final1, 2: final2, 3: new3})}
+    results = {"finetune": {0: chain(0.4, 0.5, 0.1, 0.25, 0.60), 1: chain(0.2, 0.6, 0.1, 0.30, 0.70)},
+               "kept": {0: chain(0.4, 0.5, 0.38, 0.50, 0.62), 1: chain(0.2, 0.6, 0.19, 0.57, 0.66)}}
+    values = compare.stage_values(results["kept"], 3)
+    assert values["kept1"] == pytest.approx({0: 0.95, 1: 0.95}) and values["kept2"] == pytest.approx({0: 1.0, 1: 0.95})
+    assert values["learned2"] == {0: 0.5, 1: 0.6} and values["learned3"] == {0: 0.62, 1: 0.66}
+    rows = {row["method"]: row for row in compare.retention_rows(results, 3)}
+    assert rows["kept"]["kept1"][:1] == pytest.approx((0.95,)) and rows["kept"]["min_kept"] == pytest.approx(0.95)
+    assert rows["finetune"]["kept1"][0] == pytest.approx((0.25 + 0.5) / 2)
+    assert rows["kept"]["learned3"][0] == pytest.approx(((0.62 - 0.60) + (0.66 - 0.70)) / 2)
+    assert rows["kept"]["learned2"][:3] == pytest.approx((0.0, 0.0, 0.0))
+    log = tmp_path / "seed0" / "kept" / "task3.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("epoch 0: loss 1 | valid acc=0.1 | train 2.0s, all 2.5s *\nepoch 1: loss 1 | train 4.0s, all 4.1s\n")
+    seconds = {"kept": compare.epoch_seconds(str(tmp_path), [0, 1], "kept", 3)}
+    assert seconds["kept"] == pytest.approx(3.0)
+    table = compare.retention_table(list(rows.values()), 3, seconds)
+    assert "| kept | 2 | **0.9500 [0.9500, 0.9500]** |" in table and table.rstrip().endswith("| 3.0 |")
