@@ -26,7 +26,7 @@ from data_loader import ItemIndex, TaskData, load_task
 from evaluate import score
 from model import ModelConfig, NextItNet
 from utils import keep_freed_memory
-from method import INITIAL_RATIO, task1_loss
+from method import INITIAL_RATIO, RETENTION_RULES, retention_plan, task1_loss
 from trainer import adam, autocast, compile_backbone, continual_step, optimizer_step
 
 PHASES = ["task1", "taskK", "eval", "load"]
@@ -43,6 +43,9 @@ def parse() -> argparse.Namespace:
     add("--batch", type=flags.positive_int, default=1024, help="task-K batch")
     add("--stage", type=flags.integer(2), default=2, help="K >= 2: task-K step with retention over K−1 earlier tasks")
     add("--classes", type=flags.integer(2), default=100, help="class count of tasks ≥ 2, >= 2")
+    add("--retention", choices=list(RETENTION_RULES), default="paper", help="task-K step: the retention rule")
+    add("--ratio", type=flags.real(0.0, 1.0, what="a number in [0, 1]"), default=INITIAL_RATIO,
+        help="task-K step: every earlier task's sampling ratio (held fixed; 0.9: the ratio before the first batch)")
     add("--steps", type=flags.positive_int, default=5, help="timed steps per phase (after one warm-up step)")
     add("--load_lines", type=flags.positive_int, default=1_000_000, help="lines of the task file timed by the load phase")
     add("--device", type=flags.device, default="cpu")
@@ -116,17 +119,19 @@ def run_phase(args: argparse.Namespace) -> dict:
     if args.phase == "taskK":
         optimizer = adam(model.parameters(), 1e-4)
         targets = torch.from_numpy(rng.integers(1, args.classes, size=args.users))
-        options = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous", nested_samples=False,
-                                     uniform_sampling=True, amp=args.amp,
+        options = argparse.Namespace(alpha=0.7, retention=args.retention, ratio_weights="previous",
+                                     nested_samples=False, uniform_sampling=True, amp=args.amp,
                                      no_embedding_clamp=False)
-        ratios = [INITIAL_RATIO] * (args.stage - 1)
+        ratios = [args.ratio] * (args.stage - 1)
 
         def step() -> None:
             rows = rng.integers(0, args.users, args.batch)
             x, y = sequences[rows].to(device), targets[rows].to(device)
             continual_step(model, teacher, optimizer, x, y, args.stage - 1, 25.0, ratios, rng, options)
         seconds = timed(step, args.steps, device)
-        return {"phase": f"task{args.stage} train step (retention 0.9 of batch per earlier task)", "batch": args.batch,
+        rows = retention_plan(args.retention, ratios, args.batch)[0][0]
+        return {"phase": f"task{args.stage} train step ({args.retention}: {rows} retention rows per earlier task)",
+                "batch": args.batch,
                 "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device)}
     data = TaskData(sequences.numpy()[:, :-1], sequences.numpy()[:, -1], args.items)
     rows = np.arange(args.users)
