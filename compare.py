@@ -44,6 +44,7 @@ METHODS: dict[str, list[str]] = {
     "uniform_sampling": ["--uniform_sampling"],
     "all_rows": ["--retention", "all_rows"],
     "per_task": ["--retention", "per_task"],
+    "per_task_smax": ["--retention", "per_task_smax"],
 }
 
 # run_all.sh's per-dataset flags: (stage 1, stages >= 2). Keep the two in step.

@@ -20,12 +20,28 @@ from model import NextItNet
 INITIAL_RATIO = 0.9     # every earlier task's sampling ratio before the first batch (authors' code)
 EMBEDDING_CLAMP = 6.0   # stages ≥ 2 clamp the task embeddings to [−6, 6] after each step (revised code)
 
-# --retention: how the sampling ratios turn into retention rows and loss weights (README, "Retention rules").
+
+
+@dataclass(frozen=True)
+class RetentionRule:
+    """How the sampling ratios (Eq. 15) become retention rows and loss weights c_j."""
+    all_rows: bool      # every row of the batch for every earlier task, instead of int(B · ratio_j) rows
+    per_task: bool      # c_j = ratio_j / mean_k ratio_k (near 1 each), instead of ratio_j / Σ_k ratio_k
+    at_smax: bool       # pseudo-labels and student outputs at s = smax, instead of the annealed s
+    text: str
+
+
+# --retention (README, "Retention rules"). Every rule protects an earlier task less the more its mask is like
+# the new task's (a smaller ratio_j); `paper` is the authors' rule, exactly.
 RETENTION_RULES = {
-    "paper": "int(B · ratio_j) rows of the batch for earlier task j, weight ratio_j / Σ_k ratio_k (Eqs. 15–16)",
-    "all_rows": "every row of the batch for every earlier task, weight ratio_j / Σ_k ratio_k",
-    "per_task": "every row of the batch for every earlier task, weight ratio_j / mean_k ratio_k "
-                "(each earlier task keeps a weight near 1 however many tasks there are)",
+    "paper": RetentionRule(False, False, False, "int(B · ratio_j) rows for earlier task j, weight ratio_j / Σ_k "
+                                                "ratio_k, at the annealed s (Eqs. 15–16)"),
+    "all_rows": RetentionRule(True, False, False, "every row for every earlier task, weight ratio_j / Σ_k ratio_k"),
+    "per_task": RetentionRule(True, True, False, "every row for every earlier task, weight ratio_j / mean_k ratio_k "
+                                                 "(near 1 for each earlier task however many there are)"),
+    "per_task_smax": RetentionRule(True, True, True, "as per_task, with the teacher's pseudo-labels and the student's "
+                                                     "outputs at s = smax (where the model is scored) instead of the "
+                                                     "annealed s"),
 }
 
 
@@ -37,6 +53,7 @@ class Retention:
     nested: bool = False        # the original's nested samples: every earlier task draws from one shuffle
     uniform: bool = False       # ablation: the ratios stay at INITIAL_RATIO instead of following Eq. 15
     current_weights: bool = False  # weights c_j from this batch's ratios (original) instead of the previous batch's
+    smax: float = 50.0          # the top of the annealing (rules with at_smax compute retention there)
 
 
 @dataclass(frozen=True)
@@ -106,17 +123,15 @@ def retention_plan(rule: str, ratios: list[float], size: int,
     """(rows to pseudo-label, loss weight c_j) of every earlier task j for a global batch of `size` rows.
 
     Row counts follow `ratios`; the weights follow `weight_ratios` (default: the same ratios)."""
+    if rule not in RETENTION_RULES:
+        raise ValueError(f"unknown retention rule {rule!r}")
+    how = RETENTION_RULES[rule]
     weight_ratios = ratios if weight_ratios is None else weight_ratios
     total = sum(weight_ratios)
-    if rule == "paper":
-        counts = [int(size * ratio) for ratio in ratios]
-    elif rule in ("all_rows", "per_task"):
-        counts = [size] * len(ratios)
-    else:
-        raise ValueError(f"unknown retention rule {rule!r}")
     if total <= 0:
         return [(0, 0.0) for _ in ratios]
-    scale = len(ratios) if rule == "per_task" else 1
+    counts = [size] * len(ratios) if how.all_rows else [int(size * ratio) for ratio in ratios]
+    scale = len(ratios) if how.per_task else 1
     return [(count, scale * ratio / total) for count, ratio in zip(counts, weight_ratios)]
 
 
@@ -158,6 +173,10 @@ def continual_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: to
     new_ratios.extend(fresh)
     plan = retention_plan(retention.rule, ratios, shard.size, fresh if retention.current_weights else None)
     drawn = retention_rows(rng, plan, shard, retention.nested)
+    if RETENTION_RULES[retention.rule].at_smax and s != retention.smax:
+        s = retention.smax                                                  # retention where the model is scored
+        with torch.no_grad():
+            teacher_masks = [teacher.task_masks(j, s) for j in range(task)]
     share = shard.rows / shard.size                                         # this rank's gradient weight
     for j, ((count, weight), positions) in enumerate(zip(plan, drawn)):
         local = torch.from_numpy(shard.local(positions)).to(x.device)

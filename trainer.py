@@ -86,7 +86,7 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
     add("--uniform_sampling", action="store_true", help="ablation: fixed sampling ratio 0.9")
     add("--retention", choices=list(RETENTION_RULES), default="paper",
         help="how sampling ratios become retention rows and weights: " + "; ".join(
-            f"{name}: {text}" for name, text in RETENTION_RULES.items()))
+            f"{name}: {rule.text}" for name, rule in RETENTION_RULES.items()))
     add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
     add("--compile", action="store_true", help="torch.compile the residual stack of the model (and the teacher); "
         "the first steps of each shape are slower while it compiles")
@@ -300,7 +300,7 @@ def continual_step(model: NextItNet, teacher: NextItNet, optimizer: torch.optim.
 def retention_settings(args: argparse.Namespace) -> Retention:
     """The stage's knowledge-retention settings from its flags."""
     return Retention(alpha=args.alpha, rule=args.retention, nested=args.nested_samples,
-                     uniform=args.uniform_sampling, current_weights=args.ratio_weights == "current")
+                     uniform=args.uniform_sampling, current_weights=args.ratio_weights == "current", smax=args.smax)
 
 
 def adam(params, lr: float) -> torch.optim.Adam:

@@ -46,7 +46,7 @@ def loaded(chain):
     """(model, index, smax) of the stage-3 checkpoint."""
     from data_loader import read_index
     from model import NextItNet
-    from utils import load_checkpoint
+    from checkpoints import load_checkpoint
 
     _, out = chain
     checkpoint = load_checkpoint(str(out / "task3.t7"))
@@ -82,6 +82,14 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def task_split(chain, task: int) -> tuple[int, float]:
+    """(seed, split_percentage) the stage-3 checkpoint records for `task`."""
+    from checkpoints import load_checkpoint
+
+    record = load_checkpoint(str(chain[1] / "task3.t7"))["tasks"][task - 1]
+    return record["seed"], record["split_percentage"]
+
+
 def evaluation_data(chain, loaded, task: int):
     """evaluate.py's view of a task: (TaskData, test rows, the raw source text of every example)."""
     from data_loader import split_indices
@@ -90,7 +98,7 @@ def evaluation_data(chain, loaded, task: int):
     data_files, _ = chain
     path = {1: data_files.task1, 2: data_files.task2, 3: data_files.task3}[task]
     data, _ = load_task_data(task, str(path), loaded[1])
-    test = split_indices(len(data.targets), 10, 0.2)[2]
+    test = split_indices(len(data.targets), *task_split(chain, task))[2]
     lines = path.read_text().splitlines()
     sources = [line.rsplit(",", 1)[0] if task == 1 else line.split(",,")[0] for line in lines]
     return data, test, [sources[row] for row in data.rows(test)]
@@ -250,7 +258,7 @@ def test_cli_subprocess_error_and_probe(chain, loaded, repo_root, subprocess_env
     result = json.loads((tmp_path / "probe.json").read_text())
     assert result["test"] == test.size and result["dims"] == 16 and 0.0 <= result["logistic_regression"] <= 1.0
     assert result["head"] == pytest.approx(score(model, 2, data, test, "cls", smax, 256, torch.device("cpu"))["acc"])
-    labels, train = data.targets, split_indices(len(data.targets), 10, 0.2)[0]
+    labels, train = data.targets, split_indices(len(data.targets), *task_split(chain, 3))[0]
     majority = np.bincount(labels[train]).argmax()
     assert result["majority"] == pytest.approx(np.mean(labels[test] == majority))
     assert "logistic regression on the vectors" in done.stdout

@@ -91,7 +91,7 @@ def _check_metrics_file(metrics, stage, expected_kinds):
 
 def test_three_stages_one_epoch_each(smoke_run):
     from data_loader import read_index
-    from utils import load_checkpoint
+    from checkpoints import load_checkpoint
 
     data, out, metrics = smoke_run
     sizes = _class_counts(data)
