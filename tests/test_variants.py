@@ -81,3 +81,24 @@ def test_ties_count_as_improvements_only_when_on(tmp_path, ties, improvements):
     trainer.fit(args, lambda epoch: {"loss": 1.0, "retention": 0.0, "skipped": 0, "finite_steps": 1},
                 lambda: {"mrr@5": 0.25}, lambda epoch, valid: best.append(epoch), resume)
     assert best == improvements
+
+
+def test_per_task_smax_is_per_task_at_smax(tiny_model):
+    """per_task_smax computes the retention terms at s = smax whatever the annealed s; the CE term and the next
+    ratios (Eq. 15) stay at the annealed s."""
+    teacher = tiny_model(task_classes=(30, 7), relation=True, seed=2).eval().requires_grad_(False)
+    model = tiny_model(task_classes=(30, 7), relation=True, seed=2)
+    model.add_task(4, relation=True)
+    x, y, ratios = torch.randint(1, 30, (8, 6)), torch.randint(0, 4, (8,)), [0.3, 0.6]
+
+    def loss(rule: str, s: float):
+        return method.continual_loss(model, teacher, x, y, 2, s, ratios, np.random.default_rng(0),
+                                     method.Retention(rule=rule, smax=7.0))
+    anchored_loss, anchored_kept, anchored_ratios = loss("per_task_smax", 3.0)
+    at_smax_loss, at_smax_kept, _ = loss("per_task", 7.0)
+    annealed_loss, annealed_kept, annealed_ratios = loss("per_task", 3.0)
+    assert float(anchored_kept) == pytest.approx(float(at_smax_kept), rel=1e-6)
+    assert float(anchored_kept) != pytest.approx(float(annealed_kept), rel=1e-3)
+    assert anchored_ratios == annealed_ratios
+    ce = [float((total - kept).detach()) for total, kept in ((anchored_loss, anchored_kept), (annealed_loss, annealed_kept))]
+    assert ce[0] == pytest.approx(ce[1], rel=1e-6)
