@@ -21,7 +21,6 @@ INITIAL_RATIO = 0.9     # every earlier task's sampling ratio before the first b
 EMBEDDING_CLAMP = 6.0   # stages ≥ 2 clamp the task embeddings to [−6, 6] after each step (revised code)
 
 
-
 @dataclass(frozen=True)
 class RetentionRule:
     """How the sampling ratios (Eq. 15) become retention rows and loss weights c_j."""
