@@ -118,7 +118,7 @@ def test_streaming_backward_equals_one_backward_of_the_sum():
     """continual_step back-propagates each term as it comes; the gradient must be that of the whole loss."""
     model, teacher = stage4_models()
     x, y = torch.randint(1, 40, (24, 9)), torch.randint(0, 6, (24,))
-    args = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous",
+    args = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous", smax=50.0,
                               nested_samples=False, uniform_sampling=False, amp=False,
                               no_embedding_clamp=True)
     reference = copy.deepcopy(model)
@@ -148,7 +148,7 @@ def test_non_finite_total_skips_the_step():
     x, y = torch.randint(1, 40, (8, 9)), torch.randint(0, 6, (8,))
     with torch.no_grad():
         model.heads[3].bias.fill_(float("inf"))
-    args = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous",
+    args = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous", smax=50.0,
                               nested_samples=False, uniform_sampling=True, amp=False,
                               no_embedding_clamp=True)
     optimizer = trainer.adam(model.parameters(), 1e-2)
