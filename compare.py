@@ -1,7 +1,8 @@
 """Compare TERACON with fine-tuning and its ablations over several seeds, in one table.
 
     python compare.py --dataset demo --seeds 3 [--out runs/compare] [--jobs 2]
-                      [--methods teracon,finetune,no_relation,no_retention,uniform_sampling] [-- flags for every stage]
+                      [--methods teracon,finetune,no_relation,no_retention,uniform_sampling,per_task_smax]
+                      [-- flags for every stage]
 
 For each seed S (0 .. seeds−1), stage 1 runs ONCE into <out>/seedS/task1 and is shared by every method of
 that seed; stages 2..N then run for each method in <out>/seedS/<method>/taskK, each stage a subprocess with
@@ -46,6 +47,7 @@ METHODS: dict[str, list[str]] = {
     "per_task": ["--retention", "per_task"],
     "per_task_smax": ["--retention", "per_task_smax"],
 }
+DEFAULT_METHODS = ["teracon", "finetune", "no_relation", "no_retention", "uniform_sampling", "per_task_smax"]
 
 # run_all.sh's per-dataset flags: (stage 1, stages >= 2). Keep the two in step.
 STAGE_FLAGS: dict[str, tuple[list[str], list[str]]] = {
@@ -389,8 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--seeds", type=flags.positive_int, default=3, help="number of seeds: 0 .. seeds-1")
     parser.add_argument("--out", type=flags.output_dir, default="runs/compare")
-    parser.add_argument("--methods", type=flags.comma_list(list(METHODS)), default=list(METHODS),
-                        help="comma-separated, of: " + ", ".join(METHODS))
+    parser.add_argument("--methods", type=flags.comma_list(list(METHODS)), default=DEFAULT_METHODS,
+                        help="comma-separated, of: " + ", ".join(METHODS) + " (default: " + ",".join(DEFAULT_METHODS) + ")")
     parser.add_argument("--jobs", type=flags.positive_int, default=2, help="methods run in parallel (one thread each)")
     args = parser.parse_args(own)
     import trainer  # the flags after `--` are checked as every stage will parse them, before any stage runs

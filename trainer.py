@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import distributed
