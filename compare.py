@@ -215,6 +215,12 @@ def summary_rows(results: Results, final_stage: int) -> list[dict]:
     return rows
 
 
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
+    """a − b over the seeds both have: (mean, 95 % t-interval low, high, number of seeds)."""
+    differences = [a[seed] - b[seed] for seed in sorted(set(a) & set(b))]
+    return (mean_sd(differences)[0], *t_interval(differences), len(differences))
+
+
 def paired_rows(results: Results, final_stage: int) -> list[dict]:
     """For each pair of methods (a, b): a − b per task and for retention, paired by seed (the same stage-1
     checkpoint and split), as {"pair", name: (mean, lo, hi, n)}; the interval is the t-interval over seeds."""
@@ -225,9 +231,7 @@ def paired_rows(results: Results, final_stage: int) -> list[dict]:
         for b in methods[i + 1:]:
             row: dict = {"pair": f"{a} − {b}"}
             for name in values[a]:
-                seeds = sorted(set(values[a][name]) & set(values[b][name]))
-                differences = [values[a][name][seed] - values[b][name][seed] for seed in seeds]
-                row[name] = (mean_sd(differences)[0], *t_interval(differences), len(differences))
+                row[name] = paired_difference(values[a][name], values[b][name])
             rows.append(row)
     return rows
 
@@ -302,8 +306,7 @@ def retention_rows(results: Results, final_stage: int, reference: str = "finetun
             row[f"kept{k}"] = (mean_sd(kept)[0], *t_interval(kept))
         for k in range(2, final_stage + 1):
             mine, theirs = per_name.get(f"learned{k}", {}), values.get(reference, {}).get(f"learned{k}", {})
-            differences = [mine[seed] - theirs[seed] for seed in sorted(set(mine) & set(theirs))]
-            row[f"learned{k}"] = (mean_sd(differences)[0], *t_interval(differences))
+            row[f"learned{k}"] = paired_difference(mine, theirs)[:3]
         row["min_kept"] = min((row[f"kept{k}"][0] for k in range(1, final_stage)), default=math.nan)
         rows.append(row)
     return rows
@@ -326,7 +329,7 @@ def retention_table(rows: list[dict], final_stage: int, seconds: dict[str, float
         for k in range(2, final_stage + 1):
             mean, low, high = row[f"learned{k}"]
             text = _cell(mean, (low, high))
-            cells.append(f"**{text}**" if text and (low > 0 or high < 0) else text)
+            cells.append(_bold_if_signed(text, low, high))
         time = seconds.get(row["method"], math.nan)
         cells.append("" if math.isnan(time) else f"{time:.1f}")
         lines.append("| " + " | ".join([row["method"], str(row["seeds"]), *cells]) + " |")
@@ -343,6 +346,11 @@ def _cell(mean: float, interval: tuple[float, float]) -> str:
     if math.isnan(mean):
         return ""
     return f"{mean:.4f}" if math.isnan(interval[0]) else f"{mean:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
+def _bold_if_signed(text: str, low: float, high: float) -> str:
+    """The cell in bold when its interval excludes 0."""
+    return f"**{text}**" if text and (low > 0 or high < 0) else text
 
 
 def markdown_table(rows: list[dict], labels: list[str], header: str) -> str:
@@ -366,7 +374,7 @@ def paired_table(rows: list[dict], labels: list[str]) -> str:
         for name in names:
             mean, low, high, _ = row[name]
             text = _cell(mean, (low, high))
-            cells.append(f"**{text}**" if text and (low > 0 or high < 0) else text)
+            cells.append(_bold_if_signed(text, low, high))
         lines.append("| " + " | ".join([row["pair"], str(max(row[name][3] for name in names))] + cells) + " |")
     return "\n".join(lines) + "\n"
 

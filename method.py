@@ -179,12 +179,13 @@ def continual_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: to
     share = shard.rows / shard.size                                         # this rank's gradient weight
     for j, ((count, weight), positions) in enumerate(zip(plan, drawn)):
         local = torch.from_numpy(shard.local(positions)).to(x.device)
+        if not local.numel():                                               # an empty sample contributes nothing
+            continue
         x_j = x[local, :-1] if j == 0 else x[local]                         # task 1 predicts the source's last item
         with torch.no_grad():
-            pseudo = teacher(x_j, j, s, masks=teacher_masks[j])[0].float() if local.numel() else None
-        if local.numel():
-            scale = local.numel() / count / share                           # 1 in a single process
-            yield retention.alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight)
+            pseudo = teacher(x_j, j, s, masks=teacher_masks[j])[0].float()
+        scale = local.numel() / count / share                               # 1 in a single process
+        yield retention.alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight)
 
 
 def continual_loss(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,
