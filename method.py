@@ -138,7 +138,11 @@ def retention_rows(rng: np.random.Generator, plan: list[tuple[int, float]], shar
                    nested: bool) -> list[np.ndarray]:
     """Global positions of each earlier task's retention rows, drawn from the GLOBAL batch, so N ranks use
     the rows one process would (every rank draws the same permutations: their generators are in step).
-    With `nested` (the original), every task takes a prefix of one shuffle; otherwise one shuffle each."""
+    With `nested` (the original), every task takes a prefix of one shuffle; otherwise one shuffle each.
+    `rng` may instead be a replay.AuthorsStreams (--streams authors): then the rows come from Python's
+    `random` as in the authors' code (one process)."""
+    if hasattr(rng, "retention_rows"):
+        return rng.retention_rows([count for count, _ in plan], shard.size, nested)
     shared = rng.permutation(shard.size)
     return [(shared if nested else rng.permutation(shard.size))[:count] for count, _ in plan]
 

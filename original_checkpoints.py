@@ -112,7 +112,16 @@ def convert_original(checkpoint: dict, path: str) -> dict:
                  "original_acc_hit1": accuracy},
         "epoch": -1,  # unknown: the authors' files do not record it
         "valid": {},
+        "spare_task_rows": _spare_rows(net, config),
     }
+
+
+def _spare_rows(net: dict, config: ModelConfig) -> torch.Tensor:
+    """Rows K..5 of every ec1/ec2 → [6 − K, n_layers, C]: the original's later tasks' embedding rows, as its
+    stage-1 constructor drew them (no stage touches them before their task; replay.py uses them)."""
+    layers = [net[f"residual_blocks.{i}.ec{c}.weight"][config.n_tasks:] for i in range(len(config.dilations))
+              for c in (1, 2)]                                                   # n_layers × [6 − K, C]
+    return torch.stack(layers, dim=1).detach().to("cpu", torch.float32).contiguous()
 
 
 # ---------------------------------------------------------------- steps

@@ -25,6 +25,7 @@ from checkpoints import load_checkpoint
 from method import (INITIAL_RATIO, RETENTION_RULES, Retention, Shard, anneal, clamp_task_embedding, continual_terms,
                     task1_loss)
 from model import CHECKPOINT_FORMAT, ModelConfig, NextItNet
+from replay import STREAMS, AuthorsStreams, apply_original_fresh, original_fresh
 from utils import (DATASETS, VARIANTS, DataError, atomic_torch_save, format_evidence, format_table, keep_freed_memory,
                    preset_kind, preset_paths, resolve_device, set_seed, stage_defaults, task_name, write_json)
 
@@ -85,6 +86,10 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
     add("--retention", choices=list(RETENTION_RULES), default="paper",
         help="how sampling ratios become retention rows and weights: " + "; ".join(
             f"{name}: {rule.text}" for name, rule in RETENTION_RULES.items()))
+    add("--streams", choices=STREAMS, default="ours",
+        help="stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
+             "parameters as the authors' code does (drops partial batches; with --variant original, from an "
+             "authors' checkpoint), to replay it step for step (replay_check.py); ours = this suite's draws")
     add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
     add("--compile", action="store_true", help="torch.compile the residual stack of the model (and the teacher); "
         "the first steps of each shape are slower while it compiles")
@@ -121,7 +126,22 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Nam
         raise DataError(f"missing {', '.join(missing)} (or give --dataset)")
     if args.method == "finetune" or args.no_retention:
         args.alpha = 0.0
+    if args.streams == "authors":
+        check_authors_streams(args)
     return args
+
+
+def check_authors_streams(args: argparse.Namespace) -> None:
+    """What --streams authors replays today: stages ≥ 2 of the original, in one process, from the start."""
+    stage_one = args.stage == 1
+    unsupported = [(stage_one, "stage 1"), (args.variant != "original", f"--variant {args.variant}"),
+                   (args.resume, "--resume"), (distributed.launched(), "torchrun"),
+                   (args.method != "teracon" or args.no_relation or args.retention != "paper",
+                    "an ablation or another --retention")]
+    found = [what for bad, what in unsupported if bad]
+    if found:
+        raise DataError(f"--streams authors replays the original code's stages >= 2 (--variant original) in one "
+                        f"process; not with {', '.join(found)}")
 
 
 def task_record(args: argparse.Namespace, n_classes: int) -> dict:
@@ -147,11 +167,14 @@ def guard_outputs(args: argparse.Namespace) -> str:
 
 
 def checkpoint_dict(args: argparse.Namespace, model: NextItNet, tasks: list[dict], epoch: int,
-                    valid: dict[str, float]) -> dict:
-    return {"format_version": CHECKPOINT_FORMAT, "stage": args.stage, "model_config": model.config_dict(),
-            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "tasks": tasks, "index_path": args.datapath_index, "args": vars(args), "epoch": epoch,
-            "valid": valid}
+                    valid: dict[str, float], spare_task_rows: torch.Tensor | None = None) -> dict:
+    checkpoint = {"format_version": CHECKPOINT_FORMAT, "stage": args.stage, "model_config": model.config_dict(),
+                  "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                  "tasks": tasks, "index_path": args.datapath_index, "args": vars(args), "epoch": epoch,
+                  "valid": valid}
+    if spare_task_rows is not None:  # the original's later tasks' embedding rows (replay.py)
+        checkpoint["spare_task_rows"] = spare_task_rows
+    return checkpoint
 
 
 def fit(args: argparse.Namespace, train_epoch: Callable[[int], dict], validate: Callable[[], dict],
@@ -284,6 +307,10 @@ def continual_step(model: NextItNet, teacher: NextItNet, optimizer: torch.optim.
             break
         term.backward()
         values.append(term.detach())
+    if getattr(args, "streams", "ours") == "authors":  # the authors back-propagate empty samples: zero gradients
+        for parameter in model.parameters():
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
     loss, retention = torch.stack(values).sum(), torch.stack(values[1:]).sum() if len(values) > 1 else values[0] * 0
     stepped = distributed.all_finite(loss, weight)
     if stepped:
@@ -432,7 +459,17 @@ def run_continual(args: argparse.Namespace) -> dict:
     args.channels = checkpoint["model_config"]["channels"]  # the model's shape comes from the checkpoint
     print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     data = load_task(args.datapath, index)
-    parts = split_indices(len(data.targets), args.seed, args.split_percentage)
+    streams = AuthorsStreams(args.variant) if args.streams == "authors" else None
+    spare_rows = checkpoint.get("spare_task_rows")
+    if streams:  # before anything else draws from torch, as the authors' constructor right after seeding
+        if spare_rows is None or len(spare_rows) == 0:
+            raise DataError(f"{args.paths}: has no spare task-embedding rows of the original's stage 1; --streams "
+                            "authors starts from a checkpoint of the authors' code or one written under it")
+        config = checkpoint["model_config"]
+        fresh = original_fresh(config["n_items"], data.n_classes, args.stage, config["channels"],
+                               config["kernel_size"], len(config["dilations"]))
+    parts = (streams.split(len(data.targets), args.split_percentage) if streams
+             else split_indices(len(data.targets), args.seed, args.split_percentage))
     check_split(args.datapath, len(data.targets), parts, args.split_percentage)
     train_rows, valid_rows, test_rows = parts
     record = task_record(args, data.n_classes)
@@ -449,12 +486,16 @@ def run_continual(args: argparse.Namespace) -> dict:
     if args.method == "finetune":
         model.config.use_masks = False
     model.add_task(data.n_classes, relation=not args.no_relation and args.method == "teracon")
+    if streams:
+        apply_original_fresh(model, fresh, spare_rows)
+        spare_rows = spare_rows[1:]
     model = model.to(device)
     if args.compile:
         compile_backbone(model)
         compile_backbone(teacher)
     task = args.stage - 1
-    optimizer = adam(model.parameters(), args.lr)
+    optimizer = (torch.optim.Adam(model.parameters(), lr=args.lr, foreach=False) if streams  # the authors' loop
+                 else adam(model.parameters(), args.lr))
     stage_sources = Staging(data.sources, device)
     stage_targets = Staging(data.targets, device)
     batches_per_epoch = train_rows.size / args.batch
@@ -464,7 +505,8 @@ def run_continual(args: argparse.Namespace) -> dict:
     def train_epoch(epoch: int) -> dict:
         model.train()
         stats = {"loss": 0.0, "retention": 0.0, "skipped": 0, "finite_steps": 0}
-        shards = distributed.batches(train_rows.size, args.batch, rng)  # (this rank's rows, its share)
+        shards = ([(rows, 1.0, rows.size) for rows in streams.epoch_batches(train_rows.size, args.batch)] if streams
+                  else distributed.batches(train_rows.size, args.batch, rng))  # (this rank's rows, its share)
         for b, (rows, weight, size) in enumerate(tqdm(shards, desc=f"task {args.stage} epoch {epoch}", leave=False,
                                                       disable=None)):
             s = anneal(b, batches_per_epoch, args.smax)
@@ -473,20 +515,27 @@ def run_continual(args: argparse.Namespace) -> dict:
             y = stage_targets(chosen)                                  # [B]
             shard = Shard(size, distributed.rank(), distributed.world_size())
             loss, kept, state["ratios"], stepped = continual_step(model, teacher, optimizer, x, y, task, s,
-                                                                  state["ratios"], rng, args, shard)
+                                                                  state["ratios"], streams or rng, args, shard)
             stats["retention"] += float(kept)
             account(stats, loss, stepped)
         stats["loss"] /= max(stats["finite_steps"], 1)
         stats["retention"] /= max(stats["finite_steps"] + stats["skipped"], 1)
         return stats
 
+    def scored(rows: np.ndarray) -> np.ndarray:
+        """Every row; under --streams authors the authors' draw of full batches of --batch."""
+        return streams.scored_rows(rows, args.batch) if streams else rows
+
     def on_best(epoch: int, valid: dict) -> None:
-        test = score(model, task, data, test_rows, record["kind"], args.smax, args.eval_batch, device, args.top_k)
+        test = score(model, task, data, scored(test_rows), record["kind"], args.smax, args.eval_batch, device,
+                     args.top_k)
         print("  test at best validation: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
-        atomic_torch_save(checkpoint_dict(args, model, tasks, epoch, valid), checkpoint_path)
+        atomic_torch_save(checkpoint_dict(args, model, tasks, epoch, valid, spare_rows if streams else None),
+                          checkpoint_path)
 
     fit(args, train_epoch,
-        lambda: score(model, task, data, valid_rows, record["kind"], args.smax, args.eval_batch, device, args.top_k),
+        lambda: score(model, task, data, scored(valid_rows), record["kind"], args.smax, args.eval_batch, device,
+                      args.top_k),
         on_best, Resume(args, model, optimizer, rng, state))
     return finish(args, model, checkpoint_path, index, device, {args.stage: data})
 

@@ -1,0 +1,130 @@
+"""`--streams authors`: the authors' random streams, so that a stage ≥ 2 replays their training step for step.
+
+By default this suite draws batches and retention rows from one numpy Generator, keeps the last partial
+batch, scores every validation and test row, and initialises a new stage's parameters in its own order.
+The authors' codes (Sein-Kim/TERACON_original, Sein-Kim/TERACON) draw from three generators:
+
+* numpy's global RandomState: the split; per epoch the training order (the original permutes it twice,
+  the first permutation compounding from epoch to epoch), then the validation order; the test order at
+  epoch 0 and at each new best. Batches are consecutive slices while `end < n` (utils.getBatch), so the
+  last partial batch is dropped, and the last full one too when B divides n; validation and test score
+  only the rows of those batches.
+* Python's `random`: retention rows, `buf = list(range(B)); random.shuffle(buf)` per batch; earlier task
+  j takes `buf[:int(B · ratio_j)]` (original: one shuffle whose prefixes every task shares; revised: one
+  shuffle per earlier task).
+* torch's CPU generator: only the constructor of the stage's model, right after `torch.manual_seed`. The
+  fresh parameters of stage K (the new head, every relation layer) are those the authors' constructor
+  draws, so `fresh_parameters` replays its calls shape for shape (CPU normal_ takes another path below
+  16 elements: the same count of draws in other shapes gives other values). The original never draws the
+  new task's embedding row: rows 1..5 of the stage-1 model's ec1/ec2 stay as drawn at stage 1 and become
+  tasks 2..6's rows (`spare_task_rows`, kept by original_checkpoints).
+
+Only the original's layout is replayed for now (`--variant original`); README, "Step-for-step replay".
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+
+from model import NextItNet
+
+STREAMS = ("ours", "authors")
+
+
+class AuthorsStreams:
+    """The numpy-global and Python-`random` draws of the authors' stage-K script (seeded by utils.set_seed)."""
+
+    def __init__(self, variant: str):
+        self.variant = variant
+        self.order: np.ndarray | None = None   # original: the training order, re-permuted every epoch
+
+    def split(self, n: int, split_percentage: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The 80/5/15 split from the global RandomState (the same rows as data_loader.split_indices)."""
+        perm = np.random.permutation(np.arange(n))
+        dev = -int(split_percentage * float(n))
+        dev_valid = int(dev * 0.75)
+        return perm[:dev], perm[dev:dev_valid], perm[dev_valid:]
+
+    def epoch_batches(self, n: int, batch: int) -> list[np.ndarray]:
+        """Positions in the training rows of every batch of an epoch, as the authors' getBatch yields them."""
+        order = np.arange(n)
+        if self.variant == "original":          # train_set = train_set[perm] at each epoch, kept
+            self.order = (order if self.order is None else self.order)[np.random.permutation(np.arange(n))]
+            order = self.order
+        order = order[np.random.permutation(np.arange(n))]   # getBatch's own permutation
+        return full_batches(order, batch)
+
+    def scored_rows(self, rows: np.ndarray, batch: int) -> np.ndarray:
+        """The validation or test rows the authors score: getBatch's full batches of a permutation."""
+        order = rows[np.random.permutation(np.arange(len(rows)))]
+        batches = full_batches(order, batch)
+        return np.concatenate(batches) if batches else order[:0]
+
+    def retention_rows(self, counts: list[int], size: int, nested: bool) -> list[np.ndarray]:
+        """Batch positions of each earlier task's retention rows, from Python's `random`."""
+        if nested:                              # original: one shuffle, nested prefixes
+            buffer = list(range(size))
+            random.shuffle(buffer)
+            return [np.array(buffer[:count], dtype=np.int64) for count in counts]
+        buffers = [list(range(size)) for _ in counts]
+        for buffer in buffers:                  # revised: one shuffle per earlier task, in task order
+            random.shuffle(buffer)
+        return [np.array(buffer[:count], dtype=np.int64) for buffer, count in zip(buffers, counts)]
+
+
+def full_batches(order: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Consecutive slices of `batch` while the slice ends before the last row (utils.getBatch: end < n)."""
+    return [order[start:start + batch] for start in range(0, len(order), batch) if start + batch < len(order)]
+
+
+# ------------------------------------------------------------------ the original's stage-K constructor
+
+def _linear(n_in: int, n_out: int) -> torch.Tensor:
+    """nn.Linear.reset_parameters' draws: kaiming_uniform_ weight [n_out, n_in], uniform_ bias [n_out]."""
+    weight = torch.empty(n_out, n_in)
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    torch.empty(n_out).uniform_(-1 / math.sqrt(n_in), 1 / math.sqrt(n_in))
+    return weight
+
+
+def _conv(channels: int, kernel: int) -> None:
+    """nn.Conv2d(C, C, (1, k))'s draws: kaiming_uniform_ [C, C, 1, k], uniform_ bias [C]."""
+    torch.nn.init.kaiming_uniform_(torch.empty(channels, channels, 1, kernel), a=math.sqrt(5))
+    bound = 1 / math.sqrt(channels * kernel)
+    torch.empty(channels).uniform_(-bound, bound)
+
+
+def original_fresh(n_items: int, n_classes: int, n_tasks: int, channels: int, kernel: int,
+                   n_blocks: int, slots: int = 6) -> dict[str, torch.Tensor]:
+    """The fresh values of the original's teracon.NextItNet_Decoder(num_task=K) at stage K, drawn as it draws
+    them from the current torch generator: item embedding, then per block conv1, conv2, ec1/ec2 (normal_,
+    then uniform_), K Linear(2K−1, 1) for mlp1 and for mlp2 and their normal_(0, 0.01) weights; then the new
+    head final_layer (kaiming, then normal_(0, 0.01)). Returns our tensors: relation_weight [K, n_layers,
+    2K−1] (layer 2i = mlp1 of block i, 2i+1 = mlp2) and the new head's weight [n_classes, C]."""
+    torch.empty(n_items, channels).normal_().uniform_(-np.sqrt(1. / n_items), np.sqrt(1. / n_items))
+    relation = torch.empty(n_tasks, 2 * n_blocks, 2 * n_tasks - 1)
+    for block in range(n_blocks):
+        _conv(channels, kernel)
+        _conv(channels, kernel)
+        task_rows = [torch.empty(slots, channels).normal_() for _ in range(2)]
+        for rows in task_rows:
+            rows.uniform_(0, 2)
+        mlp1 = [_linear(2 * n_tasks - 1, 1) for _ in range(n_tasks)]
+        mlp2 = [_linear(2 * n_tasks - 1, 1) for _ in range(n_tasks)]
+        for task in range(n_tasks):
+            relation[task, 2 * block] = mlp1[task].normal_(0.0, 0.01)[0]
+            relation[task, 2 * block + 1] = mlp2[task].normal_(0.0, 0.01)[0]
+    head = _linear(channels, n_classes).normal_(0.0, 0.01)
+    return {"relation_weight": relation, "head": head}
+
+
+def apply_original_fresh(model: NextItNet, fresh: dict[str, torch.Tensor], spare_rows: torch.Tensor) -> None:
+    """Give the just-grown model (NextItNet.add_task) the original's fresh values: its relation layers, its
+    new head's weight (bias 0.1, as ours) and, as the new task's embedding row, the first spare stage-1 row."""
+    with torch.no_grad():
+        model.relation_weight.copy_(fresh["relation_weight"])
+        model.heads[-1].weight.copy_(fresh["head"])
+        model.task_embedding[-1].copy_(spare_rows[0])
