@@ -233,32 +233,44 @@ _DENSE_LIMIT = 1 << 25  # ids below this are looked up in a table (≤ 256 MiB),
 
 @dataclass
 class ItemIndex:
-    """Sorted raw item ids; raw id `keys[i]` has index i + 1, and 0 is `<UNK>`."""
+    """Sorted raw item ids; raw id `keys[i]` has index i + offset. offset 1 (ours and the original's): 0 is
+    `<UNK>`, and a task's classes count from 1 too; offset 0 (the revised code's index, read for
+    `--streams authors`): no `<UNK>`, items and classes count from 0."""
 
-    keys: np.ndarray  # [n_items - 1] int64, ascending
+    keys: np.ndarray  # [n_items - offset] int64, ascending
+    offset: int = 1
 
     @property
     def size(self) -> int:
-        return int(self.keys.size) + 1
+        return int(self.keys.size) + self.offset
 
     @property
     def has_zero(self) -> bool:
         return bool(self.keys.size and self.keys[0] == 0)
 
-    def lookup(self, raw: np.ndarray, path: str) -> np.ndarray:
-        """Map raw ids to indices; unknown ids become `<UNK>` (0) with one warning that counts them."""
+    def positions(self, raw: np.ndarray) -> np.ndarray:
+        """Indices of raw ids; −1 for ids not in the index."""
         if self.keys.size and 0 <= self.keys[0] and self.keys[-1] < _DENSE_LIMIT and raw.size:
-            table = np.zeros(int(self.keys[-1]) + 2, dtype=np.int64)        # 0 (<UNK>) unless an item
-            table[self.keys] = np.arange(1, self.size)
-            mapped = np.take(table, raw, mode="clip")                         # ids beyond the last item → 0
-        else:
-            position = np.searchsorted(self.keys, raw)
-            clipped = np.minimum(position, max(self.keys.size - 1, 0))
-            known = self.keys[clipped] == raw if self.keys.size else np.zeros(raw.shape, bool)
-            mapped = np.where(known, clipped + 1, 0).astype(np.int64)
-        unknown = int(mapped.size - np.count_nonzero(mapped))
-        if unknown:
-            warnings.warn(f"{path}: {unknown} item token(s) not in the index, mapped to <UNK>", stacklevel=2)
+            table = np.full(int(self.keys[-1]) + 2, -1, dtype=np.int64)       # −1 unless an item
+            table[self.keys] = np.arange(self.offset, self.size)
+            return np.take(table, raw, mode="clip")                            # ids beyond the last item → −1
+        position = np.searchsorted(self.keys, raw)
+        clipped = np.minimum(position, max(self.keys.size - 1, 0))
+        known = self.keys[clipped] == raw if self.keys.size else np.zeros(raw.shape, bool)
+        return np.where(known, clipped + self.offset, -1).astype(np.int64)
+
+    def lookup(self, raw: np.ndarray, path: str) -> np.ndarray:
+        """Map raw ids to indices; unknown ids become `<UNK>` (0) with one warning that counts them (an error
+        without `<UNK>`)."""
+        mapped = self.positions(raw)
+        unknown = mapped < 0
+        if unknown.any():
+            if not self.offset:
+                raise DataError(f"{path}: {int(unknown.sum())} item token(s) not in the index, which (numbered as "
+                                f"the revised code) has no <UNK>")
+            warnings.warn(f"{path}: {int(unknown.sum())} item token(s) not in the index, mapped to <UNK>",
+                          stacklevel=2)
+            mapped[unknown] = 0
         return mapped
 
 
@@ -301,16 +313,18 @@ def read_index(path: str) -> ItemIndex:
         pairs = [row.rsplit(",", 1) for row in rows if row]
     else:
         raise DataError(f"{path}: not an item index (expected 'item,index' rows or the authors' dict literal)")
-    if not pairs or pairs[0][0] != "<UNK>" or any(len(pair) != 2 for pair in pairs):
-        raise DataError(f"{path}: not an item index (it must start with <UNK> = 0)")
+    revised = bool(pairs) and stripped.startswith("{") and tuple(pairs[0]) == ("0", "0")  # no <UNK>: '0' = 0
+    if not pairs or (pairs[0][0] != "<UNK>" and not revised) or any(len(pair) != 2 for pair in pairs):
+        raise DataError(f"{path}: not an item index (it must start with <UNK> = 0, or '0': 0 as the revised code's)")
+    offset = 0 if revised else 1
     try:
-        keys = np.array([int(key) for key, _ in pairs[1:]], dtype=np.int64)
+        keys = np.array([int(key) for key, _ in pairs[offset:]], dtype=np.int64)
         ids = np.array([int(value) for _, value in pairs], dtype=np.int64)
     except ValueError:
         raise DataError(f"{path}: not an item index (non-integer item or index)") from None
     if not np.array_equal(ids, np.arange(ids.size)) or np.any(np.diff(keys) <= 0):
         raise DataError(f"{path}: not an item index (indices must run 0, 1, 2, ... over ascending item ids)")
-    return ItemIndex(keys)
+    return ItemIndex(keys, offset)
 
 
 @dataclass
@@ -318,8 +332,9 @@ class TaskData:
     """One task's examples: sources [n_lines, L] item indices, targets [n] class indices, class count.
 
     Example i reads sources[source_row[i]] (a line with m targets is m examples sharing one row); with
-    source_row None, example i is row i. `inputs` materialises the [n, L] matrix. `target_keys[c - 1]` is
-    the raw label of class c (task k ≥ 2; None for task 1, whose classes are the item index)."""
+    source_row None, example i is row i. `inputs` materialises the [n, L] matrix. `target_keys[c − offset]`
+    is the raw label of class c, offset being the index's (task k ≥ 2; None for task 1, whose classes are the
+    item index)."""
 
     sources: np.ndarray
     targets: np.ndarray
@@ -371,7 +386,7 @@ def load_task(path: str, index: ItemIndex) -> TaskData:
     target_raw = target_raw[target_raw >= 0] if target_raw.min() < 0 else target_raw.reshape(-1)
     target_keys, target_ids = dense_unique(target_raw)
     source_row = None if np.all(targets_per_line == 1) else np.repeat(np.arange(tokens.n_lines), targets_per_line)
-    return TaskData(sources, target_ids + 1, int(target_keys.size) + 1, source_row, target_keys)
+    return TaskData(sources, target_ids + index.offset, int(target_keys.size) + index.offset, source_row, target_keys)
 
 
 def split_indices(n: int, seed: int, split_percentage: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

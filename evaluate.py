@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -66,12 +65,10 @@ def item_classes(data: TaskData, index: ItemIndex) -> np.ndarray | None:
     """[n_items] the class whose raw label is that item (−1: none); None when the classes are the items (task 1)."""
     if data.target_keys is None:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                          # labels that are not items are expected
-        items = index.lookup(data.target_keys, "labels")         # [n_classes − 1], 0 = not an item
+    items = index.positions(data.target_keys)                    # [n_classes − offset], −1 = not an item
     mapping = np.full(index.size, -1, dtype=np.int64)
-    known = items > 0
-    mapping[items[known]] = np.arange(1, data.n_classes)[known]
+    known = items >= 0
+    mapping[items[known]] = np.arange(index.offset, data.n_classes)[known]
     return mapping
 
 
@@ -83,12 +80,13 @@ def baseline_values(data: TaskData, kind: str, train_rows: np.ndarray, test_rows
     sequences, padding excluded) and `popularity_unseen` (the same, minus the user's own source items);
     cls: `majority` (the training split's most frequent class).
     """
+    unknown = (0,) if index.offset else ()                       # <UNK>, a class no example has
     if data.target_keys is None:                                 # task 1: the classes are the items
-        padding = (1,) if index.has_zero else ()
+        padding = (index.offset,) if index.has_zero else ()      # the item "0"
         seen = np.concatenate([data.sources[data.rows(train_rows)].reshape(-1), data.targets[train_rows]])
-        counts = class_counts(seen, data.n_classes, exclude=(0,) + padding)
+        counts = class_counts(seen, data.n_classes, exclude=unknown + padding)
     else:
-        counts = class_counts(data.targets[train_rows], data.n_classes, exclude=(0,))
+        counts = class_counts(data.targets[train_rows], data.n_classes, exclude=unknown)
     targets = data.targets[test_rows]                            # [n_test]
     if kind != "rec":
         return {"majority": rank_values(popularity_ranks(counts, targets, None), top_k, data.n_classes)}

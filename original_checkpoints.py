@@ -85,12 +85,20 @@ def convert_original(checkpoint: dict, path: str) -> dict:
         keys = ", ".join(sorted(map(str, checkpoint))[:5]) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise DataError(f"{path}: not a checkpoint of this suite (no model_config) nor of the authors' code "
                         f"(no 'net'; has {keys or 'nothing'})")
+    if "task_classifier.0.weight" in net:
+        config, state = _convert_revised(net, path)
+        return _our_checkpoint(checkpoint, config, state, path, "revised", None)
     matches = _match_keys(net, path)
     shape = _infer_shape(net, matches, path)
     state = _convert_state(net, matches, shape, path)
     _check_against_model(state, shape["config"], path)
-
     config = shape["config"]
+    layout = "generator_hat_other" if config.n_tasks == 1 else "teracon"
+    return _our_checkpoint(checkpoint, config, state, path, layout, _spare_rows(net, config))
+
+
+def _our_checkpoint(checkpoint: dict, config: ModelConfig, state: dict, path: str, layout: str,
+                    spare_rows: torch.Tensor | None) -> dict:
     stage = config.n_tasks
     tasks = []
     for number, n_classes in enumerate(config.task_classes, start=1):
@@ -108,12 +116,55 @@ def convert_original(checkpoint: dict, path: str) -> dict:
         "index_path": None,
         "args": {"stage": stage, "smax": ORIGINAL_SMAX, "top_k": 5, "seed": ORIGINAL_SEED,
                  "split_percentage": ORIGINAL_SPLIT, "converted_from": str(path),
-                 "original_layout": "generator_hat_other" if stage == 1 else "teracon",
+                 "original_layout": layout,
                  "original_acc_hit1": accuracy},
         "epoch": -1,  # unknown: the authors' files do not record it
         "valid": {},
-        "spare_task_rows": _spare_rows(net, config),
+        **({"spare_task_rows": spare_rows} if spare_rows is not None else {}),
     }
+
+
+def _convert_revised(net: dict, path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The revised code's layout (Sein-Kim/TERACON: generator_hat_other at stage 1, teracon at stage K): per
+    block `ec.{k}` = Embedding(2, C) (row 0 masks conv1, row 1 conv2), `mlp1/mlp2.{t}` at stages ≥ 2, and
+    `task_classifier.{k}` = task k+1's head. Its numbering has no `<UNK>` (read its index.csv with it)."""
+    embedding = _need(net, "embeding.weight", None, path)
+    n_items, channels = map(int, embedding.shape)
+    n_blocks = len(ORIGINAL_DILATIONS)
+    n_tasks = len({key for key in net if re.fullmatch(r"task_classifier\.\d+\.weight", key)})
+    relation = any(".mlp1." in key for key in net)
+    kernel = int(_need(net, "residual_blocks.0.conv1.weight", None, path).shape[3])
+    state: dict[str, torch.Tensor] = {"item_embedding.weight": embedding}
+    rows = torch.empty(n_tasks, 2 * n_blocks, channels)
+    weights = torch.empty(n_tasks, 2 * n_blocks, 2 * n_tasks - 1)
+    biases = torch.empty(n_tasks, 2 * n_blocks)
+    for i in range(n_blocks):
+        for c in (1, 2):
+            state[f"blocks.{i}.conv{c}.weight"] = _need(net, f"residual_blocks.{i}.conv{c}.weight",
+                                                        (channels, channels, 1, kernel), path).squeeze(2)
+            for part in ("conv{c}.bias", "ln{c}.weight", "ln{c}.bias"):
+                name = part.format(c=c)
+                state[f"blocks.{i}.{name}"] = _need(net, f"residual_blocks.{i}.{name}", (channels,), path)
+        for k in range(n_tasks):
+            rows[k, 2 * i:2 * i + 2] = _need(net, f"residual_blocks.{i}.ec.{k}.weight", (2, channels), path)
+            for c in (1, 2) if relation else ():
+                weights[k, 2 * i + c - 1] = _need(net, f"residual_blocks.{i}.mlp{c}.{k}.weight",
+                                                  (1, 2 * n_tasks - 1), path)[0]
+                biases[k, 2 * i + c - 1] = _need(net, f"residual_blocks.{i}.mlp{c}.{k}.bias", (1,), path)[0]
+    classes = []
+    for k in range(n_tasks):
+        head = _need(net, f"task_classifier.{k}.weight", None, path)
+        classes.append(int(head.shape[0]))
+        state[f"heads.{k}.weight"] = head
+        state[f"heads.{k}.bias"] = _need(net, f"task_classifier.{k}.bias", (int(head.shape[0]),), path)
+    state["task_embedding"] = rows
+    if relation:
+        state["relation_weight"], state["relation_bias"] = weights, biases
+    config = ModelConfig(n_items=n_items, task_classes=classes, channels=channels, dilations=list(ORIGINAL_DILATIONS),
+                         kernel_size=kernel, relation=relation)
+    state = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
+    _check_against_model(state, config, path)
+    return config, state
 
 
 def _spare_rows(net: dict, config: ModelConfig) -> torch.Tensor:

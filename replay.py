@@ -19,7 +19,8 @@ The authors' codes (Sein-Kim/TERACON_original, Sein-Kim/TERACON) draw from three
   new task's embedding row: rows 1..5 of the stage-1 model's ec1/ec2 stay as drawn at stage 1 and become
   tasks 2..6's rows (`spare_task_rows`, kept by original_checkpoints).
 
-Only the original's layout is replayed for now (`--variant original`); README, "Step-for-step replay".
+`--variant original` replays the original from its checkpoints and index; `--variant revised` the revision
+from its own, whose numbering has no `<UNK>` (data_loader.ItemIndex.offset 0). README, "Step-for-step replay".
 """
 from __future__ import annotations
 
@@ -121,10 +122,39 @@ def original_fresh(n_items: int, n_classes: int, n_tasks: int, channels: int, ke
     return {"relation_weight": relation, "head": head}
 
 
-def apply_original_fresh(model: NextItNet, fresh: dict[str, torch.Tensor], spare_rows: torch.Tensor) -> None:
-    """Give the just-grown model (NextItNet.add_task) the original's fresh values: its relation layers, its
-    new head's weight (bias 0.1, as ours) and, as the new task's embedding row, the first spare stage-1 row."""
+def revised_fresh(n_items: int, head_sizes: list[int], channels: int, kernel: int,
+                  n_blocks: int) -> dict[str, torch.Tensor]:
+    """The fresh values of the revised code's teracon.NextItNet_Decoder(num_task=K) at stage K, drawn as it
+    draws them: item embedding, then per block conv1, conv2, K Embedding(2, C) (all normal_, then all
+    uniform_(0, 2)), K Linear(2K−1, 1) for mlp1 and for mlp2 and their normal_(0, 0.01) weights; then K heads
+    (every kaiming draw first, then every normal_(0, 0.01)). Returns relation_weight [K, n_layers, 2K−1],
+    the new task's embedding row [n_layers, C] (ec.{K−1}: row 0 masks conv1, row 1 conv2) and head."""
+    n_tasks = len(head_sizes)
+    torch.empty(n_items, channels).normal_().uniform_(-np.sqrt(1. / n_items), np.sqrt(1. / n_items))
+    relation = torch.empty(n_tasks, 2 * n_blocks, 2 * n_tasks - 1)
+    row = torch.empty(2 * n_blocks, channels)
+    for block in range(n_blocks):
+        _conv(channels, kernel)
+        _conv(channels, kernel)
+        task_rows = [torch.empty(2, channels).normal_() for _ in range(n_tasks)]
+        for rows in task_rows:
+            rows.uniform_(0, 2)
+        row[2 * block:2 * block + 2] = task_rows[-1]
+        mlp1 = [_linear(2 * n_tasks - 1, 1) for _ in range(n_tasks)]
+        mlp2 = [_linear(2 * n_tasks - 1, 1) for _ in range(n_tasks)]
+        for task in range(n_tasks):
+            relation[task, 2 * block] = mlp1[task].normal_(0.0, 0.01)[0]
+            relation[task, 2 * block + 1] = mlp2[task].normal_(0.0, 0.01)[0]
+    heads = [_linear(channels, size) for size in head_sizes]
+    for head in heads:
+        head.normal_(0.0, 0.01)
+    return {"relation_weight": relation, "head": heads[-1], "row": row}
+
+
+def apply_fresh(model: NextItNet, fresh: dict[str, torch.Tensor], row: torch.Tensor) -> None:
+    """Give the just-grown model (NextItNet.add_task) the authors' fresh values: its relation layers, its new
+    head's weight (bias 0.1, as ours) and the new task's embedding row [n_layers, C]."""
     with torch.no_grad():
         model.relation_weight.copy_(fresh["relation_weight"])
         model.heads[-1].weight.copy_(fresh["head"])
-        model.task_embedding[-1].copy_(spare_rows[0])
+        model.task_embedding[-1].copy_(row)

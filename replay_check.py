@@ -1,20 +1,22 @@
-"""Step-for-step check against a checkout of the authors' original code (Sein-Kim/TERACON_original).
+"""Step-for-step check against a checkout of the authors' code (Sein-Kim/TERACON_original or Sein-Kim/TERACON).
 
     python replay_check.py --authors /path/to/TERACON_original [--steps 50] [--batch 32] [--work DIR]
+    python replay_check.py --authors /path/to/TERACON --variant revised
 
 It makes TTL-shaped synthetic data (synth.py, lines left-padded with item 0), runs the authors' stage 1 for
 one epoch, then their stage 2 and stage 3 for --steps optimiser steps each, and this suite's stages 2 and
-3 (`--variant original --streams authors`) from the same checkpoints: the authors' stage-1 file, then
-the authors' stage-2 file. It prints the loss of every step of both codes and their relative difference,
+3 (`--variant V --streams authors`) from the same checkpoints: the authors' stage-1 file, then the
+authors' stage-2 file. It prints the loss of every step of both codes and their relative difference,
 then the largest parameter difference after the last step, and exits 1 when a loss differs by more than
---loss_tol (relative) or a parameter by more than --param_tol (relative to the tensor's largest value).
+--loss_tol (relative) or a parameter by more than --param_tol (absolute).
 
-Nothing of the authors' code is part of this repository. Their checkout is copied to --work and four
-things are changed there so that it runs on a CPU and on today's torch (and a stage-3 script on data
-other than TTL): the missing package `TERACON_Past` in the import, the device (`cpu`), `.view` of a
-non-contiguous tensor in train_task1.py, and TTL's head sizes hard-coded in train_teracon_t3.py. Their
-losses and parameters are read by wrapping torch's CrossEntropyLoss, Tensor.backward and Adam.step in
-the process that runs their script; their code is not otherwise touched. Every run is single-threaded.
+Nothing of the authors' code is part of this repository. Their checkout is copied to --work and changed
+in the few places CODES lists, so that it runs on a CPU and on today's torch (and the original's stage-3
+script on data other than TTL): the original's missing package `TERACON_Past`, the device (`cpu`; the
+revision's `get_device()` is −1 on a CPU), `.view` of a non-contiguous tensor in train_task1.py, and the
+original's TTL head sizes in train_teracon_t3.py. Their losses and parameters are read by wrapping torch's
+CrossEntropyLoss, Tensor.backward and Adam.step in the process that runs their script; their code is not
+otherwise touched. Every run is single-threaded.
 """
 from __future__ import annotations
 
@@ -32,13 +34,36 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PATCHES = {  # file → [(regular expression, replacement)]: the only changes made to the authors' copy
-    "train_task1.py": [(r"\.view\(\[-1\]\)", ".reshape([-1])")],
-    "train_teracon_t3.py": [(r"\b645974\b", "len(items)"),
-                            (r"\b17880\b", "torch.load(args.paths, map_location='cpu')['net']['final_layer.weight'].shape[0]")],
+VIEW = (r"\.view\(\[-1\]\)", ".reshape([-1])")           # a strided copy cannot be viewed on torch 2.x
+CODES = {  # per code: its repository, files, the only changes made to the copy (file → [(pattern, replacement)]),
+           # its stage-1 and stage-K command lines and the learning rates of stages 2 and 3
+    "original": {
+        "repository": "Sein-Kim/TERACON_original",
+        "patches": {"train_task1.py": [VIEW],
+                    "train_teracon_t2.py": [],
+                    "train_teracon_t3.py": [(r"\b645974\b", "len(items)"),
+                                            (r"\b17880\b", "torch.load(args.paths, map_location='cpu')['net']"
+                                                           "['final_layer.weight'].shape[0]")],
+                    "data_loader.py": [], "utils.py": [], "load_model.py": [], "teracon.py": [],
+                    "generator_hat_other.py": []},
+        "every_script": [(r"import TERACON_Past\.teracon as", "import teracon as"),          # not in their repository
+                         (r"\n(\s*)args\.gpu_num_ = args\.gpu_num\n", r"\n\1args.gpu_num_ = args.gpu_num = 'cpu'\n")],
+        "stage1": ["train_task1.py"],
+        "stage": lambda k: [f"train_teracon_t{k}.py"],
+        "lr": {2: 1e-4, 3: 1e-4},
+    },
+    "revised": {
+        "repository": "Sein-Kim/TERACON",
+        "patches": {"train_task1.py": [VIEW], "train_teracon.py": [],
+                    "teracon.py": [(r"t\.get_device\(\)", "t.device")],                   # −1 on the CPU
+                    "generator_hat_other.py": [(r"t\.get_device\(\)", "t.device")],
+                    "data_loader.py": [], "utils.py": []},
+        "every_script": [(r"\n(\s*)if args\.gpu_num == 'cpu':", r"\n\1args.gpu_num = 'cpu'\n\1if args.gpu_num == 'cpu':")],
+        "stage1": ["train_task1.py", "--seed", "0"],
+        "stage": lambda k: ["train_teracon.py", "--n_tasks", str(k), "--seed", "0"],
+        "lr": {2: 1e-3, 3: 1e-4},                                                           # ttl_train.sh
+    },
 }
-EVERY_SCRIPT = [(r"import TERACON_Past\.teracon as", "import teracon as"),
-                (r"\n(\s*)args\.gpu_num_ = args\.gpu_num\n", r"\n\1args.gpu_num_ = args.gpu_num = 'cpu'\n")]
 
 
 def single_thread() -> None:
@@ -47,20 +72,20 @@ def single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def patched_copy(authors: str, target: str) -> None:
-    """Copy the checkout's .py files to `target` with PATCHES and EVERY_SCRIPT applied (each must match)."""
+def patched_copy(authors: str, target: str, variant: str) -> None:
+    """Copy the checkout's files the run needs to `target`, with the code's patches applied (each must match)."""
+    code = CODES[variant]
     os.makedirs(target, exist_ok=True)
-    for name in ["data_loader.py", "utils.py", "load_model.py", "teracon.py", "generator_hat_other.py",
-                 "train_task1.py", "train_teracon_t2.py", "train_teracon_t3.py"]:
+    for name, patches in code["patches"].items():
         source = os.path.join(authors, name)
         if not os.path.isfile(source):
-            raise SystemExit(f"{source}: not found; --authors must be a checkout of Sein-Kim/TERACON_original")
+            raise SystemExit(f"{source}: not found; --authors must be a checkout of {code['repository']} "
+                             f"(--variant {variant})")
         with open(source) as handle:
             text = handle.read()
-        rules = PATCHES.get(name, []) + (EVERY_SCRIPT if name.startswith("train_") else [])
-        for pattern, replacement in rules:
+        for pattern, replacement in patches + (code["every_script"] if name.startswith("train_") else []):
             text, count = re.subn(pattern, replacement, text)
-            if count == 0 and "TERACON_Past" not in pattern:
+            if count == 0 and "TERACON_Past" not in pattern:   # t2/t3 import it; train_task1.py does not
                 raise SystemExit(f"{source}: does not contain {pattern!r}; not the code this check was written for")
         with open(os.path.join(target, name), "w") as handle:
             handle.write(text)
@@ -192,16 +217,18 @@ def compare(authors_out: str, ours_out: str, loss_tol: float, param_tol: float, 
             for key, value in converted["model_state"].items()}
     key = max(gaps, key=gaps.get)
     largest_abs = max(float((state[k] - v).abs().max()) for k, v in converted["model_state"].items())
-    ok = worst <= loss_tol and gaps[key] <= param_tol and len(theirs) == len(ours)
+    ok = worst <= loss_tol and largest_abs <= param_tol and len(theirs) == len(ours)
     print(f"{label}: {len(ours)} steps; largest relative loss difference {worst:.1e} (tolerance {loss_tol:g}); "
-          f"parameters after the last step: largest difference {largest_abs:.1e}, relative to the tensor's "
-          f"largest value {gaps[key]:.1e} in {key} (tolerance {param_tol:g}): {'AGREE' if ok else 'DIFFER'}")
+          f"parameters after the last step: largest difference {largest_abs:.1e} (tolerance {param_tol:g}; "
+          f"relative to its tensor's largest value at most {gaps[key]:.1e}, in {key}): {'AGREE' if ok else 'DIFFER'}")
     return ok
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--authors", required=True, help="a checkout of Sein-Kim/TERACON_original")
+    parser.add_argument("--authors", required=True,
+                        help="a checkout of Sein-Kim/TERACON_original (--variant original) or Sein-Kim/TERACON (revised)")
+    parser.add_argument("--variant", choices=sorted(CODES), default="original")
     parser.add_argument("--work", help="working folder (default: a new temporary folder)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=32)
@@ -222,17 +249,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="replay_check_"))
-    code = os.path.join(work, "authors_code")
+    code = os.path.join(work, f"authors_code_{args.variant}")
     shutil.rmtree(code, ignore_errors=True)
-    patched_copy(os.path.abspath(args.authors), code)
+    patched_copy(os.path.abspath(args.authors), code, args.variant)
     data = make_data(work, args.later_users)
-    runs = os.path.join(work, "runs")
+    runs = os.path.join(work, f"runs_{args.variant}")
     os.makedirs(runs, exist_ok=True)
     index, task1 = os.path.join(runs, "index.csv"), os.path.join(runs, "task1")
 
     def child(*extra: str, steps: int) -> None:
         command = [sys.executable, os.path.join(HERE, "replay_check.py"), "--authors", args.authors,
-                   "--steps", str(steps), *extra]
+                   "--variant", args.variant, "--steps", str(steps), *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         result = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True)
         if result.returncode != 0:
@@ -240,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not os.path.isfile(task1 + ".t7"):
         print("the authors' stage 1, one epoch (about a minute and a half) …", flush=True)
-        child("--_authors", code, "train_task1.py", os.path.join(runs, "a_task1"), "--epochs", "1",
+        script, *flags = CODES[args.variant]["stage1"]
+        child("--_authors", code, script, os.path.join(runs, "a_task1"), *flags, "--epochs", "1", "--lr", "0.001",
               "--datapath", data[1], "--datapath_index", index, "--savepath", task1, steps=0)
     ok = True
     start = task1 + ".t7"
@@ -248,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         name = f"t{stage}_b{args.batch}_u{args.later_users}"
         authors_out, ours_out = os.path.join(runs, f"authors_{name}"), os.path.join(runs, f"ours_{name}")
         common = ["--batch", str(args.batch), "--epochs", "100", "--datapath", data[stage], "--datapath_index", index,
-                  "--paths", start]
+                  "--paths", start, "--lr", str(CODES[args.variant]["lr"][stage])]
         print(f"stage {stage}: the authors' code, then this suite, {args.steps} steps each …", flush=True)
-        child("--_authors", code, f"train_teracon_t{stage}.py", authors_out, *common,
+        script, *flags = CODES[args.variant]["stage"](stage)
+        child("--_authors", code, script, authors_out, *flags, *common,
               "--savepath", os.path.join(runs, f"a_{name}"), steps=args.steps)
-        child("--_ours", ours_out, "--stage", str(stage), "--variant", "original", "--streams", "authors", *common,
+        child("--_ours", ours_out, "--stage", str(stage), "--variant", args.variant, "--streams", "authors", *common,
               "--savepath", os.path.join(runs, f"o_{name}"), steps=args.steps)
         ok &= compare(authors_out, ours_out, args.loss_tol, args.param_tol, f"stage {stage}")
         start = os.path.join(runs, f"a_{name}.t7")  # the authors' stage-2 checkpoint, written after epoch 0

@@ -25,7 +25,7 @@ from checkpoints import load_checkpoint
 from method import (INITIAL_RATIO, RETENTION_RULES, Retention, Shard, anneal, clamp_task_embedding, continual_terms,
                     task1_loss)
 from model import CHECKPOINT_FORMAT, ModelConfig, NextItNet
-from replay import STREAMS, AuthorsStreams, apply_original_fresh, original_fresh
+from replay import STREAMS, AuthorsStreams, apply_fresh, original_fresh, revised_fresh
 from utils import (DATASETS, VARIANTS, DataError, atomic_torch_save, format_evidence, format_table, keep_freed_memory,
                    preset_kind, preset_paths, resolve_device, set_seed, stage_defaults, task_name, write_json)
 
@@ -132,16 +132,14 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Nam
 
 
 def check_authors_streams(args: argparse.Namespace) -> None:
-    """What --streams authors replays today: stages ≥ 2 of the original, in one process, from the start."""
-    stage_one = args.stage == 1
-    unsupported = [(stage_one, "stage 1"), (args.variant != "original", f"--variant {args.variant}"),
-                   (args.resume, "--resume"), (distributed.launched(), "torchrun"),
+    """What --streams authors replays: stages ≥ 2 of either code, in one process, from the start."""
+    unsupported = [(args.stage == 1, "stage 1"), (args.resume, "--resume"), (distributed.launched(), "torchrun"),
                    (args.method != "teracon" or args.no_relation or args.retention != "paper",
                     "an ablation or another --retention")]
     found = [what for bad, what in unsupported if bad]
     if found:
-        raise DataError(f"--streams authors replays the original code's stages >= 2 (--variant original) in one "
-                        f"process; not with {', '.join(found)}")
+        raise DataError(f"--streams authors replays the authors' stages >= 2 in one process; not with "
+                        f"{', '.join(found)}")
 
 
 def task_record(args: argparse.Namespace, n_classes: int) -> dict:
@@ -450,6 +448,23 @@ def fill_datapath(args: argparse.Namespace, number: int, record: dict) -> dict:
     return record
 
 
+def authors_fresh(args: argparse.Namespace, checkpoint: dict, index: ItemIndex, n_classes: int) -> dict:
+    """--streams authors: the new stage's fresh parameters as the authors' constructor draws them (replay.py)."""
+    config, revised = checkpoint["model_config"], args.variant == "revised"
+    if index.offset != (0 if revised else 1):
+        raise DataError(f"{args.datapath_index}: --variant {args.variant} --streams authors replays the "
+                        f"{args.variant} code, whose index {'has no' if revised else 'starts with'} <UNK>: give "
+                        f"that code's index.csv and checkpoint")
+    shape = (config["channels"], config["kernel_size"], len(config["dilations"]))
+    if revised:
+        return revised_fresh(config["n_items"], config["task_classes"] + [n_classes], *shape)
+    spare_rows = checkpoint.get("spare_task_rows")
+    if spare_rows is None or len(spare_rows) == 0:
+        raise DataError(f"{args.paths}: has no spare task-embedding rows of the original's stage 1; --streams "
+                        "authors starts from a checkpoint of the authors' code or one written under it")
+    return {**original_fresh(config["n_items"], n_classes, args.stage, *shape), "row": spare_rows[0]}
+
+
 def run_continual(args: argparse.Namespace) -> dict:
     """Stage K ≥ 2: CE(task K) + α · Σ_j c_j · MSE(student_j, teacher_j) (Eqs. 14–18)."""
     device = resolve_device(args.device, args.gpu_num)
@@ -462,12 +477,7 @@ def run_continual(args: argparse.Namespace) -> dict:
     streams = AuthorsStreams(args.variant) if args.streams == "authors" else None
     spare_rows = checkpoint.get("spare_task_rows")
     if streams:  # before anything else draws from torch, as the authors' constructor right after seeding
-        if spare_rows is None or len(spare_rows) == 0:
-            raise DataError(f"{args.paths}: has no spare task-embedding rows of the original's stage 1; --streams "
-                            "authors starts from a checkpoint of the authors' code or one written under it")
-        config = checkpoint["model_config"]
-        fresh = original_fresh(config["n_items"], data.n_classes, args.stage, config["channels"],
-                               config["kernel_size"], len(config["dilations"]))
+        fresh = authors_fresh(args, checkpoint, index, data.n_classes)
     parts = (streams.split(len(data.targets), args.split_percentage) if streams
              else split_indices(len(data.targets), args.seed, args.split_percentage))
     check_split(args.datapath, len(data.targets), parts, args.split_percentage)
@@ -487,8 +497,8 @@ def run_continual(args: argparse.Namespace) -> dict:
         model.config.use_masks = False
     model.add_task(data.n_classes, relation=not args.no_relation and args.method == "teracon")
     if streams:
-        apply_original_fresh(model, fresh, spare_rows)
-        spare_rows = spare_rows[1:]
+        apply_fresh(model, fresh, fresh["row"])
+        spare_rows = spare_rows[1:] if spare_rows is not None else None
     model = model.to(device)
     if args.compile:
         compile_backbone(model)

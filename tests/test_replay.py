@@ -13,7 +13,8 @@ import torch.nn as nn
 
 import trainer
 from original_checkpoints import convert_original
-from replay import AuthorsStreams, full_batches, original_fresh
+from data_loader import load_task, read_index
+from replay import AuthorsStreams, full_batches, original_fresh, revised_fresh
 from test_original_checkpoints import original_state, save_and_load
 from utils import DataError
 
@@ -110,6 +111,90 @@ def test_original_fresh_takes_the_constructors_draws(n_tasks):
     assert torch.equal(fresh["head"], head.weight.data)
 
 
+def test_revised_fresh_takes_the_constructors_draws():
+    """The same values as torch.nn modules built in the order the revision's stage-K model builds them."""
+    n_items, sizes, channels, kernel, blocks = 23, [23, 31, 4], 8, 3, 8
+    n_tasks = len(sizes)
+    torch.manual_seed(0)
+    fresh = revised_fresh(n_items, sizes, channels, kernel, blocks)
+    torch.manual_seed(0)
+    nn.Embedding(n_items, channels).weight.data.uniform_(-math.sqrt(1 / n_items), math.sqrt(1 / n_items))
+    relation, row = torch.empty(n_tasks, 2 * blocks, 2 * n_tasks - 1), torch.empty(2 * blocks, channels)
+    for block in range(blocks):
+        nn.Conv2d(channels, channels, (1, kernel))
+        nn.Conv2d(channels, channels, (1, kernel))
+        task_rows = nn.ModuleList([nn.Embedding(2, channels) for _ in range(n_tasks)])
+        for rows in task_rows:
+            rows.weight.data.uniform_(0, 2)
+        row[2 * block:2 * block + 2] = task_rows[-1].weight.data
+        mlp1 = [nn.Linear(2 * n_tasks - 1, 1) for _ in range(n_tasks)]
+        mlp2 = [nn.Linear(2 * n_tasks - 1, 1) for _ in range(n_tasks)]
+        for task in range(n_tasks):
+            relation[task, 2 * block] = mlp1[task].weight.data.normal_(0.0, 0.01)[0]
+            relation[task, 2 * block + 1] = mlp2[task].weight.data.normal_(0.0, 0.01)[0]
+    heads = nn.ModuleList([nn.Linear(channels, size) for size in sizes])
+    for head in heads:
+        head.weight.data.normal_(0.0, 0.01)
+    assert torch.equal(fresh["relation_weight"], relation)
+    assert torch.equal(fresh["row"], row)
+    assert torch.equal(fresh["head"], heads[-1].weight.data)
+
+
+def revised_state(n_items: int, classes: list[int], channels: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict named and shaped as the revised code's model saved at stage len(classes)."""
+    g = torch.Generator().manual_seed(seed)
+    n_tasks = len(classes)
+    sd = {"embeding.weight": torch.randn(n_items, channels, generator=g)}
+    for i in range(8):
+        block = f"residual_blocks.{i}"
+        for c in (1, 2):
+            sd[f"{block}.conv{c}.weight"] = torch.randn(channels, channels, 1, 3, generator=g) * 0.3
+            sd[f"{block}.conv{c}.bias"] = torch.randn(channels, generator=g) * 0.1
+            sd[f"{block}.ln{c}.weight"] = 1 + 0.1 * torch.randn(channels, generator=g)
+            sd[f"{block}.ln{c}.bias"] = 0.1 * torch.randn(channels, generator=g)
+            for t in range(n_tasks if n_tasks > 1 else 0):
+                sd[f"{block}.mlp{c}.{t}.weight"] = torch.randn(1, 2 * n_tasks - 1, generator=g) * 0.05
+                sd[f"{block}.mlp{c}.{t}.bias"] = torch.randn(1, generator=g) * 0.05
+        for k in range(n_tasks):
+            sd[f"{block}.ec.{k}.weight"] = torch.rand(2, channels, generator=g) * 0.2 - 0.1
+    for k, size in enumerate(classes):
+        sd[f"task_classifier.{k}.weight"] = torch.randn(size, channels, generator=g) * 0.3
+        sd[f"task_classifier.{k}.bias"] = torch.randn(size, generator=g) * 0.3
+    return sd
+
+
+@pytest.mark.parametrize("classes", [[23], [23, 31, 4]])
+def test_converter_reads_the_revised_layout(tmp_path, classes):
+    state = revised_state(23, classes)
+    loaded, path = save_and_load(tmp_path, state, "rev.t7")
+    ours = convert_original(loaded, path)
+    config, converted = ours["model_config"], ours["model_state"]
+    assert ours["stage"] == len(classes) and config["task_classes"] == classes and config["n_items"] == 23
+    assert config["relation"] == (len(classes) > 1) and "spare_task_rows" not in ours
+    for i in range(8):
+        for k in range(len(classes)):
+            assert torch.equal(converted["task_embedding"][k, 2 * i:2 * i + 2], state[f"residual_blocks.{i}.ec.{k}.weight"])
+            if len(classes) > 1:
+                assert torch.equal(converted["relation_weight"][k, 2 * i + 1], state[f"residual_blocks.{i}.mlp2.{k}.weight"][0])
+                assert converted["relation_bias"][k, 2 * i] == state[f"residual_blocks.{i}.mlp1.{k}.bias"][0]
+        assert torch.equal(converted[f"blocks.{i}.conv2.weight"], state[f"residual_blocks.{i}.conv2.weight"].squeeze(2))
+    assert torch.equal(converted[f"heads.{len(classes) - 1}.bias"], state[f"task_classifier.{len(classes) - 1}.bias"])
+
+
+def test_the_revised_index_numbers_from_zero(tmp_path):
+    index_path = tmp_path / "index.csv"
+    index_path.write_text(str({"0": 0, "5": 1, "7": 2}))             # the revised code's str(dict)
+    index = read_index(str(index_path))
+    assert (index.offset, index.size) == (0, 3)
+    np.testing.assert_array_equal(index.lookup(np.array([7, 0, 5]), "x"), [2, 0, 1])
+    with pytest.raises(DataError, match="data.csv: 1 item token"):
+        index.lookup(np.array([5, 6]), "data.csv")
+    task = tmp_path / "task2.csv"
+    task.write_text("0,5,7,,30\n5,7,,10,20\n")
+    data = load_task(str(task), index)
+    assert data.n_classes == 3 and list(data.targets) == [2, 0, 1]   # classes 10, 20, 30 → 0, 1, 2: no <UNK>
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_converter_keeps_the_spare_task_rows(tmp_path, stage):
     state = original_state(stage)
@@ -169,8 +254,35 @@ def test_stage2_under_authors_streams(tmp_path, authors_stage1):
         assert torch.equal(value, again["model_state"][key]), key
 
 
+@pytest.fixture
+def revised_stage1(tmp_path, synthetic_data):
+    """Synthetic data (left-padded with item 0), its index as the revised code writes it, a stage-1 file."""
+    data = synthetic_data(n_users=240, seed=5)
+    lines = data.task1.read_text().splitlines()
+    raw = sorted({int(token) for line in lines for token in line.split(",")} | {0})
+    (tmp_path / "index.csv").write_text(str({str(item): position for position, item in enumerate(raw)}))
+    state = revised_state(len(raw), [len(raw)], seed=3)
+    torch.save({"net": state, "acc(hit@1)": 1.0}, tmp_path / "authors1.t7")
+    return data, state
+
+
+def test_stage2_under_the_revised_streams(tmp_path, revised_stage1):
+    data, _ = revised_stage1
+    steps, checkpoint = run_stage2(tmp_path, data, "r", "--variant", "revised")
+    n_train = data.lines2 - int(0.2 * data.lines2)
+    assert len(steps) == 2 * ((n_train - 1) // 16)
+    labels = {token for line in data.task2.read_text().splitlines() for token in line.split(",,")[1].split(",")}
+    assert checkpoint["model_config"]["task_classes"][1] == len(labels)   # no <UNK> class
+    assert "spare_task_rows" not in checkpoint
+    assert '"2"' in (tmp_path / "r.metrics.json").read_text()          # scored at the end with this numbering
+    _, again = run_stage2(tmp_path, data, "r2", "--variant", "revised")
+    for key, value in checkpoint["model_state"].items():
+        assert torch.equal(value, again["model_state"][key]), key
+    with pytest.raises(DataError, match="index.csv: --variant original --streams authors replays the original"):
+        run_stage2(tmp_path, data, "x", "--variant", "original")
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--variant", "revised"], "--variant revised"),
     (["--retention", "per_task"], "another --retention"),
     (["--no_relation"], "an ablation"),
     (["--resume"], "--resume"),
