@@ -129,6 +129,11 @@ def run_authors(code: str, script: str, argv: list[str], steps: int, out: str) -
     records: list[dict] = []
     current: dict = {}
     cross_entropy, backward, adam_step = nn.CrossEntropyLoss.forward, torch.Tensor.backward, torch.optim.Adam.step
+    mse = nn.MSELoss.forward
+
+    def rows(self, student, teacher):
+        current.setdefault("rows", []).append(int(student.shape[0]))
+        return mse(self, student, teacher)
 
     def ce(self, *inputs):
         value = cross_entropy(self, *inputs)
@@ -156,24 +161,39 @@ def run_authors(code: str, script: str, argv: list[str], steps: int, out: str) -
             os._exit(0)
         return result
 
-    nn.CrossEntropyLoss.forward, torch.Tensor.backward, torch.optim.Adam.step = ce, total, step
+    nn.CrossEntropyLoss.forward, torch.Tensor.backward, torch.optim.Adam.step, nn.MSELoss.forward = ce, total, step, rows
     os.chdir(code)
     sys.path.insert(0, code)
     sys.argv = [script] + argv
     runpy.run_path(script, run_name="__main__")
 
 
-def run_ours(argv: list[str], steps: int, out: str) -> None:
-    """This suite's stage from `argv`; the same records and state as run_authors, after `steps` steps."""
+def run_ours(argv: list[str], steps: int, out: str, fused: bool = False) -> None:
+    """This suite's stage from `argv`; the same records and state as run_authors, after `steps` steps. With
+    `fused`, Adam's fused kernel replaces its loop: the same arithmetic in another order (the yardstick)."""
     single_thread()
     import torch
+    import method
     import trainer
+    if fused:
+        loop = torch.optim.Adam
+
+        class FusedAdam(loop):
+            def __init__(self, params, lr, foreach=None):
+                super().__init__(params, lr=lr, fused=True)
+        torch.optim.Adam = FusedAdam
     records: list[dict] = []
-    continual_step = trainer.continual_step
+    continual_step, retention_plan = trainer.continual_step, method.retention_plan
+    counts: list[int] = []
+
+    def plan(*args, **kwargs):
+        result = retention_plan(*args, **kwargs)
+        counts[:] = [count for count, _ in result]
+        return result
 
     def step(model, *args, **kwargs):
         loss, kept, ratios, stepped = continual_step(model, *args, **kwargs)
-        records.append({"ce": float(loss - kept), "total": float(loss), "retention": float(kept)})
+        records.append({"ce": float(loss - kept), "total": float(loss), "retention": float(kept), "rows": list(counts)})
         if len(records) == steps:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out + ".pt")
             with open(out + ".json", "w") as handle:
@@ -182,7 +202,7 @@ def run_ours(argv: list[str], steps: int, out: str) -> None:
             os._exit(0)
         return loss, kept, ratios, stepped
 
-    trainer.continual_step = step
+    trainer.continual_step, method.retention_plan = step, plan
     trainer.main(argv=argv)
     raise SystemExit(f"stage ended after {len(records)} steps, before {steps}: give more --epochs")
 
@@ -198,8 +218,9 @@ def compare(authors_out: str, ours_out: str, loss_tol: float, param_tol: float, 
         ours = json.load(handle)
     print(f"\n{label}: loss per step (authors | ours | relative difference); 'empty' = no retention rows "
           f"(the authors' loss is then NaN, ours has no retention term)")
-    print(f"{'step':>4} {'CE authors':>12} {'CE ours':>12} {'rel':>9} {'total authors':>14} {'total ours':>12} {'rel':>9}")
-    worst = 0.0
+    print(f"{'step':>4} {'CE authors':>12} {'CE ours':>12} {'rel':>9} {'total authors':>14} {'total ours':>12} {'rel':>9}"
+          f"  retention rows per earlier task (authors | ours)")
+    worst, row_mismatches = 0.0, 0
     for number, (a, b) in enumerate(zip(theirs, ours), 1):
         ce_rel = abs(a["ce"] - b["ce"]) / max(abs(a["ce"]), 1e-12)
         if math.isnan(a["total"]):
@@ -209,19 +230,37 @@ def compare(authors_out: str, ours_out: str, loss_tol: float, param_tol: float, 
             total_rel = abs(a["total"] - b["total"]) / max(abs(a["total"]), 1e-12)
             shown = f"{total_rel:.1e}"
         worst = max(worst, ce_rel, total_rel)
+        same_rows = sorted(a.get("rows", [])) == sorted(b["rows"])   # the original's t3 computes task 2's MSE first
+        row_mismatches += not same_rows
         print(f"{number:>4} {a['ce']:>12.6f} {b['ce']:>12.6f} {ce_rel:>9.1e} {a['total']:>14.6f} {b['total']:>12.6f} "
-              f"{shown:>9}")
+              f"{shown:>9}  {sorted(a.get('rows', []))} | {sorted(b['rows'])}{'' if same_rows else '  MISMATCH'}")
     converted = convert_original({"net": torch.load(authors_out + ".pt", weights_only=True)["net"]}, authors_out)
     state = torch.load(ours_out + ".pt", weights_only=True)
     gaps = {key: float((state[key] - value).abs().max() / max(float(value.abs().max()), 1e-12))
             for key, value in converted["model_state"].items()}
     key = max(gaps, key=gaps.get)
     largest_abs = max(float((state[k] - v).abs().max()) for k, v in converted["model_state"].items())
-    ok = worst <= loss_tol and largest_abs <= param_tol and len(theirs) == len(ours)
-    print(f"{label}: {len(ours)} steps; largest relative loss difference {worst:.1e} (tolerance {loss_tol:g}); "
+    ok = worst <= loss_tol and largest_abs <= param_tol and len(theirs) == len(ours) and not row_mismatches
+    print(f"{label}: {len(ours)} steps, retention row counts equal at {len(ours) - row_mismatches}; "
+          f"largest relative loss difference {worst:.1e} (tolerance {loss_tol:g}); "
           f"parameters after the last step: largest difference {largest_abs:.1e} (tolerance {param_tol:g}; "
           f"relative to its tensor's largest value at most {gaps[key]:.1e}, in {key}): {'AGREE' if ok else 'DIFFER'}")
     return ok
+
+
+def yardstick(loop_out: str, fused_out: str, label: str) -> None:
+    """How far rounding alone moves this run: this suite against itself with the fused Adam kernel."""
+    import torch
+    with open(loop_out + ".json") as handle:
+        loop = json.load(handle)
+    with open(fused_out + ".json") as handle:
+        fused = json.load(handle)
+    loss = max(max(abs(a["ce"] - b["ce"]) / max(abs(a["ce"]), 1e-12),
+                   abs(a["total"] - b["total"]) / max(abs(a["total"]), 1e-12)) for a, b in zip(loop, fused))
+    first, second = torch.load(loop_out + ".pt", weights_only=True), torch.load(fused_out + ".pt", weights_only=True)
+    params = max(float((first[key] - second[key]).abs().max()) for key in first)
+    print(f"{label} yardstick: this suite against itself with Adam's fused kernel instead of its loop (the same "
+          f"arithmetic in another order): largest relative loss difference {loss:.1e}, parameters {params:.1e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--param_tol", type=float, default=1e-3)
     parser.add_argument("--_authors", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--_ours", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--_fused", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no_yardstick", action="store_true",
+                        help="skip the second run of this suite with Adam's fused kernel (the rounding yardstick)")
     args = parser.parse_args(argv)
     if args._authors:
         code, script, out, *rest = args._authors
@@ -245,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args._ours:
         out, *rest = args._ours
-        run_ours(rest, args.steps, out)
+        run_ours(rest, args.steps, out, args._fused)
         return 0
 
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="replay_check_"))
@@ -284,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         child("--_ours", ours_out, "--stage", str(stage), "--variant", args.variant, "--streams", "authors", *common,
               "--savepath", os.path.join(runs, f"o_{name}"), steps=args.steps)
         ok &= compare(authors_out, ours_out, args.loss_tol, args.param_tol, f"stage {stage}")
+        if not args.no_yardstick:
+            child("--_fused", "--_ours", ours_out + "_fused", "--stage", str(stage), "--variant", args.variant,
+                  "--streams", "authors", *common, "--savepath", os.path.join(runs, f"f_{name}"), steps=args.steps)
+            yardstick(ours_out, ours_out + "_fused", f"stage {stage}")
         start = os.path.join(runs, f"a_{name}.t7")  # the authors' stage-2 checkpoint, written after epoch 0
         if not os.path.isfile(start):
             raise SystemExit(f"{start}: the authors' stage 2 wrote no checkpoint in {args.steps} steps (it writes one "
