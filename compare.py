@@ -46,6 +46,8 @@ METHODS: dict[str, list[str]] = {
     "all_rows": ["--retention", "all_rows"],
     "per_task": ["--retention", "per_task"],
     "per_task_smax": ["--retention", "per_task_smax"],
+    "per_task_smax_kl": ["--retention", "per_task_smax_kl"],
+    "per_task_smax_kl_a2": ["--retention", "per_task_smax_kl", "--alpha", "2"],
 }
 DEFAULT_METHODS = ["teracon", "finetune", "no_relation", "no_retention", "uniform_sampling", "per_task_smax"]
 

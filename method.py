@@ -28,6 +28,7 @@ class RetentionRule:
     per_task: bool      # c_j = ratio_j / mean_k ratio_k (near 1 each), instead of ratio_j / Σ_k ratio_k
     at_smax: bool       # pseudo-labels and student outputs at s = smax, instead of the annealed s
     text: str
+    kl: bool = False    # KL(teacher's softmax ‖ student's) per row instead of the MSE of the logits
 
 
 # --retention (README, "Retention rules"). Every rule protects an earlier task less the more its mask is like
@@ -41,6 +42,9 @@ RETENTION_RULES = {
     "per_task_smax": RetentionRule(True, True, True, "as per_task, with the teacher's pseudo-labels and the student's "
                                                      "outputs at s = smax (where the model is scored) instead of the "
                                                      "annealed s"),
+    "per_task_smax_kl": RetentionRule(True, True, True, "as per_task_smax, with KL(softmax(pseudo-labels) ‖ "
+                                                        "softmax(student)) per row instead of the MSE of the logits",
+                                      kl=True),
 }
 
 
@@ -112,8 +116,13 @@ def sampling_ratio(teacher_masks: torch.Tensor, task_masks: torch.Tensor) -> flo
     return float(1.0 - torch.sigmoid(6.0 * cosine).mean())
 
 
-def retention_term(student: torch.Tensor, teacher: torch.Tensor, weight: float) -> torch.Tensor:
-    """One earlier task's share of Eq. 16: c_j · MSE(student_j, teacher_j)."""
+def retention_term(student: torch.Tensor, teacher: torch.Tensor, weight: float, kl: bool = False) -> torch.Tensor:
+    """One earlier task's share of Eq. 16: c_j · MSE(student_j, teacher_j); with `kl`, c_j · the mean over
+    rows of KL(softmax(teacher_j) ‖ softmax(student_j)), which ignores the logits' common shift and weighs
+    each class by the teacher's probability of it (student, teacher: [n, n_classes] logits)."""
+    if kl:
+        return weight * F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1), reduction="batchmean",
+                                 log_target=True)
     return weight * F.mse_loss(student, teacher)
 
 
@@ -189,7 +198,8 @@ def continual_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: to
         with torch.no_grad():
             pseudo = teacher(x_j, j, s, masks=teacher_masks[j])[0].float()
         scale = local.numel() / count / share                               # 1 in a single process
-        yield retention.alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight)
+        yield retention.alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight,
+                                                       RETENTION_RULES[retention.rule].kl)
 
 
 def continual_loss(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,

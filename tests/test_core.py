@@ -464,3 +464,16 @@ def test_retention_term_by_hand_and_gradient():
     assert float(loss.detach()) == pytest.approx(0.4 * float(((student.detach() - teacher) ** 2).mean()), rel=1e-5)
     loss.backward()
     torch.testing.assert_close(student.grad, 0.4 * 2 * (student.detach() - teacher) / student.numel())
+
+
+def test_kl_retention_term_by_hand_and_gradient():
+    gen = torch.Generator().manual_seed(13)
+    student = torch.randn(5, 9, generator=gen, requires_grad=True)
+    teacher = torch.randn(5, 9, generator=gen)
+    loss = method.retention_term(student, teacher, 0.4, kl=True)
+    p, q = torch.softmax(teacher, 1), torch.softmax(student.detach(), 1)
+    assert float(loss.detach()) == pytest.approx(0.4 * float((p * (p.log() - q.log())).sum(1).mean()), rel=1e-5)
+    loss.backward()
+    torch.testing.assert_close(student.grad, 0.4 * (q - p) / 5)              # d KL / d logits = q − p per row
+    shifted = method.retention_term(student.detach() + 3.0, teacher, 0.4, kl=True)
+    assert float(shifted) == pytest.approx(float(loss.detach()), rel=1e-5)  # a common shift costs nothing
