@@ -1,7 +1,7 @@
 """Compare TERACON with fine-tuning and its ablations over several seeds, in one table.
 
     python compare.py --dataset demo --seeds 3 [--out runs/compare] [--jobs 2]
-                      [--methods teracon,finetune,no_relation,no_retention,uniform_sampling,per_task_smax]
+                      [--methods teracon,finetune,no_relation,no_retention,uniform_sampling,per_task_smax,per_task_smax_kl_a2]
                       [-- flags for every stage]
 
 For each seed S (0 .. seeds−1), stage 1 runs ONCE into <out>/seedS/task1 and is shared by every method of
@@ -49,7 +49,8 @@ METHODS: dict[str, list[str]] = {
     "per_task_smax_kl": ["--retention", "per_task_smax_kl"],
     "per_task_smax_kl_a2": ["--retention", "per_task_smax_kl", "--alpha", "2"],
 }
-DEFAULT_METHODS = ["teracon", "finetune", "no_relation", "no_retention", "uniform_sampling", "per_task_smax"]
+DEFAULT_METHODS = ["teracon", "finetune", "no_relation", "no_retention", "uniform_sampling", "per_task_smax",
+                   "per_task_smax_kl_a2"]
 
 # run_all.sh's per-dataset flags: (stage 1, stages >= 2). Keep the two in step.
 STAGE_FLAGS: dict[str, tuple[list[str], list[str]]] = {

@@ -102,3 +102,22 @@ def test_per_task_smax_is_per_task_at_smax(tiny_model):
     assert anchored_ratios == annealed_ratios
     ce = [float((total - kept).detach()) for total, kept in ((anchored_loss, anchored_kept), (annealed_loss, annealed_kept))]
     assert ce[0] == pytest.approx(ce[1], rel=1e-6)
+
+
+def test_per_task_smax_kl_is_per_task_smax_with_kl_terms(tiny_model):
+    """per_task_smax_kl: the same rows, weights and s as per_task_smax; each term is the KL of the softmaxes."""
+    import torch.nn.functional as F
+    teacher = tiny_model(task_classes=(30, 7), relation=True, seed=2).eval().requires_grad_(False)
+    model = tiny_model(task_classes=(30, 7), relation=True, seed=2)
+    model.add_task(4, relation=True)
+    x, y, ratios = torch.randint(1, 30, (8, 6)), torch.randint(0, 4, (8,)), [0.3, 0.6]
+    total, kept, _ = method.continual_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
+                                           method.Retention(rule="per_task_smax_kl", smax=7.0))
+    expected = 0.0
+    with torch.no_grad():
+        for j, weight in enumerate([2 * 0.3 / 0.9, 2 * 0.6 / 0.9]):     # ratio_j / mean ratio
+            inputs = x[:, :-1] if j == 0 else x
+            p = F.softmax(teacher(inputs, j, 7.0)[0], 1)
+            q = F.softmax(model(inputs, j, 7.0)[0], 1)
+            expected += 0.7 * weight * float((p * (p.log() - q.log())).sum(1).mean())
+    assert float(kept) == pytest.approx(expected, rel=1e-5)
