@@ -13,8 +13,8 @@ The authors' codes (Sein-Kim/TERACON_original, Sein-Kim/TERACON) draw from three
   j takes `buf[:int(B · ratio_j)]` (original: one shuffle whose prefixes every task shares; revised: one
   shuffle per earlier task).
 * torch's CPU generator: only the constructor of the stage's model, right after `torch.manual_seed`. The
-  fresh parameters of stage K (the new head, every relation layer) are those the authors' constructor
-  draws, so `fresh_parameters` replays its calls shape for shape (CPU normal_ takes another path below
+  fresh parameters of stage K (the new head, every relation layer, the revision's new task row) are those
+  the authors' constructor draws, so `original_fresh` and `revised_fresh` replay its calls shape for shape (CPU normal_ takes another path below
   16 elements: the same count of draws in other shapes gives other values). The original never draws the
   new task's embedding row: rows 1..5 of the stage-1 model's ec1/ec2 stay as drawn at stage 1 and become
   tasks 2..6's rows (`spare_task_rows`, kept by original_checkpoints).
