@@ -392,7 +392,12 @@ def load_task(path: str, index: ItemIndex) -> TaskData:
 def split_indices(n: int, seed: int, split_percentage: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The authors' split: permutation under np.random.seed(seed), then 80/5/15 (train/valid/test)."""
     rng = np.random.RandomState(seed)  # identical stream to np.random.seed(seed); np.random.permutation
-    perm = rng.permutation(np.arange(n))
+    return split_permutation(rng.permutation(np.arange(n)), split_percentage)
+
+
+def split_permutation(perm: np.ndarray, split_percentage: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The authors' 80/5/15 cut of a permutation: train, valid, test (all in train when the cut is empty)."""
+    n = perm.size
     dev = -int(split_percentage * float(n))
     dev_valid = int(dev * 0.75)
     if dev == 0:

@@ -162,9 +162,20 @@ def _convert_revised(net: dict, path: str) -> tuple[ModelConfig, dict[str, torch
         state["relation_weight"], state["relation_bias"] = weights, biases
     config = ModelConfig(n_items=n_items, task_classes=classes, channels=channels, dilations=list(ORIGINAL_DILATIONS),
                          kernel_size=kernel, relation=relation)
+    for key in net:
+        _finite(net, key, path)
     state = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
     _check_against_model(state, config, path)
     return config, state
+
+
+def _finite(net: dict, key: str, path: str) -> torch.Tensor:
+    """net[key] as float32 on the CPU; a DataError naming the file when it holds NaN or inf."""
+    tensor = net[key].detach().to("cpu", torch.float32)
+    if not torch.isfinite(tensor).all():
+        raise DataError(f"{path}: {key} holds NaN or inf (a diverged run of the authors' code; "
+                        f"its empty-sample retention loss is NaN when batch × ratio < 1)")
+    return tensor
 
 
 def _spare_rows(net: dict, config: ModelConfig) -> torch.Tensor:
@@ -287,10 +298,7 @@ def _convert_state(net: dict, matches: dict, shape: dict, path: str) -> dict[str
         fields["last"] = n_tasks - 1
         if "j" in groups:
             fields["head"] = int(groups["j"]) - 1
-        tensor = net[key].detach().to("cpu", torch.float32)
-        if not torch.isfinite(tensor).all():
-            raise DataError(f"{path}: {key} holds NaN or inf (a diverged run of the original; "
-                            f"its empty-sample retention loss is NaN when batch × ratio < 1)")
+        tensor = _finite(net, key, path)
         value = _TRANSFORMS[how](tensor, n_tasks)
         target = ours.format(**fields)
         slot = _SLOT.fullmatch(target)

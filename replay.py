@@ -30,6 +30,7 @@ import random
 import numpy as np
 import torch
 
+from data_loader import split_permutation
 from model import NextItNet
 
 STREAMS = ("ours", "authors")
@@ -44,10 +45,7 @@ class AuthorsStreams:
 
     def split(self, n: int, split_percentage: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The 80/5/15 split from the global RandomState (the same rows as data_loader.split_indices)."""
-        perm = np.random.permutation(np.arange(n))
-        dev = -int(split_percentage * float(n))
-        dev_valid = int(dev * 0.75)
-        return perm[:dev], perm[dev:dev_valid], perm[dev_valid:]
+        return split_permutation(np.random.permutation(np.arange(n)), split_percentage)
 
     def epoch_batches(self, n: int, batch: int) -> list[np.ndarray]:
         """Positions in the training rows of every batch of an epoch, as the authors' getBatch yields them."""
@@ -98,26 +96,37 @@ def _conv(channels: int, kernel: int) -> None:
     torch.empty(channels).uniform_(-bound, bound)
 
 
-def original_fresh(n_items: int, n_classes: int, n_tasks: int, channels: int, kernel: int,
-                   n_blocks: int, slots: int = 6) -> dict[str, torch.Tensor]:
-    """The fresh values of the original's teracon.NextItNet_Decoder(num_task=K) at stage K, drawn as it draws
-    them from the current torch generator: item embedding, then per block conv1, conv2, ec1/ec2 (normal_,
-    then uniform_), K Linear(2K−1, 1) for mlp1 and for mlp2 and their normal_(0, 0.01) weights; then the new
-    head final_layer (kaiming, then normal_(0, 0.01)). Returns our tensors: relation_weight [K, n_layers,
-    2K−1] (layer 2i = mlp1 of block i, 2i+1 = mlp2) and the new head's weight [n_classes, C]."""
+def _stage_model_draws(n_items: int, n_tasks: int, channels: int, kernel: int, n_blocks: int,
+                       row_shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """The draws both codes' stage-K constructors make before their heads: item embedding (normal_, then
+    uniform_), then per block conv1, conv2, the task-embedding tables of `row_shapes` (all normal_, then all
+    uniform_(0, 2)), K Linear(2K−1, 1) for mlp1 and for mlp2 and their normal_(0, 0.01) weights. Returns
+    relation_weight [K, n_layers, 2K−1] (layer 2i = mlp1 of block i, 2i+1 = mlp2) and each block's tables."""
     torch.empty(n_items, channels).normal_().uniform_(-np.sqrt(1. / n_items), np.sqrt(1. / n_items))
     relation = torch.empty(n_tasks, 2 * n_blocks, 2 * n_tasks - 1)
+    tables = []
     for block in range(n_blocks):
         _conv(channels, kernel)
         _conv(channels, kernel)
-        task_rows = [torch.empty(slots, channels).normal_() for _ in range(2)]
+        task_rows = [torch.empty(shape).normal_() for shape in row_shapes]
         for rows in task_rows:
             rows.uniform_(0, 2)
+        tables.append(task_rows)
         mlp1 = [_linear(2 * n_tasks - 1, 1) for _ in range(n_tasks)]
         mlp2 = [_linear(2 * n_tasks - 1, 1) for _ in range(n_tasks)]
         for task in range(n_tasks):
             relation[task, 2 * block] = mlp1[task].normal_(0.0, 0.01)[0]
             relation[task, 2 * block + 1] = mlp2[task].normal_(0.0, 0.01)[0]
+    return relation, tables
+
+
+def original_fresh(n_items: int, n_classes: int, n_tasks: int, channels: int, kernel: int,
+                   n_blocks: int, slots: int = 6) -> dict[str, torch.Tensor]:
+    """The fresh values of the original's teracon.NextItNet_Decoder(num_task=K) at stage K, drawn as it draws
+    them from the current torch generator: the stage-K draws with ec1/ec2 = two Embedding(6, C) per block,
+    then the new head final_layer (kaiming, then normal_(0, 0.01)). Returns our tensors: relation_weight
+    [K, n_layers, 2K−1] and the new head's weight [n_classes, C]."""
+    relation, _ = _stage_model_draws(n_items, n_tasks, channels, kernel, n_blocks, [(slots, channels)] * 2)
     head = _linear(channels, n_classes).normal_(0.0, 0.01)
     return {"relation_weight": relation, "head": head}
 
@@ -125,36 +134,21 @@ def original_fresh(n_items: int, n_classes: int, n_tasks: int, channels: int, ke
 def revised_fresh(n_items: int, head_sizes: list[int], channels: int, kernel: int,
                   n_blocks: int) -> dict[str, torch.Tensor]:
     """The fresh values of the revised code's teracon.NextItNet_Decoder(num_task=K) at stage K, drawn as it
-    draws them: item embedding, then per block conv1, conv2, K Embedding(2, C) (all normal_, then all
-    uniform_(0, 2)), K Linear(2K−1, 1) for mlp1 and for mlp2 and their normal_(0, 0.01) weights; then K heads
-    (every kaiming draw first, then every normal_(0, 0.01)). Returns relation_weight [K, n_layers, 2K−1],
-    the new task's embedding row [n_layers, C] (ec.{K−1}: row 0 masks conv1, row 1 conv2) and head."""
+    draws them: the stage-K draws with K Embedding(2, C) per block, then K heads (every kaiming draw first,
+    then every normal_(0, 0.01)). Returns relation_weight [K, n_layers, 2K−1], the new task's embedding row
+    [n_layers, C] (ec.{K−1}: row 0 masks conv1, row 1 conv2) and head."""
     n_tasks = len(head_sizes)
-    torch.empty(n_items, channels).normal_().uniform_(-np.sqrt(1. / n_items), np.sqrt(1. / n_items))
-    relation = torch.empty(n_tasks, 2 * n_blocks, 2 * n_tasks - 1)
-    row = torch.empty(2 * n_blocks, channels)
-    for block in range(n_blocks):
-        _conv(channels, kernel)
-        _conv(channels, kernel)
-        task_rows = [torch.empty(2, channels).normal_() for _ in range(n_tasks)]
-        for rows in task_rows:
-            rows.uniform_(0, 2)
-        row[2 * block:2 * block + 2] = task_rows[-1]
-        mlp1 = [_linear(2 * n_tasks - 1, 1) for _ in range(n_tasks)]
-        mlp2 = [_linear(2 * n_tasks - 1, 1) for _ in range(n_tasks)]
-        for task in range(n_tasks):
-            relation[task, 2 * block] = mlp1[task].normal_(0.0, 0.01)[0]
-            relation[task, 2 * block + 1] = mlp2[task].normal_(0.0, 0.01)[0]
+    relation, tables = _stage_model_draws(n_items, n_tasks, channels, kernel, n_blocks, [(2, channels)] * n_tasks)
     heads = [_linear(channels, size) for size in head_sizes]
     for head in heads:
         head.normal_(0.0, 0.01)
-    return {"relation_weight": relation, "head": heads[-1], "row": row}
+    return {"relation_weight": relation, "head": heads[-1], "row": torch.cat([rows[-1] for rows in tables])}
 
 
-def apply_fresh(model: NextItNet, fresh: dict[str, torch.Tensor], row: torch.Tensor) -> None:
+def apply_fresh(model: NextItNet, fresh: dict[str, torch.Tensor]) -> None:
     """Give the just-grown model (NextItNet.add_task) the authors' fresh values: its relation layers, its new
     head's weight (bias 0.1, as ours) and the new task's embedding row [n_layers, C]."""
     with torch.no_grad():
         model.relation_weight.copy_(fresh["relation_weight"])
         model.heads[-1].weight.copy_(fresh["head"])
-        model.task_embedding[-1].copy_(row)
+        model.task_embedding[-1].copy_(fresh["row"])

@@ -239,13 +239,18 @@ def compare(authors_out: str, ours_out: str, loss_tol: float, param_tol: float, 
     gaps = {key: float((state[key] - value).abs().max() / max(float(value.abs().max()), 1e-12))
             for key, value in converted["model_state"].items()}
     key = max(gaps, key=gaps.get)
-    largest_abs = max(float((state[k] - v).abs().max()) for k, v in converted["model_state"].items())
+    largest_abs = largest_difference(converted["model_state"], state)
     ok = worst <= loss_tol and largest_abs <= param_tol and len(theirs) == len(ours) and not row_mismatches
     print(f"{label}: {len(ours)} steps, retention row counts equal at {len(ours) - row_mismatches}; "
           f"largest relative loss difference {worst:.1e} (tolerance {loss_tol:g}); "
           f"parameters after the last step: largest difference {largest_abs:.1e} (tolerance {param_tol:g}; "
           f"relative to its tensor's largest value at most {gaps[key]:.1e}, in {key}): {'AGREE' if ok else 'DIFFER'}")
     return ok
+
+
+def largest_difference(first: dict, second: dict) -> float:
+    """The largest absolute difference of any parameter between two state dicts of the same model."""
+    return max(float((second[key] - value).abs().max()) for key, value in first.items())
 
 
 def yardstick(loop_out: str, fused_out: str, label: str) -> None:
@@ -258,7 +263,7 @@ def yardstick(loop_out: str, fused_out: str, label: str) -> None:
     loss = max(max(abs(a["ce"] - b["ce"]) / max(abs(a["ce"]), 1e-12),
                    abs(a["total"] - b["total"]) / max(abs(a["total"]), 1e-12)) for a, b in zip(loop, fused))
     first, second = torch.load(loop_out + ".pt", weights_only=True), torch.load(fused_out + ".pt", weights_only=True)
-    params = max(float((first[key] - second[key]).abs().max()) for key in first)
+    params = largest_difference(first, second)
     print(f"{label} yardstick: this suite against itself with Adam's fused kernel instead of its loop (the same "
           f"arithmetic in another order): largest relative loss difference {loss:.1e}, parameters {params:.1e}")
 

@@ -497,7 +497,7 @@ def run_continual(args: argparse.Namespace) -> dict:
         model.config.use_masks = False
     model.add_task(data.n_classes, relation=not args.no_relation and args.method == "teracon")
     if streams:
-        apply_fresh(model, fresh, fresh["row"])
+        apply_fresh(model, fresh)
         spare_rows = spare_rows[1:] if spare_rows is not None else None
     model = model.to(device)
     if args.compile:

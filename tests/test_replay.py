@@ -300,3 +300,11 @@ def test_authors_streams_need_the_spare_rows(tmp_path, authors_stage1):
         trainer.main(2, ["--datapath", str(data.task2), "--datapath_index", str(tmp_path / "index.csv"), "--paths",
                          str(tmp_path / "ours1.t7"), "--savepath", str(tmp_path / "x"), "--epochs", "1",
                          "--device", "cpu", "--variant", "original", "--streams", "authors"])
+
+
+def test_a_diverged_revised_checkpoint_is_refused(tmp_path):
+    state = revised_state(23, [23, 31])
+    state["residual_blocks.3.mlp2.1.weight"][0, 0] = float("nan")
+    loaded, path = save_and_load(tmp_path, state, "nan.t7")
+    with pytest.raises(DataError, match="nan.t7: residual_blocks.3.mlp2.1.weight holds NaN"):
+        convert_original(loaded, path)
