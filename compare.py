@@ -47,7 +47,10 @@ METHODS: dict[str, list[str]] = {
     "per_task": ["--retention", "per_task"],
     "per_task_smax": ["--retention", "per_task_smax"],
     "per_task_smax_kl": ["--retention", "per_task_smax_kl"],
+    "per_task_smax_kl_a1": ["--retention", "per_task_smax_kl", "--alpha", "1"],
     "per_task_smax_kl_a2": ["--retention", "per_task_smax_kl", "--alpha", "2"],
+    "per_task_smax_kl_carry": ["--retention", "per_task_smax_kl_carry"],
+    "per_task_smax_kl_carry_a2": ["--retention", "per_task_smax_kl_carry", "--alpha", "2"],
 }
 DEFAULT_METHODS = ["teracon", "finetune", "no_relation", "no_retention", "uniform_sampling", "per_task_smax",
                    "per_task_smax_kl_a2"]

@@ -29,6 +29,7 @@ class RetentionRule:
     at_smax: bool       # pseudo-labels and student outputs at s = smax, instead of the annealed s
     text: str
     kl: bool = False    # KL(teacher's softmax ‖ student's) per row instead of the MSE of the logits
+    carry_relation: bool = False  # earlier tasks keep their relation layers when the model grows (add_task)
 
 
 # --retention (README, "Retention rules"). Every rule protects an earlier task less the more its mask is like
@@ -45,6 +46,10 @@ RETENTION_RULES = {
     "per_task_smax_kl": RetentionRule(True, True, True, "as per_task_smax, with KL(softmax(pseudo-labels) ‖ "
                                                         "softmax(student)) per row instead of the MSE of the logits",
                                       kl=True),
+    "per_task_smax_kl_carry": RetentionRule(True, True, True, "as per_task_smax_kl, and every earlier task keeps its "
+                                                              "relation layer when the model grows (stage ≥ 3), so its masks "
+                                                              "start the stage unchanged", kl=True,
+                                            carry_relation=True),
 }
 
 

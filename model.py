@@ -128,9 +128,18 @@ class NextItNet(nn.Module):
         self.relation_weight = nn.Parameter(torch.empty(n_tasks, n_layers, 2 * n_tasks - 1, device=device).normal_(0.0, 0.01))
         self.relation_bias = nn.Parameter(torch.full((n_tasks, n_layers), 0.1, device=device))
 
-    def add_task(self, n_classes: int, relation: bool = True) -> None:
-        """Grow by one task: a new head, a new task-embedding row, fresh relation layers."""
+    def add_task(self, n_classes: int, relation: bool = True, carry_relation: bool = False) -> None:
+        """Grow by one task: a new head, a new task-embedding row, fresh relation layers.
+
+        With `carry_relation` (and relation layers before and after: stage ≥ 3, as stage 1 has plain masks,
+        Eq. 11), every earlier task keeps its trained
+        relation layer, with weight 0 on the two new inputs (+e_new, −e_new, the last two of Eq. 13's
+        context), so its masks, and its outputs, are unchanged by the growth; only the new task's layer is
+        fresh. The authors re-initialise them all, which moves every earlier task's masks at each stage.
+        """
         device = self.task_embedding.device
+        carried = ((self.relation_weight.data, self.relation_bias.data)
+                   if carry_relation and relation and self.config.relation else None)
         self.config.task_classes = [*self.config.task_classes, n_classes]
         self.heads.append(_init_head(nn.Linear(self.config.channels, n_classes)).to(device))
         rows = self._new_task_rows(1).to(device)
@@ -138,6 +147,12 @@ class NextItNet(nn.Module):
         self.config.relation = relation
         if relation:
             self._reset_relation()
+            if carried is not None:
+                weight, bias = carried                                    # [N−1, n_layers, 2N−3], [N−1, n_layers]
+                with torch.no_grad():
+                    self.relation_weight[:-1] = 0.0
+                    self.relation_weight[:-1, :, :weight.shape[2]] = weight
+                    self.relation_bias[:-1] = bias
         else:
             for name in ("relation_weight", "relation_bias"):
                 if hasattr(self, name):

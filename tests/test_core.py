@@ -410,6 +410,30 @@ def test_add_task_with_relation_keeps_earlier_weights(tiny_model):
     torch.testing.assert_close(masks, _hand_relation_mask(model, 2, 3.0), rtol=1e-5, atol=1e-6)
 
 
+def test_add_task_carry_relation_keeps_earlier_masks_and_outputs(tiny_model):
+    """Reset relation layers move every earlier task's masks (the authors' growth); carried ones do not, and
+    the new task's relation layer is the same fresh draw either way."""
+    items = torch.randint(0, 30, (4, 11), generator=torch.Generator().manual_seed(5))
+    grown = {}
+    for carry in (False, True):
+        model = tiny_model(task_classes=[30, 6], relation=True, seed=10)
+        with torch.no_grad():
+            model.relation_weight.normal_(0.0, 0.5)                         # trained-looking relation layers
+            before = [(model(items, t, s)[0], model.task_masks(t, s)) for t in range(2) for s in (0.3, 50.0)]
+        torch.manual_seed(1)
+        model.add_task(4, relation=True, carry_relation=carry)
+        with torch.no_grad():
+            after = [(model(items, t, s)[0], model.task_masks(t, s)) for t in range(2) for s in (0.3, 50.0)]
+        kept = [torch.equal(a, b) and torch.equal(ma, mb) for (a, ma), (b, mb) in zip(before, after)]
+        assert all(kept) if carry else not any(kept)
+        assert model.relation_weight.shape == (3, model.config.n_layers, 5)
+        torch.testing.assert_close(model.task_masks(1, 3.0), _hand_relation_mask(model, 1, 3.0), rtol=1e-5,
+                                   atol=1e-6)
+        grown[carry] = model
+    assert torch.equal(grown[True].relation_weight[2], grown[False].relation_weight[2])
+    assert torch.equal(grown[True].relation_weight[:2, :, 3:], torch.zeros_like(grown[True].relation_weight[:2, :, 3:]))
+
+
 # ------------------------------------------------------------------ retention pieces
 
 def test_sampling_ratio_by_hand():

@@ -121,3 +121,31 @@ def test_per_task_smax_kl_is_per_task_smax_with_kl_terms(tiny_model):
             q = F.softmax(model(inputs, j, 7.0)[0], 1)
             expected += 0.7 * weight * float((p * (p.log() - q.log())).sum(1).mean())
     assert float(kept) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["per_task_smax_kl", "per_task_smax_kl_carry"])
+def test_stage_starts_from_the_teachers_masks_only_with_carry(tmp_path, synthetic_data, monkeypatch, rule):
+    """train_teracon with --retention per_task_smax_kl_carry grows a model that has relation layers (stage ≥ 3;
+    stage 1 has plain masks) so that at the first step the student's earlier-task masks and outputs are the
+    teacher's; the authors' growth (every other rule) moves them."""
+    data = synthetic_data(n_users=120, seed=6)
+    common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1"]
+    trainer.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
+    trainer.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), "--savepath",
+                     str(tmp_path / "task2"), "--batch", "64", *common])
+    first = {}
+    original = trainer.continual_step
+
+    def spy(model, teacher, *args, **kwargs):
+        if not first:
+            items = torch.randint(1, 30, (4, 9), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                first["same"] = all(torch.equal(model.task_masks(j, 50.0), teacher.task_masks(j, 50.0))
+                                    and torch.equal(model(items, j, 50.0)[0], teacher(items, j, 50.0)[0])
+                                    for j in range(2))
+        return original(model, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "continual_step", spy)
+    trainer.main(3, ["--datapath", str(data.task3), "--paths", str(tmp_path / "task2.t7"), "--savepath",
+                     str(tmp_path / "task3"), "--retention", rule, "--batch", "64", *common])
+    assert first["same"] == (rule == "per_task_smax_kl_carry")
