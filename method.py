@@ -46,10 +46,10 @@ RETENTION_RULES = {
     "per_task_smax_kl": RetentionRule(True, True, True, "as per_task_smax, with KL(softmax(pseudo-labels) ‖ "
                                                         "softmax(student)) per row instead of the MSE of the logits",
                                       kl=True),
-    "per_task_smax_kl_carry": RetentionRule(True, True, True, "as per_task_smax_kl, and every earlier task keeps its "
-                                                              "relation layer when the model grows (stage ≥ 3), so its masks "
-                                                              "start the stage unchanged", kl=True,
-                                            carry_relation=True),
+    "per_task_smax_kl_carry": RetentionRule(True, True, True, "as per_task_smax_kl, and every earlier task keeps "
+                                                              "its relation layer when the model grows (stage ≥ "
+                                                              "3), so its masks start the stage unchanged",
+                                            kl=True, carry_relation=True),
 }
 
 

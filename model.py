@@ -132,10 +132,10 @@ class NextItNet(nn.Module):
         """Grow by one task: a new head, a new task-embedding row, fresh relation layers.
 
         With `carry_relation` (and relation layers before and after: stage ≥ 3, as stage 1 has plain masks,
-        Eq. 11), every earlier task keeps its trained
-        relation layer, with weight 0 on the two new inputs (+e_new, −e_new, the last two of Eq. 13's
-        context), so its masks, and its outputs, are unchanged by the growth; only the new task's layer is
-        fresh. The authors re-initialise them all, which moves every earlier task's masks at each stage.
+        Eq. 11), every earlier task keeps its trained relation layer, with weight 0 on the two new inputs
+        (+e_new, −e_new, the last two of Eq. 13's context), so its masks, and its outputs, are unchanged by
+        the growth; only the new task's layer is fresh. The authors re-initialise them all, which moves
+        every earlier task's masks at each stage.
         """
         device = self.task_embedding.device
         carried = ((self.relation_weight.data, self.relation_bias.data)
