@@ -120,7 +120,7 @@ def run_phase(args: argparse.Namespace) -> dict:
         optimizer = adam(model.parameters(), 1e-4)
         targets = torch.from_numpy(rng.integers(1, args.classes, size=args.users))
         options = argparse.Namespace(alpha=0.7, retention=args.retention, ratio_weights="previous", smax=50.0,
-                                     nested_samples=False, uniform_sampling=True, amp=args.amp,
+                                     kl_temperature=1.0, nested_samples=False, uniform_sampling=True, amp=args.amp,
                                      no_embedding_clamp=False)
         ratios = [args.ratio] * (args.stage - 1)
 

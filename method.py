@@ -62,6 +62,7 @@ class Retention:
     uniform: bool = False       # ablation: the ratios stay at INITIAL_RATIO instead of following Eq. 15
     current_weights: bool = False  # weights c_j from this batch's ratios (original) instead of the previous batch's
     smax: float = 50.0          # the top of the annealing (rules with at_smax compute retention there)
+    temperature: float = 1.0    # softmax temperature of the KL rules' terms (retention_term)
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,17 @@ def sampling_ratio(teacher_masks: torch.Tensor, task_masks: torch.Tensor) -> flo
     return float(1.0 - torch.sigmoid(6.0 * cosine).mean())
 
 
-def retention_term(student: torch.Tensor, teacher: torch.Tensor, weight: float, kl: bool = False) -> torch.Tensor:
+def retention_term(student: torch.Tensor, teacher: torch.Tensor, weight: float, kl: bool = False,
+                   temperature: float = 1.0) -> torch.Tensor:
     """One earlier task's share of Eq. 16: c_j · MSE(student_j, teacher_j); with `kl`, c_j · the mean over
     rows of KL(softmax(teacher_j) ‖ softmax(student_j)), which ignores the logits' common shift and weighs
-    each class by the teacher's probability of it (student, teacher: [n, n_classes] logits)."""
+    each class by the teacher's probability of it (student, teacher: [n, n_classes] logits). A `temperature`
+    T ≠ 1 compares softmax(logits / T) instead, times T² (Hinton et al.'s scaling); T < 1 sharpens the
+    teacher, so the term weighs its top-ranked classes, the ones a ranking metric looks at, more."""
+    if kl and temperature != 1.0:
+        return weight * temperature * temperature * F.kl_div(
+            F.log_softmax(student / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1),
+            reduction="batchmean", log_target=True)
     if kl:
         return weight * F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1), reduction="batchmean",
                                  log_target=True)
@@ -204,7 +212,7 @@ def continual_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: to
             pseudo = teacher(x_j, j, s, masks=teacher_masks[j])[0].float()
         scale = local.numel() / count / share                               # 1 in a single process
         yield retention.alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight,
-                                                       RETENTION_RULES[retention.rule].kl)
+                                                       RETENTION_RULES[retention.rule].kl, retention.temperature)
 
 
 def continual_loss(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,

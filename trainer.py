@@ -86,6 +86,9 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
     add("--retention", choices=list(RETENTION_RULES), default="paper",
         help="how sampling ratios become retention rows and weights: " + "; ".join(
             f"{name}: {rule.text}" for name, rule in RETENTION_RULES.items()))
+    add("--kl_temperature", type=flags.positive_float, default=1.0,
+        help="with a KL rule: compare the softmaxes of logits / T, times T² (T < 1 weighs the teacher's top "
+             "classes more); 1 = the plain softmaxes")
     add("--streams", choices=STREAMS, default="ours",
         help="stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
              "parameters as the authors' code does (drops partial batches; with --variant original, from an "
@@ -115,6 +118,8 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Nam
         if getattr(args, key) is None:  # explicit flags win
             setattr(args, key, value)
     flags.check_select_on(parser, args.select_on, args.top_k)
+    if args.kl_temperature != 1.0 and not RETENTION_RULES[args.retention].kl:
+        parser.error(f"--kl_temperature applies to the KL rules; --retention {args.retention} is not one")
     args.no_embedding_clamp, args.nested_samples = args.embedding_clamp == "off", args.nested_samples == "on"
     if args.dataset:
         for key, value in preset_paths(args.dataset, stage).items():
@@ -323,7 +328,8 @@ def continual_step(model: NextItNet, teacher: NextItNet, optimizer: torch.optim.
 def retention_settings(args: argparse.Namespace) -> Retention:
     """The stage's knowledge-retention settings from its flags."""
     return Retention(alpha=args.alpha, rule=args.retention, nested=args.nested_samples,
-                     uniform=args.uniform_sampling, current_weights=args.ratio_weights == "current", smax=args.smax)
+                     uniform=args.uniform_sampling, current_weights=args.ratio_weights == "current", smax=args.smax,
+                     temperature=args.kl_temperature)
 
 
 def adam(params, lr: float) -> torch.optim.Adam:

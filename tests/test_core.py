@@ -501,3 +501,19 @@ def test_kl_retention_term_by_hand_and_gradient():
     torch.testing.assert_close(student.grad, 0.4 * (q - p) / 5)              # d KL / d logits = q − p per row
     shifted = method.retention_term(student.detach() + 3.0, teacher, 0.4, kl=True)
     assert float(shifted) == pytest.approx(float(loss.detach()), rel=1e-5)  # a common shift costs nothing
+
+
+def test_kl_retention_term_with_a_temperature_by_hand_and_gradient():
+    gen = torch.Generator().manual_seed(14)
+    student = torch.randn(5, 9, generator=gen, requires_grad=True)
+    teacher = torch.randn(5, 9, generator=gen)
+    temperature = 0.5
+    loss = method.retention_term(student, teacher, 0.4, kl=True, temperature=temperature)
+    p, q = torch.softmax(teacher / temperature, 1), torch.softmax(student.detach() / temperature, 1)
+    kl = float((p * (p.log() - q.log())).sum(1).mean())
+    assert float(loss.detach()) == pytest.approx(0.4 * temperature ** 2 * kl, rel=1e-5)
+    loss.backward()
+    torch.testing.assert_close(student.grad, 0.4 * temperature * (q - p) / 5)  # T² · (q_T − p_T) / T per row
+    plain = method.retention_term(student.detach(), teacher, 0.4, kl=True)
+    assert float(plain) != pytest.approx(float(loss.detach()), rel=1e-3)    # the temperature changes the term
+    assert float(method.retention_term(student.detach(), teacher, 0.4, kl=True, temperature=1.0)) == float(plain)

@@ -175,6 +175,7 @@ BAD_TRAINING = [
     ("--split_percentage", "0"), ("--split_percentage", "1"), ("--top_k", "0"), ("--ce_chunk", "-5"),
     ("--device", "gpu"), ("--gpu_num", "-1"), ("--gpu_num", "x"), ("--select_on", "auc"), ("--select_on", "mrr@7"),
     ("--task_kind", "both"), ("--method", "other"), ("--dataset", "nowhere"),
+    ("--kl_temperature", "0"), ("--kl_temperature", "nan"), ("--kl_temperature", "0.5"),  # 0.5: not a KL rule
     ("--datapath", "{dir}"), ("--datapath", "{dir}/missing.csv"), ("--datapath_index", "{dir}"),
     ("--savepath", "{t1}/task1"), ("--savepath", "{dir}/"), ("--savepath", ""),
 ] + ([("--device", "cuda"), ("--gpu_num", "0")] if NO_CUDA else [])

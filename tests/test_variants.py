@@ -123,6 +123,25 @@ def test_per_task_smax_kl_is_per_task_smax_with_kl_terms(tiny_model):
     assert float(kept) == pytest.approx(expected, rel=1e-5)
 
 
+def test_kl_temperature_reaches_every_retention_term(tiny_model):
+    """Retention(temperature=T) turns each KL term into T² · KL(softmax(teacher / T) ‖ softmax(student / T))."""
+    import torch.nn.functional as F
+    teacher = tiny_model(task_classes=(30, 7), relation=True, seed=2).eval().requires_grad_(False)
+    model = tiny_model(task_classes=(30, 7), relation=True, seed=2)
+    model.add_task(4, relation=True)
+    x, y, ratios = torch.randint(1, 30, (8, 6)), torch.randint(0, 4, (8,)), [0.3, 0.6]
+    _, kept, _ = method.continual_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
+                                       method.Retention(rule="per_task_smax_kl", smax=7.0, temperature=0.5))
+    expected = 0.0
+    with torch.no_grad():
+        for j, weight in enumerate([2 * 0.3 / 0.9, 2 * 0.6 / 0.9]):
+            inputs = x[:, :-1] if j == 0 else x
+            p = F.softmax(teacher(inputs, j, 7.0)[0] / 0.5, 1)
+            q = F.softmax(model(inputs, j, 7.0)[0] / 0.5, 1)
+            expected += 0.7 * weight * 0.25 * float((p * (p.log() - q.log())).sum(1).mean())
+    assert float(kept) == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("rule", ["per_task_smax_kl", "per_task_smax_kl_carry"])
 def test_stage_starts_from_the_teachers_masks_only_with_carry(tmp_path, synthetic_data, monkeypatch, rule):
     """train_teracon with --retention per_task_smax_kl_carry grows a model that has relation layers (stage ≥ 3;
