@@ -3,6 +3,7 @@
     python predict.py --paths CKPT --task K --input users.csv [--top 20] [--out predictions.csv]
     python predict.py --paths CKPT --task K --input users.csv --embed [--embed_task1] --out vectors.npy|.csv
     python predict.py --paths CKPT --task K --probe_task J [--embed_task1] [--out probe.json]
+    python predict.py --paths CKPT --task K --probe_file TASK_FILE [--embed_task1] [--out probe.json]
 
 Each non-blank line of --input is one user: comma-separated raw item ids, oldest first (a task-1 line, any
 length). Task K's head reads the input length it was trained and scored on: task 1 the task-1 file's
@@ -20,6 +21,8 @@ Outputs (CSV without --out is printed; every file is written atomically, and onl
   --probe_task J (a cls task): a logistic regression on the vectors (as --embed: --task K's mask) of task
             J's users, fitted on its training split and scored on its test split (the split its head was
             scored on), beside head J's accuracy and the training split's majority class on those test rows
+  --probe_file F (a cls task file the checkpoint need not hold, e.g. the next stage's): the same probe, on the
+            split a stage trained on F with the checkpoint's seed and split_percentage would use; no head
 
 `line` is the 1-based line number in --input (blank lines are skipped). Task K ≥ 2's labels are its own
 label space (the sorted distinct targets of its file), so predict.py reads the task file recorded in the
@@ -55,7 +58,7 @@ UNK = "<UNK>"
 class TaskView:
     """What predict.py needs of one task of a checkpoint."""
 
-    number: int                    # 1-based task number
+    number: int                    # 1-based task number; 0: a task file the checkpoint does not hold
     name: str
     kind: str                      # rec or cls
     length: int                    # input positions its head was trained and scored on
@@ -127,6 +130,18 @@ def task_view(checkpoint: dict, number: int, index: ItemIndex, datapath: str | N
                         f"{n_classes} (not the file it was trained on)")
     return TaskView(number, record.get("name") or f"task{number}", record["kind"], length, labels,
                     label_names(path) if number > 1 else {}, data)
+
+
+def file_view(path: str, index: ItemIndex, max_classes: int) -> TaskView:
+    """A cls task file the checkpoint does not hold (--probe_file): its examples and labels, number 0."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                 # the file's own business
+        data = load_task(path, index)
+    if data.target_keys.size > max_classes:
+        raise DataError(f"{path}: has {data.target_keys.size} classes, a rec task's; the probe fits a classifier "
+                        f"to a cls task's labels (at most {max_classes})")
+    labels = np.concatenate([[UNK], data.target_keys.astype(str)])
+    return TaskView(0, os.path.basename(path), "cls", data.sources.shape[1], labels, label_names(path), data)
 
 
 def read_users(path: str, index: ItemIndex) -> Users:
@@ -287,14 +302,16 @@ def probe(model: NextItNet, views: list[TaskView], target: TaskView, record: dic
     features, labels = vectors[data.rows(np.arange(len(data.targets)))], data.targets   # [n, D], [n]
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     classifier.fit(features[train], labels[train])
-    with autocast(device, amp):
-        head = score(model, target.number - 1, data, test, "cls", s, batch, device)["acc"]
+    head = None
+    if target.number:                                                   # a task of the checkpoint: its head too
+        with autocast(device, amp):
+            head = float(score(model, target.number - 1, data, test, "cls", s, batch, device)["acc"])
     majority = int(np.bincount(labels[train]).argmax())
     label = str(target.labels[majority])
     return {"task": target.number, "name": target.name, "features": [view.number for view in views],
             "dims": int(vectors.shape[1]), "train": int(train.size), "test": int(test.size),
             "logistic_regression": float(classifier.score(features[test], labels[test])),
-            "head": float(head), "majority": float(np.mean(labels[test] == majority)),
+            "head": head, "majority": float(np.mean(labels[test] == majority)),
             "majority_label": label, "majority_name": target.names.get(label, "")}
 
 
@@ -302,11 +319,13 @@ def print_probe(result: dict) -> None:
     masks = " + ".join(f"task {k}'s mask" for k in result["features"])
     name = f" {result['majority_name']}" if result["majority_name"] else ""
     majority = f"majority class ({result['majority_label']}{name})"
-    print(f"probe of task {result['task']} ({result['name']}): {result['dims']}-dim vectors ({masks}), "
+    what = f"task {result['task']} ({result['name']})" if result["task"] else result["name"]
+    print(f"probe of {what}: {result['dims']}-dim vectors ({masks}), "
           f"logistic regression fitted on {result['train']} train rows, scored on {result['test']} test rows")
     for what, key in (("logistic regression on the vectors", "logistic_regression"),
                       (f"task {result['task']}'s head", "head"), (majority, "majority")):
-        print(f"  {what:<36} acc {result[key]:.4f}")
+        if result[key] is not None:
+            print(f"  {what:<36} acc {result[key]:.4f}")
 
 
 # ---------------------------------------------------------------- main
@@ -324,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--embed", action="store_true", help="write user vectors instead of predictions")
     add("--embed_task1", action="store_true", help="with --embed / --probe_task: append task 1's vector")
     add("--probe_task", type=flags.positive_int, help="a cls task: logistic regression on its users' vectors vs its head")
+    add("--probe_file", type=flags.existing_file, help="a cls task file the checkpoint need not hold (e.g. the next "
+        "stage's): the same probe on the split a stage trained on it would use (the checkpoint's seed), no head")
     add("--datapath", type=flags.existing_file, help="task K's data file, for its input length and labels (default: as recorded in the "
         "checkpoint; task K >= 2's class codes are mapped back to raw labels through it)")
     add("--datapath_index", type=flags.existing_file, help="item index (default: as recorded in the checkpoint)")
@@ -335,14 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Flag combinations and the --out extension, before anything is loaded."""
-    if args.probe_task is None and not args.input:
-        parser.error("--input is required (or --probe_task)")
-    if args.embed_task1 and not (args.embed or args.probe_task):
-        parser.error("--embed_task1 needs --embed or --probe_task")
+    probing = args.probe_task is not None or args.probe_file is not None
+    if args.probe_task is not None and args.probe_file is not None:
+        parser.error("--probe_task and --probe_file: give one of them")
+    if not probing and not args.input:
+        parser.error("--input is required (or --probe_task / --probe_file)")
+    if args.embed_task1 and not (args.embed or probing):
+        parser.error("--embed_task1 needs --embed, --probe_task or --probe_file")
     if args.embed_task1 and args.task == 1:
         parser.error("--embed_task1 appends task 1's vector to task K's; with --task 1 leave it out")
     extension = os.path.splitext(args.out or "")[1].lower()
-    allowed = [".json"] if args.probe_task else [".csv", ".npy"] if args.embed else [".csv"]
+    allowed = [".json"] if probing else [".csv", ".npy"] if args.embed else [".csv"]
     if args.out and extension not in allowed:
         parser.error(f"--out {args.out}: expected {' or '.join(allowed)}")
 
@@ -377,6 +401,19 @@ def main() -> None:
                             "to a cls task's labels")
         result = probe(model, views, target, checkpoint["tasks"][args.probe_task - 1], s, args.batch, device,
                        args.amp, pad)
+        print_probe(result)
+        if args.out:
+            write_json(args.out, result)
+        return
+    if args.probe_file is not None:
+        recorded = checkpoint.get("args", {})
+        if recorded.get("seed") is None or recorded.get("split_percentage") is None:
+            raise DataError(f"{args.paths}: does not record its seed and split_percentage, which --probe_file's "
+                            "split needs")
+        target = file_view(args.probe_file, index, int(recorded.get("top_k", 5)) + 15)
+        record = {"seed": recorded["seed"], "split_percentage": recorded["split_percentage"],
+                  "datapath": args.probe_file}
+        result = probe(model, views, target, record, s, args.batch, device, args.amp, pad)
         print_probe(result)
         if args.out:
             write_json(args.out, result)

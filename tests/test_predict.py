@@ -264,6 +264,32 @@ def test_cli_subprocess_error_and_probe(chain, loaded, repo_root, subprocess_env
     assert "logistic regression on the vectors" in done.stdout
 
 
+def test_probe_file_is_the_probe_of_a_task_the_checkpoint_need_not_hold(chain, capsys, tmp_path):
+    """--probe_file F on the checkpoint that holds F as task 3 gives --probe_task 3's probe (same split, same
+    vectors), without the head; the stage-2 checkpoint, which has never seen F, probes it too; a rec task's
+    file and both flags at once are one-line errors."""
+    data_files, out = chain
+    results = {}
+    for name, extra in (("task", ["--probe_task", 3]), ("file", ["--probe_file", data_files.task3])):
+        code, stdout, err = run_predict(capsys, "--paths", out / "task3.t7", "--task", 3, *extra,
+                                        "--out", tmp_path / f"{name}.json")
+        assert code == 0, err
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    by_task, by_file = results["task"], results["file"]
+    assert by_file["head"] is None and by_task["head"] is not None and by_file["task"] == 0
+    for key in ("logistic_regression", "majority", "majority_label", "train", "test", "dims", "features"):
+        assert by_file[key] == by_task[key], key
+    assert "head" not in stdout and "logistic regression on the vectors" in stdout
+
+    code, stdout, err = run_predict(capsys, "--paths", out / "task2.t7", "--task", 2, "--probe_file", data_files.task3)
+    assert code == 0 and "probe of task3.csv" in stdout and "logistic regression on the vectors" in stdout, err
+    code, _, err = run_predict(capsys, "--paths", out / "task2.t7", "--probe_file", data_files.task2)
+    assert code == 2 and err.splitlines() == [f"error: {data_files.task2}: has 40 classes, a rec task's; the probe "
+                                              "fits a classifier to a cls task's labels (at most 20)"], err
+    code, _, err = run_predict(capsys, "--paths", out / "task3.t7", "--probe_task", 3, "--probe_file", data_files.task3)
+    assert code == 2 and len(err.splitlines()) == 1 and "give one of them" in err, err
+
+
 def test_amp_vectors_close_to_fp32(chain, capsys, tmp_path):
     users = write_users(tmp_path / "users.csv", ["1,2,3,4,5,6", "7,8,9", "10,20,30,40,50,60,70,80,90,11,12,13"])
     vectors = []
