@@ -46,6 +46,9 @@ RETENTION_RULES = {
     "per_task_smax_kl": RetentionRule(True, True, True, "as per_task_smax, with KL(softmax(pseudo-labels) ‖ "
                                                         "softmax(student)) per row instead of the MSE of the logits",
                                       kl=True),
+    "sum_smax_kl": RetentionRule(True, False, True, "as per_task_smax_kl, with the paper's weights ratio_j / Σ_k "
+                                                     "ratio_k, which sum to 1 however many earlier tasks there are",
+                                 kl=True),
     "per_task_smax_kl_carry": RetentionRule(True, True, True, "as per_task_smax_kl, and every earlier task keeps "
                                                               "its relation layer when the model grows (stage ≥ "
                                                               "3), so its masks start the stage unchanged",

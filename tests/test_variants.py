@@ -123,6 +123,23 @@ def test_per_task_smax_kl_is_per_task_smax_with_kl_terms(tiny_model):
     assert float(kept) == pytest.approx(expected, rel=1e-5)
 
 
+def test_sum_smax_kl_is_per_task_smax_kl_with_weights_summing_to_one(tiny_model):
+    """sum_smax_kl: per_task_smax_kl's rows, s and KL terms with the paper's weights ratio_j / Σ_k ratio_k, so its
+    retention is per_task_smax_kl's divided by the number of earlier tasks; the cross-entropy is the same."""
+    teacher = tiny_model(task_classes=(30, 7), relation=True, seed=2).eval().requires_grad_(False)
+    model = tiny_model(task_classes=(30, 7), relation=True, seed=2)
+    model.add_task(4, relation=True)
+    x, y, ratios = torch.randint(1, 30, (8, 6)), torch.randint(0, 4, (8,)), [0.3, 0.6]
+    runs = {rule: method.continual_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
+                                        method.Retention(rule=rule, smax=7.0))
+            for rule in ("per_task_smax_kl", "sum_smax_kl")}
+    (per_task, per_task_kept, _), (summed, summed_kept, _) = runs["per_task_smax_kl"], runs["sum_smax_kl"]
+    assert float(summed_kept) == pytest.approx(float(per_task_kept) / 2, rel=1e-6)
+    assert float(summed - summed_kept) == pytest.approx(float(per_task - per_task_kept), rel=1e-6)
+    plan = method.retention_plan("sum_smax_kl", ratios, 8)
+    assert [count for count, _ in plan] == [8, 8] and [weight for _, weight in plan] == pytest.approx([1 / 3, 2 / 3])
+
+
 def test_kl_temperature_reaches_every_retention_term(tiny_model):
     """Retention(temperature=T) turns each KL term into T² · KL(softmax(teacher / T) ‖ softmax(student / T))."""
     import torch.nn.functional as F
