@@ -132,13 +132,10 @@ def retention_term(student: torch.Tensor, teacher: torch.Tensor, weight: float, 
     each class by the teacher's probability of it (student, teacher: [n, n_classes] logits). A `temperature`
     T ≠ 1 compares softmax(logits / T) instead, times T² (Hinton et al.'s scaling); T < 1 sharpens the
     teacher, so the term weighs its top-ranked classes, the ones a ranking metric looks at, more."""
-    if kl and temperature != 1.0:
+    if kl:  # at T = 1 the division and T² are exact: the plain softmaxes' term, bit for bit
         return weight * temperature * temperature * F.kl_div(
             F.log_softmax(student / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1),
             reduction="batchmean", log_target=True)
-    if kl:
-        return weight * F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1), reduction="batchmean",
-                                 log_target=True)
     return weight * F.mse_loss(student, teacher)
 
 

@@ -120,9 +120,7 @@ def task_view(checkpoint: dict, number: int, index: ItemIndex, datapath: str | N
             raise DataError(f"{path}: every line has a single item; task 1 reads at least 2")
         length, keys = width - 1, index.keys
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")                             # the training file's own business
-            data = load_task(path, index)
+        data = quiet_load_task(path, index)
         length, keys = data.sources.shape[1], data.target_keys
     labels = np.concatenate([[UNK], keys.astype(str)])
     if labels.size != n_classes:
@@ -132,11 +130,16 @@ def task_view(checkpoint: dict, number: int, index: ItemIndex, datapath: str | N
                     label_names(path) if number > 1 else {}, data)
 
 
+def quiet_load_task(path: str, index: ItemIndex) -> TaskData:
+    """A task file's examples; the loader's warnings about it are the training run's business, not ours."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_task(path, index)
+
+
 def file_view(path: str, index: ItemIndex, max_classes: int) -> TaskView:
     """A cls task file the checkpoint does not hold (--probe_file): its examples and labels, number 0."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                                 # the file's own business
-        data = load_task(path, index)
+    data = quiet_load_task(path, index)
     if data.target_keys.size > max_classes:
         raise DataError(f"{path}: has {data.target_keys.size} classes, a rec task's; the probe fits a classifier "
                         f"to a cls task's labels (at most {max_classes})")
@@ -328,6 +331,25 @@ def print_probe(result: dict) -> None:
             print(f"  {what:<36} acc {result[key]:.4f}")
 
 
+def probe_target(args: argparse.Namespace, checkpoint: dict, index: ItemIndex, view: TaskView) -> tuple[TaskView, dict]:
+    """(the probed cls task, the record whose seed and split_percentage give its split) of --probe_task J (the
+    checkpoint's task J) or --probe_file F (a file the checkpoint need not hold: the checkpoint's own seed)."""
+    if args.probe_task is not None:
+        target = (view if args.probe_task == args.task else
+                  task_view(checkpoint, args.probe_task, index, None, args.paths))
+        if target.kind != "cls" or target.data is None:
+            raise DataError(f"--probe_task {args.probe_task}: is a {target.kind} task; the probe fits a classifier "
+                            "to a cls task's labels")
+        return target, checkpoint["tasks"][args.probe_task - 1]
+    recorded = checkpoint.get("args", {})
+    if recorded.get("seed") is None or recorded.get("split_percentage") is None:
+        raise DataError(f"{args.paths}: does not record its seed and split_percentage, which --probe_file's "
+                        "split needs")
+    target = file_view(args.probe_file, index, int(recorded.get("top_k", 5)) + 15)
+    return target, {"seed": recorded["seed"], "split_percentage": recorded["split_percentage"],
+                    "datapath": args.probe_file}
+
+
 # ---------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -393,26 +415,8 @@ def main() -> None:
     view = task_view(checkpoint, args.task, index, args.datapath, args.paths)
     views = [view] + ([task_view(checkpoint, 1, index, None, args.paths)] if args.embed_task1 else [])
 
-    if args.probe_task is not None:
-        target = (view if args.probe_task == args.task else
-                  task_view(checkpoint, args.probe_task, index, None, args.paths))
-        if target.kind != "cls" or target.data is None:
-            raise DataError(f"--probe_task {args.probe_task}: is a {target.kind} task; the probe fits a classifier "
-                            "to a cls task's labels")
-        result = probe(model, views, target, checkpoint["tasks"][args.probe_task - 1], s, args.batch, device,
-                       args.amp, pad)
-        print_probe(result)
-        if args.out:
-            write_json(args.out, result)
-        return
-    if args.probe_file is not None:
-        recorded = checkpoint.get("args", {})
-        if recorded.get("seed") is None or recorded.get("split_percentage") is None:
-            raise DataError(f"{args.paths}: does not record its seed and split_percentage, which --probe_file's "
-                            "split needs")
-        target = file_view(args.probe_file, index, int(recorded.get("top_k", 5)) + 15)
-        record = {"seed": recorded["seed"], "split_percentage": recorded["split_percentage"],
-                  "datapath": args.probe_file}
+    if args.probe_task is not None or args.probe_file is not None:
+        target, record = probe_target(args, checkpoint, index, view)
         result = probe(model, views, target, record, s, args.batch, device, args.amp, pad)
         print_probe(result)
         if args.out:

@@ -83,13 +83,32 @@ def test_ties_count_as_improvements_only_when_on(tmp_path, ties, improvements):
     assert best == improvements
 
 
-def test_per_task_smax_is_per_task_at_smax(tiny_model):
-    """per_task_smax computes the retention terms at s = smax whatever the annealed s; the CE term and the next
-    ratios (Eq. 15) stay at the annealed s."""
+def grown_stage3(tiny_model):
+    """A stage-3 student (two earlier tasks, relation masks), its stage-2 teacher, a batch and two ratios."""
     teacher = tiny_model(task_classes=(30, 7), relation=True, seed=2).eval().requires_grad_(False)
     model = tiny_model(task_classes=(30, 7), relation=True, seed=2)
     model.add_task(4, relation=True)
-    x, y, ratios = torch.randint(1, 30, (8, 6)), torch.randint(0, 4, (8,)), [0.3, 0.6]
+    return teacher, model, torch.randint(1, 30, (8, 6)), torch.randint(0, 4, (8,)), [0.3, 0.6]
+
+
+def hand_kl_retention(teacher, model, x, temperature: float = 1.0) -> float:
+    """α 0.7 · Σ_j c_j · T² · KL(softmax(teacher_j / T) ‖ softmax(student_j / T)) at s = 7, by hand, for
+    grown_stage3's ratios 0.3 and 0.6 (c_j = ratio_j / mean ratio)."""
+    import torch.nn.functional as F
+    expected = 0.0
+    with torch.no_grad():
+        for j, weight in enumerate([2 * 0.3 / 0.9, 2 * 0.6 / 0.9]):
+            inputs = x[:, :-1] if j == 0 else x
+            p = F.softmax(teacher(inputs, j, 7.0)[0] / temperature, 1)
+            q = F.softmax(model(inputs, j, 7.0)[0] / temperature, 1)
+            expected += 0.7 * weight * temperature ** 2 * float((p * (p.log() - q.log())).sum(1).mean())
+    return expected
+
+
+def test_per_task_smax_is_per_task_at_smax(tiny_model):
+    """per_task_smax computes the retention terms at s = smax whatever the annealed s; the CE term and the next
+    ratios (Eq. 15) stay at the annealed s."""
+    teacher, model, x, y, ratios = grown_stage3(tiny_model)
 
     def loss(rule: str, s: float):
         return method.continual_loss(model, teacher, x, y, 2, s, ratios, np.random.default_rng(0),
@@ -106,30 +125,16 @@ def test_per_task_smax_is_per_task_at_smax(tiny_model):
 
 def test_per_task_smax_kl_is_per_task_smax_with_kl_terms(tiny_model):
     """per_task_smax_kl: the same rows, weights and s as per_task_smax; each term is the KL of the softmaxes."""
-    import torch.nn.functional as F
-    teacher = tiny_model(task_classes=(30, 7), relation=True, seed=2).eval().requires_grad_(False)
-    model = tiny_model(task_classes=(30, 7), relation=True, seed=2)
-    model.add_task(4, relation=True)
-    x, y, ratios = torch.randint(1, 30, (8, 6)), torch.randint(0, 4, (8,)), [0.3, 0.6]
+    teacher, model, x, y, ratios = grown_stage3(tiny_model)
     total, kept, _ = method.continual_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
                                            method.Retention(rule="per_task_smax_kl", smax=7.0))
-    expected = 0.0
-    with torch.no_grad():
-        for j, weight in enumerate([2 * 0.3 / 0.9, 2 * 0.6 / 0.9]):     # ratio_j / mean ratio
-            inputs = x[:, :-1] if j == 0 else x
-            p = F.softmax(teacher(inputs, j, 7.0)[0], 1)
-            q = F.softmax(model(inputs, j, 7.0)[0], 1)
-            expected += 0.7 * weight * float((p * (p.log() - q.log())).sum(1).mean())
-    assert float(kept) == pytest.approx(expected, rel=1e-5)
+    assert float(kept) == pytest.approx(hand_kl_retention(teacher, model, x), rel=1e-5)
 
 
 def test_sum_smax_kl_is_per_task_smax_kl_with_weights_summing_to_one(tiny_model):
     """sum_smax_kl: per_task_smax_kl's rows, s and KL terms with the paper's weights ratio_j / Σ_k ratio_k, so its
     retention is per_task_smax_kl's divided by the number of earlier tasks; the cross-entropy is the same."""
-    teacher = tiny_model(task_classes=(30, 7), relation=True, seed=2).eval().requires_grad_(False)
-    model = tiny_model(task_classes=(30, 7), relation=True, seed=2)
-    model.add_task(4, relation=True)
-    x, y, ratios = torch.randint(1, 30, (8, 6)), torch.randint(0, 4, (8,)), [0.3, 0.6]
+    teacher, model, x, y, ratios = grown_stage3(tiny_model)
     runs = {rule: method.continual_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
                                         method.Retention(rule=rule, smax=7.0))
             for rule in ("per_task_smax_kl", "sum_smax_kl")}
@@ -142,21 +147,10 @@ def test_sum_smax_kl_is_per_task_smax_kl_with_weights_summing_to_one(tiny_model)
 
 def test_kl_temperature_reaches_every_retention_term(tiny_model):
     """Retention(temperature=T) turns each KL term into T² · KL(softmax(teacher / T) ‖ softmax(student / T))."""
-    import torch.nn.functional as F
-    teacher = tiny_model(task_classes=(30, 7), relation=True, seed=2).eval().requires_grad_(False)
-    model = tiny_model(task_classes=(30, 7), relation=True, seed=2)
-    model.add_task(4, relation=True)
-    x, y, ratios = torch.randint(1, 30, (8, 6)), torch.randint(0, 4, (8,)), [0.3, 0.6]
+    teacher, model, x, y, ratios = grown_stage3(tiny_model)
     _, kept, _ = method.continual_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
                                        method.Retention(rule="per_task_smax_kl", smax=7.0, temperature=0.5))
-    expected = 0.0
-    with torch.no_grad():
-        for j, weight in enumerate([2 * 0.3 / 0.9, 2 * 0.6 / 0.9]):
-            inputs = x[:, :-1] if j == 0 else x
-            p = F.softmax(teacher(inputs, j, 7.0)[0] / 0.5, 1)
-            q = F.softmax(model(inputs, j, 7.0)[0] / 0.5, 1)
-            expected += 0.7 * weight * 0.25 * float((p * (p.log() - q.log())).sum(1).mean())
-    assert float(kept) == pytest.approx(expected, rel=1e-5)
+    assert float(kept) == pytest.approx(hand_kl_retention(teacher, model, x, temperature=0.5), rel=1e-5)
 
 
 @pytest.mark.parametrize("rule", ["per_task_smax_kl", "per_task_smax_kl_carry"])
