@@ -68,12 +68,13 @@ STAGE_FLAGS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def prepare_synth() -> None:
+def prepare_synth(synth_seed: int = 0) -> None:
     import synth
-    synth.main(["--out", DATASETS["synth"]["folder"]])
+    synth.main(["--out", DATASETS["synth"]["folder"], "--seed", str(synth_seed)])
 
 
-def prepare_demo() -> None:
+def prepare_demo(synth_seed: int = 0) -> None:
+    del synth_seed  # the demo is one fixed download
     import prepare_data
     if prepare_data.main(["--source", "recbole", "--out", DATASETS["demo"]["folder"], "--seq_len", "100"]):
         raise DataError("the demo data could not be prepared (pip install --no-deps recbole==1.2.1)")
@@ -83,6 +84,21 @@ def prepare_demo() -> None:
 PREPARE = {"synth": prepare_synth, "demo": prepare_demo}
 
 Results = dict[str, dict[int, dict[int, dict]]]  # {method: {seed: {stage: metrics.json}}}
+
+
+def check_data_draw(out: str, dataset: str, synth_seed: int) -> None:
+    """<out>/data.txt names the data its stages were trained on; stages of another draw are never mixed in."""
+    marker, text = os.path.join(out, "data.txt"), f"{dataset} synth_seed {synth_seed}\n"
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as handle:
+            found = handle.read()
+        if found != text:
+            raise DataError(f"{marker}: {out} holds runs on {found.strip()}, not {text.strip()}; choose another --out")
+        return
+    if os.path.isdir(out) and any(name.startswith("seed") for name in os.listdir(out)) and synth_seed != 0:
+        raise DataError(f"{out}: holds runs made before data.txt existed (synth_seed 0); choose another --out")
+    os.makedirs(out, exist_ok=True)
+    atomic_write_text(marker, text)
 
 
 def savepath(out: str, seed: int, method: str, stage: int) -> str:
@@ -410,7 +426,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", type=flags.comma_list(list(METHODS)), default=DEFAULT_METHODS,
                         help="comma-separated, of: " + ", ".join(METHODS) + " (default: " + ",".join(DEFAULT_METHODS) + ")")
     parser.add_argument("--jobs", type=flags.positive_int, default=2, help="methods run in parallel (one thread each)")
+    parser.add_argument("--synth_seed", type=flags.seed, default=0,
+                        help="synth only: the generator's seed, a fresh draw of the benchmark (default 0, the README's; "
+                             "it rewrites Data/synth, which run_all.sh and compare.py regenerate at seed 0)")
     args = parser.parse_args(own)
+    if args.synth_seed and args.dataset != "synth":
+        parser.error(f"--synth_seed applies to --dataset synth, not {args.dataset}")
     import trainer  # the flags after `--` are checked as every stage will parse them, before any stage runs
     trainer.build_parser(None).parse_args(extra)
     methods = args.methods
@@ -419,9 +440,10 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(REPO)  # the presets' data paths are relative to the repository root
     out = os.path.relpath(out) if out.startswith(os.path.join(REPO, "")) else out
     if args.dataset in PREPARE:  # regenerated (deterministic, seconds), as run_all.sh does
-        PREPARE[args.dataset]()
+        PREPARE[args.dataset](args.synth_seed)
     for stage in range(1, stages + 1):
         preset_paths(args.dataset, stage)  # a missing data file is reported here, in one line
+    check_data_draw(out, args.dataset, args.synth_seed)
     seeds = list(range(args.seeds))
     command = shlex.join(["python", "compare.py", *argv])
     started = time.time()
