@@ -1,6 +1,6 @@
 """Score tasks of a checkpoint on their test splits, and print the forgetting matrix of a run.
 
-    python evaluate.py --paths CKPT --task J --datapath F --datapath_index I [--seed S] [--json OUT]
+    python evaluate.py --paths CKPT --task J --datapath F --datapath_index I [--seed S] [--split valid] [--json OUT]
     python evaluate.py --matrix saved_models/demo/task*.metrics.json [--csv OUT]
 """
 from __future__ import annotations
@@ -114,15 +114,19 @@ def known_ceiling(datapath: str) -> dict[str, float] | None:
 
 
 def task_report(model: NextItNet, number: int, record: dict, data: TaskData, index: ItemIndex, s: float,
-                batch_size: int, device: torch.device, top_k: int) -> dict:
+                batch_size: int, device: torch.device, top_k: int, split: str = "test") -> dict:
     """One task on its test split: metrics, their 95 % bootstrap intervals over test users, the trivial
     baselines (with intervals), the paired difference against the strongest baseline, and the ceiling
-    when the data's generator knows it → {"kind", "test", "ci95", "baseline", "vs_baseline", ...}."""
+    when the data's generator knows it → {"kind", "test", "ci95", "baseline", "vs_baseline", ...}.
+
+    split="valid": the same on the validation split, the rows every stage selects its epoch on (the report's
+    metrics under "valid", its baselines' under "valid" too); the only scores a rule may be chosen on."""
     parts = split_indices(len(data.targets), record["seed"], record["split_percentage"])
     check_split(record["datapath"], len(data.targets), parts)
-    train_rows, _, test_rows = parts
+    train_rows, valid_rows, test_rows = parts
+    test_rows = valid_rows if split == "valid" else test_rows     # the rows reported, under the name `split`
     kind = record["kind"]
-    values = score_values(model, number - 1, data, test_rows, s, batch_size, device, top_k, desc=f"test task {number}")
+    values = score_values(model, number - 1, data, test_rows, s, batch_size, device, top_k, desc=f"{split} task {number}")
     metrics = reported(values, kind, top_k)
     names = list(metrics)
     columns = [metric_names(top_k).index(name) for name in names]
@@ -132,10 +136,20 @@ def task_report(model: NextItNet, number: int, record: dict, data: TaskData, ind
               "n_test_users": int(np.unique(groups).size)}
     report.update(evidence(values[:, columns], {b: v[:, columns] for b, v in baselines.items()}, names,
                            headline_name(kind, top_k), groups))
+    if split != "test":
+        report = rename_split(report, split)
     ceiling = known_ceiling(record["datapath"]) if record.get("datapath") else None
     if ceiling is not None:
         report["ceiling"] = ceiling
     return report
+
+
+def rename_split(report: dict, split: str) -> dict:
+    """A report's "test" keys (its own and its baselines') as `split`'s: "valid", "n_valid", ..."""
+    renamed = {key.replace("test", split): value for key, value in report.items()}
+    renamed["baseline"] = {name: {key.replace("test", split): value for key, value in entry.items()}
+                           for name, entry in report["baseline"].items()}
+    return renamed
 
 
 def headline_name(kind: str, top_k: int = 5) -> str:
@@ -260,6 +274,8 @@ def main() -> None:
     parser.add_argument("--smax", type=flags.smax, default=None)
     parser.add_argument("--top_k", type=flags.positive_int, default=5)
     parser.add_argument("--device", type=flags.device, default=None)
+    parser.add_argument("--split", choices=["test", "valid"], default="test",
+                        help="the split scored: test, or valid (the rows each stage selects its epoch on)")
     parser.add_argument("--json", type=flags.output_file, help="write {'kind': ..., 'test': {...}} here")
     parser.add_argument("--matrix", nargs="+", type=flags.existing_file,
                         help="metrics.json files of a run: print the forgetting matrix")
@@ -303,7 +319,7 @@ def main() -> None:
         check_split(record["datapath"], len(data.targets),
                     split_indices(len(data.targets), record["seed"], args.split_percentage), args.split_percentage)
     smax = args.smax if args.smax is not None else checkpoint["args"]["smax"]
-    result = task_report(model, args.task, record, data, index, smax, args.batch, device, args.top_k)
+    result = task_report(model, args.task, record, data, index, smax, args.batch, device, args.top_k, args.split)
     print(json.dumps(result, indent=2))
     if args.json:
         write_json(args.json, result)

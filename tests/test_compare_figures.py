@@ -225,3 +225,34 @@ def test_kept_shares_and_new_task_differences_by_seed(tmp_path):
     assert seconds["kept"] == pytest.approx(3.0)
     table = compare.retention_table(list(rows.values()), 3, seconds)
     assert "| kept | 2 | **0.9500 [0.9500, 0.9500]** |" in table and table.rstrip().endswith("| 3.0 |")
+
+
+def test_data_draw_marker_keeps_two_draws_apart(tmp_path):
+    """<out>/data.txt records the synth draw; another draw into the same --out is refused, the marker unchanged."""
+    out = str(tmp_path / "c")
+    compare.check_data_draw(out, "synth", 1)
+    marker = tmp_path / "c" / "data.txt"
+    assert marker.read_text() == "synth synth_seed 1\n"
+    compare.check_data_draw(out, "synth", 1)  # the same draw again: resumes
+    with pytest.raises(utils.DataError, match="holds runs on synth synth_seed 1, not synth synth_seed 0"):
+        compare.check_data_draw(out, "synth", 0)
+    assert marker.read_text() == "synth synth_seed 1\n"
+    older = tmp_path / "old"
+    (older / "seed0").mkdir(parents=True)  # runs from before the marker existed were made at seed 0
+    with pytest.raises(utils.DataError, match="made before data.txt existed"):
+        compare.check_data_draw(str(older), "synth", 2)
+    compare.check_data_draw(str(older), "synth", 0)
+    assert (older / "data.txt").read_text() == "synth synth_seed 0\n"
+
+
+def test_prepare_synth_draws_with_the_seed(tmp_path, monkeypatch):
+    """--synth_seed reaches synth.py's generator: two seeds give two different task files, one seed the same."""
+    import synth
+    real_main, folders = synth.main, {}
+    monkeypatch.setattr(synth, "main", lambda argv: real_main(argv + ["--users", "40", "--items", "30"]))
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        folder = tmp_path / name
+        monkeypatch.setitem(compare.DATASETS["synth"], "folder", str(folder))
+        compare.prepare_synth(seed)
+        folders[name] = (folder / "task6.csv").read_text()
+    assert folders["a"] == folders["b"] != folders["c"]

@@ -259,6 +259,7 @@ def test_later_stages(stage1, tmp_path, capsys, stage, extra, expected):
     (["--datapath", "{dir}"], "error: --datapath: {dir} is a directory"),
     (["--datapath_index", "{dir}/no.csv"], "error: --datapath_index: {dir}/no.csv: file not found"),
     (["--json", "{dir}"], "error: --json: {dir} is a directory"),
+    (["--split", "train"], "error: --split: invalid choice: 'train'"),
     (["--task", "9"], "error: --task 9: "),
     (["--top_k", "5000"], "error: --top_k 5000: task 1 has {classes} classes, so at most --top_k {fits} fits"),
     (["--split_percentage", "0.001"], "at --split_percentage 0.001"),
@@ -293,6 +294,8 @@ def test_evaluate_needs_paths_and_task(capsys, monkeypatch):
     (["--dataset", "nowhere"], "error: --dataset: invalid choice"),
     (["--", "--batch", "0"], "error: --batch must be a positive integer (got 0)"),
     (["--", "--lr", "nan"], "error: --lr must be"),
+    (["--synth_seed", "1"], "error: --synth_seed applies to --dataset synth, not demo"),
+    (["--synth_seed", "-1"], "error: --synth_seed must be an integer in [0, "),
 ])
 def test_compare(stage1, tmp_path, capsys, monkeypatch, argv, expected):
     monkeypatch.chdir(tmp_path)  # restored afterwards, should compare get as far as its os.chdir

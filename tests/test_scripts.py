@@ -158,6 +158,25 @@ def test_evaluate_cli_reproduces_metrics(long_run, repo_root, subprocess_env):
         assert result["test"][name] == pytest.approx(value, abs=1e-6), name
 
 
+def test_evaluate_valid_split_is_what_training_selected_on(long_run, repo_root, subprocess_env):
+    """--split valid rescores the validation rows: for a stage's own task it equals the validation scores the
+    stage recorded at its best epoch (checkpoint["valid"]), and differs from the test split's."""
+    data, out, metrics = long_run
+    target = out / "eval_valid_task2.json"
+    run_script(repo_root, subprocess_env, "evaluate.py", "--paths", out / "task2.t7", "--task", 2,
+               "--datapath", data.task2, "--datapath_index", out / "index.csv", "--device", "cpu",
+               "--split", "valid", "--json", target)
+    from checkpoints import load_checkpoint
+
+    result = json.loads(target.read_text())
+    stored = load_checkpoint(str(out / "task2.t7"))["valid"]
+    assert "test" not in result and set(result["valid"]) == set(stored)
+    for name, value in stored.items():
+        assert result["valid"][name] == pytest.approx(value, abs=1e-6), name
+    assert result["n_valid"] < metrics[2]["tasks"]["2"]["n_test"]
+    assert all("valid" in entry for entry in result["baseline"].values())
+
+
 def test_forgetting_matrix_csv(long_run, repo_root, subprocess_env):
     _, out, metrics = long_run
     target = out / "m.csv"
