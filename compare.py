@@ -51,6 +51,7 @@ METHODS: dict[str, list[str]] = {
     "per_task_smax_kl_a2": ["--retention", "per_task_smax_kl", "--alpha", "2"],
     "per_task_smax_kl_t05_a2": ["--retention", "per_task_smax_kl", "--alpha", "2", "--kl_temperature", "0.5"],
     "sum_smax_kl_a2": ["--retention", "sum_smax_kl", "--alpha", "2"],
+    "per_task_smax_kl_a2_cap075": ["--retention", "per_task_smax_kl", "--alpha", "2", "--mask_capacity", "0.75"],
     "per_task_smax_kl_carry": ["--retention", "per_task_smax_kl_carry"],
     "per_task_smax_kl_carry_a2": ["--retention", "per_task_smax_kl_carry", "--alpha", "2"],
 }

@@ -66,6 +66,7 @@ class Retention:
     current_weights: bool = False  # weights c_j from this batch's ratios (original) instead of the previous batch's
     smax: float = 50.0          # the top of the annealing (rules with at_smax compute retention there)
     temperature: float = 1.0    # softmax temperature of the KL rules' terms (retention_term)
+    capacity: float = 0.0       # weight of HAT's capacity regulariser on the new task's masks (capacity_penalty)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,15 @@ def retention_term(student: torch.Tensor, teacher: torch.Tensor, weight: float, 
     return weight * F.mse_loss(student, teacher)
 
 
+def capacity_penalty(task_masks: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """HAT's capacity regulariser (Serrà et al., ICML 2018, Eq. 5) on the new task's masks [n_layers, C]:
+    Σ m · (1 − m_<K) / Σ (1 − m_<K), where `used` [n_layers, C] = m_<K is the element-wise max of the earlier
+    tasks' masks. Reusing a channel an earlier task uses costs nothing; opening a fresh one costs, so fresh
+    channels stay free for later tasks. With nothing used before (stage 1) it is the mean mask, the `--L2` term."""
+    free = 1.0 - used                                                       # [n_layers, C]
+    return (task_masks * free).sum() / free.sum().clamp_min(1e-12)
+
+
 def retention_plan(rule: str, ratios: list[float], size: int,
                    weight_ratios: list[float] | None = None) -> list[tuple[int, float]]:
     """(rows to pseudo-label, loss weight c_j) of every earlier task j for a global batch of `size` rows.
@@ -177,7 +187,8 @@ def clamp_task_embedding(model: NextItNet) -> None:
 def continual_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,
                     ratios: list[float], rng: np.random.Generator, retention: Retention,
                     new_ratios: list[float], shard: Shard | None = None) -> Iterator[torch.Tensor]:
-    """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K), then α · c_j · MSE_j for each earlier task j.
+    """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K) (+ the capacity penalty on its masks when
+    `retention.capacity` > 0), then α · c_j · MSE_j for each earlier task j.
 
     For every earlier task j the rows of `retention_plan` are pseudo-labelled by the ONE frozen teacher
     under its task-j mask; the student's head j under its own task-j mask is pulled towards them. The rows
@@ -188,7 +199,12 @@ def continual_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: to
     """
     shard = shard or Shard(x.shape[0])
     task_masks = model.task_masks(task, s)                                  # [n_layers, C]
-    yield F.cross_entropy(model(x, task, s, masks=task_masks)[0].float(), y)
+    new_task = F.cross_entropy(model(x, task, s, masks=task_masks)[0].float(), y)
+    if retention.capacity > 0 and task > 0:
+        with torch.no_grad():                                               # earlier tasks' masks where scored
+            used = torch.stack([teacher.task_masks(j, retention.smax) for j in range(task)]).amax(0)
+        new_task = new_task + retention.capacity * capacity_penalty(task_masks, used)
+    yield new_task
     if retention.alpha <= 0 or task == 0:
         new_ratios.extend(ratios)
         return

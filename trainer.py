@@ -89,6 +89,10 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
     add("--kl_temperature", type=flags.positive_float, default=1.0,
         help="with a KL rule: compare the softmaxes of logits / T, times T² (T < 1 weighs the teacher's top "
              "classes more); 1 = the plain softmaxes")
+    add("--mask_capacity", type=flags.nonnegative_float, default=0.0,
+        help="stages >= 2: weight of HAT's capacity regulariser on the new task's masks, Σ m·(1 − m_<K) / "
+             "Σ (1 − m_<K) with m_<K the earlier tasks' masks: opening a channel no earlier task uses costs, so "
+             "channels stay free for later tasks (stage 1's --L2 is the same term with nothing used); 0 = off")
     add("--streams", choices=STREAMS, default="ours",
         help="stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
              "parameters as the authors' code does (drops partial batches; with --variant original, from an "
@@ -129,6 +133,8 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Nam
     missing = [f"--{key}" for key in required if getattr(args, key) is None]
     if missing:
         raise DataError(f"missing {', '.join(missing)} (or give --dataset)")
+    if args.mask_capacity and args.method == "finetune":
+        parser.error("--mask_capacity regularises the masks; --method finetune has none")
     if args.method == "finetune" or args.no_retention:
         args.alpha = 0.0
     if args.streams == "authors":
@@ -139,7 +145,7 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Nam
 def check_authors_streams(args: argparse.Namespace) -> None:
     """What --streams authors replays: stages ≥ 2 of either code, in one process, from the start."""
     unsupported = [(args.stage == 1, "stage 1"), (args.resume, "--resume"), (distributed.launched(), "torchrun"),
-                   (args.method != "teracon" or args.no_relation or args.retention != "paper",
+                   (args.method != "teracon" or args.no_relation or args.retention != "paper" or args.mask_capacity,
                     "an ablation or another --retention")]
     found = [what for bad, what in unsupported if bad]
     if found:
@@ -329,7 +335,7 @@ def retention_settings(args: argparse.Namespace) -> Retention:
     """The stage's knowledge-retention settings from its flags."""
     return Retention(alpha=args.alpha, rule=args.retention, nested=args.nested_samples,
                      uniform=args.uniform_sampling, current_weights=args.ratio_weights == "current", smax=args.smax,
-                     temperature=args.kl_temperature)
+                     temperature=args.kl_temperature, capacity=args.mask_capacity)
 
 
 def adam(params, lr: float) -> torch.optim.Adam:

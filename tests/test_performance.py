@@ -119,7 +119,7 @@ def test_streaming_backward_equals_one_backward_of_the_sum():
     model, teacher = stage4_models()
     x, y = torch.randint(1, 40, (24, 9)), torch.randint(0, 6, (24,))
     args = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous", smax=50.0,
-                              kl_temperature=1.0, nested_samples=False, uniform_sampling=False, amp=False,
+                              kl_temperature=1.0, mask_capacity=0.0, nested_samples=False, uniform_sampling=False, amp=False,
                               no_embedding_clamp=True)
     reference = copy.deepcopy(model)
     loss, kept, ratios = method.continual_loss(reference, teacher, x, y, 3, 7.0, [0.9, 0.5, 0.3],
@@ -149,7 +149,7 @@ def test_non_finite_total_skips_the_step():
     with torch.no_grad():
         model.heads[3].bias.fill_(float("inf"))
     args = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous", smax=50.0,
-                              kl_temperature=1.0, nested_samples=False, uniform_sampling=True, amp=False,
+                              kl_temperature=1.0, mask_capacity=0.0, nested_samples=False, uniform_sampling=True, amp=False,
                               no_embedding_clamp=True)
     optimizer = trainer.adam(model.parameters(), 1e-2)
     _, _, _, stepped = trainer.continual_step(model, teacher, optimizer, x, y, 3, 7.0, [0.9, 0.9, 0.9],

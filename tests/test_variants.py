@@ -179,3 +179,47 @@ def test_stage_starts_from_the_teachers_masks_only_with_carry(tmp_path, syntheti
     trainer.main(3, ["--datapath", str(data.task3), "--paths", str(tmp_path / "task2.t7"), "--savepath",
                      str(tmp_path / "task3"), "--retention", rule, "--batch", "64", *common])
     assert first["same"] == (rule == "per_task_smax_kl_carry")
+
+
+def test_capacity_penalty_by_hand():
+    """HAT's Eq. 5: Σ m·(1 − used) / Σ (1 − used), a loop by hand; with nothing used, the mean mask (--L2)."""
+    torch.manual_seed(3)
+    masks, used = torch.rand(4, 6), torch.rand(4, 6)
+    numerator = sum(float(masks[l, c]) * (1 - float(used[l, c])) for l in range(4) for c in range(6))
+    denominator = sum(1 - float(used[l, c]) for l in range(4) for c in range(6))
+    assert float(method.capacity_penalty(masks, used)) == pytest.approx(numerator / denominator, rel=1e-6)
+    assert float(method.capacity_penalty(masks, torch.zeros(4, 6))) == pytest.approx(float(masks.mean()), rel=1e-6)
+    opened = masks.clone().requires_grad_(True)
+    fully_used = torch.zeros(4, 6)
+    fully_used[:, :3] = 1.0                               # channels 0-2 used by an earlier task: free to reuse
+    method.capacity_penalty(opened, fully_used).backward()
+    assert torch.all(opened.grad[:, :3] == 0)
+    assert opened.grad[:, 3:].flatten().tolist() == pytest.approx([1 / 12] * 12)
+
+
+def test_mask_capacity_adds_the_penalty_to_the_new_task_term(tiny_model):
+    """--mask_capacity λ: the first term is CE + λ · capacity_penalty(new task's masks at s, max of the teacher's
+    earlier masks at smax); the retention terms are unchanged; λ = 0 leaves the stage exactly as before."""
+    teacher, model, x, y, ratios = grown_stage3(tiny_model)
+
+    def terms(capacity: float) -> list[float]:
+        retention = method.Retention(alpha=0.7, rule="per_task_smax_kl", smax=7.0, capacity=capacity)
+        return [float(t.detach()) for t in method.continual_terms(model, teacher, x, y, 2, 3.0, ratios,
+                                                         np.random.default_rng(0), retention, [])]
+    plain, regularised = terms(0.0), terms(0.5)
+    with torch.no_grad():
+        ce = float(F.cross_entropy(model(x, 2, 3.0)[0], y))
+        used = torch.maximum(teacher.task_masks(0, 7.0), teacher.task_masks(1, 7.0))
+        masks = model.task_masks(2, 3.0)
+        penalty = float(((masks * (1 - used)).sum() / (1 - used).sum()))
+    assert plain[0] == pytest.approx(ce, rel=1e-5)
+    assert regularised[0] == pytest.approx(ce + 0.5 * penalty, rel=1e-5) and penalty > 0
+    assert regularised[1:] == pytest.approx(plain[1:], rel=1e-6)
+    assert sum(plain[1:]) == pytest.approx(hand_kl_retention(teacher, model, x), rel=1e-4)
+
+
+def test_mask_capacity_refused_without_masks():
+    with pytest.raises(SystemExit):
+        parsed(2, "--mask_capacity", "0.5", "--method", "finetune")
+    with pytest.raises(SystemExit):
+        parsed(2, "--mask_capacity", "-1")
