@@ -440,11 +440,11 @@ def main(argv: list[str] | None = None) -> None:
     out = os.path.abspath(args.out)
     os.chdir(REPO)  # the presets' data paths are relative to the repository root
     out = os.path.relpath(out) if out.startswith(os.path.join(REPO, "")) else out
+    check_data_draw(out, args.dataset, args.synth_seed)  # before the data is rewritten for another draw
     if args.dataset in PREPARE:  # regenerated (deterministic, seconds), as run_all.sh does
         PREPARE[args.dataset](args.synth_seed)
     for stage in range(1, stages + 1):
         preset_paths(args.dataset, stage)  # a missing data file is reported here, in one line
-    check_data_draw(out, args.dataset, args.synth_seed)
     seeds = list(range(args.seeds))
     command = shlex.join(["python", "compare.py", *argv])
     started = time.time()

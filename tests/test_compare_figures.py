@@ -256,3 +256,15 @@ def test_prepare_synth_draws_with_the_seed(tmp_path, monkeypatch):
         compare.prepare_synth(seed)
         folders[name] = (folder / "task6.csv").read_text()
     assert folders["a"] == folders["b"] != folders["c"]
+
+
+def test_another_draw_is_refused_before_the_data_is_rewritten(tmp_path, monkeypatch, capsys):
+    """compare.py --synth_seed into an --out of another draw stops before Data/synth is regenerated."""
+    out = tmp_path / "c"
+    compare.check_data_draw(str(out), "synth", 0)
+    prepared = []
+    monkeypatch.setitem(compare.PREPARE, "synth", lambda synth_seed=0: prepared.append(synth_seed))
+    with pytest.raises(SystemExit) as stopped:
+        utils.cli(lambda: compare.main(["--dataset", "synth", "--synth_seed", "1", "--out", str(out)]))
+    assert stopped.value.code != 0 and prepared == []
+    assert "holds runs on synth synth_seed 0, not synth synth_seed 1" in capsys.readouterr().err
