@@ -124,32 +124,25 @@ def task_report(model: NextItNet, number: int, record: dict, data: TaskData, ind
     parts = split_indices(len(data.targets), record["seed"], record["split_percentage"])
     check_split(record["datapath"], len(data.targets), parts)
     train_rows, valid_rows, test_rows = parts
-    test_rows = valid_rows if split == "valid" else test_rows     # the rows reported, under the name `split`
+    rows = valid_rows if split == "valid" else test_rows
     kind = record["kind"]
-    values = score_values(model, number - 1, data, test_rows, s, batch_size, device, top_k, desc=f"{split} task {number}")
+    values = score_values(model, number - 1, data, rows, s, batch_size, device, top_k, desc=f"{split} task {number}")
     metrics = reported(values, kind, top_k)
     names = list(metrics)
     columns = [metric_names(top_k).index(name) for name in names]
-    baselines = baseline_values(data, kind, train_rows, test_rows, index, top_k)
-    groups = data.rows(test_rows)
-    report = {"kind": kind, "test": metrics, "n_test": int(test_rows.size),
-              "n_test_users": int(np.unique(groups).size)}
+    baselines = baseline_values(data, kind, train_rows, rows, index, top_k)
+    groups = data.rows(rows)
+    report = {"kind": kind, split: metrics, f"n_{split}": int(rows.size),
+              f"n_{split}_users": int(np.unique(groups).size)}
     report.update(evidence(values[:, columns], {b: v[:, columns] for b, v in baselines.items()}, names,
                            headline_name(kind, top_k), groups))
-    if split != "test":
-        report = rename_split(report, split)
+    if split != "test":  # stats.evidence names the baselines' scores on the rows it was given "test"
+        report["baseline"] = {name: {(split if key == "test" else key): value for key, value in entry.items()}
+                              for name, entry in report["baseline"].items()}
     ceiling = known_ceiling(record["datapath"]) if record.get("datapath") else None
     if ceiling is not None:
         report["ceiling"] = ceiling
     return report
-
-
-def rename_split(report: dict, split: str) -> dict:
-    """A report's "test" keys (its own and its baselines') as `split`'s: "valid", "n_valid", ..."""
-    renamed = {key.replace("test", split): value for key, value in report.items()}
-    renamed["baseline"] = {name: {key.replace("test", split): value for key, value in entry.items()}
-                           for name, entry in report["baseline"].items()}
-    return renamed
 
 
 def headline_name(kind: str, top_k: int = 5) -> str:
