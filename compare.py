@@ -54,6 +54,11 @@ METHODS: dict[str, list[str]] = {
     "per_task_smax_kl_a2_cap075": ["--retention", "per_task_smax_kl", "--alpha", "2", "--mask_capacity", "0.75"],
     "per_task_smax_kl_carry": ["--retention", "per_task_smax_kl_carry"],
     "per_task_smax_kl_carry_a2": ["--retention", "per_task_smax_kl_carry", "--alpha", "2"],
+    "per_task_smax_kl_carry_plain_a2": ["--retention", "per_task_smax_kl_carry_plain", "--alpha", "2"],
+    "per_task_smax_kl_carry_plain_a2_cap075": ["--retention", "per_task_smax_kl_carry_plain", "--alpha", "2",
+                                               "--mask_capacity", "0.75"],
+    "per_task_smax_kl_carry_plain_a2_cap01": ["--retention", "per_task_smax_kl_carry_plain", "--alpha", "2",
+                                              "--mask_capacity", "0.1"],
 }
 DEFAULT_METHODS = ["teracon", "finetune", "no_relation", "no_retention", "uniform_sampling", "per_task_smax",
                    "per_task_smax_kl_a2"]

@@ -30,6 +30,7 @@ class RetentionRule:
     text: str
     kl: bool = False    # KL(teacher's softmax ‖ student's) per row instead of the MSE of the logits
     carry_relation: bool = False  # earlier tasks keep their relation layers when the model grows (add_task)
+    carry_plain: bool = False     # and at stage 2 their plain masks become relation layers that match them
 
 
 # --retention (README, "Retention rules"). Every rule protects an earlier task less the more its mask is like
@@ -53,6 +54,11 @@ RETENTION_RULES = {
                                                               "its relation layer when the model grows (stage ≥ "
                                                               "3), so its masks start the stage unchanged",
                                             kl=True, carry_relation=True),
+    "per_task_smax_kl_carry_plain": RetentionRule(True, True, True, "as per_task_smax_kl_carry, and from stage 2: "
+                                                                    "task 1's plain mask σ(s·e) becomes σ(s·tanh(s·e)), "
+                                                                    "the same at s = smax, instead of a fresh relation "
+                                                                    "layer", kl=True, carry_relation=True,
+                                                  carry_plain=True),
 }
 
 

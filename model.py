@@ -128,18 +128,22 @@ class NextItNet(nn.Module):
         self.relation_weight = nn.Parameter(torch.empty(n_tasks, n_layers, 2 * n_tasks - 1, device=device).normal_(0.0, 0.01))
         self.relation_bias = nn.Parameter(torch.full((n_tasks, n_layers), 0.1, device=device))
 
-    def add_task(self, n_classes: int, relation: bool = True, carry_relation: bool = False) -> None:
+    def add_task(self, n_classes: int, relation: bool = True, carry_relation: bool = False,
+                 carry_plain: bool = False) -> None:
         """Grow by one task: a new head, a new task-embedding row, fresh relation layers.
 
         With `carry_relation` (and relation layers before and after: stage ≥ 3, as stage 1 has plain masks,
         Eq. 11), every earlier task keeps its trained relation layer, with weight 0 on the two new inputs
         (+e_new, −e_new, the last two of Eq. 13's context), so its masks, and its outputs, are unchanged by
         the growth; only the new task's layer is fresh. The authors re-initialise them all, which moves
-        every earlier task's masks at each stage.
+        every earlier task's masks at each stage. With `carry_plain`, growing from plain masks (stage 2)
+        gives every earlier task a relation layer with weight 1 on its own embedding and 0 elsewhere, bias
+        0: m = σ(s·tanh(s·e)), which equals its plain σ(s·e) at s = smax wherever |e| ≫ 1/smax.
         """
         device = self.task_embedding.device
         carried = ((self.relation_weight.data, self.relation_bias.data)
                    if carry_relation and relation and self.config.relation else None)
+        from_plain = carry_plain and relation and not self.config.relation and self.config.use_masks
         self.config.task_classes = [*self.config.task_classes, n_classes]
         self.heads.append(_init_head(nn.Linear(self.config.channels, n_classes)).to(device))
         rows = self._new_task_rows(1).to(device)
@@ -147,6 +151,11 @@ class NextItNet(nn.Module):
         self.config.relation = relation
         if relation:
             self._reset_relation()
+            if from_plain:
+                with torch.no_grad():
+                    self.relation_weight[:-1] = 0.0
+                    self.relation_weight[:-1, :, 0] = 1.0                   # its own e_j, first in Eq. 13's context
+                    self.relation_bias[:-1] = 0.0
             if carried is not None:
                 weight, bias = carried                                    # [N−1, n_layers, 2N−3], [N−1, n_layers]
                 with torch.no_grad():

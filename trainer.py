@@ -508,7 +508,8 @@ def run_continual(args: argparse.Namespace) -> dict:
     if args.method == "finetune":
         model.config.use_masks = False
     model.add_task(data.n_classes, relation=not args.no_relation and args.method == "teracon",
-                   carry_relation=RETENTION_RULES[args.retention].carry_relation)
+                   carry_relation=RETENTION_RULES[args.retention].carry_relation,
+                   carry_plain=RETENTION_RULES[args.retention].carry_plain)
     if streams:
         apply_fresh(model, fresh)
         spare_rows = spare_rows[1:] if spare_rows is not None else None

@@ -434,6 +434,35 @@ def test_add_task_carry_relation_keeps_earlier_masks_and_outputs(tiny_model):
     assert torch.equal(grown[True].relation_weight[:2, :, 3:], torch.zeros_like(grown[True].relation_weight[:2, :, 3:]))
 
 
+def test_add_task_carry_plain_turns_plain_masks_into_matching_relation_layers(tiny_model):
+    """Growing from plain masks (stage 2): with carry_plain, task 1's relation layer gives σ(s·tanh(s·e_1)) by
+    hand at any s, so at s = smax its masks and outputs stay where |e_1| ≫ 1/smax (here |e_1| ≥ 0.2); the
+    authors' fresh layer (bias 0.1) opens channels the plain mask had closed. The new task's layer is the
+    same fresh draw either way."""
+    items = torch.randint(0, 30, (4, 11), generator=torch.Generator().manual_seed(5))
+    grown = {}
+    for carry in (False, True):
+        model = tiny_model(task_classes=[30], relation=False, seed=10)
+        with torch.no_grad():
+            model.task_embedding.copy_(torch.sign(model.task_embedding) * (0.2 + model.task_embedding.abs()))
+            plain, logits = model.task_masks(0, 50.0), model(items, 0, 50.0)[0]
+        embedding = model.task_embedding[0].detach().clone()
+        torch.manual_seed(1)
+        model.add_task(4, relation=True, carry_relation=True, carry_plain=carry)
+        with torch.no_grad():
+            if carry:
+                for s in (0.3, 3.0, 50.0):
+                    torch.testing.assert_close(model.task_masks(0, s), torch.sigmoid(s * torch.tanh(s * embedding)))
+                torch.testing.assert_close(model.task_masks(0, 50.0), plain, rtol=0, atol=1e-3)
+                torch.testing.assert_close(model(items, 0, 50.0)[0], logits, rtol=1e-4, atol=1e-4)
+            else:
+                assert (model.task_masks(0, 50.0) - plain).abs().max() > 0.5
+        torch.testing.assert_close(model.task_masks(1, 3.0), _hand_relation_mask(model, 1, 3.0), rtol=1e-5,
+                                   atol=1e-6)
+        grown[carry] = model
+    assert torch.equal(grown[True].relation_weight[1], grown[False].relation_weight[1])
+
+
 # ------------------------------------------------------------------ retention pieces
 
 def test_sampling_ratio_by_hand():

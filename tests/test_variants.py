@@ -181,6 +181,30 @@ def test_stage_starts_from_the_teachers_masks_only_with_carry(tmp_path, syntheti
     assert first["same"] == (rule == "per_task_smax_kl_carry")
 
 
+@pytest.mark.parametrize("rule", ["per_task_smax_kl_carry", "per_task_smax_kl_carry_plain"])
+def test_stage2_carries_plain_masks_only_with_carry_plain(tmp_path, synthetic_data, monkeypatch, rule):
+    """At stage 2's first step, `per_task_smax_kl_carry_plain` gives task 1 the mask σ(s·tanh(s·e_1)) of its
+    stage-1 embedding (plain σ(s·e_1) at s = smax); `per_task_smax_kl_carry` grows from plain masks as the
+    authors do (a fresh relation layer)."""
+    data = synthetic_data(n_users=120, seed=6)
+    common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1"]
+    trainer.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
+    first = {}
+    original = trainer.continual_step
+
+    def spy(model, teacher, *args, **kwargs):
+        if not first:
+            with torch.no_grad():
+                by_hand = torch.sigmoid(3.0 * torch.tanh(3.0 * teacher.task_embedding[0]))
+                first["plain"] = torch.allclose(model.task_masks(0, 3.0), by_hand)
+        return original(model, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "continual_step", spy)
+    trainer.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), "--savepath",
+                     str(tmp_path / "task2"), "--retention", rule, "--batch", "64", *common])
+    assert first["plain"] == (rule == "per_task_smax_kl_carry_plain")
+
+
 def test_capacity_penalty_by_hand():
     """HAT's Eq. 5: Σ m·(1 − used) / Σ (1 − used), a loop by hand; with nothing used, the mean mask (--L2)."""
     torch.manual_seed(3)
