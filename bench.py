@@ -44,6 +44,8 @@ def parse() -> argparse.Namespace:
     add("--stage", type=flags.integer(2), default=2, help="K >= 2: task-K step with retention over K−1 earlier tasks")
     add("--classes", type=flags.integer(2), default=100, help="class count of tasks ≥ 2, >= 2")
     add("--retention", choices=list(RETENTION_RULES), default="paper", help="task-K step: the retention rule")
+    add("--mask_capacity", type=flags.nonnegative_float, default=0.0,
+        help="task-K step: weight of HAT's capacity regulariser on the new task's masks (train_teracon's flag)")
     add("--ratio", type=flags.real(0.0, 1.0, what="a number in [0, 1]"), default=INITIAL_RATIO,
         help="task-K step: every earlier task's sampling ratio (held fixed; 0.9: the ratio before the first batch)")
     add("--steps", type=flags.positive_int, default=5, help="timed steps per phase (after one warm-up step)")
@@ -121,7 +123,7 @@ def run_phase(args: argparse.Namespace) -> dict:
         targets = torch.from_numpy(rng.integers(1, args.classes, size=args.users))
         options = argparse.Namespace(alpha=0.7, retention=args.retention, ratio_weights="previous", smax=50.0,
                                      kl_temperature=1.0, nested_samples=False, uniform_sampling=True, amp=args.amp,
-                                     no_embedding_clamp=False)
+                                     no_embedding_clamp=False, mask_capacity=args.mask_capacity)
         ratios = [args.ratio] * (args.stage - 1)
 
         def step() -> None:
@@ -130,7 +132,8 @@ def run_phase(args: argparse.Namespace) -> dict:
             continual_step(model, teacher, optimizer, x, y, args.stage - 1, 25.0, ratios, rng, options)
         seconds = timed(step, args.steps, device)
         rows = retention_plan(args.retention, ratios, args.batch)[0][0]
-        return {"phase": f"task{args.stage} train step ({args.retention}: {rows} retention rows per earlier task)",
+        capacity = f", capacity {args.mask_capacity:g}" if args.mask_capacity else ""
+        return {"phase": f"task{args.stage} train step ({args.retention}{capacity}: {rows} retention rows per earlier task)",
                 "batch": args.batch,
                 "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device)}
     data = TaskData(sequences.numpy()[:, :-1], sequences.numpy()[:, -1], args.items)

@@ -379,6 +379,18 @@ def test_bench(stage1, tmp_path, capsys, monkeypatch, flag, value):
     assert line.startswith(f"error: {flag}"), line
 
 
+@pytest.mark.parametrize("rule, capacity", [("paper", "0"), ("per_task_smax_kl_carry_plain", "0.1")])
+def test_bench_task_k_phase_runs(monkeypatch, rule, capacity):
+    """bench.py's stage-K phase builds the options continual_step reads (a flag added to train_teracon must
+    reach it too) and times a step of the chosen rule, with the capacity regulariser when asked."""
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--phase", "taskK", "--stage", "3", "--items", "40", "--users",
+                                      "32", "--length", "8", "--channels", "8", "--batch", "16", "--classes", "3",
+                                      "--steps", "1", "--retention", rule, "--mask_capacity", capacity])
+    row = bench.run_phase(bench.parse())
+    assert row["seconds"] > 0 and row["batch"] == 16
+    assert ("capacity 0.1" in row["phase"]) == (capacity != "0") and rule in row["phase"]
+
+
 # ------------------------------------------------------------------ predict.py, synth.py
 
 @pytest.mark.parametrize("argv, expected", [
