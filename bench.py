@@ -46,6 +46,9 @@ def parse() -> argparse.Namespace:
     add("--retention", choices=list(RETENTION_RULES), default="paper", help="task-K step: the retention rule")
     add("--mask_capacity", type=flags.nonnegative_float, default=0.0,
         help="task-K step: weight of HAT's capacity regulariser on the new task's masks (train_teracon's flag)")
+    add("--expert_weight", type=flags.nonnegative_float, default=0.0,
+        help="task-K step: β of train_teracon's --expert, distilling the new task from a frozen model (here a copy "
+             "of the student); 0 = off")
     add("--ratio", type=flags.real(0.0, 1.0, what="a number in [0, 1]"), default=INITIAL_RATIO,
         help="task-K step: every earlier task's sampling ratio (held fixed; 0.9: the ratio before the first batch)")
     add("--steps", type=flags.positive_int, default=5, help="timed steps per phase (after one warm-up step)")
@@ -123,16 +126,19 @@ def run_phase(args: argparse.Namespace) -> dict:
         targets = torch.from_numpy(rng.integers(1, args.classes, size=args.users))
         options = argparse.Namespace(alpha=0.7, retention=args.retention, ratio_weights="previous", smax=50.0,
                                      kl_temperature=1.0, nested_samples=False, uniform_sampling=True, amp=args.amp,
-                                     no_embedding_clamp=False, mask_capacity=args.mask_capacity)
+                                     no_embedding_clamp=False, mask_capacity=args.mask_capacity,
+                                     expert="bench" if args.expert_weight else None, expert_weight=args.expert_weight)
+        expert = copy.deepcopy(model).eval().requires_grad_(False) if args.expert_weight else None
         ratios = [args.ratio] * (args.stage - 1)
 
         def step() -> None:
             rows = rng.integers(0, args.users, args.batch)
             x, y = sequences[rows].to(device), targets[rows].to(device)
-            continual_step(model, teacher, optimizer, x, y, args.stage - 1, 25.0, ratios, rng, options)
+            continual_step(model, teacher, optimizer, x, y, args.stage - 1, 25.0, ratios, rng, options, None, expert)
         seconds = timed(step, args.steps, device)
         rows = retention_plan(args.retention, ratios, args.batch)[0][0]
-        capacity = f", capacity {args.mask_capacity:g}" if args.mask_capacity else ""
+        capacity = (f", capacity {args.mask_capacity:g}" if args.mask_capacity else "") + (
+            f", expert {args.expert_weight:g}" if args.expert_weight else "")
         return {"phase": f"task{args.stage} train step ({args.retention}{capacity}: {rows} retention rows per earlier task)",
                 "batch": args.batch,
                 "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device)}

@@ -37,9 +37,12 @@ from utils import DATASETS, DataError, atomic_write_text, cli, headline_metric, 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
+FINETUNE_EXPERT = "{finetune}"  # in a method's flags: the fine-tuning chain's checkpoint of the same seed and stage
+
 METHODS: dict[str, list[str]] = {
     "teracon": [],
     "finetune": ["--method", "finetune"],
+    "finetune_rerun1": ["--method", "finetune", "--rerun", "1"],  # fine-tuning against itself: run-to-run spread
     "no_relation": ["--no_relation"],
     "no_retention": ["--no_retention"],
     "uniform_sampling": ["--uniform_sampling"],
@@ -49,6 +52,7 @@ METHODS: dict[str, list[str]] = {
     "per_task_smax_kl": ["--retention", "per_task_smax_kl"],
     "per_task_smax_kl_a1": ["--retention", "per_task_smax_kl", "--alpha", "1"],
     "per_task_smax_kl_a2": ["--retention", "per_task_smax_kl", "--alpha", "2"],
+    "per_task_smax_kl_a2_expert": ["--retention", "per_task_smax_kl", "--alpha", "2", "--expert", FINETUNE_EXPERT],
     "per_task_smax_kl_t05_a2": ["--retention", "per_task_smax_kl", "--alpha", "2", "--kl_temperature", "0.5"],
     "sum_smax_kl_a2": ["--retention", "sum_smax_kl", "--alpha", "2"],
     "per_task_smax_kl_a2_cap075": ["--retention", "per_task_smax_kl", "--alpha", "2", "--mask_capacity", "0.75"],
@@ -123,7 +127,14 @@ def stage_command(dataset: str, out: str, seed: int, method: str, stage: int, ex
                "--datapath_index", os.path.join(out, f"seed{seed}", "index.csv")]
     if stage == 1:
         return command + first + extra
-    return command + ["--paths", savepath(out, seed, method, stage - 1) + ".t7", *METHODS[method], *later, *extra]
+    expert = savepath(out, seed, "finetune", stage) + ".t7"
+    flags_of_method = [expert if flag == FINETUNE_EXPERT else flag for flag in METHODS[method]]
+    return command + ["--paths", savepath(out, seed, method, stage - 1) + ".t7", *flags_of_method, *later, *extra]
+
+
+def needs_finetune(method: str) -> bool:
+    """Whether the method distils from the fine-tuning chain of its seed (which must run first)."""
+    return FINETUNE_EXPERT in METHODS[method]
 
 
 def run_stage(command: list[str], save: str, label: str) -> bool:
@@ -150,9 +161,16 @@ def run_all(dataset: str, out: str, seeds: list[int], methods: list[str], stages
             jobs: int) -> int:
     """Every (seed, method) chain on a pool of `jobs` threads; stage 1 once per seed. Returns failed chains."""
     locks = {seed: threading.Lock() for seed in seeds}
+    chain_locks = {(seed, method): threading.Lock() for seed in seeds for method in {*methods, "finetune"}}
     first: dict[int, bool] = {}
 
     def chain(seed: int, method: str) -> bool:
+        if needs_finetune(method) and not chain(seed, "finetune"):  # its expert of every stage, first
+            return False
+        with chain_locks[seed, method]:  # a chain runs once at a time, even when an expert method asks for it too
+            return method_chain(seed, method)
+
+    def method_chain(seed: int, method: str) -> bool:
         with locks[seed]:
             if seed not in first:
                 first[seed] = run_stage(stage_command(dataset, out, seed, method, 1, extra),

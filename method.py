@@ -73,6 +73,7 @@ class Retention:
     smax: float = 50.0          # the top of the annealing (rules with at_smax compute retention there)
     temperature: float = 1.0    # softmax temperature of the KL rules' terms (retention_term)
     capacity: float = 0.0       # weight of HAT's capacity regulariser on the new task's masks (capacity_penalty)
+    expert_weight: float = 0.0  # weight of the distillation of the new task from an expert (continual_terms)
 
 
 @dataclass(frozen=True)
@@ -192,9 +193,13 @@ def clamp_task_embedding(model: NextItNet) -> None:
 
 def continual_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,
                     ratios: list[float], rng: np.random.Generator, retention: Retention,
-                    new_ratios: list[float], shard: Shard | None = None) -> Iterator[torch.Tensor]:
+                    new_ratios: list[float], shard: Shard | None = None,
+                    expert: NextItNet | None = None) -> Iterator[torch.Tensor]:
     """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K) (+ the capacity penalty on its masks when
-    `retention.capacity` > 0), then α · c_j · MSE_j for each earlier task j.
+    `retention.capacity` > 0, + β · KL(softmax(expert_K) ‖ softmax(student_K)) over the batch at s = smax when
+    an `expert` of task K is given and `retention.expert_weight` = β > 0: the new task distilled from a model
+    trained on it without retention, as Progress & Compress, Schwarz et al. 2018), then α · c_j · MSE_j for
+    each earlier task j.
 
     For every earlier task j the rows of `retention_plan` are pseudo-labelled by the ONE frozen teacher
     under its task-j mask; the student's head j under its own task-j mask is pulled towards them. The rows
@@ -210,6 +215,11 @@ def continual_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: to
         with torch.no_grad():                                               # earlier tasks' masks where scored
             used = torch.stack([teacher.task_masks(j, retention.smax) for j in range(task)]).amax(0)
         new_task = new_task + retention.capacity * capacity_penalty(task_masks, used)
+    if expert is not None and retention.expert_weight > 0:
+        with torch.no_grad():
+            expert_logits = expert(x, task, retention.smax)[0].float()     # [B, n_classes of task K]
+        new_task = new_task + retention_term(model(x, task, retention.smax)[0].float(), expert_logits,
+                                             retention.expert_weight, kl=True)
     yield new_task
     if retention.alpha <= 0 or task == 0:
         new_ratios.extend(ratios)
@@ -239,9 +249,10 @@ def continual_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: to
 
 def continual_loss(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,
                    ratios: list[float], rng: np.random.Generator, retention: Retention,
-                   shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                   shard: Shard | None = None,
+                   expert: NextItNet | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """The whole stage-K loss as one graph → (loss, α · retention, next batch's ratios)."""
     new_ratios: list[float] = []
-    ce, *kept = continual_terms(model, teacher, x, y, task, s, ratios, rng, retention, new_ratios, shard)
+    ce, *kept = continual_terms(model, teacher, x, y, task, s, ratios, rng, retention, new_ratios, shard, expert)
     retention_sum = torch.stack(kept).sum() if kept else ce.new_zeros(())
     return ce + retention_sum, retention_sum.detach(), new_ratios

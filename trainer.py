@@ -30,6 +30,9 @@ from utils import (DATASETS, VARIANTS, DataError, atomic_torch_save, format_evid
                    preset_kind, preset_paths, resolve_device, set_seed, stage_defaults, task_name, write_json)
 
 
+RERUN_SEED_STEP = 1000  # --rerun N trains from seed + 1000·N
+
+
 def build_parser(stage: int | None) -> argparse.ArgumentParser:
     title = f"stage {stage}" if stage else "any stage ≥ 2 (--stage, or the stage after --paths)"
     parser = flags.Parser(description=f"TERACON training, {title}.")
@@ -56,6 +59,9 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
     add("--L2", type=flags.nonnegative_float, help="task 1: weight of the mean-mask regulariser (original 0.75, "
         "revised 0)")
     add("--seed", type=flags.seed, help="original 10, revised 0")
+    add("--rerun", type=flags.nonnegative_int, default=0,
+        help="N > 0: draw the training randomness (new weights, batch order, retention rows) from seed + 1000·N "
+             "while the split stays --seed's: the N-th rerun of a stage on the same users, for run-to-run spread")
     add("--top_k", type=flags.positive_int, default=5)
     add("--split_percentage", type=flags.fraction, default=0.2, help="valid+test share, in (0, 1)")
     add("--gpu_num", type=flags.gpu_num, default=None, help="the original's device flag: an int (cuda:N) or 'cpu'")
@@ -93,6 +99,10 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
         help="stages >= 2: weight of HAT's capacity regulariser on the new task's masks, Σ m·(1 − m_<K) / "
              "Σ (1 − m_<K) with m_<K the earlier tasks' masks: opening a channel no earlier task uses costs, so "
              "channels stay free for later tasks (stage 1's --L2 is the same term with nothing used); 0 = off")
+    add("--expert", type=flags.input_file,
+        help="stages >= 2: a checkpoint of this stage trained on the same task and split without retention (e.g. "
+             "the fine-tuning chain's); the new task is also distilled from it, β · KL(expert ‖ model) at smax")
+    add("--expert_weight", type=flags.nonnegative_float, default=1.0, help="β of --expert")
     add("--streams", choices=STREAMS, default="ours",
         help="stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
              "parameters as the authors' code does (drops partial batches; with --variant original, from an "
@@ -135,6 +145,9 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Nam
         raise DataError(f"missing {', '.join(missing)} (or give --dataset)")
     if args.mask_capacity and args.method == "finetune":
         parser.error("--mask_capacity regularises the masks; --method finetune has none")
+    if args.expert and args.method == "finetune":
+        parser.error("--expert distils the new task into TERACON's model; --method finetune has no retention to "
+                     "make up for")
     if args.method == "finetune" or args.no_retention:
         args.alpha = 0.0
     if args.streams == "authors":
@@ -145,12 +158,36 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> argparse.Nam
 def check_authors_streams(args: argparse.Namespace) -> None:
     """What --streams authors replays: stages ≥ 2 of either code, in one process, from the start."""
     unsupported = [(args.stage == 1, "stage 1"), (args.resume, "--resume"), (distributed.launched(), "torchrun"),
+                   (args.rerun > 0, "--rerun"), (args.expert is not None, "--expert"),
                    (args.method != "teracon" or args.no_relation or args.retention != "paper" or args.mask_capacity,
                     "an ablation or another --retention")]
     found = [what for bad, what in unsupported if bad]
     if found:
         raise DataError(f"--streams authors replays the authors' stages >= 2 in one process; not with "
                         f"{', '.join(found)}")
+
+
+def training_seed(args: argparse.Namespace) -> int:
+    """The seed of the training draws: --seed, or seed + 1000·N for --rerun N (the split always uses --seed)."""
+    return args.seed + RERUN_SEED_STEP * args.rerun
+
+
+def load_expert(args: argparse.Namespace, record: dict, n_items: int, device: torch.device) -> NextItNet | None:
+    """--expert: a frozen model of this stage trained on the same task and split (so its soft labels carry no
+    test user's label); one line naming the file otherwise."""
+    if not args.expert:
+        return None
+    checkpoint = load_checkpoint(args.expert, "--expert")
+    task = checkpoint["tasks"][-1] if checkpoint.get("tasks") else {}
+    theirs = (checkpoint.get("stage"), task.get("name"), task.get("n_classes"), task.get("seed"),
+              task.get("split_percentage"), checkpoint["model_config"]["n_items"])
+    ours = (args.stage, record["name"], record["n_classes"], args.seed, args.split_percentage, n_items)
+    if theirs != ours:
+        raise DataError(f"{args.expert}: --expert must be a stage-{args.stage} checkpoint of this task on the same "
+                        f"split (stage, task, classes, seed, split_percentage, items: {theirs}; here: {ours})")
+    expert = NextItNet.from_checkpoint(checkpoint).to(device).eval()
+    expert.requires_grad_(False)
+    return compile_backbone(expert) if args.compile else expert
 
 
 def task_record(args: argparse.Namespace, n_classes: int) -> dict:
@@ -297,7 +334,8 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
 
 def continual_step(model: NextItNet, teacher: NextItNet, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                    y: torch.Tensor, task: int, s: float, ratios: list[float], rng: np.random.Generator,
-                   args: argparse.Namespace, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
+                   args: argparse.Namespace, shard: Shard | None = None,
+                   expert: NextItNet | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
     """One optimiser step on the stage-K loss → (loss, α · retention, next ratios, stepped).
 
     Each term is back-propagated as soon as it is computed, so only one pass's activations are alive at
@@ -307,7 +345,8 @@ def continual_step(model: NextItNet, teacher: NextItNet, optimizer: torch.optim.
     weight = shard.rows / shard.size                                   # this rank's share of the global batch
     optimizer.zero_grad(set_to_none=True)
     new_ratios: list[float] = []
-    terms = continual_terms(model, teacher, x, y, task, s, ratios, rng, retention_settings(args), new_ratios, shard)
+    terms = continual_terms(model, teacher, x, y, task, s, ratios, rng, retention_settings(args), new_ratios, shard,
+                            expert)
     values = []
     while True:
         with autocast(device, args.amp):
@@ -335,7 +374,8 @@ def retention_settings(args: argparse.Namespace) -> Retention:
     """The stage's knowledge-retention settings from its flags."""
     return Retention(alpha=args.alpha, rule=args.retention, nested=args.nested_samples,
                      uniform=args.uniform_sampling, current_weights=args.ratio_weights == "current", smax=args.smax,
-                     temperature=args.kl_temperature, capacity=args.mask_capacity)
+                     temperature=args.kl_temperature, capacity=args.mask_capacity,
+                     expert_weight=args.expert_weight if args.expert else 0.0)
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
@@ -389,7 +429,7 @@ def run_task1(args: argparse.Namespace) -> dict:
     """Stage 1: CE over all positions + L2 · mean mask, s annealed per batch (Eqs. 11, 19)."""
     print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     device = resolve_device(args.device, args.gpu_num)
-    rng = set_seed(args.seed)
+    rng = set_seed(training_seed(args))
     checkpoint_path = guard_outputs(args)
     sequences, index = load_sequences(args.datapath)  # [n_users, L]
     parts = split_indices(len(sequences), args.seed, args.split_percentage)
@@ -480,7 +520,7 @@ def authors_fresh(args: argparse.Namespace, checkpoint: dict, index: ItemIndex, 
 def run_continual(args: argparse.Namespace) -> dict:
     """Stage K ≥ 2: CE(task K) + α · Σ_j c_j · MSE(student_j, teacher_j) (Eqs. 14–18)."""
     device = resolve_device(args.device, args.gpu_num)
-    rng = set_seed(args.seed)
+    rng = set_seed(training_seed(args))
     checkpoint_path = guard_outputs(args)
     checkpoint, index = load_previous(args)
     args.channels = checkpoint["model_config"]["channels"]  # the model's shape comes from the checkpoint
@@ -504,6 +544,7 @@ def run_continual(args: argparse.Namespace) -> dict:
 
     teacher = NextItNet.from_checkpoint(checkpoint).to(device).eval()  # ONE frozen teacher for every earlier task
     teacher.requires_grad_(False)
+    expert = load_expert(args, record, checkpoint["model_config"]["n_items"], device)
     model = NextItNet.from_checkpoint(checkpoint)
     if args.method == "finetune":
         model.config.use_masks = False
@@ -539,7 +580,8 @@ def run_continual(args: argparse.Namespace) -> dict:
             y = stage_targets(chosen)                                  # [B]
             shard = Shard(size, distributed.rank(), distributed.world_size())
             loss, kept, state["ratios"], stepped = continual_step(model, teacher, optimizer, x, y, task, s,
-                                                                  state["ratios"], streams or rng, args, shard)
+                                                                  state["ratios"], streams or rng, args, shard,
+                                                                  expert)
             stats["retention"] += float(kept)
             account(stats, loss, stepped)
         stats["loss"] /= max(stats["finite_steps"], 1)
@@ -566,7 +608,7 @@ def run_continual(args: argparse.Namespace) -> dict:
 
 def main(stage: int | None = None, argv: list[str] | None = None) -> dict:
     args = parse_args(stage, argv)
-    flags.require_files(args, ["datapath"] if args.stage == 1 else ["datapath", "datapath_index", "paths"],
+    flags.require_files(args, ["datapath"] if args.stage == 1 else ["datapath", "datapath_index", "paths", "expert"],
                         {"datapath_index": " (train_task1.py writes it)"})
     keep_freed_memory()
     with distributed.session(args):  # torchrun: join the process group (a no-op in a single process)

@@ -195,6 +195,29 @@ def test_stage_commands_share_stage1_and_chain_per_method():
     assert not {"--method", "--no_relation", "--no_retention", "--uniform_sampling"} & set(teracon)
 
 
+def test_expert_method_distils_from_the_finetune_chain_which_runs_first(monkeypatch):
+    """per_task_smax_kl_a2_expert's stage K gets --expert <out>/seedS/finetune/taskK.t7, and its chain waits for
+    the fine-tuning chain of its seed, also when both methods run side by side."""
+    command = compare.stage_command("synth", "runs/c", 1, "per_task_smax_kl_a2_expert", 3, [])
+    assert command[command.index("--expert") + 1] == os.path.join("runs/c", "seed1", "finetune", "task3.t7")
+    assert command[command.index("--paths") + 1] == os.path.join("runs/c", "seed1", "per_task_smax_kl_a2_expert",
+                                                                  "task2.t7")
+    assert "{finetune}" not in " ".join(compare.stage_command("synth", "runs/c", 1, "finetune", 3, []))
+    ran = []
+    monkeypatch.setattr(compare, "run_stage", lambda command, save, label: ran.append(save) or True)
+    assert compare.run_all("synth", "runs/c", [0], ["per_task_smax_kl_a2_expert"], 3, [], 1) == 0
+    names = [os.path.relpath(save, "runs/c") for save in ran]
+    assert names == [os.path.join("seed0", *parts) for parts in
+                     [("task1",), ("finetune", "task2"), ("finetune", "task3"), ("per_task_smax_kl_a2_expert", "task2"),
+                      ("per_task_smax_kl_a2_expert", "task3")]]
+    ran.clear()
+    assert compare.run_all("synth", "runs/c", [0], ["finetune", "per_task_smax_kl_a2_expert"], 3, [], 2) == 0
+    names = [os.path.relpath(save, "runs/c") for save in ran]
+    for stage in (2, 3):
+        expert = names.index(os.path.join("seed0", "per_task_smax_kl_a2_expert", f"task{stage}"))
+        assert os.path.join("seed0", "finetune", f"task{stage}") in names[:expert]
+
+
 def test_stage_flags_match_run_all(repo_root):
     """compare.py runs each dataset with run_all.sh's flags, so its tables describe run_all.sh's runs."""
     script = (repo_root / "run_all.sh").read_text()

@@ -232,12 +232,17 @@ def stage2_argv(files: dict, out: Path, *extra: str) -> list[str]:
     (2, ["--top_k", "30", "--task_kind", "rec"], "error: --top_k 30: task 2 has {rec2} classes, so at most --top_k "
                                                  "{fits2} fits"),
     (2, ["--split_percentage", "0.001"], "--split_percentage 0.001 (got"),
+    (2, ["--rerun", "-1"], "error: --rerun must be"),
+    (2, ["--expert", "{dir}/nope.t7"], "error: --expert: {dir}/nope.t7: file not found"),
+    (2, ["--expert_weight", "-1"], "error: --expert_weight must be"),
+    (2, ["--expert", "{ckpt}", "--method", "finetune"], "error: --expert distils the new task into TERACON's model"),
+    (2, ["--expert", "{ckpt}"], "{ckpt}: --expert must be a stage-2 checkpoint of this task on the same split"),
 ])
 def test_later_stages(stage1, tmp_path, capsys, stage, extra, expected):
     out = tmp_path / "out"
     before = files_under(stage1["folder"])
     names = {"dir": str(stage1["folder"]), "classes": stage1["classes"], "fits": stage1["classes"] - 15,
-             "rec2": stage1["rec2"], "fits2": stage1["rec2"] - 15}
+             "rec2": stage1["rec2"], "fits2": stage1["rec2"] - 15, "ckpt": stage1["ckpt"]}
     extra = [part.format(**names) for part in extra]
     line = error_line(capsys, lambda: utils.cli(lambda: trainer.main(stage, stage2_argv(stage1, out, *extra))))
     assert expected.format(**names) in line, line
@@ -382,13 +387,16 @@ def test_bench(stage1, tmp_path, capsys, monkeypatch, flag, value):
 @pytest.mark.parametrize("rule, capacity", [("paper", "0"), ("per_task_smax_kl_carry_plain", "0.1")])
 def test_bench_task_k_phase_runs(monkeypatch, rule, capacity):
     """bench.py's stage-K phase builds the options continual_step reads (a flag added to train_teracon must
-    reach it too) and times a step of the chosen rule, with the capacity regulariser when asked."""
+    reach it too) and times a step of the chosen rule, with the capacity regulariser and the expert's
+    distillation when asked."""
     monkeypatch.setattr(sys, "argv", ["bench.py", "--phase", "taskK", "--stage", "3", "--items", "40", "--users",
                                       "32", "--length", "8", "--channels", "8", "--batch", "16", "--classes", "3",
-                                      "--steps", "1", "--retention", rule, "--mask_capacity", capacity])
+                                      "--steps", "1", "--retention", rule, "--mask_capacity", capacity,
+                                      "--expert_weight", capacity])
     row = bench.run_phase(bench.parse())
     assert row["seconds"] > 0 and row["batch"] == 16
     assert ("capacity 0.1" in row["phase"]) == (capacity != "0") and rule in row["phase"]
+    assert ("expert 0.1" in row["phase"]) == (capacity != "0")
 
 
 # ------------------------------------------------------------------ predict.py, synth.py

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import method
 import trainer
+from model import NextItNet
+from utils import DataError
 
 BEHAVIOURS = ["seed", "L2", "lr", "select_on", "ties", "embedding_clamp", "nested_samples", "ratio_weights"]
 
@@ -247,3 +249,70 @@ def test_mask_capacity_refused_without_masks():
         parsed(2, "--mask_capacity", "0.5", "--method", "finetune")
     with pytest.raises(SystemExit):
         parsed(2, "--mask_capacity", "-1")
+
+
+def test_rerun_redraws_training_but_keeps_the_split(tmp_path, synthetic_data, monkeypatch):
+    """--rerun N trains stage 2 from seed + 1000·N (other weights than --rerun 0, which is the default run bit
+    for bit) while the split, and the seed recorded for evaluation, stay --seed's."""
+    data = synthetic_data(n_users=120, seed=6)
+    common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1"]
+    trainer.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
+    splits = []
+    original = trainer.split_indices
+    monkeypatch.setattr(trainer, "split_indices", lambda n, seed, *rest: splits.append(seed) or original(n, seed, *rest))
+    states = {}
+    for name, extra in (("default", []), ("rerun0", ["--rerun", "0"]), ("rerun1", ["--rerun", "1"])):
+        trainer.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), "--savepath",
+                         str(tmp_path / name), "--batch", "64", "--seed", "3", *common, *extra])
+        saved = torch.load(tmp_path / f"{name}.t7", map_location="cpu", weights_only=True)
+        states[name] = saved["model_state"]
+        assert saved["tasks"][-1]["seed"] == 3
+    assert splits == [3, 3, 3]
+    assert all(torch.equal(states["default"][k], states["rerun0"][k]) for k in states["default"])
+    assert not torch.equal(states["default"]["heads.1.weight"], states["rerun1"]["heads.1.weight"])
+
+
+def test_expert_adds_the_distillation_of_the_new_task_to_its_term(tiny_model):
+    """--expert with weight β: the first term is CE(task K at s) + β · KL(softmax(expert_K) ‖ softmax(student_K))
+    at s = smax, by hand; the retention terms are unchanged; no expert (or β = 0) leaves the stage as before."""
+    teacher, model, x, y, ratios = grown_stage3(tiny_model)
+    expert = tiny_model(task_classes=(30, 7, 4), relation=True, seed=5).eval().requires_grad_(False)
+
+    def terms(weight: float, given) -> list[float]:
+        retention = method.Retention(alpha=0.7, rule="per_task_smax_kl", smax=7.0, expert_weight=weight)
+        return [float(t.detach()) for t in method.continual_terms(model, teacher, x, y, 2, 3.0, ratios,
+                                                                  np.random.default_rng(0), retention, [],
+                                                                  expert=given)]
+    plain, distilled, off = terms(0.0, expert), terms(0.5, expert), terms(0.5, None)
+    with torch.no_grad():
+        ce = float(F.cross_entropy(model(x, 2, 3.0)[0], y))
+        p = F.softmax(expert(x, 2, 7.0)[0], 1)
+        q = F.softmax(model(x, 2, 7.0)[0], 1)
+        kl = float((p * (p.log() - q.log())).sum(1).mean())
+    assert plain == off and plain[0] == pytest.approx(ce, rel=1e-5)
+    assert distilled[0] == pytest.approx(ce + 0.5 * kl, rel=1e-5) and kl > 0
+    assert distilled[1:] == pytest.approx(plain[1:], rel=1e-6)
+
+
+def test_stage_distils_from_the_expert_and_refuses_another_split(tmp_path, synthetic_data, monkeypatch, capsys):
+    """train_teracon --expert CKPT hands the frozen expert (the fine-tuning run of the same stage) to every
+    step; an expert of another split (--seed), which was trained on this stage's test users, is refused in one
+    line naming the file, before anything is written."""
+    data = synthetic_data(n_users=120, seed=6)
+    common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1",
+              "--batch", "64"]
+    trainer.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
+    stage2 = ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), *common]
+    trainer.main(2, [*stage2, "--savepath", str(tmp_path / "ft2"), "--method", "finetune"])
+    trainer.main(2, [*stage2, "--savepath", str(tmp_path / "ft2_seed1"), "--method", "finetune", "--seed", "1"])
+    given = []
+    original = trainer.continual_step
+    monkeypatch.setattr(trainer, "continual_step", lambda *a, **k: given.append(a[-1]) or original(*a, **k))
+    trainer.main(2, [*stage2, "--savepath", str(tmp_path / "kd2"), "--expert", str(tmp_path / "ft2.t7"),
+                     "--retention", "per_task_smax_kl"])
+    assert given and all(isinstance(e, NextItNet) and not e.config.use_masks for e in given)
+    with pytest.raises(DataError, match=r"ft2_seed1\.t7: --expert must be a stage-2 checkpoint of this task on the same split"):
+        trainer.main(2, [*stage2, "--savepath", str(tmp_path / "kd2b"), "--expert", str(tmp_path / "ft2_seed1.t7")])
+    with pytest.raises(DataError, match=r"task1\.t7: --expert must be a stage-2 checkpoint"):
+        trainer.main(2, [*stage2, "--savepath", str(tmp_path / "kd2c"), "--expert", str(tmp_path / "task1.t7")])
+    assert not (tmp_path / "kd2b.t7").exists() and not (tmp_path / "kd2c.t7").exists()
