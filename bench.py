@@ -26,8 +26,8 @@ from data_loader import ItemIndex, TaskData, load_task
 from evaluate import score
 from model import ModelConfig, NextItNet
 from utils import keep_freed_memory
-from method import INITIAL_RATIO, RETENTION_RULES, retention_plan, task1_loss
-from trainer import adam, autocast, compile_backbone, continual_step, optimizer_step
+from method import INITIAL_RATIO, RETENTION_RULES, Retention, retention_plan, task1_loss
+from trainer import StepOptions, adam, autocast, compile_backbone, continual_step, optimizer_step
 
 PHASES = ["task1", "taskK", "eval", "load"]
 
@@ -124,17 +124,17 @@ def run_phase(args: argparse.Namespace) -> dict:
     if args.phase == "taskK":
         optimizer = adam(model.parameters(), 1e-4)
         targets = torch.from_numpy(rng.integers(1, args.classes, size=args.users))
-        options = argparse.Namespace(alpha=0.7, retention=args.retention, ratio_weights="previous", smax=50.0,
-                                     kl_temperature=1.0, nested_samples=False, uniform_sampling=True, amp=args.amp,
-                                     no_embedding_clamp=False, mask_capacity=args.mask_capacity,
-                                     expert="bench" if args.expert_weight else None, expert_weight=args.expert_weight)
+        retention = Retention(alpha=0.7, rule=args.retention, uniform=True, smax=50.0, capacity=args.mask_capacity,
+                              expert_weight=args.expert_weight)
+        options = StepOptions(amp=args.amp)
         expert = copy.deepcopy(model).eval().requires_grad_(False) if args.expert_weight else None
         ratios = [args.ratio] * (args.stage - 1)
 
         def step() -> None:
             rows = rng.integers(0, args.users, args.batch)
             x, y = sequences[rows].to(device), targets[rows].to(device)
-            continual_step(model, teacher, optimizer, x, y, args.stage - 1, 25.0, ratios, rng, options, None, expert)
+            continual_step(model, teacher, optimizer, x, y, args.stage - 1, 25.0, ratios, rng, retention, options,
+                           None, expert)
         seconds = timed(step, args.steps, device)
         rows = retention_plan(args.retention, ratios, args.batch)[0][0]
         capacity = (f", capacity {args.mask_capacity:g}" if args.mask_capacity else "") + (

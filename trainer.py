@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -332,9 +333,23 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How continual_step runs a step, apart from the loss (retention_settings has that)."""
+    amp: bool = False                  # bf16 autocast (--amp)
+    clamp_embeddings: bool = True      # clamp the task embeddings after the step (--embedding_clamp on)
+    zero_missing_grads: bool = False   # --streams authors: parameters without a gradient get zeros (Adam moves them)
+
+
+def step_options(args: argparse.Namespace) -> StepOptions:
+    """The stage's StepOptions from its flags."""
+    return StepOptions(amp=args.amp, clamp_embeddings=not args.no_embedding_clamp,
+                       zero_missing_grads=args.streams == "authors")
+
+
 def continual_step(model: NextItNet, teacher: NextItNet, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                    y: torch.Tensor, task: int, s: float, ratios: list[float], rng: np.random.Generator,
-                   args: argparse.Namespace, shard: Shard | None = None,
+                   retention: Retention, options: StepOptions, shard: Shard | None = None,
                    expert: NextItNet | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
     """One optimiser step on the stage-K loss → (loss, α · retention, next ratios, stepped).
 
@@ -345,29 +360,28 @@ def continual_step(model: NextItNet, teacher: NextItNet, optimizer: torch.optim.
     weight = shard.rows / shard.size                                   # this rank's share of the global batch
     optimizer.zero_grad(set_to_none=True)
     new_ratios: list[float] = []
-    terms = continual_terms(model, teacher, x, y, task, s, ratios, rng, retention_settings(args), new_ratios, shard,
-                            expert)
+    terms = continual_terms(model, teacher, x, y, task, s, ratios, rng, retention, new_ratios, shard, expert)
     values = []
     while True:
-        with autocast(device, args.amp):
+        with autocast(device, options.amp):
             term = next(terms, None)
         if term is None:
             break
         term.backward()
         values.append(term.detach())
-    if getattr(args, "streams", "ours") == "authors":  # the authors back-propagate empty samples: zero gradients
+    if options.zero_missing_grads:  # the authors back-propagate empty samples: zero gradients
         for parameter in model.parameters():
             if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
-    loss, retention = torch.stack(values).sum(), torch.stack(values[1:]).sum() if len(values) > 1 else values[0] * 0
+    loss, retention_sum = torch.stack(values).sum(), torch.stack(values[1:]).sum() if len(values) > 1 else values[0] * 0
     stepped = distributed.all_finite(loss, weight)
     if stepped:
         distributed.average_gradients(model, weight)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if not args.no_embedding_clamp:
+    if options.clamp_embeddings:
         clamp_task_embedding(model)
-    return loss, retention, new_ratios, stepped
+    return loss, retention_sum, new_ratios, stepped
 
 
 def retention_settings(args: argparse.Namespace) -> Retention:
@@ -565,6 +579,7 @@ def run_continual(args: argparse.Namespace) -> dict:
     stage_targets = Staging(data.targets, device)
     batches_per_epoch = train_rows.size / args.batch
     state = {"ratios": [INITIAL_RATIO] * task}  # sampling ratios carried from batch to batch
+    retention, options = retention_settings(args), step_options(args)
     tasks = [fill_datapath(args, number, earlier) for number, earlier in enumerate(checkpoint["tasks"], 1)] + [record]
 
     def train_epoch(epoch: int) -> dict:
@@ -580,8 +595,8 @@ def run_continual(args: argparse.Namespace) -> dict:
             y = stage_targets(chosen)                                  # [B]
             shard = Shard(size, distributed.rank(), distributed.world_size())
             loss, kept, state["ratios"], stepped = continual_step(model, teacher, optimizer, x, y, task, s,
-                                                                  state["ratios"], streams or rng, args, shard,
-                                                                  expert)
+                                                                  state["ratios"], streams or rng, retention,
+                                                                  options, shard, expert)
             stats["retention"] += float(kept)
             account(stats, loss, stepped)
         stats["loss"] /= max(stats["finite_steps"], 1)

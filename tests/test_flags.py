@@ -386,9 +386,8 @@ def test_bench(stage1, tmp_path, capsys, monkeypatch, flag, value):
 
 @pytest.mark.parametrize("rule, capacity", [("paper", "0"), ("per_task_smax_kl_carry_plain", "0.1")])
 def test_bench_task_k_phase_runs(monkeypatch, rule, capacity):
-    """bench.py's stage-K phase builds the options continual_step reads (a flag added to train_teracon must
-    reach it too) and times a step of the chosen rule, with the capacity regulariser and the expert's
-    distillation when asked."""
+    """bench.py's stage-K phase builds a Retention and StepOptions for continual_step and times a step of the
+    chosen rule, with the capacity regulariser and the expert's distillation when asked."""
     monkeypatch.setattr(sys, "argv", ["bench.py", "--phase", "taskK", "--stage", "3", "--items", "40", "--users",
                                       "32", "--length", "8", "--channels", "8", "--batch", "16", "--classes", "3",
                                       "--steps", "1", "--retention", rule, "--mask_capacity", capacity,

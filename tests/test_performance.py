@@ -6,7 +6,6 @@ against torch's reference loop, --compile against eager, and the allocator setti
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import subprocess
@@ -118,12 +117,10 @@ def test_streaming_backward_equals_one_backward_of_the_sum():
     """continual_step back-propagates each term as it comes; the gradient must be that of the whole loss."""
     model, teacher = stage4_models()
     x, y = torch.randint(1, 40, (24, 9)), torch.randint(0, 6, (24,))
-    args = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous", smax=50.0,
-                              kl_temperature=1.0, mask_capacity=0.0, nested_samples=False, uniform_sampling=False, amp=False,
-                              no_embedding_clamp=True)
+    retention, options = method.Retention(alpha=0.7, rule="paper"), trainer.StepOptions(clamp_embeddings=False)
     reference = copy.deepcopy(model)
     loss, kept, ratios = method.continual_loss(reference, teacher, x, y, 3, 7.0, [0.9, 0.5, 0.3],
-                                               np.random.default_rng(1), trainer.retention_settings(args))
+                                               np.random.default_rng(1), retention)
     loss.backward()
     captured = {}
 
@@ -132,7 +129,7 @@ def test_streaming_backward_equals_one_backward_of_the_sum():
             captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     optimizer = Capture(model.parameters(), lr=0.0)
     step_loss, step_kept, step_ratios, stepped = trainer.continual_step(
-        model, teacher, optimizer, x, y, 3, 7.0, [0.9, 0.5, 0.3], np.random.default_rng(1), args)
+        model, teacher, optimizer, x, y, 3, 7.0, [0.9, 0.5, 0.3], np.random.default_rng(1), retention, options)
     assert stepped and step_ratios == ratios and kept.item() > 0
     torch.testing.assert_close(step_loss, loss.detach())
     torch.testing.assert_close(step_kept, kept)
@@ -148,12 +145,10 @@ def test_non_finite_total_skips_the_step():
     x, y = torch.randint(1, 40, (8, 9)), torch.randint(0, 6, (8,))
     with torch.no_grad():
         model.heads[3].bias.fill_(float("inf"))
-    args = argparse.Namespace(alpha=0.7, retention="paper", ratio_weights="previous", smax=50.0,
-                              kl_temperature=1.0, mask_capacity=0.0, nested_samples=False, uniform_sampling=True, amp=False,
-                              no_embedding_clamp=True)
     optimizer = trainer.adam(model.parameters(), 1e-2)
     _, _, _, stepped = trainer.continual_step(model, teacher, optimizer, x, y, 3, 7.0, [0.9, 0.9, 0.9],
-                                              np.random.default_rng(0), args)
+                                              np.random.default_rng(0), method.Retention(alpha=0.7, uniform=True),
+                                              trainer.StepOptions(clamp_embeddings=False))
     assert not stepped and not optimizer.state
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(model.blocks[0].conv1.weight, before["blocks.0.conv1.weight"])
