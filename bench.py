@@ -137,9 +137,9 @@ def run_phase(args: argparse.Namespace) -> dict:
                            None, expert)
         seconds = timed(step, args.steps, device)
         rows = retention_plan(args.retention, ratios, args.batch)[0][0]
-        capacity = (f", capacity {args.mask_capacity:g}" if args.mask_capacity else "") + (
+        extra_terms = (f", capacity {args.mask_capacity:g}" if args.mask_capacity else "") + (
             f", expert {args.expert_weight:g}" if args.expert_weight else "")
-        return {"phase": f"task{args.stage} train step ({args.retention}{capacity}: {rows} retention rows per earlier task)",
+        return {"phase": f"task{args.stage} train step ({args.retention}{extra_terms}: {rows} retention rows per earlier task)",
                 "batch": args.batch,
                 "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device)}
     data = TaskData(sequences.numpy()[:, :-1], sequences.numpy()[:, -1], args.items)
