@@ -186,9 +186,12 @@ def load_expert(args: argparse.Namespace, record: dict, n_items: int, device: to
     if theirs != ours:
         raise DataError(f"{args.expert}: --expert must be a stage-{args.stage} checkpoint of this task on the same "
                         f"split (stage, task, classes, seed, split_percentage, items: {theirs}; here: {ours})")
-    expert = NextItNet.from_checkpoint(checkpoint).to(device).eval()
-    expert.requires_grad_(False)
-    return compile_backbone(expert) if args.compile else expert
+    return frozen_model(checkpoint, device)
+
+
+def frozen_model(checkpoint: dict, device: torch.device) -> NextItNet:
+    """A checkpoint's model on `device` in eval mode with no gradients: the teacher, or the --expert."""
+    return NextItNet.from_checkpoint(checkpoint).to(device).eval().requires_grad_(False)
 
 
 def task_record(args: argparse.Namespace, n_classes: int) -> dict:
@@ -556,8 +559,7 @@ def run_continual(args: argparse.Namespace) -> dict:
     print(f"task {args.stage}: {len(data.targets)} examples, {data.n_classes} classes ({record['kind']}), "
           f"train/valid/test {train_rows.size}/{valid_rows.size}/{test_rows.size}")
 
-    teacher = NextItNet.from_checkpoint(checkpoint).to(device).eval()  # ONE frozen teacher for every earlier task
-    teacher.requires_grad_(False)
+    teacher = frozen_model(checkpoint, device)  # ONE frozen teacher for every earlier task
     expert = load_expert(args, record, checkpoint["model_config"]["n_items"], device)
     model = NextItNet.from_checkpoint(checkpoint)
     if args.method == "finetune":
@@ -570,8 +572,8 @@ def run_continual(args: argparse.Namespace) -> dict:
         spare_rows = spare_rows[1:] if spare_rows is not None else None
     model = model.to(device)
     if args.compile:
-        compile_backbone(model)
-        compile_backbone(teacher)
+        for compiled in [m for m in (model, teacher, expert) if m is not None]:  # the expert too, when given
+            compile_backbone(compiled)
     task = args.stage - 1
     optimizer = (torch.optim.Adam(model.parameters(), lr=args.lr, foreach=False) if streams  # the authors' loop
                  else adam(model.parameters(), args.lr))
