@@ -53,6 +53,8 @@ METHODS: dict[str, list[str]] = {
     "per_task_smax_kl_a1": ["--retention", "per_task_smax_kl", "--alpha", "1"],
     "per_task_smax_kl_a2": ["--retention", "per_task_smax_kl", "--alpha", "2"],
     "per_task_smax_kl_a2_expert": ["--retention", "per_task_smax_kl", "--alpha", "2", "--expert", FINETUNE_EXPERT],
+    "per_task_smax_kl_a2_expert_own2": ["--retention", "per_task_smax_kl", "--alpha", "2", "--expert",
+                                        FINETUNE_EXPERT, "--own_blocks", "2"],
     "per_task_smax_kl_t05_a2": ["--retention", "per_task_smax_kl", "--alpha", "2", "--kl_temperature", "0.5"],
     "sum_smax_kl_a2": ["--retention", "sum_smax_kl", "--alpha", "2"],
     "per_task_smax_kl_a2_cap075": ["--retention", "per_task_smax_kl", "--alpha", "2", "--mask_capacity", "0.75"],

@@ -7,6 +7,7 @@ than one task exists, m_t = σ(s·(w_tᵀ tanh(s·E_t) + b_t)) with E_t = [e_t; 
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -27,6 +28,10 @@ class ModelConfig:
     task_emb_init: list[float] = field(default_factory=lambda: [0.0, 2.0])
     relation: bool = False                        # relation-aware masks (Eq. 12–13)
     use_masks: bool = True                        # False: the fine-tuning baseline (no masks)
+    own_blocks: list[int] = field(default_factory=list)  # per task: top residual blocks it has its own copy of
+
+    def own_block_count(self, task: int) -> int:
+        return self.own_blocks[task] if task < len(self.own_blocks) else 0
 
     @property
     def n_tasks(self) -> int:
@@ -109,6 +114,9 @@ class NextItNet(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(channels, config.kernel_size, d) for d in config.dilations)
         self.heads = nn.ModuleList(_init_head(nn.Linear(channels, n)) for n in config.task_classes)
         self.task_embedding = nn.Parameter(self._new_task_rows(config.n_tasks))  # [N, n_layers, C]
+        self.task_blocks = nn.ModuleDict({
+            str(task): nn.ModuleList(ResidualBlock(channels, config.kernel_size, d) for d in config.dilations[-count:])
+            for task in range(config.n_tasks) if (count := config.own_block_count(task))})
         if config.relation:
             self._reset_relation()
 
@@ -129,7 +137,7 @@ class NextItNet(nn.Module):
         self.relation_bias = nn.Parameter(torch.full((n_tasks, n_layers), 0.1, device=device))
 
     def add_task(self, n_classes: int, relation: bool = True, carry_relation: bool = False,
-                 carry_plain: bool = False) -> None:
+                 carry_plain: bool = False, own_blocks: int = 0) -> None:
         """Grow by one task: a new head, a new task-embedding row, fresh relation layers.
 
         With `carry_relation` (and relation layers before and after: stage ≥ 3, as stage 1 has plain masks,
@@ -138,12 +146,21 @@ class NextItNet(nn.Module):
         the growth; only the new task's layer is fresh. The authors re-initialise them all, which moves
         every earlier task's masks at each stage. With `carry_plain`, growing from plain masks (stage 2)
         gives every earlier task a relation layer with weight 1 on its own embedding and 0 elsewhere, bias
-        0: m = σ(s·tanh(s·e)), which equals its plain σ(s·e) at s = smax wherever |e| ≫ 1/smax.
+        0: m = σ(s·tanh(s·e)), which equals its plain σ(s·e) at s = smax wherever |e| ≫ 1/smax. With
+        `own_blocks` = k > 0 (not in the paper), the new task reads its own copies of the top k residual blocks,
+        copied from the shared ones now: only its own terms train them, so the retention that holds the shared
+        blocks for the earlier tasks never pulls on them.
         """
+        if not 0 <= own_blocks <= len(self.blocks):
+            raise ValueError(f"own_blocks must be in 0..{len(self.blocks)} (got {own_blocks})")
         device = self.task_embedding.device
         carried = ((self.relation_weight.data, self.relation_bias.data)
                    if carry_relation and relation and self.config.relation else None)
         from_plain = carry_plain and relation and not self.config.relation and self.config.use_masks
+        if own_blocks or self.config.own_blocks:  # configs without own blocks stay as they were
+            self.config.own_blocks = [self.config.own_block_count(t) for t in range(self.config.n_tasks)] + [own_blocks]
+            if own_blocks:
+                self.task_blocks[str(self.config.n_tasks)] = copy.deepcopy(self.blocks[len(self.blocks) - own_blocks:])
         self.config.task_classes = [*self.config.task_classes, n_classes]
         self.heads.append(_init_head(nn.Linear(self.config.channels, n_classes)).to(device))
         rows = self._new_task_rows(1).to(device)
@@ -187,8 +204,13 @@ class NextItNet(nn.Module):
 
     # ------------------------------------------------------------ forward
 
-    def hidden(self, items: torch.Tensor, masks: torch.Tensor, last_only: bool) -> torch.Tensor:
-        """items [B, L] → hidden [B, C] (last position) or [B, L, C].
+    def task_stack(self, task: int) -> list[ResidualBlock]:
+        """The residual blocks `task` reads: the shared ones, its own copies on top where it has them."""
+        own = self.task_blocks[str(task)] if str(task) in self.task_blocks else []
+        return [*self.blocks[:len(self.blocks) - len(own)], *own]
+
+    def hidden(self, items: torch.Tensor, masks: torch.Tensor, last_only: bool, task: int = 0) -> torch.Tensor:
+        """items [B, L] → hidden [B, C] (last position) or [B, L, C] under `task`'s blocks.
 
         With last_only, each layer computes only the positions the last output can see.
         """
@@ -198,7 +220,7 @@ class NextItNet(nn.Module):
             needed.append(block.receptive(needed[-1], length)[1])
         needed.reverse()                                                   # needed[i] = positions entering block i
         x = self.item_embedding(items[:, length - needed[0]:])             # [B, needed[0], C]
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.task_stack(task)):
             x = block(x, masks[2 * i], masks[2 * i + 1], needed[i + 1], length)
         return x[:, -1] if last_only else x
 
@@ -207,7 +229,7 @@ class NextItNet(nn.Module):
         """Logits of head `task` ([B, n_classes] or [B, L, n_classes]) and the masks used [n_layers, C]."""
         if masks is None:
             masks = self.task_masks(task, s)
-        return self.heads[task](self.hidden(items, masks, last_only)), masks
+        return self.heads[task](self.hidden(items, masks, last_only, task)), masks
 
     # ------------------------------------------------------------ checkpoints
 

@@ -104,6 +104,10 @@ def build_parser(stage: int | None) -> argparse.ArgumentParser:
         help="stages >= 2: a checkpoint of this stage trained on the same task and split without retention (e.g. "
              "the fine-tuning chain's); the new task is also distilled from it, β · KL(expert ‖ model) at smax")
     add("--expert_weight", type=flags.nonnegative_float, default=1.0, help="β of --expert")
+    add("--own_blocks", type=flags.nonnegative_int, default=0,
+        help="stages >= 2: the new task reads its own copies of the top K residual blocks, copied from the shared "
+             "ones at the start of the stage and trained only by its own terms, so no earlier task's retention "
+             "pulls on them (not in the paper's architecture; README, Retention rules); 0 = every block shared")
     add("--streams", choices=STREAMS, default="ours",
         help="stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
              "parameters as the authors' code does (drops partial batches; with --variant original, from an "
@@ -160,8 +164,8 @@ def check_authors_streams(args: argparse.Namespace) -> None:
     """What --streams authors replays: stages ≥ 2 of either code, in one process, from the start."""
     unsupported = [(args.stage == 1, "stage 1"), (args.resume, "--resume"), (distributed.launched(), "torchrun"),
                    (args.rerun > 0, "--rerun"), (args.expert is not None, "--expert"),
-                   (args.method != "teracon" or args.no_relation or args.retention != "paper" or args.mask_capacity,
-                    "an ablation or another --retention")]
+                   (args.method != "teracon" or args.no_relation or args.retention != "paper" or args.mask_capacity
+                    or args.own_blocks, "an ablation or another --retention")]
     found = [what for bad, what in unsupported if bad]
     if found:
         raise DataError(f"--streams authors replays the authors' stages >= 2 in one process; not with "
@@ -324,9 +328,9 @@ def compile_backbone(model: NextItNet) -> NextItNet:
     torch._dynamo.config.automatic_dynamic_shapes = False
     compiled = torch.compile(model.hidden)
 
-    def hidden(items: torch.Tensor, masks: torch.Tensor, last_only: bool) -> torch.Tensor:
+    def hidden(items: torch.Tensor, masks: torch.Tensor, last_only: bool, task: int = 0) -> torch.Tensor:
         torch._dynamo.maybe_mark_dynamic(items, 0)
-        return compiled(items, masks, last_only)
+        return compiled(items, masks, last_only, task)
     model.hidden = hidden
     return model
 
@@ -541,6 +545,9 @@ def run_continual(args: argparse.Namespace) -> dict:
     checkpoint_path = guard_outputs(args)
     checkpoint, index = load_previous(args)
     args.channels = checkpoint["model_config"]["channels"]  # the model's shape comes from the checkpoint
+    blocks = len(checkpoint["model_config"]["dilations"])
+    if args.own_blocks > blocks:
+        raise DataError(f"{args.paths}: --own_blocks {args.own_blocks} is more than the model's {blocks} residual blocks")
     print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     data = load_task(args.datapath, index)
     streams = AuthorsStreams(args.variant) if args.streams == "authors" else None
@@ -566,7 +573,7 @@ def run_continual(args: argparse.Namespace) -> dict:
         model.config.use_masks = False
     model.add_task(data.n_classes, relation=not args.no_relation and args.method == "teracon",
                    carry_relation=RETENTION_RULES[args.retention].carry_relation,
-                   carry_plain=RETENTION_RULES[args.retention].carry_plain)
+                   carry_plain=RETENTION_RULES[args.retention].carry_plain, own_blocks=args.own_blocks)
     if streams:
         apply_fresh(model, fresh)
         spare_rows = spare_rows[1:] if spare_rows is not None else None

@@ -316,3 +316,73 @@ def test_stage_distils_from_the_expert_and_refuses_another_split(tmp_path, synth
     with pytest.raises(DataError, match=r"task1\.t7: --expert must be a stage-2 checkpoint"):
         trainer.main(2, [*stage2, "--savepath", str(tmp_path / "kd2c"), "--expert", str(tmp_path / "task1.t7")])
     assert not (tmp_path / "kd2b.t7").exists() and not (tmp_path / "kd2c.t7").exists()
+
+
+def test_own_blocks_start_as_the_shared_ones_and_only_their_task_trains_them(tiny_model):
+    """--own_blocks K: the new task reads its own copies of the top K residual blocks, copied when it is added,
+    so every output starts as without them; the config records them (none: the config as before); the earlier
+    tasks' retention terms leave the copies without gradient, and the new task's term leaves the shared top
+    blocks without gradient; a checkpoint round-trips strictly; predict's user vectors read the task's blocks."""
+    import predict
+    plain = tiny_model(task_classes=(30, 7), relation=True, seed=2)
+    plain.add_task(4, relation=True)
+    owned = tiny_model(task_classes=(30, 7), relation=True, seed=2)
+    owned.add_task(4, relation=True, own_blocks=2)
+    assert plain.config.own_blocks == [] and owned.config.own_blocks == [0, 0, 2]
+    x = torch.randint(1, 30, (8, 6))
+    for task in range(3):
+        assert torch.equal(owned(x, task, 3.0)[0], plain(x, task, 3.0)[0])
+    teacher = tiny_model(task_classes=(30, 7), relation=True, seed=2).eval().requires_grad_(False)
+    retention = method.Retention(alpha=0.7, rule="per_task_smax_kl", smax=7.0)
+    new_task, *kept = method.continual_terms(owned, teacher, x, torch.randint(0, 4, (8,)), 2, 3.0, [0.3, 0.6],
+                                             np.random.default_rng(0), retention, [])
+    copies, shared_top = list(owned.task_blocks["2"].parameters()), list(owned.blocks[-2:].parameters())
+    assert all(g is None for g in torch.autograd.grad(sum(kept), copies, allow_unused=True, retain_graph=True))
+    assert all(g is not None for g in torch.autograd.grad(sum(kept), shared_top, allow_unused=True))
+    assert all(g is None for g in torch.autograd.grad(new_task, shared_top, allow_unused=True, retain_graph=True))
+    assert all(g is not None for g in torch.autograd.grad(new_task, copies))
+    with torch.no_grad():
+        owned.task_blocks["2"][1].conv2.weight.add_(torch.randn_like(owned.blocks[-1].conv2.weight))  # copies differ
+    assert not torch.allclose(owned(x, 2, 3.0)[0], plain(x, 2, 3.0)[0])
+    assert torch.equal(owned(x, 1, 3.0)[0], plain(x, 1, 3.0)[0])
+    hidden, logits = predict.outputs(owned, 2, x.numpy(), owned.task_masks(2, 3.0), torch.device("cpu"), False)
+    assert torch.allclose(logits, owned(x, 2, 3.0)[0], atol=1e-6)
+    grown = NextItNet.from_checkpoint({"model_config": owned.config_dict(), "model_state": owned.state_dict()})
+    assert torch.equal(grown(x, 2, 3.0)[0], owned(x, 2, 3.0)[0])
+    grown.add_task(3, relation=True)
+    assert grown.config.own_blocks == [0, 0, 2, 0] and "3" not in grown.task_blocks
+    with pytest.raises(ValueError, match="own_blocks must be in 0..8"):
+        grown.add_task(3, relation=True, own_blocks=9)
+
+
+def test_stage_with_own_blocks_round_trips_and_feeds_the_next_stage(tmp_path, synthetic_data, monkeypatch):
+    """A stage-2 run with --own_blocks writes a checkpoint that reloads strictly, scores as the run reported and
+    grows into a plain stage 3 that keeps task 2's blocks; more own blocks than the model has is refused in one
+    line naming the checkpoint, before anything is written; --streams authors refuses the flag."""
+    import json
+    import sys
+
+    import evaluate
+    data = synthetic_data(n_users=120, seed=6)
+    common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1",
+              "--batch", "64"]
+    trainer.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
+    stage2 = ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), *common]
+    reported = trainer.main(2, [*stage2, "--savepath", str(tmp_path / "task2"), "--own_blocks", "1"])
+    model = NextItNet.from_checkpoint(torch.load(tmp_path / "task2.t7", weights_only=False))
+    assert model.config.own_blocks == [0, 1] and len(model.task_blocks["1"]) == 1
+    assert not torch.equal(model.task_blocks["1"][0].conv1.weight, model.blocks[-1].conv1.weight)  # trained apart
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--paths", str(tmp_path / "task2.t7"), "--task", "2", "--device",
+                                      "cpu", "--json", str(tmp_path / "rescored.json")])
+    evaluate.main()
+    rescored = json.loads((tmp_path / "rescored.json").read_text())["test"]
+    assert rescored == pytest.approx(reported["tasks"]["2"]["test"], abs=1e-6)
+    trainer.main(3, ["--datapath", str(data.task3), "--paths", str(tmp_path / "task2.t7"), *common,
+                     "--savepath", str(tmp_path / "task3")])
+    third = NextItNet.from_checkpoint(torch.load(tmp_path / "task3.t7", weights_only=False))
+    assert third.config.own_blocks == [0, 1, 0]
+    with pytest.raises(DataError, match=r"task1\.t7: --own_blocks 9 is more than the model's 8 residual blocks"):
+        trainer.main(2, [*stage2, "--savepath", str(tmp_path / "bad"), "--own_blocks", "9"])
+    with pytest.raises(DataError, match="--streams authors replays .* an ablation or another --retention"):
+        trainer.main(2, [*stage2, "--savepath", str(tmp_path / "bad"), "--own_blocks", "1", "--streams", "authors"])
+    assert not list(tmp_path.glob("bad*"))
