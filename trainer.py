@@ -547,7 +547,8 @@ def run_continual(args: argparse.Namespace) -> dict:
     args.channels = checkpoint["model_config"]["channels"]  # the model's shape comes from the checkpoint
     blocks = len(checkpoint["model_config"]["dilations"])
     if args.own_blocks > blocks:
-        raise DataError(f"{args.paths}: --own_blocks {args.own_blocks} is more than the model's {blocks} residual blocks")
+        raise DataError(f"{args.paths}: --own_blocks {args.own_blocks} is more than the model's {blocks} "
+                        "residual blocks")
     print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     data = load_task(args.datapath, index)
     streams = AuthorsStreams(args.variant) if args.streams == "authors" else None
