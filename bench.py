@@ -49,6 +49,9 @@ def parse() -> argparse.Namespace:
     add("--expert_weight", type=flags.nonnegative_float, default=0.0,
         help="task-K step: β of train_teracon's --expert, distilling the new task from a frozen model (here a copy "
              "of the student); 0 = off")
+    add("--own_blocks", type=flags.integer(0, len(ModelConfig(1, [1]).dilations)), default=0,
+        help="task-K step: every task from 2 on reads its own copies of the top K residual blocks "
+             "(train_teracon's flag)")
     add("--ratio", type=flags.real(0.0, 1.0, what="a number in [0, 1]"), default=INITIAL_RATIO,
         help="task-K step: every earlier task's sampling ratio (held fixed; 0.9: the ratio before the first batch)")
     add("--steps", type=flags.positive_int, default=5, help="timed steps per phase (after one warm-up step)")
@@ -79,9 +82,9 @@ def stage_models(args: argparse.Namespace, device: torch.device) -> tuple[NextIt
     """A stage-K student and its stage-(K−1) teacher with random weights."""
     model = NextItNet(ModelConfig(n_items=args.items, task_classes=[args.items], channels=args.channels))
     for _ in range(2, args.stage):
-        model.add_task(args.classes)
+        model.add_task(args.classes, own_blocks=args.own_blocks)
     teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
-    model.add_task(args.classes)
+    model.add_task(args.classes, own_blocks=args.own_blocks)
     return model.to(device), teacher
 
 
@@ -138,7 +141,8 @@ def run_phase(args: argparse.Namespace) -> dict:
         seconds = timed(step, args.steps, device)
         rows = retention_plan(args.retention, ratios, args.batch)[0][0]
         extra_terms = (f", capacity {args.mask_capacity:g}" if args.mask_capacity else "") + (
-            f", expert {args.expert_weight:g}" if args.expert_weight else "")
+            f", expert {args.expert_weight:g}" if args.expert_weight else "") + (
+            f", own blocks {args.own_blocks}" if args.own_blocks else "")
         return {"phase": f"task{args.stage} train step ({args.retention}{extra_terms}: {rows} retention rows per earlier task)",
                 "batch": args.batch,
                 "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device)}

@@ -376,7 +376,7 @@ def test_prepare_data_needs_out(capsys):
 @pytest.mark.parametrize("flag, value", [
     ("--items", "1"), ("--users", "0"), ("--length", "1"), ("--channels", "0"), ("--batch1", "0"), ("--batch", "0"),
     ("--stage", "1"), ("--classes", "1"), ("--steps", "0"), ("--load_lines", "0"), ("--ce_chunk", "-1"),
-    ("--device", "gpu"), ("--write_data", "{file}"), ("--phase", "warp"),
+    ("--device", "gpu"), ("--write_data", "{file}"), ("--phase", "warp"), ("--own_blocks", "9"),
 ])
 def test_bench(stage1, tmp_path, capsys, monkeypatch, flag, value):
     monkeypatch.setattr(sys, "argv", ["bench.py", flag, value.format(file=stage1["t1"])])
@@ -384,18 +384,20 @@ def test_bench(stage1, tmp_path, capsys, monkeypatch, flag, value):
     assert line.startswith(f"error: {flag}"), line
 
 
-@pytest.mark.parametrize("rule, capacity", [("paper", "0"), ("per_task_smax_kl_carry_plain", "0.1")])
-def test_bench_task_k_phase_runs(monkeypatch, rule, capacity):
+@pytest.mark.parametrize("rule, capacity, own_blocks", [("paper", "0", "0"),
+                                                        ("per_task_smax_kl_carry_plain", "0.1", "2")])
+def test_bench_task_k_phase_runs(monkeypatch, rule, capacity, own_blocks):
     """bench.py's stage-K phase builds a Retention and StepOptions for continual_step and times a step of the
-    chosen rule, with the capacity regulariser and the expert's distillation when asked."""
+    chosen rule, with the capacity regulariser, the expert's distillation and the tasks' own blocks when asked."""
     monkeypatch.setattr(sys, "argv", ["bench.py", "--phase", "taskK", "--stage", "3", "--items", "40", "--users",
                                       "32", "--length", "8", "--channels", "8", "--batch", "16", "--classes", "3",
                                       "--steps", "1", "--retention", rule, "--mask_capacity", capacity,
-                                      "--expert_weight", capacity])
+                                      "--expert_weight", capacity, "--own_blocks", own_blocks])
     row = bench.run_phase(bench.parse())
     assert row["seconds"] > 0 and row["batch"] == 16
     assert ("capacity 0.1" in row["phase"]) == (capacity != "0") and rule in row["phase"]
     assert ("expert 0.1" in row["phase"]) == (capacity != "0")
+    assert ("own blocks 2" in row["phase"]) == (own_blocks != "0")
 
 
 # ------------------------------------------------------------------ predict.py, synth.py
