@@ -330,7 +330,8 @@ def compile_backbone(model: NextItNet) -> NextItNet:
 
     def hidden(items: torch.Tensor, masks: torch.Tensor, last_only: bool, task: int = 0) -> torch.Tensor:
         torch._dynamo.maybe_mark_dynamic(items, 0)
-        return compiled(items, masks, last_only, task)
+        # dynamo specialises on the int: tasks that read only the shared blocks share task 0's graph
+        return compiled(items, masks, last_only, task if str(task) in model.task_blocks else 0)
     model.hidden = hidden
     return model
 
