@@ -1,6 +1,7 @@
 """Score tasks of a checkpoint on their test splits, and print the forgetting matrix of a run.
 
     python evaluate.py --paths CKPT --task J --datapath F --datapath_index I [--seed S] [--split valid] [--json OUT]
+    python evaluate.py --paths LATER --task J --kept_from EARLIER    (+ the share of J's score LATER keeps)
     python evaluate.py --matrix saved_models/demo/task*.metrics.json [--csv OUT]
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tqdm import tqdm
 import flags
 from data_loader import ItemIndex, Staging, TaskData, check_split, load_sequences_with_index, load_task, read_index, split_indices
 from model import NextItNet
-from stats import class_counts, evidence, popularity_ranks, rank_values
+from stats import class_counts, evidence, kept_share, popularity_ranks, rank_values
 from checkpoints import load_checkpoint
 from utils import (DataError, atomic_write_text, cli, headline_metric, keep_freed_memory, metric_names,
                    ranking_values, write_json)
@@ -145,6 +146,21 @@ def task_report(model: NextItNet, number: int, record: dict, data: TaskData, ind
     return report
 
 
+def kept_report(earlier: NextItNet, later: NextItNet, number: int, record: dict, data: TaskData,
+                smax: tuple[float, float], batch_size: int, device: torch.device, top_k: int,
+                split: str = "test") -> dict:
+    """The share of task `number`'s headline score that `later` keeps from `earlier` on the same split rows, with
+    its paired 95 % bootstrap interval over those users (stats.kept_share); smax = (earlier's, later's)."""
+    parts = split_indices(len(data.targets), record["seed"], record["split_percentage"])
+    rows = parts[1] if split == "valid" else parts[2]
+    name = headline_name(record["kind"], top_k)
+    column = metric_names(top_k).index(name)
+    values = [score_values(model, number - 1, data, rows, s, batch_size, device, top_k, desc=f"kept task {number}")
+              for model, s in zip((earlier, later), smax)]                   # 2 × [n_rows, 7]
+    return {"metric": name, "split": split, **kept_share(values[0][:, column], values[1][:, column], data.rows(rows)),
+            f"n_{split}_users": int(np.unique(data.rows(rows)).size)}
+
+
 def headline_name(kind: str, top_k: int = 5) -> str:
     """The metric a task is judged on: MRR at top_k for rec tasks, accuracy for cls tasks."""
     return f"mrr@{top_k}" if kind == "rec" else "acc"
@@ -253,6 +269,21 @@ def matrix_lines(metric_files: list[str]) -> list[str]:
     return lines
 
 
+def check_kept_from(path: str, checkpoint: dict, task: int, record: dict, n_items: int) -> None:
+    """--kept_from must hold the task, split it the same way and index the same items, or the share compares
+    different users."""
+    tasks = checkpoint["tasks"]
+    if len(tasks) < task:
+        raise DataError(f"{path}: holds tasks 1..{len(tasks)}, not task {task} (--kept_from)")
+    earlier = tasks[task - 1]
+    if (earlier["seed"], earlier["split_percentage"]) != (record["seed"], record["split_percentage"]):
+        raise DataError(f"{path}: splits task {task} with seed {earlier['seed']} and {earlier['split_percentage']}, "
+                        f"--paths with {record['seed']} and {record['split_percentage']} (other test users)")
+    if checkpoint["model_config"]["n_items"] != n_items:
+        raise DataError(f"{path}: has {checkpoint['model_config']['n_items']} items, the index {n_items} "
+                        "(made from other data)")
+
+
 def main() -> None:
     parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", type=flags.existing_file, help="checkpoint to score")
@@ -269,6 +300,9 @@ def main() -> None:
     parser.add_argument("--device", type=flags.device, default=None)
     parser.add_argument("--split", choices=["test", "valid"], default="test",
                         help="the split scored: test, or valid (the rows each stage selects its epoch on)")
+    parser.add_argument("--kept_from", type=flags.existing_file,
+                        help="an earlier checkpoint holding the task: also report the share of its headline score "
+                             "that --paths keeps on the same rows, with a paired bootstrap interval over users")
     parser.add_argument("--json", type=flags.output_file, help="write {'kind': ..., 'test': {...}} here")
     parser.add_argument("--matrix", nargs="+", type=flags.existing_file,
                         help="metrics.json files of a run: print the forgetting matrix")
@@ -313,6 +347,13 @@ def main() -> None:
                     split_indices(len(data.targets), record["seed"], args.split_percentage), args.split_percentage)
     smax = args.smax if args.smax is not None else checkpoint["args"]["smax"]
     result = task_report(model, args.task, record, data, index, smax, args.batch, device, args.top_k, args.split)
+    if args.kept_from:
+        earlier_checkpoint = load_checkpoint(args.kept_from)
+        check_kept_from(args.kept_from, earlier_checkpoint, args.task, record, index.size)
+        earlier = NextItNet.from_checkpoint(earlier_checkpoint).to(device)
+        earlier_smax = args.smax if args.smax is not None else earlier_checkpoint["args"]["smax"]
+        result["kept"] = kept_report(earlier, model, args.task, record, data, (earlier_smax, smax), args.batch,
+                                     device, args.top_k, args.split)
     print(json.dumps(result, indent=2))
     if args.json:
         write_json(args.json, result)

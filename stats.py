@@ -87,6 +87,27 @@ def interval(draws: np.ndarray, level: float = 0.95) -> np.ndarray:
     return np.stack([np.percentile(draws, tail, axis=0), np.percentile(draws, 100.0 - tail, axis=0)], axis=1)
 
 
+def kept_share(earlier: np.ndarray, later: np.ndarray, groups: np.ndarray | None,
+               resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """How much of a task's score a later checkpoint keeps on the same test examples: mean(later) / mean(earlier),
+    with a paired cluster-bootstrap 95 % interval over test users (both means from the same resampled users).
+    This is the test users' share of the noise only: it does not see the training seed's.
+
+    earlier [n], later [n]: per-example headline values of the two checkpoints on the same rows; groups [n].
+    → {"earlier", "later", "share", "ci95": [lo, hi], "resamples_dropped"}; share is None when mean(earlier) is 0,
+    and the resamples whose earlier mean is 0 are dropped (their count is reported).
+    """
+    pair = np.stack([np.asarray(earlier, np.float64), np.asarray(later, np.float64)], axis=1)   # [n, 2]
+    means = pair.mean(0)
+    draws = bootstrap(pair, groups, resamples, seed)                                           # [B, 2]
+    usable = draws[:, 0] > 0
+    ratios = draws[usable, 1] / draws[usable, 0]                                               # [B']
+    share = float(means[1] / means[0]) if means[0] > 0 else None
+    bounds = interval(ratios[:, None])[0].tolist() if ratios.size else None
+    return {"earlier": float(means[0]), "later": float(means[1]), "share": share, "ci95": bounds,
+            "resamples_dropped": int((~usable).sum())}
+
+
 def evidence(model: np.ndarray, baselines: dict[str, np.ndarray], names: list[str], headline: str,
              groups: np.ndarray | None, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
     """The model's and each baseline's 95 % intervals, and the paired difference against the strongest

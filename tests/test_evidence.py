@@ -73,6 +73,25 @@ def test_cluster_bootstrap_by_hand():
     np.testing.assert_allclose(stats.interval(np.arange(101.0)[:, None]), [[2.5, 97.5]])
 
 
+def test_kept_share_by_hand():
+    earlier, later = np.array([1.0, 0.0, 0.5, 0.0, 0.5]), np.array([0.5, 0.0, 0.5, 1.0, 0.0])
+    groups = np.array([4, 4, 2, 9, 2])                             # users 2 (rows 2, 4), 4 (rows 0, 1), 9
+    kept = stats.kept_share(earlier, later, groups, resamples=200, seed=3)
+    assert kept["earlier"] == pytest.approx(0.4) and kept["later"] == pytest.approx(0.4)
+    assert kept["share"] == pytest.approx(1.0)
+    draws = stats.bootstrap(np.stack([earlier, later], 1), groups, resamples=200, seed=3)    # the same resamples
+    usable = draws[:, 0] > 0
+    assert kept["resamples_dropped"] == int((~usable).sum()) > 0    # user 9 alone has an earlier mean of 0
+    ratios = draws[usable, 1] / draws[usable, 0]
+    np.testing.assert_allclose(kept["ci95"], np.percentile(ratios, [2.5, 97.5]))
+    assert kept["ci95"][0] < 1.0 < kept["ci95"][1]
+    same = stats.kept_share(earlier, earlier, None, resamples=50)
+    assert same["share"] == 1.0 and same["ci95"] == pytest.approx([1.0, 1.0])
+    halved = stats.kept_share(earlier, earlier / 2, groups, resamples=50)
+    assert halved["share"] == pytest.approx(0.5) and halved["ci95"] == pytest.approx([0.5, 0.5])
+    assert stats.kept_share(np.zeros(3), np.ones(3), None, resamples=10)["share"] is None
+
+
 def test_evidence_marks_above_only_when_the_paired_interval_excludes_zero():
     rng = np.random.default_rng(2)
     better = (rng.random((400, 1)) < 0.6) * 1.0

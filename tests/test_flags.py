@@ -265,6 +265,8 @@ def test_later_stages(stage1, tmp_path, capsys, stage, extra, expected):
     (["--datapath_index", "{dir}/no.csv"], "error: --datapath_index: {dir}/no.csv: file not found"),
     (["--json", "{dir}"], "error: --json: {dir} is a directory"),
     (["--split", "train"], "error: --split: invalid choice: 'train'"),
+    (["--kept_from", "{dir}/no.t7"], "error: --kept_from: {dir}/no.t7: file not found"),
+    (["--seed", "77", "--kept_from", "{ckpt}"], "error: {ckpt}: splits task 1 with seed 0"),
     (["--task", "9"], "error: --task 9: "),
     (["--top_k", "5000"], "error: --top_k 5000: task 1 has {classes} classes, so at most --top_k {fits} fits"),
     (["--split_percentage", "0.001"], "at --split_percentage 0.001"),

@@ -177,6 +177,22 @@ def test_evaluate_valid_split_is_what_training_selected_on(long_run, repo_root, 
     assert all("valid" in entry for entry in result["baseline"].values())
 
 
+def test_evaluate_kept_from_is_the_share_of_the_stages_scores(long_run, repo_root, subprocess_env):
+    """--kept_from: task 2's MRR@5 under its own stage's checkpoint and under stage 3's, on the same test users, as
+    the two stages' metrics.json recorded them; the share is their ratio and lies inside its interval."""
+    data, out, metrics = long_run
+    target = out / "kept_task2.json"
+    run_script(repo_root, subprocess_env, "evaluate.py", "--paths", out / "task3.t7", "--task", 2,
+               "--kept_from", out / "task2.t7", "--datapath", data.task2, "--datapath_index", out / "index.csv",
+               "--device", "cpu", "--json", target)
+    kept = json.loads(target.read_text())["kept"]
+    earlier, later = (metrics[stage]["tasks"]["2"]["test"]["mrr@5"] for stage in (2, 3))
+    assert kept["metric"] == "mrr@5" and kept["n_test_users"] == metrics[3]["tasks"]["2"]["n_test_users"]
+    assert kept["earlier"] == pytest.approx(earlier, abs=1e-6) and kept["later"] == pytest.approx(later, abs=1e-6)
+    assert kept["share"] == pytest.approx(later / earlier, rel=1e-5)
+    assert kept["ci95"][0] < kept["share"] < kept["ci95"][1]
+
+
 def test_forgetting_matrix_csv(long_run, repo_root, subprocess_env):
     _, out, metrics = long_run
     target = out / "m.csv"
