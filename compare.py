@@ -314,8 +314,9 @@ def reference_rows(results: Results, final_stage: int) -> list[dict]:
 
 def stage_values(by_seed: dict[int, dict[int, dict]], final_stage: int) -> dict[str, dict[int, float]]:
     """Per seed that finished `final_stage`: "keptK" = task K's headline after `final_stage` / at stage K (the
-    stage that learned it; K < final_stage, non-zero there) and "learnedK" = task K's headline at stage K
-    (K ≥ 2: how well the new task was learned)."""
+    stage that learned it; K < final_stage, non-zero there), "bestK" = the same over its highest headline after
+    any stage from K to `final_stage`, and "learnedK" = task K's headline at stage K (K ≥ 2: how well the new
+    task was learned)."""
     values: dict[str, dict[int, float]] = {}
     for seed, stages in by_seed.items():
         if final_stage not in stages:
@@ -329,6 +330,9 @@ def stage_values(by_seed: dict[int, dict[int, dict]], final_stage: int) -> dict[
                 values.setdefault(f"learned{k}", {})[seed] = headline(own)
             if k < final_stage and headline(own) > 0 and str(k) in final:
                 values.setdefault(f"kept{k}", {})[seed] = headline(final[str(k)]) / headline(own)
+                best = max(headline(stages[u]["tasks"][str(k)]) for u in range(k, final_stage + 1)
+                           if str(k) in stages.get(u, {}).get("tasks", {}))
+                values.setdefault(f"best{k}", {})[seed] = headline(final[str(k)]) / best
     return values
 
 
@@ -344,7 +348,8 @@ def epoch_seconds(out: str, seeds: list[int], method: str, stage: int) -> float:
 
 
 def retention_rows(results: Results, final_stage: int, reference: str = "finetune") -> list[dict]:
-    """One row per method: every earlier task's kept share ("keptK": mean, lo, hi) and every new task's score
+    """One row per method: every earlier task's kept share ("keptK", and "bestK" against its highest score:
+    mean, lo, hi) and every new task's score
     at its own stage minus `reference`'s, paired by seed ("learnedK": mean, lo, hi); "min_kept": the smallest
     task mean of the kept shares."""
     values = {method: stage_values(by_seed, final_stage) for method, by_seed in results.items()}
@@ -352,12 +357,14 @@ def retention_rows(results: Results, final_stage: int, reference: str = "finetun
     for method, per_name in values.items():
         row: dict = {"method": method, "seeds": max((len(v) for v in per_name.values()), default=0)}
         for k in range(1, final_stage):
-            kept = list(per_name.get(f"kept{k}", {}).values())
-            row[f"kept{k}"] = (mean_sd(kept)[0], *t_interval(kept))
+            for name in (f"kept{k}", f"best{k}"):
+                shares = list(per_name.get(name, {}).values())
+                row[name] = (mean_sd(shares)[0], *t_interval(shares))
         for k in range(2, final_stage + 1):
             mine, theirs = per_name.get(f"learned{k}", {}), values.get(reference, {}).get(f"learned{k}", {})
             row[f"learned{k}"] = paired_difference(mine, theirs)[:3]
         row["min_kept"] = min((row[f"kept{k}"][0] for k in range(1, final_stage)), default=math.nan)
+        row["min_best"] = min((row[f"best{k}"][0] for k in range(1, final_stage)), default=math.nan)
         rows.append(row)
     return rows
 
@@ -382,6 +389,22 @@ def retention_table(rows: list[dict], final_stage: int, seconds: dict[str, float
             cells.append(_bold_if_signed(text, low, high))
         time = seconds.get(row["method"], math.nan)
         cells.append("" if math.isnan(time) else f"{time:.1f}")
+        lines.append("| " + " | ".join([row["method"], str(row["seeds"]), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def best_table(rows: list[dict], final_stage: int) -> str:
+    """Kept shares against each task's highest score after any stage from its own on, `mean [95 % interval over
+    seeds]`; bold: the interval lies above 0.9."""
+    columns = ["method", "seeds", *[f"kept {k} of its best" for k in range(1, final_stage)], "lowest"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for k in range(1, final_stage):
+            mean, low, high = row[f"best{k}"]
+            text = _cell(mean, (low, high))
+            cells.append(f"**{text}**" if text and low > 0.9 else text)
+        cells.append("" if math.isnan(row["min_best"]) else f"{row['min_best']:.2f}")
         lines.append("| " + " | ".join([row["method"], str(row["seeds"]), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -488,6 +511,7 @@ def main(argv: list[str] | None = None) -> None:
               f"baseline`: the strongest of popularity, popularity without the user's items (rec) and the "
               f"majority class (cls) on the same test users; `ceiling`: the Bayes-optimal score (synth only).")
     seconds = {method: epoch_seconds(out, seeds, method, stages) for method in methods}
+    retention = retention_rows(results, stages)
     table = markdown_table(rows, labels, header) + (
         "\nPaired differences a − b over seeds (same seed: same split and stage-1 checkpoint), mean and 95 % "
         "t-interval; **bold**: the interval excludes 0.\n\n" + paired_table(paired_rows(results, stages), labels)) + (
@@ -495,7 +519,10 @@ def main(argv: list[str] | None = None) -> None:
         "interval lies above 0.9); `new K − finetune` = task K's headline at stage K minus fine-tuning's, paired by "
         f"seed (**bold**: the interval excludes 0); s/epoch = mean training time of a stage-{stages} epoch from "
         f"the logs ({args.jobs} single-thread stages at a time).\n\n"
-        + retention_table(retention_rows(results, stages), stages, seconds))
+        + retention_table(retention, stages, seconds)) + (
+        f"\nKept of the best: task K's headline after stage {stages} / its highest after any stage from K to "
+        f"{stages} (a stricter reading where scores are noisy: the highest of several noisy scores raises the "
+        "denominator; **bold**: the interval lies above 0.9).\n\n" + best_table(retention, stages))
     atomic_write_text(os.path.join(out, "compare.md"), table)
     atomic_write_text(os.path.join(out, "compare.csv"), csv_table(rows, stages))
     print("\n" + table + f"\nwritten to {os.path.join(out, 'compare.md')} and {os.path.join(out, 'compare.csv')}")

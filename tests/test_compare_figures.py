@@ -236,6 +236,11 @@ def test_kept_shares_and_new_task_differences_by_seed(tmp_path):
     values = compare.stage_values(results["kept"], 3)
     assert values["kept1"] == pytest.approx({0: 0.95, 1: 0.95}) and values["kept2"] == pytest.approx({0: 1.0, 1: 0.95})
     assert values["learned2"] == {0: 0.5, 1: 0.6} and values["learned3"] == {0: 0.62, 1: 0.66}
+    assert values["best1"] == pytest.approx(values["kept1"]) and values["best2"] == pytest.approx(values["kept2"])
+    peaked = {0: {1: run(1, {1: 0.4}), 2: run(2, {1: 0.5, 2: 0.6}), 3: run(3, {1: 0.38, 2: 0.66, 3: 0.6})}}
+    best = compare.stage_values(peaked, 3)   # task 1 peaks after stage 2; task 2 is highest after stage 3
+    assert best["kept1"][0] == pytest.approx(0.95) and best["best1"][0] == pytest.approx(0.38 / 0.5)
+    assert best["kept2"][0] == pytest.approx(1.1) and best["best2"][0] == pytest.approx(1.0)
     rows = {row["method"]: row for row in compare.retention_rows(results, 3)}
     assert rows["kept"]["kept1"][:1] == pytest.approx((0.95,)) and rows["kept"]["min_kept"] == pytest.approx(0.95)
     assert rows["finetune"]["kept1"][0] == pytest.approx((0.25 + 0.5) / 2)
@@ -248,6 +253,9 @@ def test_kept_shares_and_new_task_differences_by_seed(tmp_path):
     assert seconds["kept"] == pytest.approx(3.0)
     table = compare.retention_table(list(rows.values()), 3, seconds)
     assert "| kept | 2 | **0.9500 [0.9500, 0.9500]** |" in table and table.rstrip().endswith("| 3.0 |")
+    best_lines = compare.best_table(list(rows.values()), 3).splitlines()
+    assert best_lines[0] == "| method | seeds | kept 1 of its best | kept 2 of its best | lowest |"
+    assert "| kept | 2 | **0.9500 [0.9500, 0.9500]** | 0.9750 [0.6573, 1.2927] | 0.95 |" in best_lines
 
 
 def test_data_draw_marker_keeps_two_draws_apart(tmp_path):
