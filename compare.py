@@ -349,9 +349,8 @@ def epoch_seconds(out: str, seeds: list[int], method: str, stage: int) -> float:
 
 def retention_rows(results: Results, final_stage: int, reference: str = "finetune") -> list[dict]:
     """One row per method: every earlier task's kept share ("keptK", and "bestK" against its highest score:
-    mean, lo, hi) and every new task's score
-    at its own stage minus `reference`'s, paired by seed ("learnedK": mean, lo, hi); "min_kept": the smallest
-    task mean of the kept shares."""
+    mean, lo, hi) and every new task's score at its own stage minus `reference`'s, paired by seed ("learnedK":
+    mean, lo, hi); "min_kept" and "min_best": the smallest task mean of each kind of share."""
     values = {method: stage_values(by_seed, final_stage) for method, by_seed in results.items()}
     rows = []
     for method, per_name in values.items():
