@@ -278,7 +278,7 @@ def check_kept_from(path: str, checkpoint: dict, task: int, record: dict, n_item
     earlier = tasks[task - 1]
     if (earlier["seed"], earlier["split_percentage"]) != (record["seed"], record["split_percentage"]):
         raise DataError(f"{path}: splits task {task} with seed {earlier['seed']} and {earlier['split_percentage']}, "
-                        f"--paths with {record['seed']} and {record['split_percentage']} (other test users)")
+                        f"--paths with seed {record['seed']} and {record['split_percentage']} (other test users)")
     if checkpoint["model_config"]["n_items"] != n_items:
         raise DataError(f"{path}: has {checkpoint['model_config']['n_items']} items, the index {n_items} "
                         "(made from other data)")
@@ -346,10 +346,11 @@ def main() -> None:
         check_split(record["datapath"], len(data.targets),
                     split_indices(len(data.targets), record["seed"], args.split_percentage), args.split_percentage)
     smax = args.smax if args.smax is not None else checkpoint["args"]["smax"]
-    result = task_report(model, args.task, record, data, index, smax, args.batch, device, args.top_k, args.split)
-    if args.kept_from:
+    if args.kept_from:  # checked before anything is scored
         earlier_checkpoint = load_checkpoint(args.kept_from)
         check_kept_from(args.kept_from, earlier_checkpoint, args.task, record, index.size)
+    result = task_report(model, args.task, record, data, index, smax, args.batch, device, args.top_k, args.split)
+    if args.kept_from:
         earlier = NextItNet.from_checkpoint(earlier_checkpoint).to(device)
         earlier_smax = args.smax if args.smax is not None else earlier_checkpoint["args"]["smax"]
         result["kept"] = kept_report(earlier, model, args.task, record, data, (earlier_smax, smax), args.batch,
