@@ -368,6 +368,18 @@ def retention_rows(results: Results, final_stage: int, reference: str = "finetun
     return rows
 
 
+def share_cells(row: dict, kind: str, final_stage: int) -> list[str]:
+    """A retention row's shares of one kind ("kept" or "best") for tasks 1..final_stage − 1, `mean [95 % interval]`
+    (bold: the interval lies above 0.9), then the lowest task mean ("min_<kind>")."""
+    cells = []
+    for k in range(1, final_stage):
+        mean, low, high = row[f"{kind}{k}"]
+        text = _cell(mean, (low, high))
+        cells.append(f"**{text}**" if text and low > 0.9 else text)
+    lowest = row[f"min_{kind}"]
+    return cells + ["" if math.isnan(lowest) else f"{lowest:.2f}"]
+
+
 def retention_table(rows: list[dict], final_stage: int, seconds: dict[str, float], reference: str = "finetune") -> str:
     """Kept shares and new-task differences, `mean [95 % interval over seeds]`; bold: a kept share whose
     interval lies above 0.9, a difference whose interval excludes 0."""
@@ -376,12 +388,7 @@ def retention_table(rows: list[dict], final_stage: int, seconds: dict[str, float
     columns = ["method", "seeds", *kept, "lowest kept", *learned, f"s/epoch, stage {final_stage}"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = []
-        for k in range(1, final_stage):
-            mean, low, high = row[f"kept{k}"]
-            text = _cell(mean, (low, high))
-            cells.append(f"**{text}**" if text and low > 0.9 else text)
-        cells.append("" if math.isnan(row["min_kept"]) else f"{row['min_kept']:.2f}")
+        cells = share_cells(row, "kept", final_stage)
         for k in range(2, final_stage + 1):
             mean, low, high = row[f"learned{k}"]
             text = _cell(mean, (low, high))
@@ -398,12 +405,7 @@ def best_table(rows: list[dict], final_stage: int) -> str:
     columns = ["method", "seeds", *[f"kept {k} of its best" for k in range(1, final_stage)], "lowest"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = []
-        for k in range(1, final_stage):
-            mean, low, high = row[f"best{k}"]
-            text = _cell(mean, (low, high))
-            cells.append(f"**{text}**" if text and low > 0.9 else text)
-        cells.append("" if math.isnan(row["min_best"]) else f"{row['min_best']:.2f}")
+        cells = share_cells(row, "best", final_stage)
         lines.append("| " + " | ".join([row["method"], str(row["seeds"]), *cells]) + " |")
     return "\n".join(lines) + "\n"
 

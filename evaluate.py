@@ -157,8 +157,9 @@ def kept_report(earlier: NextItNet, later: NextItNet, number: int, record: dict,
     column = metric_names(top_k).index(name)
     values = [score_values(model, number - 1, data, rows, s, batch_size, device, top_k, desc=f"kept task {number}")
               for model, s in zip((earlier, later), smax)]                   # 2 × [n_rows, 7]
-    return {"metric": name, "split": split, **kept_share(values[0][:, column], values[1][:, column], data.rows(rows)),
-            f"n_{split}_users": int(np.unique(data.rows(rows)).size)}
+    users = data.rows(rows)                                                  # [n_rows] user of each example
+    return {"metric": name, "split": split, **kept_share(values[0][:, column], values[1][:, column], users),
+            f"n_{split}_users": int(np.unique(users).size)}
 
 
 def headline_name(kind: str, top_k: int = 5) -> str:
