@@ -26,8 +26,11 @@ from data_loader import ItemIndex, TaskData, load_task
 from evaluate import score
 from model import ModelConfig, NextItNet
 from utils import keep_freed_memory
-from method import INITIAL_RATIO, RETENTION_RULES, Retention, retention_plan, task1_loss
-from trainer import StepOptions, adam, autocast, compile_backbone, continual_step, optimizer_step
+from continual.methods.base import Step
+from continual.methods.teracon import INITIAL_RATIO, PRESETS, TeraconOptions, retention_plan
+from continual.training.loop import autocast, compile_backbone, method_for, train_step
+from continual.training.samplers import adam
+from distributed import Shard
 
 PHASES = ["task1", "taskK", "eval", "load"]
 
@@ -43,7 +46,7 @@ def parse() -> argparse.Namespace:
     add("--batch", type=flags.positive_int, default=1024, help="task-K batch")
     add("--stage", type=flags.integer(2), default=2, help="K >= 2: task-K step with retention over K−1 earlier tasks")
     add("--classes", type=flags.integer(2), default=100, help="class count of tasks ≥ 2, >= 2")
-    add("--retention", choices=list(RETENTION_RULES), default="paper", help="task-K step: the retention rule")
+    add("--preset", choices=list(PRESETS), default="paper", help="task-K step: TERACON's preset (train_teracon's flag)")
     add("--mask_capacity", type=flags.nonnegative_float, default=0.0,
         help="task-K step: weight of HAT's capacity regulariser on the new task's masks (train_teracon's flag)")
     add("--expert_weight", type=flags.nonnegative_float, default=0.0,
@@ -111,12 +114,12 @@ def run_phase(args: argparse.Namespace) -> dict:
         if args.compile:
             compile_backbone(model)
         optimizer = adam(model.parameters(), 1e-3)
+        method = method_for("teracon", TeraconOptions(L2=0.75), 1, None, rng, device=device, ce_chunk=args.ce_chunk)
 
         def step() -> None:
             rows = rng.integers(0, args.users, args.batch1)
-            with autocast(device, args.amp):
-                loss = task1_loss(model, sequences[rows].to(device), 25.0, 0.75, args.ce_chunk)
-            optimizer_step(model, optimizer, loss, clamp=True)
+            train_step(model, method, optimizer, Step(sequences[rows].to(device), None, 25.0, Shard(args.batch1)),
+                       args.amp)
         seconds = timed(step, args.steps, device)
         return {"phase": "task1 train step", "batch": args.batch1, "seconds": seconds,
                 "samples_per_s": args.batch1 / seconds, "peak_mib": peak_memory(device)}
@@ -127,23 +130,24 @@ def run_phase(args: argparse.Namespace) -> dict:
     if args.phase == "taskK":
         optimizer = adam(model.parameters(), 1e-4)
         targets = torch.from_numpy(rng.integers(1, args.classes, size=args.users))
-        retention = Retention(alpha=0.7, rule=args.retention, uniform=True, smax=50.0, capacity=args.mask_capacity,
-                              expert_weight=args.expert_weight)
-        options = StepOptions(amp=args.amp)
-        expert = copy.deepcopy(model).eval().requires_grad_(False) if args.expert_weight else None
-        ratios = [args.ratio] * (args.stage - 1)
+        options = TeraconOptions(**{**PRESETS[args.preset], "alpha": 0.7, "uniform_sampling": True,
+                                    "mask_capacity": args.mask_capacity, "expert_weight": args.expert_weight,
+                                    "own_blocks": args.own_blocks, "embedding_clamp": "on"})
+        method = method_for("teracon", options, args.stage, teacher, rng, device=device)
+        method.expert = copy.deepcopy(model).eval().requires_grad_(False) if args.expert_weight else None
+        method.ratios = [args.ratio] * (args.stage - 1)
 
         def step() -> None:
             rows = rng.integers(0, args.users, args.batch)
             x, y = sequences[rows].to(device), targets[rows].to(device)
-            continual_step(model, teacher, optimizer, x, y, args.stage - 1, 25.0, ratios, rng, retention, options,
-                           None, expert)
+            train_step(model, method, optimizer, Step(x, y, 25.0, Shard(args.batch)), args.amp)
         seconds = timed(step, args.steps, device)
-        rows = retention_plan(args.retention, ratios, args.batch)[0][0]
+        rows = retention_plan(options, method.ratios, args.batch)[0][0]
         extra_terms = (f", capacity {args.mask_capacity:g}" if args.mask_capacity else "") + (
             f", expert {args.expert_weight:g}" if args.expert_weight else "") + (
             f", own blocks {args.own_blocks}" if args.own_blocks else "")
-        return {"phase": f"task{args.stage} train step ({args.retention}{extra_terms}: {rows} retention rows per earlier task)",
+        return {"phase": f"task{args.stage} train step ({args.preset}{extra_terms}: {rows} retention rows per earlier "
+                         "task)",
                 "batch": args.batch,
                 "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device)}
     data = TaskData(sequences.numpy()[:, :-1], sequences.numpy()[:, -1], args.items)

@@ -1,4 +1,5 @@
-"""Loading checkpoints: ours (they carry their own ModelConfig), or the authors' (converted in memory by
+"""Loading checkpoints: ours (they carry their own ModelConfig and run config), those written before the run
+config existed (format 1, converted in memory), or the authors' (converted in memory by
 original_checkpoints.py). Writing is utils.atomic_torch_save."""
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import os
 
 import torch
 
-from model import CHECKPOINT_FORMAT
+from continual.training.config import legacy_run_config
+from model import CHECKPOINT_FORMAT, LEGACY_FORMAT
 from original_checkpoints import convert_original
 from utils import DataError
 
@@ -24,6 +26,9 @@ def load_checkpoint(path: str, what: str = "--paths") -> dict:
         raise DataError(f"{path}: not a TERACON checkpoint")
     if "model_config" not in checkpoint:
         return convert_original(checkpoint, path)  # the authors' layout, converted in memory
+    if checkpoint.get("format_version") == LEGACY_FORMAT:  # written before the typed run config: converted
+        args = checkpoint.pop("args", {})
+        checkpoint.update(format_version=CHECKPOINT_FORMAT, run_config=legacy_run_config(args), method_state={})
     if checkpoint.get("format_version") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: checkpoint format {checkpoint.get('format_version')} is not {CHECKPOINT_FORMAT}")
     return checkpoint

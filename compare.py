@@ -1,8 +1,11 @@
-"""Compare TERACON with fine-tuning and its ablations over several seeds, in one table.
+"""Compare continual-learning methods (TERACON, its ablations, fine-tuning, ...) over several seeds, in one table.
 
     python compare.py --dataset demo --seeds 3 [--out runs/compare] [--jobs 2]
-                      [--methods teracon,finetune,no_relation,no_retention,uniform_sampling,per_task_smax,per_task_smax_kl_a2]
+                      [--methods teracon,finetune,no_relation,no_retention,uniform_sampling,recommended,lwf,ewc]
                       [-- flags for every stage]
+
+--methods takes the registered methods (continual/methods/) and their presets (TERACON's no_relation,
+no_retention, uniform_sampling, recommended); a preset runs as `--method M --preset P`.
 
 For each seed S (0 .. seeds−1), stage 1 runs ONCE into <out>/seedS/task1 and is shared by every method of
 that seed; stages 2..N then run for each method in <out>/seedS/<method>/taskK, each stage a subprocess with
@@ -33,41 +36,45 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import flags
+from continual.methods import METHODS, method_class
+from continual.training.config import DEFAULT_METHOD, check_stage_flags
 from utils import DATASETS, DataError, atomic_write_text, cli, headline_metric, preset_paths
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
-FINETUNE_EXPERT = "{finetune}"  # in a method's flags: the fine-tuning chain's checkpoint of the same seed and stage
+RERUN = re.compile(r"(.+)_rerun([1-9][0-9]*)")  # NAME_rerunN: NAME's chain again with --rerun N (run-to-run spread)
+DEFAULT_METHODS = ["teracon", "finetune", "no_relation", "no_retention", "uniform_sampling"]
 
-METHODS: dict[str, list[str]] = {
-    "teracon": [],
-    "finetune": ["--method", "finetune"],
-    "finetune_rerun1": ["--method", "finetune", "--rerun", "1"],  # fine-tuning against itself: run-to-run spread
-    "no_relation": ["--no_relation"],
-    "no_retention": ["--no_retention"],
-    "uniform_sampling": ["--uniform_sampling"],
-    "all_rows": ["--retention", "all_rows"],
-    "per_task": ["--retention", "per_task"],
-    "per_task_smax": ["--retention", "per_task_smax"],
-    "per_task_smax_kl": ["--retention", "per_task_smax_kl"],
-    "per_task_smax_kl_a1": ["--retention", "per_task_smax_kl", "--alpha", "1"],
-    "per_task_smax_kl_a2": ["--retention", "per_task_smax_kl", "--alpha", "2"],
-    "per_task_smax_kl_a2_expert": ["--retention", "per_task_smax_kl", "--alpha", "2", "--expert", FINETUNE_EXPERT],
-    "per_task_smax_kl_a2_expert_own2": ["--retention", "per_task_smax_kl", "--alpha", "2", "--expert",
-                                        FINETUNE_EXPERT, "--own_blocks", "2"],
-    "per_task_smax_kl_t05_a2": ["--retention", "per_task_smax_kl", "--alpha", "2", "--kl_temperature", "0.5"],
-    "sum_smax_kl_a2": ["--retention", "sum_smax_kl", "--alpha", "2"],
-    "per_task_smax_kl_a2_cap075": ["--retention", "per_task_smax_kl", "--alpha", "2", "--mask_capacity", "0.75"],
-    "per_task_smax_kl_carry": ["--retention", "per_task_smax_kl_carry"],
-    "per_task_smax_kl_carry_a2": ["--retention", "per_task_smax_kl_carry", "--alpha", "2"],
-    "per_task_smax_kl_carry_plain_a2": ["--retention", "per_task_smax_kl_carry_plain", "--alpha", "2"],
-    "per_task_smax_kl_carry_plain_a2_cap075": ["--retention", "per_task_smax_kl_carry_plain", "--alpha", "2",
-                                               "--mask_capacity", "0.75"],
-    "per_task_smax_kl_carry_plain_a2_cap01": ["--retention", "per_task_smax_kl_carry_plain", "--alpha", "2",
-                                              "--mask_capacity", "0.1"],
-}
-DEFAULT_METHODS = ["teracon", "finetune", "no_relation", "no_retention", "uniform_sampling", "per_task_smax",
-                   "per_task_smax_kl_a2"]
+
+def method_names() -> dict[str, tuple[str, str | None]]:
+    """The names --methods takes: every registered method (continual/methods/), and every preset of one (e.g.
+    TERACON's no_relation or recommended) → (method, preset or None)."""
+    names: dict[str, tuple[str, str | None]] = {name: (name, None) for name in METHODS}
+    for name in METHODS:
+        for preset in method_class(name).presets:
+            names.setdefault(preset, (name, preset))
+    return names
+
+
+def resolve(name: str) -> tuple[str, str | None, int]:
+    """A --methods name → (method, preset or None, rerun)."""
+    match = RERUN.fullmatch(name)
+    base, rerun = (match.group(1), int(match.group(2))) if match and match.group(1) in method_names() else (name, 0)
+    method, preset = method_names()[base]
+    return method, preset, rerun
+
+
+def known_name(text: str) -> bool:
+    match = RERUN.fullmatch(text)
+    return text in method_names() or bool(match and match.group(1) in method_names())
+
+
+def chains_first(name: str) -> dict[str, str]:
+    """{flag: chain}: the flags whose value is another chain's checkpoint of the same seed and stage (e.g. the
+    recommended rule's --expert, fine-tuning's), which chain must run first."""
+    method, preset, _ = resolve(name)
+    return method_class(method).chains_needed(preset)
+
 
 # run_all.sh's per-dataset flags: (stage 1, stages >= 2). Keep the two in step.
 STAGE_FLAGS: dict[str, tuple[list[str], list[str]]] = {
@@ -129,14 +136,13 @@ def stage_command(dataset: str, out: str, seed: int, method: str, stage: int, ex
                "--datapath_index", os.path.join(out, f"seed{seed}", "index.csv")]
     if stage == 1:
         return command + first + extra
-    expert = savepath(out, seed, "finetune", stage) + ".t7"
-    flags_of_method = [expert if flag == FINETUNE_EXPERT else flag for flag in METHODS[method]]
+    name, preset, rerun = resolve(method)
+    flags_of_method = (["--method", name] if name != DEFAULT_METHOD else []) + (
+        ["--preset", preset] if preset and preset != method_class(name).Options().preset else []) + (
+        ["--rerun", str(rerun)] if rerun else [])
+    for flag, chain in chains_first(method).items():
+        flags_of_method += [flag, savepath(out, seed, chain, stage) + ".t7"]
     return command + ["--paths", savepath(out, seed, method, stage - 1) + ".t7", *flags_of_method, *later, *extra]
-
-
-def needs_finetune(method: str) -> bool:
-    """Whether the method distils from the fine-tuning chain of its seed (which must run first)."""
-    return FINETUNE_EXPERT in METHODS[method]
 
 
 def run_stage(command: list[str], save: str, label: str) -> bool:
@@ -163,13 +169,14 @@ def run_all(dataset: str, out: str, seeds: list[int], methods: list[str], stages
             jobs: int) -> int:
     """Every (seed, method) chain on a pool of `jobs` threads; stage 1 once per seed. Returns failed chains."""
     locks = {seed: threading.Lock() for seed in seeds}
-    chain_locks = {(seed, method): threading.Lock() for seed in seeds for method in {*methods, "finetune"}}
+    needed = {chain for method in methods for chain in chains_first(method).values()}
+    chain_locks = {(seed, method): threading.Lock() for seed in seeds for method in {*methods, *needed}}
     first: dict[int, bool] = {}
 
     def chain(seed: int, method: str) -> bool:
-        if needs_finetune(method) and not chain(seed, "finetune"):  # its expert of every stage, first
+        if not all(chain(seed, other) for other in chains_first(method).values()):  # e.g. its expert's, first
             return False
-        with chain_locks[seed, method]:  # a chain runs once at a time, even when an expert method asks for it too
+        with chain_locks[seed, method]:  # a chain runs once at a time, even when another method asks for it too
             return method_chain(seed, method)
 
     def method_chain(seed: int, method: str) -> bool:
@@ -473,8 +480,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--seeds", type=flags.positive_int, default=3, help="number of seeds: 0 .. seeds-1")
     parser.add_argument("--out", type=flags.output_dir, default="runs/compare")
-    parser.add_argument("--methods", type=flags.comma_list(list(METHODS)), default=DEFAULT_METHODS,
-                        help="comma-separated, of: " + ", ".join(METHODS) + " (default: " + ",".join(DEFAULT_METHODS) + ")")
+    names = list(method_names())
+    parser.add_argument("--methods", type=flags.comma_list(names, known_name), default=DEFAULT_METHODS,
+                        help="comma-separated: a method (" + ", ".join(METHODS) + ") or a method's preset (" +
+                             ", ".join(name for name in names if name not in METHODS) + "), any of them with _rerunN "
+                             "for its N-th rerun (--rerun N); default: " + ",".join(DEFAULT_METHODS))
     parser.add_argument("--jobs", type=flags.positive_int, default=2, help="methods run in parallel (one thread each)")
     parser.add_argument("--synth_seed", type=flags.seed, default=0,
                         help="synth only: the generator's seed, a fresh draw of the benchmark (default 0, the README's; "
@@ -482,9 +492,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(own)
     if args.synth_seed and args.dataset != "synth":
         parser.error(f"--synth_seed applies to --dataset synth, not {args.dataset}")
-    import trainer  # the flags after `--` are checked as every stage will parse them, before any stage runs
-    trainer.build_parser(None).parse_args(extra)
     methods = args.methods
+    for name in methods:  # the flags after `--` are checked as each method's stages will parse them, before any runs
+        check_stage_flags(extra, resolve(name)[0])
     stages = len(DATASETS[args.dataset]["files"])
     out = os.path.abspath(args.out)
     os.chdir(REPO)  # the presets' data paths are relative to the repository root

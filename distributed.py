@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -31,6 +32,29 @@ import data_loader
 from utils import resolve_device
 
 BUCKET_ELEMENTS = 1 << 24  # gradients are all-reduced in flat buckets of up to 16 M elements (64 MB fp32)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where this process's rows sit in the global batch: rank r holds global rows r, r + world, … (see
+    `batches`). A single process is Shard(size, 0, 1); a rank holding a weight-0 stand-in row has rows = 0."""
+    size: int        # rows of the global batch
+    rank: int = 0
+    world: int = 1
+
+    def local(self, positions: np.ndarray) -> np.ndarray:
+        """This rank's local indices of the given global positions."""
+        return positions[positions % self.world == self.rank] // self.world
+
+    @property
+    def rows(self) -> int:
+        """Rows of the global batch this rank holds."""
+        return len(range(self.rank, self.size, self.world))
+
+    @property
+    def share(self) -> float:
+        """This rank's share of the global batch, the weight of its gradient (1 in a single process)."""
+        return self.rows / self.size
 
 
 def launched() -> bool:

@@ -346,14 +346,14 @@ def main() -> None:
     if args.split_percentage is not None:  # a split too small for this data names the flag
         check_split(record["datapath"], len(data.targets),
                     split_indices(len(data.targets), record["seed"], args.split_percentage), args.split_percentage)
-    smax = args.smax if args.smax is not None else checkpoint["args"]["smax"]
+    smax = args.smax if args.smax is not None else checkpoint["run_config"]["smax"]
     if args.kept_from:  # checked before anything is scored
         earlier_checkpoint = load_checkpoint(args.kept_from)
         check_kept_from(args.kept_from, earlier_checkpoint, args.task, record, index.size)
     result = task_report(model, args.task, record, data, index, smax, args.batch, device, args.top_k, args.split)
     if args.kept_from:
         earlier = NextItNet.from_checkpoint(earlier_checkpoint).to(device)
-        earlier_smax = args.smax if args.smax is not None else earlier_checkpoint["args"]["smax"]
+        earlier_smax = args.smax if args.smax is not None else earlier_checkpoint["run_config"]["smax"]
         result["kept"] = kept_report(earlier, model, args.task, record, data, (earlier_smax, smax), args.batch,
                                      device, args.top_k, args.split)
     print(json.dumps(result, indent=2))

@@ -85,7 +85,7 @@ def relation_figures(checkpoint: dict, out: str, name: str = "") -> list[str]:
     import matplotlib.pyplot as plt
 
     model = NextItNet.from_checkpoint(checkpoint).eval()
-    smax = float((checkpoint.get("args") or {}).get("smax") or DEFAULT_SMAX)
+    smax = float((checkpoint.get("run_config") or {}).get("smax") or DEFAULT_SMAX)
     similarity = mask_similarity(model, smax)                                      # [n_layers, N, N]
     n_layers, n_tasks, _ = similarity.shape
     numbers = [str(t) for t in range(1, n_tasks + 1)]

@@ -25,9 +25,16 @@ METRIC_PATTERN = re.compile(r"(mrr|hit|ndcg)@([1-9][0-9]*)")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse.ArgumentParser whose errors are ONE line `error: --flag ...` on stderr, exit 2 (--help unchanged)."""
+    """argparse.ArgumentParser whose errors are ONE line `error: --flag ...` on stderr, exit 2 (--help unchanged).
+
+    `explain_unknown`, when set, turns argparse's "unrecognized arguments: ..." into a better line (e.g. that
+    the flag belongs to another --method)."""
+    explain_unknown: Callable[[list[str]], str] | None = None
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        prefix = "unrecognized arguments: "
+        if self.explain_unknown is not None and message.startswith(prefix):
+            message = self.explain_unknown(message[len(prefix):].split())
         self.exit(2, f"error: {one_line(message)}\n")
 
 
@@ -247,11 +254,11 @@ def require_files(args: argparse.Namespace, names: list[str], hints: dict[str, s
             raise DataError(f"--{name}: {path}: file not found{hint}")
 
 
-def comma_list(choices: list[str]) -> Callable[[str], list[str]]:
-    """A non-empty comma-separated list of names, each one of `choices`."""
+def comma_list(choices: list[str], known: Callable[[str], bool] | None = None) -> Callable[[str], list[str]]:
+    """A non-empty comma-separated list of names, each one of `choices` (or one that `known` accepts)."""
     def check(text: str) -> list[str]:
         names = [name for name in text.split(",") if name]
-        unknown = [name for name in names if name not in choices]
+        unknown = [name for name in names if not (known(name) if known else name in choices)]
         if unknown or not names:
             _fail(f"unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(choices)}")
         return names

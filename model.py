@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CHECKPOINT_FORMAT = 1  # version of the checkpoint layout written by trainer.checkpoint_dict
+CHECKPOINT_FORMAT = 2  # version of the checkpoint layout written by continual.training.loop.checkpoint_dict
+LEGACY_FORMAT = 1      # the layout before it: the parsed command line under "args" (read by checkpoints.py)
 
 
 @dataclass

@@ -46,7 +46,7 @@ import flags
 from data_loader import ItemIndex, TaskData, load_task, read_index, segments, split_indices, tokenize
 from evaluate import score
 from model import NextItNet
-from trainer import autocast
+from continual.training.loop import autocast
 from checkpoints import load_checkpoint
 from utils import (DataError, atomic_save_npy, atomic_write_text, cli, keep_freed_memory, resolve_device,
                    write_json)
@@ -341,7 +341,7 @@ def probe_target(args: argparse.Namespace, checkpoint: dict, index: ItemIndex, v
             raise DataError(f"--probe_task {args.probe_task}: is a {target.kind} task; the probe fits a classifier "
                             "to a cls task's labels")
         return target, checkpoint["tasks"][args.probe_task - 1]
-    recorded = checkpoint.get("args", {})
+    recorded = checkpoint.get("run_config", {})
     if recorded.get("seed") is None or recorded.get("split_percentage") is None:
         raise DataError(f"{args.paths}: does not record its seed and split_percentage, which --probe_file's "
                         "split needs")
@@ -411,7 +411,7 @@ def main() -> None:
         raise DataError(f"{index_path}: index has {index.size} items, {args.paths} "
                         f"{checkpoint['model_config']['n_items']} (made from other data)")
     model = NextItNet.from_checkpoint(checkpoint).to(device).eval()
-    s, pad = float(checkpoint["args"]["smax"]), pad_item(index)
+    s, pad = float(checkpoint["run_config"]["smax"]), pad_item(index)
     view = task_view(checkpoint, args.task, index, args.datapath, args.paths)
     views = [view] + ([task_view(checkpoint, 1, index, None, args.paths)] if args.embed_task1 else [])
 

@@ -173,17 +173,17 @@ def run_ours(argv: list[str], steps: int, out: str, fused: bool = False) -> None
     `fused`, Adam's fused kernel replaces its loop: the same arithmetic in another order (the yardstick)."""
     single_thread()
     import torch
-    import method
-    import trainer
+    from continual.methods import teracon
+    from continual.training import loop
     if fused:
-        loop = torch.optim.Adam
+        per_parameter = torch.optim.Adam
 
-        class FusedAdam(loop):
+        class FusedAdam(per_parameter):
             def __init__(self, params, lr, foreach=None):
                 super().__init__(params, lr=lr, fused=True)
         torch.optim.Adam = FusedAdam
     records: list[dict] = []
-    continual_step, retention_plan = trainer.continual_step, method.retention_plan
+    train_step, retention_plan = loop.train_step, teracon.retention_plan
     counts: list[int] = []
 
     def plan(*args, **kwargs):
@@ -192,7 +192,7 @@ def run_ours(argv: list[str], steps: int, out: str, fused: bool = False) -> None
         return result
 
     def step(model, *args, **kwargs):
-        loss, kept, ratios, stepped = continual_step(model, *args, **kwargs)
+        loss, kept, stepped = train_step(model, *args, **kwargs)
         records.append({"ce": float(loss - kept), "total": float(loss), "retention": float(kept), "rows": list(counts)})
         if len(records) == steps:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out + ".pt")
@@ -200,10 +200,10 @@ def run_ours(argv: list[str], steps: int, out: str, fused: bool = False) -> None
                 json.dump(records, handle)
             sys.stdout.flush()
             os._exit(0)
-        return loss, kept, ratios, stepped
+        return loss, kept, stepped
 
-    trainer.continual_step, method.retention_plan = step, plan
-    trainer.main(argv=argv)
+    loop.train_step, teracon.retention_plan = step, plan
+    loop.main(argv=argv)
     raise SystemExit(f"stage ended after {len(records)} steps, before {steps}: give more --epochs")
 
 

@@ -1,5 +1,5 @@
-"""Stage 1: pretrain NextItNet on next-item prediction (see trainer.py)."""
-from trainer import main
+"""Stage 1: pretrain NextItNet on next-item prediction (see continual/training/loop.py)."""
+from continual.training.loop import main
 from utils import cli
 
 if __name__ == "__main__":

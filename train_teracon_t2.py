@@ -1,5 +1,6 @@
-"""Stage 2: learn task 2 with TERACON on top of stage 1 (see trainer.py)."""
-from trainer import main
+"""Stage 2: learn task 2 with the chosen --method (TERACON by default) on top of stage 1
+(see continual/training/loop.py)."""
+from continual.training.loop import main
 from utils import cli
 
 if __name__ == "__main__":

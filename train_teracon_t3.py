@@ -1,5 +1,6 @@
-"""Stage 3: learn task 3 with TERACON on top of stage 2 (see trainer.py)."""
-from trainer import main
+"""Stage 3: learn task 3 with the chosen --method (TERACON by default) on top of stage 2
+(see continual/training/loop.py)."""
+from continual.training.loop import main
 from utils import cli
 
 if __name__ == "__main__":

@@ -210,6 +210,11 @@ def stage_defaults(stage: int, variant: str = "revised") -> dict[str, Any]:
             **VARIANT_STAGES[variant].get(stage, {})}
 
 
+def stage_script(stage: int) -> str:
+    """The script that trains stage `stage`."""
+    return "train_task1.py" if stage == 1 else f"train_teracon_t{stage}.py"
+
+
 def task_name(dataset: str | None, stage: int) -> str:
     if dataset in DATASETS and stage <= len(DATASETS[dataset]["names"]):
         return DATASETS[dataset]["names"][stage - 1]

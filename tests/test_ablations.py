@@ -22,7 +22,7 @@ def test_ablation_flags_and_finetune(tmp_path, data_writer, subprocess_env, repo
         *common)
     variants = {
         "ablated": ["--no_relation", "--uniform_sampling", "--nested_samples", "--no_embedding_clamp"],
-        "no_retention": ["--no_retention"],
+        "no_retention": ["--preset", "no_retention"],
         "finetune": ["--method", "finetune"],
         "teracon": [],
     }
@@ -32,13 +32,17 @@ def test_ablation_flags_and_finetune(tmp_path, data_writer, subprocess_env, repo
                    "--paths", tmp_path / "task1.t7", "--savepath", tmp_path / name, "--batch", 32, *common, *flags)
         checkpoint = torch.load(tmp_path / f"{name}.t7", weights_only=True)
         configs[name] = checkpoint["model_config"]
+        options = checkpoint["run_config"]["options"]
         metrics = json.loads((tmp_path / f"{name}.metrics.json").read_text())
         assert set(metrics["tasks"]) == {"1", "2"}
         if name in ("no_retention", "finetune"):
-            assert checkpoint["args"]["alpha"] == 0.0
+            assert options.get("alpha", 0.0) == 0.0 and ("alpha" in options) == (name == "no_retention")
             assert "retention 0 " in done.stdout
         else:
-            assert checkpoint["args"]["alpha"] == 0.7
+            assert options["alpha"] == 0.7
+        if name == "ablated":
+            assert options["no_relation"] and options["uniform_sampling"] and options["nested_samples"]
+            assert options["embedding_clamp"] == "off"
     assert configs["teracon"]["relation"] and configs["teracon"]["use_masks"]
     assert not configs["ablated"]["relation"] and configs["ablated"]["use_masks"]
     assert not configs["finetune"]["relation"] and not configs["finetune"]["use_masks"]

@@ -16,7 +16,7 @@ import torch
 
 import compare
 import figures
-import trainer
+from continual.training import config, loop
 import utils
 from model import ModelConfig, NextItNet
 
@@ -68,7 +68,7 @@ def test_mask_similarity_matches_hand_computation(relation, s):
 
 
 def metrics_file(path, stage: int, values: dict[int, float]) -> str:
-    """A metrics.json with task 1 rec and the others cls, as trainer.finish writes it."""
+    """A metrics.json with task 1 rec and the others cls, as loop.finish writes it."""
     tasks = {str(k): {"kind": "rec", "test": {"mrr@5": v, "mrr@20": v + 0.1, "hit@5": 0.5, "acc": 0.01}}
              if k == 1 else {"kind": "cls", "test": {"acc": v}} for k, v in values.items()}
     path.write_text(json.dumps({"stage": stage, "tasks": tasks}))
@@ -80,11 +80,11 @@ def test_figures_writes_png_files(tmp_path):
     model = three_task_model(relation=True)
     argv = ["--datapath", "d.csv", "--datapath_index", "index.csv", "--savepath", str(tmp_path / "task3"),
             "--paths", str(tmp_path / "task2.t7"), "--channels", "8", "--device", "cpu"]
-    args = trainer.parse_args(3, argv)
+    args = config.parse_args(3, argv)
     tasks = [{"name": name, "datapath": "x", "kind": kind, "n_classes": n, "seed": 10, "split_percentage": 0.2}
              for name, kind, n in (("next_item", "rec", 20), ("watch", "cls", 5), ("age", "cls", 3))]
     checkpoint = tmp_path / "task3.t7"
-    utils.atomic_torch_save(trainer.checkpoint_dict(args, model, tasks, 0, {"acc": 0.5}), str(checkpoint))
+    utils.atomic_torch_save(loop.checkpoint_dict(args, model, {}, tasks, 0, {"acc": 0.5}), str(checkpoint))
     first = metrics_file(tmp_path / "task1.metrics.json", 1, {1: 0.2})
     second = metrics_file(tmp_path / "task2.metrics.json", 2, {1: 0.1, 2: 0.6})
     out = tmp_path / "figures"
@@ -190,31 +190,35 @@ def test_stage_commands_share_stage1_and_chain_per_method():
 
     third = compare.stage_command("demo", "runs/c", 0, "no_relation", 3, [])
     assert third[third.index("--paths") + 1] == os.path.join("runs/c", "seed0", "no_relation", "task2.t7")
-    assert "--no_relation" in third and third[third.index("--stage") + 1] == "3"
+    assert third[third.index("--preset") + 1] == "no_relation" and third[third.index("--stage") + 1] == "3"
+    assert "--method" not in third                                        # a preset of the default method
     teracon = compare.stage_command("demo", "runs/c", 0, "teracon", 4, [])
-    assert not {"--method", "--no_relation", "--no_retention", "--uniform_sampling"} & set(teracon)
+    assert not {"--method", "--preset", "--rerun"} & set(teracon)
+    rerun = compare.stage_command("demo", "runs/c", 0, "finetune_rerun1", 2, [])
+    assert rerun[rerun.index("--rerun") + 1] == "1" and rerun[rerun.index("--method") + 1] == "finetune"
+    assert rerun[rerun.index("--savepath") + 1] == os.path.join("runs/c", "seed0", "finetune_rerun1", "task2")
 
 
 def test_expert_method_distils_from_the_finetune_chain_which_runs_first(monkeypatch):
-    """per_task_smax_kl_a2_expert's stage K gets --expert <out>/seedS/finetune/taskK.t7, and its chain waits for
-    the fine-tuning chain of its seed, also when both methods run side by side."""
-    command = compare.stage_command("synth", "runs/c", 1, "per_task_smax_kl_a2_expert", 3, [])
+    """The recommended preset's stage K gets --expert <out>/seedS/finetune/taskK.t7, and its chain waits for the
+    fine-tuning chain of its seed, also when both methods run side by side."""
+    command = compare.stage_command("synth", "runs/c", 1, "recommended", 3, [])
     assert command[command.index("--expert") + 1] == os.path.join("runs/c", "seed1", "finetune", "task3.t7")
-    assert command[command.index("--paths") + 1] == os.path.join("runs/c", "seed1", "per_task_smax_kl_a2_expert",
-                                                                  "task2.t7")
+    assert command[command.index("--preset") + 1] == "recommended"
+    assert command[command.index("--paths") + 1] == os.path.join("runs/c", "seed1", "recommended", "task2.t7")
     assert "{finetune}" not in " ".join(compare.stage_command("synth", "runs/c", 1, "finetune", 3, []))
     ran = []
     monkeypatch.setattr(compare, "run_stage", lambda command, save, label: ran.append(save) or True)
-    assert compare.run_all("synth", "runs/c", [0], ["per_task_smax_kl_a2_expert"], 3, [], 1) == 0
+    assert compare.run_all("synth", "runs/c", [0], ["recommended"], 3, [], 1) == 0
     names = [os.path.relpath(save, "runs/c") for save in ran]
     assert names == [os.path.join("seed0", *parts) for parts in
-                     [("task1",), ("finetune", "task2"), ("finetune", "task3"), ("per_task_smax_kl_a2_expert", "task2"),
-                      ("per_task_smax_kl_a2_expert", "task3")]]
+                     [("task1",), ("finetune", "task2"), ("finetune", "task3"), ("recommended", "task2"),
+                      ("recommended", "task3")]]
     ran.clear()
-    assert compare.run_all("synth", "runs/c", [0], ["finetune", "per_task_smax_kl_a2_expert"], 3, [], 2) == 0
+    assert compare.run_all("synth", "runs/c", [0], ["finetune", "recommended"], 3, [], 2) == 0
     names = [os.path.relpath(save, "runs/c") for save in ran]
     for stage in (2, 3):
-        expert = names.index(os.path.join("seed0", "per_task_smax_kl_a2_expert", f"task{stage}"))
+        expert = names.index(os.path.join("seed0", "recommended", f"task{stage}"))
         assert os.path.join("seed0", "finetune", f"task{stage}") in names[:expert]
 
 

@@ -17,8 +17,11 @@ import torch.nn as nn
 import data_loader
 import evaluate
 import checkpoints
-import method
-import trainer
+from continual.methods import teracon
+from continual.training import config, loop, samplers
+from distributed import Shard
+from continual.methods.base import distillation_kl
+from teracon_helpers import teracon_options
 import utils
 from model import ModelConfig, NextItNet, causal_conv
 
@@ -103,10 +106,10 @@ def test_causal_conv_matches_authors_conv2d(dilation, kernel):
 def test_plain_masks_range_and_annealing(tiny_model):
     smax = 50.0
     batches = 37
-    assert method.anneal(0, batches, smax) == pytest.approx(1.0 / smax, abs=1e-12)
-    assert method.anneal(batches, batches, smax) == pytest.approx(smax, abs=1e-9)
-    assert method.anneal(batches / 2, batches, smax) == pytest.approx((1.0 / smax + smax) / 2, rel=1e-9)
-    values = [method.anneal(b, batches, smax) for b in range(batches + 1)]
+    assert loop.anneal(0, batches, smax) == pytest.approx(1.0 / smax, abs=1e-12)
+    assert loop.anneal(batches, batches, smax) == pytest.approx(smax, abs=1e-9)
+    assert loop.anneal(batches / 2, batches, smax) == pytest.approx((1.0 / smax + smax) / 2, rel=1e-9)
+    values = [loop.anneal(b, batches, smax) for b in range(batches + 1)]
     assert all(b > a for a, b in zip(values, values[1:]))
 
     model = tiny_model(task_classes=[20, 5], seed=3)
@@ -326,7 +329,7 @@ def _args(tmp_path, stage):
             "--savepath", str(tmp_path / f"task{stage}"), "--channels", "16", "--device", "cpu"]
     if stage > 1:
         argv += ["--paths", str(tmp_path / f"task{stage - 1}.t7")]
-    return trainer.parse_args(stage, argv)
+    return config.parse_args(stage, argv)
 
 
 @pytest.mark.parametrize("relation", [False, True])
@@ -338,7 +341,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tiny_model, rela
     tasks = [{"name": f"task{k}", "datapath": "x", "kind": "rec", "n_classes": n, "seed": 10,
               "split_percentage": 0.2} for k, n in enumerate(classes, 1)]
     path = tmp_path / "ckpt.t7"
-    utils.atomic_torch_save(trainer.checkpoint_dict(args, model, tasks, 0, {"acc": 0.5}), str(path))
+    utils.atomic_torch_save(loop.checkpoint_dict(args, model, {}, tasks, 0, {"acc": 0.5}), str(path))
     checkpoint = checkpoints.load_checkpoint(str(path))
     assert checkpoint["stage"] == stage
     loaded = NextItNet.from_checkpoint(checkpoint).eval()
@@ -471,39 +474,39 @@ def test_sampling_ratio_by_hand():
     current = torch.rand(6, 10, generator=gen)
     cosines = [float(teacher[l] @ current[l] / (teacher[l].norm() * current[l].norm())) for l in range(6)]
     expected = 1.0 - np.mean([1.0 / (1.0 + math.exp(-6.0 * c)) for c in cosines])
-    assert method.sampling_ratio(teacher, current) == pytest.approx(expected, abs=1e-6)
+    assert teracon.sampling_ratio(teacher, current) == pytest.approx(expected, abs=1e-6)
     # identical masks: cos = 1 → 1 − σ(6)
-    assert method.sampling_ratio(teacher, teacher) == pytest.approx(1.0 - 1.0 / (1.0 + math.exp(-6.0)), abs=1e-6)
+    assert teracon.sampling_ratio(teacher, teacher) == pytest.approx(1.0 - 1.0 / (1.0 + math.exp(-6.0)), abs=1e-6)
     # opposite-signed rows: cos = −1 → 1 − σ(−6)
-    assert method.sampling_ratio(teacher, -teacher) == pytest.approx(1.0 - 1.0 / (1.0 + math.exp(6.0)), abs=1e-6)
+    assert teracon.sampling_ratio(teacher, -teacher) == pytest.approx(1.0 - 1.0 / (1.0 + math.exp(6.0)), abs=1e-6)
 
 
 def test_retention_plan_by_hand():
     ratios = [0.9, 0.2, 0.05]
     total = sum(ratios)
     # paper (Eqs. 15–16): int(B · ratio_j) rows, weight ratio_j / Σ ratio
-    assert method.retention_plan("paper", ratios, 100) == [(90, 0.9 / total), (20, 0.2 / total), (5, 0.05 / total)]
-    assert [rows for rows, _ in method.retention_plan("paper", [0.0025] * 5, 256)] == [0] * 5  # the vanishing sample
+    assert teracon.retention_plan(teracon_options("paper"), ratios, 100) == [(90, 0.9 / total), (20, 0.2 / total), (5, 0.05 / total)]
+    assert [rows for rows, _ in teracon.retention_plan(teracon_options("paper"), [0.0025] * 5, 256)] == [0] * 5  # the vanishing sample
     # all_rows: every row, same weights; per_task: every row, weights with mean 1
-    assert method.retention_plan("all_rows", ratios, 100) == [(100, r / total) for r in ratios]
-    per_task = method.retention_plan("per_task", ratios, 64)
+    assert teracon.retention_plan(teracon_options("all_rows"), ratios, 100) == [(100, r / total) for r in ratios]
+    per_task = teracon.retention_plan(teracon_options("per_task"), ratios, 64)
     assert [rows for rows, _ in per_task] == [64] * 3
     assert [w for _, w in per_task] == pytest.approx([3 * r / total for r in ratios])
-    assert method.retention_plan("per_task", [0.0025] * 5, 256) == [(256, pytest.approx(1.0))] * 5
-    assert method.retention_plan("paper", [0.0, 0.0], 10) == [(0, 0.0), (0, 0.0)]
-    with pytest.raises(ValueError):
-        method.retention_plan("nope", ratios, 10)
+    assert teracon.retention_plan(teracon_options("per_task"), [0.0025] * 5, 256) == [(256, pytest.approx(1.0))] * 5
+    assert teracon.retention_plan(teracon_options("paper"), [0.0, 0.0], 10) == [(0, 0.0), (0, 0.0)]
+    with pytest.raises(ValueError, match="rows must be one of sampled, all"):
+        teracon_options(rows="nope")
 
 
 def test_retention_rows_global_draw_and_shards():
-    plan = [(5, 1.0), (3, 1.0)]
-    whole = method.retention_rows(np.random.default_rng(4), plan, method.Shard(11), nested=False)
+    counts = [5, 3]
+    whole = samplers.OurSampler(np.random.default_rng(4)).retention_rows(counts, 11, nested=False)
     assert [p.size for p in whole] == [5, 3] and all(len(set(p)) == p.size and p.max() < 11 for p in whole)
-    nested = method.retention_rows(np.random.default_rng(4), plan, method.Shard(11), nested=True)
+    nested = samplers.OurSampler(np.random.default_rng(4)).retention_rows(counts, 11, nested=True)
     assert np.array_equal(nested[1], nested[0][:3])                   # prefixes of one shuffle
     # two ranks: rank r holds global rows r, r+2, …; together they hold exactly the one-process rows
-    shards = [method.Shard(11, rank, 2) for rank in range(2)]
-    assert [shard.rows for shard in shards] == [6, 5] and method.Shard(1, 1, 2).rows == 0
+    shards = [Shard(11, rank, 2) for rank in range(2)]
+    assert [shard.rows for shard in shards] == [6, 5] and Shard(1, 1, 2).rows == 0
     for positions in whole:
         local = [shard.local(positions) for shard in shards]
         assert sorted(np.concatenate([2 * local[0], 2 * local[1] + 1]).tolist()) == sorted(positions.tolist())
@@ -513,7 +516,7 @@ def test_retention_term_by_hand_and_gradient():
     gen = torch.Generator().manual_seed(12)
     student = torch.randn(7, 30, generator=gen, requires_grad=True)
     teacher = torch.randn(7, 30, generator=gen)
-    loss = method.retention_term(student, teacher, 0.4)
+    loss = teracon.retention_term(student, teacher, 0.4)
     assert float(loss.detach()) == pytest.approx(0.4 * float(((student.detach() - teacher) ** 2).mean()), rel=1e-5)
     loss.backward()
     torch.testing.assert_close(student.grad, 0.4 * 2 * (student.detach() - teacher) / student.numel())
@@ -523,26 +526,28 @@ def test_kl_retention_term_by_hand_and_gradient():
     gen = torch.Generator().manual_seed(13)
     student = torch.randn(5, 9, generator=gen, requires_grad=True)
     teacher = torch.randn(5, 9, generator=gen)
-    loss = method.retention_term(student, teacher, 0.4, kl=True)
+    loss = teracon.retention_term(student, teacher, 0.4, "kl")
     p, q = torch.softmax(teacher, 1), torch.softmax(student.detach(), 1)
     assert float(loss.detach()) == pytest.approx(0.4 * float((p * (p.log() - q.log())).sum(1).mean()), rel=1e-5)
     loss.backward()
     torch.testing.assert_close(student.grad, 0.4 * (q - p) / 5)              # d KL / d logits = q − p per row
-    shifted = method.retention_term(student.detach() + 3.0, teacher, 0.4, kl=True)
+    shifted = teracon.retention_term(student.detach() + 3.0, teacher, 0.4, "kl")
     assert float(shifted) == pytest.approx(float(loss.detach()), rel=1e-5)  # a common shift costs nothing
 
 
-def test_kl_retention_term_with_a_temperature_by_hand_and_gradient():
+def test_distillation_kl_with_a_temperature_by_hand_and_gradient():
+    """base.distillation_kl at T ≠ 1 (LwF's T = 2): KL(softmax(teacher / T) ‖ softmax(student / T)), not scaled."""
     gen = torch.Generator().manual_seed(14)
     student = torch.randn(5, 9, generator=gen, requires_grad=True)
     teacher = torch.randn(5, 9, generator=gen)
     temperature = 0.5
-    loss = method.retention_term(student, teacher, 0.4, kl=True, temperature=temperature)
+    loss = distillation_kl(student, teacher, temperature)
     p, q = torch.softmax(teacher / temperature, 1), torch.softmax(student.detach() / temperature, 1)
     kl = float((p * (p.log() - q.log())).sum(1).mean())
-    assert float(loss.detach()) == pytest.approx(0.4 * temperature ** 2 * kl, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(kl, rel=1e-5)
     loss.backward()
-    torch.testing.assert_close(student.grad, 0.4 * temperature * (q - p) / 5)  # T² · (q_T − p_T) / T per row
-    plain = method.retention_term(student.detach(), teacher, 0.4, kl=True)
+    torch.testing.assert_close(student.grad, (q - p) / temperature / 5)   # (q_T − p_T) / T per row
+    plain = distillation_kl(student.detach(), teacher)
     assert float(plain) != pytest.approx(float(loss.detach()), rel=1e-3)    # the temperature changes the term
-    assert float(method.retention_term(student.detach(), teacher, 0.4, kl=True, temperature=1.0)) == float(plain)
+    assert float(distillation_kl(student.detach(), teacher, 1.0)) == float(plain)
+    assert float(teracon.retention_term(student.detach(), teacher, 0.4, "kl")) == pytest.approx(0.4 * float(plain))

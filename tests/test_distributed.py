@@ -9,7 +9,7 @@
    batches that split unevenly (27/26) and a last batch of one row: exit 0, one rank prints, one set of
    files, and the trained parameters equal the single-process ones within PARAM_TOL (measured: ~3e-7
    task 1, ~8e-7 task 2 without retention; wrong weighting or a doubled gradient moves them by 3e-4 to
-   2e-3). With retention too: the retention rows are drawn from the global batch (method.retention_rows),
+   2e-3). With retention too: the retention rows are drawn from the global batch (samplers.OurSampler.retention_rows),
    so the two ranks use the single process's rows and the same tolerance holds.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_R
 WORKER = r'''
 import sys
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/tests")
 import copy
 
 import numpy as np
@@ -39,8 +40,9 @@ import torch.distributed as dist
 torch.set_num_threads(1)
 import data_loader
 import distributed
-import method
+from distributed import Shard
 from model import ModelConfig, NextItNet
+from teracon_helpers import task1_loss, teracon_loss, teracon_options
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -88,10 +90,10 @@ def check_steps(make_model, loss_of, n, batch, what):
             assert weight == 0.0 and rows.size == 1  # a stand-in row, weight 0
         sizes.append(mine.size)
         model = make_model()
-        loss_of(model, full, method.Shard(full.size)).backward()
+        loss_of(model, full, Shard(full.size)).backward()
         want = grads(model)
         model = make_model()
-        loss = loss_of(model, rows, method.Shard(full.size, rank, world))
+        loss = loss_of(model, rows, Shard(full.size, rank, world))
         assert distributed.all_finite(loss, weight)
         loss.backward()
         distributed.average_gradients(model, weight)
@@ -105,7 +107,7 @@ def check_steps(make_model, loss_of, n, batch, what):
 torch.manual_seed(0)
 base1 = NextItNet(ModelConfig(n_items=30, task_classes=[30], channels=8))
 sequences = torch.from_numpy(np.random.default_rng(1).integers(1, 30, size=(11, 9)))
-sizes = check_steps(lambda: copy.deepcopy(base1), lambda m, rows, _: method.task1_loss(m, sequences[rows], 3.0, 0.75),
+sizes = check_steps(lambda: copy.deepcopy(base1), lambda m, rows, _: task1_loss(m, sequences[rows], 3.0, 0.75),
                     11, 5, "task 1")
 assert sizes == ([3, 3, 1] if rank == 0 else [2, 2, 0]), sizes
 
@@ -116,14 +118,14 @@ torch.manual_seed(1)
 base2.add_task(12, relation=True)
 x = torch.from_numpy(np.random.default_rng(2).integers(1, 30, size=(11, 8)))
 y = torch.from_numpy(np.random.default_rng(3).integers(0, 12, size=11))
-args = method.Retention(alpha=0.7)
+options = teracon_options(alpha=0.7)
 
 
 def stage2_loss(model, rows, shard, ratios=(0.5,)):
     """ratio 0.5: int(5 · 0.5) = 2 global rows per batch of 5, drawn by the same generator on every rank"""
     index = torch.as_tensor(rows)
-    loss, kept, new_ratios = method.continual_loss(model, teacher, x[index], y[index], 1, 5.0, list(ratios),
-                                                   np.random.default_rng(7), args, shard)
+    loss, kept, new_ratios = teracon_loss(model, teacher, x[index], y[index], 1, 5.0, list(ratios),
+                                          np.random.default_rng(7), options, shard=shard)
     stage2_loss.kept.append(kept.item() > 0)
     stage2_loss.ratios.append(new_ratios)
     return loss
@@ -145,8 +147,8 @@ assert all(r == ratios[0] for r in ratios), "sampling ratio depends on the rows"
 model = copy.deepcopy(base2)
 rows = np.arange(3)[rank::world]  # 2 rows / 1 row; ratio 0.5 → 1 global row, on one rank only
 index = torch.as_tensor(rows)
-loss, _, _ = method.continual_loss(model, teacher, x[index], y[index], 1, 5.0, [0.5], np.random.default_rng(7), args,
-                                   method.Shard(3, rank, world))
+loss, _, _ = teracon_loss(model, teacher, x[index], y[index], 1, 5.0, [0.5], np.random.default_rng(7), options,
+                          shard=Shard(3, rank, world))
 loss.backward()
 holders = [None] * world
 dist.all_gather_object(holders, model.heads[0].weight.grad is not None)
@@ -155,8 +157,8 @@ distributed.average_gradients(model, rows.size / 3)
 assert model.heads[0].weight.grad is not None
 same_on_every_rank(grads(model), "one-sided gradient")
 model = copy.deepcopy(base2)
-loss, _, _ = method.continual_loss(model, teacher, x[index], y[index], 1, 5.0, [0.5], np.random.default_rng(7),
-                                   method.Retention(alpha=0.0), method.Shard(3, rank, world))
+loss, _, _ = teracon_loss(model, teacher, x[index], y[index], 1, 5.0, [0.5], np.random.default_rng(7),
+                          teracon_options(alpha=0.0), shard=Shard(3, rank, world))
 loss.backward()
 distributed.average_gradients(model, rows.size / 3)
 assert model.heads[0].weight.grad is None, "a parameter without gradient on every rank must keep grad None"
@@ -269,7 +271,7 @@ def test_task1_two_ranks_match_single_process(setting, repo_root):
 
 @pytest.mark.parametrize("retention", [False, True], ids=["no_retention", "retention"])
 def test_task2_two_ranks_match_single_process(setting, repo_root, retention):
-    extra = [] if retention else ["--no_retention"]
+    extra = [] if retention else ["--preset", "no_retention"]
     name = "retention" if retention else "no_retention"
     reference, out = setting["root"] / f"single2_{name}", setting["root"] / f"ddp2_{name}"
     single(repo_root, setting["env"], "train_teracon_t2.py", *setting["task2"], *extra, "--savepath", reference / "task2")

@@ -11,7 +11,7 @@ import torch
 import evaluate
 import stats
 import synth
-import trainer
+from continual.training import loop
 import utils
 from data_loader import ItemIndex, TaskData
 
@@ -202,10 +202,10 @@ def test_one_epoch_synth_run_reports_baselines_intervals_and_ceilings(tmp_path):
     synth.main(["--out", str(data), "--users", "200", "--items", "40", "--length", "10", "--clusters", "4"])
     out = tmp_path / "run"
     common = ["--datapath_index", str(out / "index.csv"), "--epochs", "1", "--device", "cpu", "--batch", "64"]
-    trainer.main(1, ["--datapath", str(data / "task1.csv"), "--savepath", str(out / "task1"), "--channels", "8",
+    loop.main(1, ["--datapath", str(data / "task1.csv"), "--savepath", str(out / "task1"), "--channels", "8",
                      *common])
     for k in range(2, 7):
-        trainer.main(k, ["--datapath", str(data / f"task{k}.csv"), "--savepath", str(out / f"task{k}"),
+        loop.main(k, ["--datapath", str(data / f"task{k}.csv"), "--savepath", str(out / f"task{k}"),
                          "--paths", str(out / f"task{k - 1}.t7"), *common])
     metrics = json.loads((out / "task6.metrics.json").read_text())
     meta = json.loads((data / "tasks.json").read_text())

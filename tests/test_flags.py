@@ -25,7 +25,7 @@ import flags
 import predict
 import prepare_data
 import synth
-import trainer
+from continual.training import config, loop
 import utils
 from model import ModelConfig, NextItNet
 
@@ -72,11 +72,11 @@ def stage1(tmp_path_factory, data_writer) -> dict:
     data = data_writer(folder / "data")
     _, index = data_loader.load_sequences(str(data.task1))
     data_loader.write_index(index, str(folder / "index.csv"))
-    args = trainer.parse_args(1, ["--datapath", str(data.task1), "--datapath_index", str(folder / "index.csv"),
+    args = config.parse_args(1, ["--datapath", str(data.task1), "--datapath_index", str(folder / "index.csv"),
                                   "--savepath", str(folder / "task1"), "--channels", "8", "--device", "cpu"])
     model = NextItNet(ModelConfig(n_items=index.size, task_classes=[index.size], channels=8))
-    record = trainer.task_record(args, index.size)
-    utils.atomic_torch_save(trainer.checkpoint_dict(args, model, [record], 0, {"acc": 0.0}), str(folder / "task1.t7"))
+    record = loop.task_record(args, index.size)
+    utils.atomic_torch_save(loop.checkpoint_dict(args, model, {}, [record], 0, {"acc": 0.0}), str(folder / "task1.t7"))
     (folder / "metrics.json").write_text('{"stage": 1, "tasks": {}}\n')
     return {"folder": folder, "t1": str(data.task1), "t2": str(data.task2), "index": str(folder / "index.csv"),
             "ckpt": str(folder / "task1.t7"), "classes": index.size,
@@ -136,7 +136,7 @@ def parsers(monkeypatch) -> dict:
 
     monkeypatch.setattr(flags.Parser, "parse_args", grab)
     found = {}
-    for name, call in {"train_task1.py": lambda: trainer.main(1, []), "train_teracon.py": lambda: trainer.main(None, []),
+    for name, call in {"train_task1.py": lambda: loop.main(1, []), "train_teracon.py": lambda: loop.main(None, []),
                        "evaluate.py": evaluate.main, "compare.py": lambda: compare.main([]),
                        "figures.py": lambda: figures.main([]), "prepare_data.py": lambda: prepare_data.main([]),
                        "bench.py": bench.parse, "predict.py": predict.main, "synth.py": lambda: synth.main([])}.items():
@@ -161,7 +161,7 @@ def test_every_flag_states_its_domain(monkeypatch):
 
 def test_help_still_works(capsys):
     with pytest.raises(SystemExit) as info:
-        trainer.parse_args(1, ["--help"])
+        config.parse_args(1, ["--help"])
     assert info.value.code == 0 and "--split_percentage" in capsys.readouterr().out
 
 
@@ -175,7 +175,9 @@ BAD_TRAINING = [
     ("--split_percentage", "0"), ("--split_percentage", "1"), ("--top_k", "0"), ("--ce_chunk", "-5"),
     ("--device", "gpu"), ("--gpu_num", "-1"), ("--gpu_num", "x"), ("--select_on", "auc"), ("--select_on", "mrr@7"),
     ("--task_kind", "both"), ("--method", "other"), ("--dataset", "nowhere"),
-    ("--kl_temperature", "0"), ("--kl_temperature", "nan"), ("--kl_temperature", "0.5"),  # 0.5: not a KL rule
+    ("--rows", "every"), ("--weights", "median"), ("--retention_at", "end"), ("--distance", "l1"),
+    ("--carry_masks", "yes"), ("--preset", "best"), ("--mask_capacity", "-1"), ("--own_blocks", "-1"),
+    ("--expert_weight", "nan"), ("--lwf_weight", "1"),  # --lwf_weight: a flag of --method lwf only
     ("--datapath", "{dir}"), ("--datapath", "{dir}/missing.csv"), ("--datapath_index", "{dir}"),
     ("--savepath", "{t1}/task1"), ("--savepath", "{dir}/"), ("--savepath", ""),
 ] + ([("--device", "cuda"), ("--gpu_num", "0")] if NO_CUDA else [])
@@ -194,7 +196,7 @@ def stage1_argv(files: dict, out: Path, flag: str, value: str) -> list[str]:
 @pytest.mark.parametrize("flag, value", BAD_TRAINING)
 def test_train_task1(stage1, tmp_path, capsys, flag, value):
     out = tmp_path / "out"
-    line = error_line(capsys, lambda: utils.cli(lambda: trainer.main(1, stage1_argv(stage1, out, flag, value))))
+    line = error_line(capsys, lambda: utils.cli(lambda: loop.main(1, stage1_argv(stage1, out, flag, value))))
     assert line.startswith(f"error: {flag}"), line
     assert files_under(tmp_path) == []
 
@@ -209,7 +211,7 @@ def test_train_task1_after_reading_data(stage1, tmp_path, capsys, flag, value, e
     out = tmp_path / "out"
     fits = stage1["classes"] - 15
     value = value.format(fits_plus=fits + 1)
-    line = error_line(capsys, lambda: utils.cli(lambda: trainer.main(1, stage1_argv(stage1, out, flag, value))))
+    line = error_line(capsys, lambda: utils.cli(lambda: loop.main(1, stage1_argv(stage1, out, flag, value))))
     assert line.startswith(f"error: {flag} {value}" if flag == "--top_k" else "error: "), line
     assert flag in line and expected.format(fits=fits) in line, line
     assert files_under(tmp_path) == []
@@ -235,7 +237,10 @@ def stage2_argv(files: dict, out: Path, *extra: str) -> list[str]:
     (2, ["--rerun", "-1"], "error: --rerun must be"),
     (2, ["--expert", "{dir}/nope.t7"], "error: --expert: {dir}/nope.t7: file not found"),
     (2, ["--expert_weight", "-1"], "error: --expert_weight must be"),
-    (2, ["--expert", "{ckpt}", "--method", "finetune"], "error: --expert distils the new task into TERACON's model"),
+    (2, ["--expert", "{ckpt}", "--method", "finetune"], "error: --expert is a flag of --method teracon, not of "
+                                                         "--method finetune"),
+    (2, ["--preset", "recommended"], "error: --preset recommended distils the new task from fine-tuning's checkpoint"),
+    (2, ["--rows", "every"], "error: --rows: invalid choice"),
     (2, ["--expert", "{ckpt}"], "{ckpt}: --expert must be a stage-2 checkpoint of this task on the same split"),
 ])
 def test_later_stages(stage1, tmp_path, capsys, stage, extra, expected):
@@ -244,7 +249,7 @@ def test_later_stages(stage1, tmp_path, capsys, stage, extra, expected):
     names = {"dir": str(stage1["folder"]), "classes": stage1["classes"], "fits": stage1["classes"] - 15,
              "rec2": stage1["rec2"], "fits2": stage1["rec2"] - 15, "ckpt": stage1["ckpt"]}
     extra = [part.format(**names) for part in extra]
-    line = error_line(capsys, lambda: utils.cli(lambda: trainer.main(stage, stage2_argv(stage1, out, *extra))))
+    line = error_line(capsys, lambda: utils.cli(lambda: loop.main(stage, stage2_argv(stage1, out, *extra))))
     assert expected.format(**names) in line, line
     assert files_under(tmp_path) == [] and files_under(stage1["folder"]) == before
 
@@ -386,14 +391,13 @@ def test_bench(stage1, tmp_path, capsys, monkeypatch, flag, value):
     assert line.startswith(f"error: {flag}"), line
 
 
-@pytest.mark.parametrize("rule, capacity, own_blocks", [("paper", "0", "0"),
-                                                        ("per_task_smax_kl_carry_plain", "0.1", "2")])
+@pytest.mark.parametrize("rule, capacity, own_blocks", [("paper", "0", "0"), ("recommended", "0.1", "2")])
 def test_bench_task_k_phase_runs(monkeypatch, rule, capacity, own_blocks):
-    """bench.py's stage-K phase builds a Retention and StepOptions for continual_step and times a step of the
-    chosen rule, with the capacity regulariser, the expert's distillation and the tasks' own blocks when asked."""
+    """bench.py's stage-K phase begins TERACON on a stage with its options and times train_step on the chosen
+    preset, with the capacity regulariser, the expert's distillation and the tasks' own blocks when asked."""
     monkeypatch.setattr(sys, "argv", ["bench.py", "--phase", "taskK", "--stage", "3", "--items", "40", "--users",
                                       "32", "--length", "8", "--channels", "8", "--batch", "16", "--classes", "3",
-                                      "--steps", "1", "--retention", rule, "--mask_capacity", capacity,
+                                      "--steps", "1", "--preset", rule, "--mask_capacity", capacity,
                                       "--expert_weight", capacity, "--own_blocks", own_blocks])
     row = bench.run_phase(bench.parse())
     assert row["seconds"] > 0 and row["batch"] == 16

@@ -147,7 +147,7 @@ def test_conversion_config_and_records(tmp_path: Path, stage: int) -> None:
     assert [t["name"] for t in ours["tasks"]] == [f"task{k}" for k in range(1, stage + 1)]
     assert [t["kind"] for t in ours["tasks"]] == ["rec", "rec", "cls"][:stage]
     assert all(t["datapath"] is None and t["seed"] == 10 and t["split_percentage"] == 0.2 for t in ours["tasks"])
-    assert ours["index_path"] is None and ours["args"]["smax"] == SMAX and isinstance(ours["epoch"], int)
+    assert ours["index_path"] is None and ours["run_config"]["smax"] == SMAX and isinstance(ours["epoch"], int)
     model = NextItNet.from_checkpoint(ours)  # strict load
     assert model.task_embedding.shape == (stage, 16, C)
     if stage >= 2:

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 import data_loader
-import method
-import trainer
+from continual.training import loop, samplers
+from continual.methods.base import Step
+from distributed import Shard
+from teracon_helpers import task1_loss, teracon_loss, teracon_method, teracon_options
 from model import ModelConfig, NextItNet
 
 
@@ -114,13 +116,13 @@ def stage4_models(seed: int = 0) -> tuple[NextItNet, NextItNet]:
 
 
 def test_streaming_backward_equals_one_backward_of_the_sum():
-    """continual_step back-propagates each term as it comes; the gradient must be that of the whole loss."""
+    """train_step back-propagates each term as it comes; the gradient must be that of the whole loss."""
     model, teacher = stage4_models()
     x, y = torch.randint(1, 40, (24, 9)), torch.randint(0, 6, (24,))
-    retention, options = method.Retention(alpha=0.7, rule="paper"), trainer.StepOptions(clamp_embeddings=False)
+    options = teracon_options("paper", alpha=0.7, embedding_clamp="off")
     reference = copy.deepcopy(model)
-    loss, kept, ratios = method.continual_loss(reference, teacher, x, y, 3, 7.0, [0.9, 0.5, 0.3],
-                                               np.random.default_rng(1), retention)
+    loss, kept, ratios = teracon_loss(reference, teacher, x, y, 3, 7.0, [0.9, 0.5, 0.3], np.random.default_rng(1),
+                                      options)
     loss.backward()
     captured = {}
 
@@ -128,8 +130,9 @@ def test_streaming_backward_equals_one_backward_of_the_sum():
         def step(self, closure=None):
             captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     optimizer = Capture(model.parameters(), lr=0.0)
-    step_loss, step_kept, step_ratios, stepped = trainer.continual_step(
-        model, teacher, optimizer, x, y, 3, 7.0, [0.9, 0.5, 0.3], np.random.default_rng(1), retention, options)
+    method = teracon_method(teacher, 3, [0.9, 0.5, 0.3], np.random.default_rng(1), options)
+    step_loss, step_kept, stepped = loop.train_step(model, method, optimizer, Step(x, y, 7.0, Shard(24)))
+    step_ratios = method.ratios
     assert stepped and step_ratios == ratios and kept.item() > 0
     torch.testing.assert_close(step_loss, loss.detach())
     torch.testing.assert_close(step_kept, kept)
@@ -145,10 +148,10 @@ def test_non_finite_total_skips_the_step():
     x, y = torch.randint(1, 40, (8, 9)), torch.randint(0, 6, (8,))
     with torch.no_grad():
         model.heads[3].bias.fill_(float("inf"))
-    optimizer = trainer.adam(model.parameters(), 1e-2)
-    _, _, _, stepped = trainer.continual_step(model, teacher, optimizer, x, y, 3, 7.0, [0.9, 0.9, 0.9],
-                                              np.random.default_rng(0), method.Retention(alpha=0.7, uniform=True),
-                                              trainer.StepOptions(clamp_embeddings=False))
+    optimizer = samplers.adam(model.parameters(), 1e-2)
+    method = teracon_method(teacher, 3, [0.9, 0.9, 0.9], np.random.default_rng(0),
+                            teracon_options(alpha=0.7, uniform_sampling=True, embedding_clamp="off"))
+    _, _, stepped = loop.train_step(model, method, optimizer, Step(x, y, 7.0, Shard(8)))
     assert not stepped and not optimizer.state
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(model.blocks[0].conv1.weight, before["blocks.0.conv1.weight"])
@@ -158,12 +161,12 @@ def test_adam_matches_reference_loop():
     torch.manual_seed(0)
     model = NextItNet(ModelConfig(n_items=30, task_classes=[30], channels=8))
     reference = copy.deepcopy(model)
-    fast, slow = trainer.adam(model.parameters(), 1e-2), torch.optim.Adam(reference.parameters(), lr=1e-2, foreach=False)
+    fast, slow = samplers.adam(model.parameters(), 1e-2), torch.optim.Adam(reference.parameters(), lr=1e-2, foreach=False)
     items = torch.randint(1, 30, (6, 7))
     for _ in range(3):
         for net, optimizer in ((model, fast), (reference, slow)):
             optimizer.zero_grad()
-            method.task1_loss(net, items, 5.0, 0.75).backward()
+            task1_loss(net, items, 5.0, 0.75).backward()
             optimizer.step()
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -24,7 +24,7 @@ TOP_ALL = 10_000  # more than any head's classes: the full ranking
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, data_writer):
     """task1.t7 → task2.t7 (rec, 41 classes) → task3.t7 (cls, steps 1..3); a tasks.json names task 3's labels."""
-    import trainer
+    from continual.training import loop
 
     root = tmp_path_factory.mktemp("predict")
     data = data_writer(root / "data", n_users=300, seed=3)
@@ -32,9 +32,9 @@ def chain(tmp_path_factory, data_writer):
     common = ["--epochs", "1", "--channels", "16", "--device", "cpu", "--datapath_index", str(out / "index.csv")]
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.main(1, ["--datapath", str(data.task1), "--savepath", str(out / "task1"), "--batch", "32", *common])
+        loop.main(1, ["--datapath", str(data.task1), "--savepath", str(out / "task1"), "--batch", "32", *common])
         for k, path in ((2, data.task2), (3, data.task3)):
-            trainer.main(k, ["--datapath", str(path), "--paths", str(out / f"task{k - 1}.t7"),
+            loop.main(k, ["--datapath", str(path), "--paths", str(out / f"task{k - 1}.t7"),
                              "--savepath", str(out / f"task{k}"), "--batch", "64", *common])
     names = {"tasks": [{"file": "task3.csv", "name": "step"}], "label_maps": {"step": {"one": 1, "two": 2, "three": 3}}}
     (root / "data" / "tasks.json").write_text(json.dumps(names))
@@ -50,7 +50,7 @@ def loaded(chain):
 
     _, out = chain
     checkpoint = load_checkpoint(str(out / "task3.t7"))
-    return NextItNet.from_checkpoint(checkpoint).eval(), read_index(str(out / "index.csv")), checkpoint["args"]["smax"]
+    return NextItNet.from_checkpoint(checkpoint).eval(), read_index(str(out / "index.csv")), checkpoint["run_config"]["smax"]
 
 
 def run_predict(capsys, *args) -> tuple[int, str, str]:

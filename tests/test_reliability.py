@@ -185,7 +185,7 @@ def test_index_from_other_data_is_not_overwritten(trained, tmp_path):
 
 def test_checkpoints_load_weights_only(trained):
     checkpoint = torch.load(trained["task1"], map_location="cpu", weights_only=True)
-    assert checkpoint["stage"] == 1 and checkpoint["args"]["seed"] == 0  # the revised variant's default
+    assert checkpoint["stage"] == 1 and checkpoint["run_config"]["seed"] == 0  # the revised variant's default
     assert checkpoint["tasks"][0]["datapath"] == trained["t1"]
 
 

@@ -1,4 +1,4 @@
-"""--streams authors (replay.py): the authors' draws rebuilt by hand here from their documented order (numpy's
+"""--streams authors (continual/training/samplers.py): the authors' draws rebuilt by hand here from their documented order (numpy's
 global RandomState, Python's random, torch's constructor calls), and a stage-2 run from an authors'-layout
 stage-1 checkpoint. The step-for-step check against their code itself is replay_check.py (needs a checkout)."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import trainer
+from continual.training import config, loop
 from original_checkpoints import convert_original
 from data_loader import load_task, read_index
-from replay import AuthorsStreams, full_batches, original_fresh, revised_fresh
+from continual.training.samplers import AuthorsSampler, full_batches, original_fresh, revised_fresh
 from test_original_checkpoints import original_state, save_and_load
 from utils import DataError
 
@@ -40,8 +40,10 @@ def test_full_batches_drop_the_partial_and_the_last_full_batch(n, batch, expecte
 def test_epoch_batches_follow_the_global_numpy_stream(variant):
     n, batch = 23, 4
     np.random.seed(7)
-    streams = AuthorsStreams(variant)
-    got = [streams.epoch_batches(n, batch) for _ in range(3)]
+    streams = AuthorsSampler(variant, 2, "p.t7", "i.csv")
+    shards = [streams.epoch_batches(n, batch) for _ in range(3)]
+    assert all(weight == 1.0 and size == rows.size for epoch in shards for rows, weight, size in epoch)
+    got = [[rows for rows, _, _ in epoch] for epoch in shards]
     np.random.seed(7)
     train = np.arange(n)
     for epoch in range(3):
@@ -56,8 +58,8 @@ def test_epoch_batches_follow_the_global_numpy_stream(variant):
 
 def test_split_and_scored_rows_follow_the_global_numpy_stream():
     np.random.seed(3)
-    streams = AuthorsStreams("original")
-    train, valid, test = streams.split(100, 0.2)
+    streams = AuthorsSampler("original", 2, "p.t7", "i.csv")
+    train, valid, test = streams.split(100, 3, 0.2)
     scored = streams.scored_rows(valid, 2)
     np.random.seed(3)
     perm = np.random.permutation(np.arange(100))
@@ -70,7 +72,7 @@ def test_split_and_scored_rows_follow_the_global_numpy_stream():
 def test_retention_rows_come_from_python_random(nested):
     counts, size = [5, 2, 0], 12
     random.seed(11)
-    got = AuthorsStreams("original").retention_rows(counts, size, nested)
+    got = AuthorsSampler("original", 2, "p.t7", "i.csv").retention_rows(counts, size, nested)
     random.seed(11)
     if nested:                                       # one shuffle, prefixes
         buffer = list(range(size))
@@ -210,7 +212,7 @@ def test_converter_keeps_the_spare_task_rows(tmp_path, stage):
 def authors_stage1(tmp_path, synthetic_data, monkeypatch):
     """Synthetic data, our stage 1 (for the index), and an authors'-layout stage-1 file of its vocabulary."""
     data = synthetic_data(n_users=240, seed=4)
-    trainer.main(1, ["--datapath", str(data.task1), "--datapath_index", str(tmp_path / "index.csv"), "--savepath",
+    loop.main(1, ["--datapath", str(data.task1), "--datapath_index", str(tmp_path / "index.csv"), "--savepath",
                      str(tmp_path / "ours1"), "--epochs", "1", "--channels", "8", "--device", "cpu"])
     n_items = torch.load(tmp_path / "ours1.t7", weights_only=True)["model_config"]["n_items"]
     import test_original_checkpoints as toc
@@ -222,19 +224,19 @@ def authors_stage1(tmp_path, synthetic_data, monkeypatch):
 
 def run_stage2(tmp_path, data, name, *extra):
     steps = []
-    original = trainer.continual_step
+    original = loop.train_step
 
     def counting(model, *args, **kwargs):
         steps.append(model.task_embedding.detach().clone())
         return original(model, *args, **kwargs)
 
-    trainer.continual_step = counting
+    loop.train_step = counting
     try:
-        trainer.main(2, ["--datapath", str(data.task2), "--datapath_index", str(tmp_path / "index.csv"), "--paths",
+        loop.main(2, ["--datapath", str(data.task2), "--datapath_index", str(tmp_path / "index.csv"), "--paths",
                          str(tmp_path / "authors1.t7"), "--savepath", str(tmp_path / name), "--epochs", "2",
                          "--batch", "16", "--device", "cpu", "--variant", "original", "--streams", "authors", *extra])
     finally:
-        trainer.continual_step = original
+        loop.train_step = original
     return steps, torch.load(tmp_path / f"{name}.t7", weights_only=True)
 
 
@@ -283,21 +285,23 @@ def test_stage2_under_the_revised_streams(tmp_path, revised_stage1):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--retention", "per_task"], "another --retention"),
+    (["--rows", "all"], "an option beyond the paper's rule"),
     (["--no_relation"], "an ablation"),
+    (["--preset", "uniform_sampling", "--own_blocks", "1"], "an ablation or an option beyond"),
+    (["--method", "finetune"], "an ablation or an option beyond"),
     (["--resume"], "--resume"),
 ])
 def test_authors_streams_refuse_what_they_do_not_replay(extra, message):
     argv = ["--datapath", "d.csv", "--datapath_index", "i.csv", "--savepath", "o", "--paths", "p.t7",
             "--streams", "authors", "--variant", "original", *extra]
     with pytest.raises(DataError, match=message):
-        trainer.parse_args(2, argv)
+        config.parse_args(2, argv)
 
 
 def test_authors_streams_need_the_spare_rows(tmp_path, authors_stage1):
     data, _ = authors_stage1
     with pytest.raises(DataError, match="ours1.t7: has no spare task-embedding rows"):
-        trainer.main(2, ["--datapath", str(data.task2), "--datapath_index", str(tmp_path / "index.csv"), "--paths",
+        loop.main(2, ["--datapath", str(data.task2), "--datapath_index", str(tmp_path / "index.csv"), "--paths",
                          str(tmp_path / "ours1.t7"), "--savepath", str(tmp_path / "x"), "--epochs", "1",
                          "--device", "cpu", "--variant", "original", "--streams", "authors"])
 

@@ -3,16 +3,16 @@ still its own flag (explicit flags win); the behaviours themselves: retention we
 ratios, and ties in model selection."""
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import method
-import trainer
+from continual.methods import teracon
+from continual.training import config, loop, samplers
 from model import NextItNet
+from teracon_helpers import rule_flags, teracon_loss, teracon_options, teracon_terms
 from utils import DataError
 
 BEHAVIOURS = ["seed", "L2", "lr", "select_on", "ties", "embedding_clamp", "nested_samples", "ratio_weights"]
@@ -20,8 +20,9 @@ BEHAVIOURS = ["seed", "L2", "lr", "select_on", "ties", "embedding_clamp", "neste
 
 def parsed(stage: int, *extra: str) -> dict:
     paths = ["--datapath", "d.csv", "--datapath_index", "i.csv", "--savepath", "out/t"]
-    args = trainer.parse_args(stage, [*paths, *(["--paths", "p.t7"] if stage > 1 else []), *extra])
-    return {key: getattr(args, key) for key in BEHAVIOURS + ["no_embedding_clamp"]}
+    run = config.parse_args(stage, [*paths, *(["--paths", "p.t7"] if stage > 1 else []), *extra])
+    got = {key: getattr(run, key) if hasattr(run, key) else getattr(run.options, key) for key in BEHAVIOURS}
+    return {**got, "no_embedding_clamp": run.options.embedding_clamp == "off"}
 
 
 @pytest.mark.parametrize("stage, variant, expected", [
@@ -59,10 +60,10 @@ def test_retention_weights_from_previous_or_this_batch(tiny_model, current):
     model.add_task(4, relation=True)
     x, y, s = torch.randint(1, 30, (9, 6)), torch.randint(0, 4, (9,)), 3.0
     previous = [0.9, 0.2, 0.5]
-    retention = method.Retention(alpha=0.7, rule="all_rows", current_weights=current)
-    loss, kept, fresh = method.continual_loss(model, teacher, x, y, 3, s, previous, np.random.default_rng(0), retention)
+    options = teracon_options("all_rows", alpha=0.7, ratio_weights="current" if current else "previous")
+    loss, kept, fresh = teracon_loss(model, teacher, x, y, 3, s, previous, np.random.default_rng(0), options)
     task_masks = model.task_masks(3, s)
-    assert fresh == pytest.approx([method.sampling_ratio(teacher.task_masks(j, s), task_masks) for j in range(3)])
+    assert fresh == pytest.approx([teracon.sampling_ratio(teacher.task_masks(j, s), task_masks) for j in range(3)])
     weights = fresh if current else previous
     expected = 0.0
     for j in range(3):
@@ -75,12 +76,12 @@ def test_retention_weights_from_previous_or_this_batch(tiny_model, current):
 
 @pytest.mark.parametrize("ties, improvements", [("on", [0, 1, 2, 3]), ("off", [0])])
 def test_ties_count_as_improvements_only_when_on(tmp_path, ties, improvements):
-    args = argparse.Namespace(ties=ties, select_on="mrr@5", epochs=4, patience=2, resume=False,
-                              savepath=str(tmp_path / "t"), stage=2, datapath="d.csv")
+    run = config.RunConfig(stage=2, datapath="d.csv", datapath_index="i.csv", savepath=str(tmp_path / "t"),
+                           ties=ties, select_on="mrr@5", epochs=4, patience=2)
     model = torch.nn.Linear(2, 2)
-    resume = trainer.Resume(args, model, torch.optim.SGD(model.parameters(), lr=0.1), np.random.default_rng(0), {})
+    resume = loop.Resume(run, model, torch.optim.SGD(model.parameters(), lr=0.1), np.random.default_rng(0))
     best = []
-    trainer.fit(args, lambda epoch: {"loss": 1.0, "retention": 0.0, "skipped": 0, "finite_steps": 1},
+    loop.fit(run, lambda epoch: {"loss": 1.0, "retention": 0.0, "skipped": 0, "finite_steps": 1},
                 lambda: {"mrr@5": 0.25}, lambda epoch, valid: best.append(epoch), resume)
     assert best == improvements
 
@@ -93,17 +94,17 @@ def grown_stage3(tiny_model):
     return teacher, model, torch.randint(1, 30, (8, 6)), torch.randint(0, 4, (8,)), [0.3, 0.6]
 
 
-def hand_kl_retention(teacher, model, x, temperature: float = 1.0) -> float:
-    """α 0.7 · Σ_j c_j · T² · KL(softmax(teacher_j / T) ‖ softmax(student_j / T)) at s = 7, by hand, for
-    grown_stage3's ratios 0.3 and 0.6 (c_j = ratio_j / mean ratio)."""
+def hand_kl_retention(teacher, model, x) -> float:
+    """α 0.7 · Σ_j c_j · KL(softmax(teacher_j) ‖ softmax(student_j)) at s = 7, by hand, for grown_stage3's ratios
+    0.3 and 0.6 (c_j = ratio_j / mean ratio)."""
     import torch.nn.functional as F
     expected = 0.0
     with torch.no_grad():
         for j, weight in enumerate([2 * 0.3 / 0.9, 2 * 0.6 / 0.9]):
             inputs = x[:, :-1] if j == 0 else x
-            p = F.softmax(teacher(inputs, j, 7.0)[0] / temperature, 1)
-            q = F.softmax(model(inputs, j, 7.0)[0] / temperature, 1)
-            expected += 0.7 * weight * temperature ** 2 * float((p * (p.log() - q.log())).sum(1).mean())
+            p = F.softmax(teacher(inputs, j, 7.0)[0], 1)
+            q = F.softmax(model(inputs, j, 7.0)[0], 1)
+            expected += 0.7 * weight * float((p * (p.log() - q.log())).sum(1).mean())
     return expected
 
 
@@ -113,8 +114,8 @@ def test_per_task_smax_is_per_task_at_smax(tiny_model):
     teacher, model, x, y, ratios = grown_stage3(tiny_model)
 
     def loss(rule: str, s: float):
-        return method.continual_loss(model, teacher, x, y, 2, s, ratios, np.random.default_rng(0),
-                                     method.Retention(rule=rule, smax=7.0))
+        return teracon_loss(model, teacher, x, y, 2, s, ratios, np.random.default_rng(0), teracon_options(rule),
+                            smax=7.0)
     anchored_loss, anchored_kept, anchored_ratios = loss("per_task_smax", 3.0)
     at_smax_loss, at_smax_kept, _ = loss("per_task", 7.0)
     annealed_loss, annealed_kept, annealed_ratios = loss("per_task", 3.0)
@@ -128,8 +129,8 @@ def test_per_task_smax_is_per_task_at_smax(tiny_model):
 def test_per_task_smax_kl_is_per_task_smax_with_kl_terms(tiny_model):
     """per_task_smax_kl: the same rows, weights and s as per_task_smax; each term is the KL of the softmaxes."""
     teacher, model, x, y, ratios = grown_stage3(tiny_model)
-    total, kept, _ = method.continual_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
-                                           method.Retention(rule="per_task_smax_kl", smax=7.0))
+    total, kept, _ = teracon_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
+                                  teracon_options("per_task_smax_kl"), smax=7.0)
     assert float(kept) == pytest.approx(hand_kl_retention(teacher, model, x), rel=1e-5)
 
 
@@ -137,73 +138,67 @@ def test_sum_smax_kl_is_per_task_smax_kl_with_weights_summing_to_one(tiny_model)
     """sum_smax_kl: per_task_smax_kl's rows, s and KL terms with the paper's weights ratio_j / Σ_k ratio_k, so its
     retention is per_task_smax_kl's divided by the number of earlier tasks; the cross-entropy is the same."""
     teacher, model, x, y, ratios = grown_stage3(tiny_model)
-    runs = {rule: method.continual_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
-                                        method.Retention(rule=rule, smax=7.0))
+    runs = {rule: teracon_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0), teracon_options(rule),
+                               smax=7.0)
             for rule in ("per_task_smax_kl", "sum_smax_kl")}
     (per_task, per_task_kept, _), (summed, summed_kept, _) = runs["per_task_smax_kl"], runs["sum_smax_kl"]
     assert float(summed_kept) == pytest.approx(float(per_task_kept) / 2, rel=1e-6)
     assert float((summed - summed_kept).detach()) == pytest.approx(float((per_task - per_task_kept).detach()), rel=1e-6)
-    plan = method.retention_plan("sum_smax_kl", ratios, 8)
+    plan = teracon.retention_plan(teracon_options("sum_smax_kl"), ratios, 8)
     assert [count for count, _ in plan] == [8, 8] and [weight for _, weight in plan] == pytest.approx([1 / 3, 2 / 3])
-
-
-def test_kl_temperature_reaches_every_retention_term(tiny_model):
-    """Retention(temperature=T) turns each KL term into T² · KL(softmax(teacher / T) ‖ softmax(student / T))."""
-    teacher, model, x, y, ratios = grown_stage3(tiny_model)
-    _, kept, _ = method.continual_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
-                                       method.Retention(rule="per_task_smax_kl", smax=7.0, temperature=0.5))
-    assert float(kept) == pytest.approx(hand_kl_retention(teacher, model, x, temperature=0.5), rel=1e-5)
 
 
 @pytest.mark.parametrize("rule", ["per_task_smax_kl", "per_task_smax_kl_carry"])
 def test_stage_starts_from_the_teachers_masks_only_with_carry(tmp_path, synthetic_data, monkeypatch, rule):
-    """train_teracon with --retention per_task_smax_kl_carry grows a model that has relation layers (stage ≥ 3;
+    """train_teracon with --carry_masks relation (the old per_task_smax_kl_carry) grows a model that has relation layers (stage ≥ 3;
     stage 1 has plain masks) so that at the first step the student's earlier-task masks and outputs are the
     teacher's; the authors' growth (every other rule) moves them."""
     data = synthetic_data(n_users=120, seed=6)
     common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1"]
-    trainer.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
-    trainer.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), "--savepath",
+    loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
+    loop.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), "--savepath",
                      str(tmp_path / "task2"), "--batch", "64", *common])
     first = {}
-    original = trainer.continual_step
+    original = loop.train_step
 
-    def spy(model, teacher, *args, **kwargs):
+    def spy(model, method, *args, **kwargs):
+        teacher = method.teacher
         if not first:
             items = torch.randint(1, 30, (4, 9), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 first["same"] = all(torch.equal(model.task_masks(j, 50.0), teacher.task_masks(j, 50.0))
                                     and torch.equal(model(items, j, 50.0)[0], teacher(items, j, 50.0)[0])
                                     for j in range(2))
-        return original(model, teacher, *args, **kwargs)
+        return original(model, method, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "continual_step", spy)
-    trainer.main(3, ["--datapath", str(data.task3), "--paths", str(tmp_path / "task2.t7"), "--savepath",
-                     str(tmp_path / "task3"), "--retention", rule, "--batch", "64", *common])
+    monkeypatch.setattr(loop, "train_step", spy)
+    loop.main(3, ["--datapath", str(data.task3), "--paths", str(tmp_path / "task2.t7"), "--savepath",
+                  str(tmp_path / "task3"), *rule_flags(rule), "--batch", "64", *common])
     assert first["same"] == (rule == "per_task_smax_kl_carry")
 
 
 @pytest.mark.parametrize("rule", ["per_task_smax_kl_carry", "per_task_smax_kl_carry_plain"])
 def test_stage2_carries_plain_masks_only_with_carry_plain(tmp_path, synthetic_data, monkeypatch, rule):
-    """At stage 2's first step, `per_task_smax_kl_carry_plain` gives task 1 the mask σ(s·tanh(s·e_1)) of its
+    """At stage 2's first step, `per_task_smax_kl_carry_plain` (--carry_masks all) gives task 1 the mask σ(s·tanh(s·e_1)) of its
     stage-1 embedding (plain σ(s·e_1) at s = smax); `per_task_smax_kl_carry` grows from plain masks as the
     authors do (a fresh relation layer)."""
     data = synthetic_data(n_users=120, seed=6)
     common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1"]
-    trainer.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
+    loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
     first = {}
-    original = trainer.continual_step
+    original = loop.train_step
 
-    def spy(model, teacher, *args, **kwargs):
+    def spy(model, method, *args, **kwargs):
+        teacher = method.teacher
         if not first:
             with torch.no_grad():
                 by_hand = torch.sigmoid(3.0 * torch.tanh(3.0 * teacher.task_embedding[0]))
                 first["plain"] = torch.allclose(model.task_masks(0, 3.0), by_hand)
-        return original(model, teacher, *args, **kwargs)
+        return original(model, method, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "continual_step", spy)
-    trainer.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), "--savepath",
-                     str(tmp_path / "task2"), "--retention", rule, "--batch", "64", *common])
+    monkeypatch.setattr(loop, "train_step", spy)
+    loop.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), "--savepath",
+                  str(tmp_path / "task2"), *rule_flags(rule), "--batch", "64", *common])
     assert first["plain"] == (rule == "per_task_smax_kl_carry_plain")
 
 
@@ -213,12 +208,12 @@ def test_capacity_penalty_by_hand():
     masks, used = torch.rand(4, 6), torch.rand(4, 6)
     numerator = sum(float(masks[l, c]) * (1 - float(used[l, c])) for l in range(4) for c in range(6))
     denominator = sum(1 - float(used[l, c]) for l in range(4) for c in range(6))
-    assert float(method.capacity_penalty(masks, used)) == pytest.approx(numerator / denominator, rel=1e-6)
-    assert float(method.capacity_penalty(masks, torch.zeros(4, 6))) == pytest.approx(float(masks.mean()), rel=1e-6)
+    assert float(teracon.capacity_penalty(masks, used)) == pytest.approx(numerator / denominator, rel=1e-6)
+    assert float(teracon.capacity_penalty(masks, torch.zeros(4, 6))) == pytest.approx(float(masks.mean()), rel=1e-6)
     opened = masks.clone().requires_grad_(True)
     fully_used = torch.zeros(4, 6)
     fully_used[:, :3] = 1.0                               # channels 0-2 used by an earlier task: free to reuse
-    method.capacity_penalty(opened, fully_used).backward()
+    teracon.capacity_penalty(opened, fully_used).backward()
     assert torch.all(opened.grad[:, :3] == 0)
     assert opened.grad[:, 3:].flatten().tolist() == pytest.approx([1 / 12] * 12)
 
@@ -229,9 +224,9 @@ def test_mask_capacity_adds_the_penalty_to_the_new_task_term(tiny_model):
     teacher, model, x, y, ratios = grown_stage3(tiny_model)
 
     def terms(capacity: float) -> list[float]:
-        retention = method.Retention(alpha=0.7, rule="per_task_smax_kl", smax=7.0, capacity=capacity)
-        return [float(t.detach()) for t in method.continual_terms(model, teacher, x, y, 2, 3.0, ratios,
-                                                         np.random.default_rng(0), retention, [])]
+        options = teracon_options("per_task_smax_kl", alpha=0.7, mask_capacity=capacity)
+        terms, _ = teracon_terms(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0), options, smax=7.0)
+        return [float(t.detach()) for t in terms]
     plain, regularised = terms(0.0), terms(0.5)
     with torch.no_grad():
         ce = float(F.cross_entropy(model(x, 2, 3.0)[0], y))
@@ -246,7 +241,7 @@ def test_mask_capacity_adds_the_penalty_to_the_new_task_term(tiny_model):
 
 def test_mask_capacity_refused_without_masks():
     with pytest.raises(SystemExit):
-        parsed(2, "--mask_capacity", "0.5", "--method", "finetune")
+        parsed(2, "--mask_capacity", "0.5", "--method", "finetune")    # a flag of --method teracon only
     with pytest.raises(SystemExit):
         parsed(2, "--mask_capacity", "-1")
 
@@ -256,13 +251,13 @@ def test_rerun_redraws_training_but_keeps_the_split(tmp_path, synthetic_data, mo
     for bit) while the split, and the seed recorded for evaluation, stay --seed's."""
     data = synthetic_data(n_users=120, seed=6)
     common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1"]
-    trainer.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
+    loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
     splits = []
-    original = trainer.split_indices
-    monkeypatch.setattr(trainer, "split_indices", lambda n, seed, *rest: splits.append(seed) or original(n, seed, *rest))
+    original = samplers.split_indices
+    monkeypatch.setattr(samplers, "split_indices", lambda n, seed, *rest: splits.append(seed) or original(n, seed, *rest))
     states = {}
     for name, extra in (("default", []), ("rerun0", ["--rerun", "0"]), ("rerun1", ["--rerun", "1"])):
-        trainer.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), "--savepath",
+        loop.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), "--savepath",
                          str(tmp_path / name), "--batch", "64", "--seed", "3", *common, *extra])
         saved = torch.load(tmp_path / f"{name}.t7", map_location="cpu", weights_only=True)
         states[name] = saved["model_state"]
@@ -279,10 +274,10 @@ def test_expert_adds_the_distillation_of_the_new_task_to_its_term(tiny_model):
     expert = tiny_model(task_classes=(30, 7, 4), relation=True, seed=5).eval().requires_grad_(False)
 
     def terms(weight: float, given) -> list[float]:
-        retention = method.Retention(alpha=0.7, rule="per_task_smax_kl", smax=7.0, expert_weight=weight)
-        return [float(t.detach()) for t in method.continual_terms(model, teacher, x, y, 2, 3.0, ratios,
-                                                                  np.random.default_rng(0), retention, [],
-                                                                  expert=given)]
+        options = teracon_options("per_task_smax_kl", alpha=0.7, expert_weight=weight)
+        terms, _ = teracon_terms(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0), options, smax=7.0,
+                                 expert=given)
+        return [float(t.detach()) for t in terms]
     plain, distilled, off = terms(0.0, expert), terms(0.5, expert), terms(0.5, None)
     with torch.no_grad():
         ce = float(F.cross_entropy(model(x, 2, 3.0)[0], y))
@@ -301,20 +296,21 @@ def test_stage_distils_from_the_expert_and_refuses_another_split(tmp_path, synth
     data = synthetic_data(n_users=120, seed=6)
     common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1",
               "--batch", "64"]
-    trainer.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
+    loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
     stage2 = ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), *common]
-    trainer.main(2, [*stage2, "--savepath", str(tmp_path / "ft2"), "--method", "finetune"])
-    trainer.main(2, [*stage2, "--savepath", str(tmp_path / "ft2_seed1"), "--method", "finetune", "--seed", "1"])
+    loop.main(2, [*stage2, "--savepath", str(tmp_path / "ft2"), "--method", "finetune"])
+    loop.main(2, [*stage2, "--savepath", str(tmp_path / "ft2_seed1"), "--method", "finetune", "--seed", "1"])
     given = []
-    original = trainer.continual_step
-    monkeypatch.setattr(trainer, "continual_step", lambda *a, **k: given.append(a[-1]) or original(*a, **k))
-    trainer.main(2, [*stage2, "--savepath", str(tmp_path / "kd2"), "--expert", str(tmp_path / "ft2.t7"),
-                     "--retention", "per_task_smax_kl"])
+    original = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda model, method, *a, **k: given.append(method.expert)
+                        or original(model, method, *a, **k))
+    loop.main(2, [*stage2, "--savepath", str(tmp_path / "kd2"), "--expert", str(tmp_path / "ft2.t7"),
+                     *rule_flags("per_task_smax_kl")])
     assert given and all(isinstance(e, NextItNet) and not e.config.use_masks for e in given)
     with pytest.raises(DataError, match=r"ft2_seed1\.t7: --expert must be a stage-2 checkpoint of this task on the same split"):
-        trainer.main(2, [*stage2, "--savepath", str(tmp_path / "kd2b"), "--expert", str(tmp_path / "ft2_seed1.t7")])
+        loop.main(2, [*stage2, "--savepath", str(tmp_path / "kd2b"), "--expert", str(tmp_path / "ft2_seed1.t7")])
     with pytest.raises(DataError, match=r"task1\.t7: --expert must be a stage-2 checkpoint"):
-        trainer.main(2, [*stage2, "--savepath", str(tmp_path / "kd2c"), "--expert", str(tmp_path / "task1.t7")])
+        loop.main(2, [*stage2, "--savepath", str(tmp_path / "kd2c"), "--expert", str(tmp_path / "task1.t7")])
     assert not (tmp_path / "kd2b.t7").exists() and not (tmp_path / "kd2c.t7").exists()
 
 
@@ -333,9 +329,9 @@ def test_own_blocks_start_as_the_shared_ones_and_only_their_task_trains_them(tin
     for task in range(3):
         assert torch.equal(owned(x, task, 3.0)[0], plain(x, task, 3.0)[0])
     teacher = tiny_model(task_classes=(30, 7), relation=True, seed=2).eval().requires_grad_(False)
-    retention = method.Retention(alpha=0.7, rule="per_task_smax_kl", smax=7.0)
-    new_task, *kept = method.continual_terms(owned, teacher, x, torch.randint(0, 4, (8,)), 2, 3.0, [0.3, 0.6],
-                                             np.random.default_rng(0), retention, [])
+    terms, _ = teracon_terms(owned, teacher, x, torch.randint(0, 4, (8,)), 2, 3.0, [0.3, 0.6],
+                             np.random.default_rng(0), teracon_options("per_task_smax_kl", alpha=0.7), smax=7.0)
+    new_task, *kept = terms
     copies, shared_top = list(owned.task_blocks["2"].parameters()), list(owned.blocks[-2:].parameters())
     assert all(g is None for g in torch.autograd.grad(sum(kept), copies, allow_unused=True, retain_graph=True))
     assert all(g is not None for g in torch.autograd.grad(sum(kept), shared_top, allow_unused=True))
@@ -366,9 +362,9 @@ def test_stage_with_own_blocks_round_trips_and_feeds_the_next_stage(tmp_path, sy
     data = synthetic_data(n_users=120, seed=6)
     common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1",
               "--batch", "64"]
-    trainer.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
+    loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
     stage2 = ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), *common]
-    reported = trainer.main(2, [*stage2, "--savepath", str(tmp_path / "task2"), "--own_blocks", "1"])
+    reported = loop.main(2, [*stage2, "--savepath", str(tmp_path / "task2"), "--own_blocks", "1"])
     model = NextItNet.from_checkpoint(torch.load(tmp_path / "task2.t7", weights_only=False))
     assert model.config.own_blocks == [0, 1] and len(model.task_blocks["1"]) == 1
     assert not torch.equal(model.task_blocks["1"][0].conv1.weight, model.blocks[-1].conv1.weight)  # trained apart
@@ -377,12 +373,12 @@ def test_stage_with_own_blocks_round_trips_and_feeds_the_next_stage(tmp_path, sy
     evaluate.main()
     rescored = json.loads((tmp_path / "rescored.json").read_text())["test"]
     assert rescored == pytest.approx(reported["tasks"]["2"]["test"], abs=1e-6)
-    trainer.main(3, ["--datapath", str(data.task3), "--paths", str(tmp_path / "task2.t7"), *common,
+    loop.main(3, ["--datapath", str(data.task3), "--paths", str(tmp_path / "task2.t7"), *common,
                      "--savepath", str(tmp_path / "task3")])
     third = NextItNet.from_checkpoint(torch.load(tmp_path / "task3.t7", weights_only=False))
     assert third.config.own_blocks == [0, 1, 0]
     with pytest.raises(DataError, match=r"task1\.t7: --own_blocks 9 is more than the model's 8 residual blocks"):
-        trainer.main(2, [*stage2, "--savepath", str(tmp_path / "bad"), "--own_blocks", "9"])
-    with pytest.raises(DataError, match="--streams authors replays .* an ablation or another --retention"):
-        trainer.main(2, [*stage2, "--savepath", str(tmp_path / "bad"), "--own_blocks", "1", "--streams", "authors"])
+        loop.main(2, [*stage2, "--savepath", str(tmp_path / "bad"), "--own_blocks", "9"])
+    with pytest.raises(DataError, match="--streams authors replays .* an ablation or an option beyond the paper's rule"):
+        loop.main(2, [*stage2, "--savepath", str(tmp_path / "bad"), "--own_blocks", "1", "--streams", "authors"])
     assert not list(tmp_path.glob("bad*"))

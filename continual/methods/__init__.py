@@ -1,0 +1,21 @@
+"""The registry: `--method NAME` → the class in its own file here. A new method is one file and one line."""
+from __future__ import annotations
+
+import importlib
+
+from continual.methods.base import Method
+
+METHODS: dict[str, str] = {            # name → "module:Class", imported when asked for
+    "teracon": "continual.methods.teracon:Teracon",
+    "finetune": "continual.methods.finetune:FineTune",
+    "lwf": "continual.methods.lwf:LwF",
+    "ewc": "continual.methods.ewc:EWC",
+}
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as `name` (a KeyError names the known ones)."""
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    module, attribute = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), attribute)

@@ -1,0 +1,182 @@
+"""The interface every continual-learning method implements, and what the loop hands it.
+
+The loop (continual/training/loop.py) owns the step: batching, the annealing of s, AMP, torchrun, the skip
+of non-finite steps, resume, checkpoints and evaluation. A method is one file in this folder with one
+registry line in methods/__init__.py; it says only where it differs from the others, through the hooks
+of `Method`, which the loop calls in this order:
+
+    add_arguments (its flags, parse time) → options_from / check
+    begin_stage(stage)          before the stage's model is built (frozen models it needs, earlier state)
+    model_config() / grow(...)  stage 1: the new model's ModelConfig fields; stage ≥ 2: add the new task
+    terms(model, step)          every step: the loss terms, one at a time (each back-propagated at once)
+    after_backward(model)       every step, after the last term's backward (e.g. HAT's compensation)
+    after_step(model)           every step, after the optimiser step, skipped or not (TERACON's clamp)
+    end_stage(model, stage)     once, on the stage's best model (e.g. EWC's Fisher, CONURE's pruning)
+    state_dict / load_state_dict  what it keeps in the checkpoint and the resume file
+
+docs/adding_a_method.md shows a worked example.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from distributed import Shard
+from model import NextItNet
+
+if TYPE_CHECKING:
+    from continual.training.config import RunConfig
+    from data_loader import TaskData
+
+
+@dataclass(frozen=True)
+class Step:
+    """One batch as the loop hands it to `Method.terms`.
+
+    Stage 1: x [B, L] whole task-1 sequences, y None. Stage K ≥ 2: x [B, L] sources, y [B] task-K classes."""
+    x: torch.Tensor
+    y: torch.Tensor | None
+    s: float                       # the annealed scale of the masks (Eq. 19); smax at evaluation
+    shard: Shard                   # where this rank's rows sit in the global batch (one process: all of it)
+
+
+@dataclass
+class Stage:
+    """What a method may read about the stage being trained (built by the loop before the model)."""
+    number: int                                  # K: the task being learned, 1-based
+    run: "RunConfig"
+    device: torch.device
+    previous: NextItNet | None                   # the frozen stage-(K−1) model (eval, no gradients); None at stage 1
+    previous_checkpoint: dict | None             # its checkpoint (model_state, tasks, method, …); None at stage 1
+    record: dict                                 # the new task's record (name, datapath, kind, n_classes, seed, …)
+    sampler: Any                                 # continual.training.samplers: batches, splits, retention rows
+    examples: Callable[[int], tuple["TaskData", np.ndarray]]  # task number → (its data, its training rows)
+    frozen: Callable[[dict], NextItNet]          # a checkpoint → its model on the device, frozen (compiled under
+                                                 # --compile), as `previous` is built
+
+    @property
+    def task(self) -> int:
+        """The new task's 0-based index (heads[task], task_embedding[task])."""
+        return self.number - 1
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without flags of its own."""
+
+
+class Method:
+    """A continual-learning method: the loop's hooks, each a no-op unless the method differs there.
+
+    `grow` and `terms` have no default: every method says how the model grows and what it minimises."""
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    presets: ClassVar[dict[str, dict]] = {}      # --preset NAME → the options it sets (compare.py runs them by name)
+
+    def __init__(self, options: Any, run: "RunConfig"):
+        self.options, self.run = options, run
+
+    # ------------------------------------------------------------------ flags
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """The method's own flags, each with its domain (flags.py validators); defaults from `Options`."""
+
+    @classmethod
+    def options_from(cls, args: argparse.Namespace) -> Any:
+        """The typed options from the parsed flags (every field of `Options` is a flag of the same name)."""
+        return cls.Options(**{field.name: getattr(args, field.name) for field in fields(cls.Options)})
+
+    @classmethod
+    def check(cls, options: Any, run: "RunConfig", fail: Callable[[str], None]) -> None:
+        """Domains that span several flags, at parse time: `fail(message)` ends the run in one line."""
+
+    @classmethod
+    def chains_needed(cls, preset: str | None) -> dict[str, str]:
+        """{flag: method}: flags whose value compare.py fills with another chain's checkpoint of the same seed and
+        stage (that chain runs first), e.g. TERACON's recommended preset's --expert from fine-tuning's."""
+        return {}
+
+    @classmethod
+    def replayable(cls, options: Any) -> bool:
+        """Whether --streams authors can replay the method with these options (only TERACON's paper rule)."""
+        return False
+
+    # ------------------------------------------------------------------ hooks
+
+    def begin_stage(self, stage: Stage) -> None:
+        """Before the stage's model is built: load what the method needs (stage.previous is the frozen model)."""
+        self.stage = stage
+
+    def model_config(self) -> dict:
+        """Stage 1: the ModelConfig fields this method sets on the new model."""
+        return {"use_masks": False}
+
+    def grow(self, model: NextItNet, n_classes: int) -> None:
+        """Stage ≥ 2: add the new task (its head, and whatever the method adds) to the reloaded model."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how the model grows")
+
+    def terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
+        """The step's loss terms, one at a time: first the new task's own loss, then any retention terms.
+
+        Each term must have its own graph: the loop back-propagates it before asking for the next one, so
+        only one pass's activations are alive at a time."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what it minimises")
+
+    def after_backward(self, model: NextItNet) -> None:
+        """After the last term's backward, before the optimiser step (gradient surgery goes here)."""
+
+    def after_step(self, model: NextItNet) -> None:
+        """After the optimiser step (also when the step was skipped for a non-finite loss)."""
+
+    def end_stage(self, model: NextItNet, stage: Stage) -> None:
+        """Once, after training, on the stage's best model; the loop then saves the checkpoint again."""
+
+    def state_dict(self) -> dict:
+        """What the method keeps in the checkpoint and the resume file (tensors, numbers, lists, dicts)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output (--resume)."""
+
+
+# ---------------------------------------------------------------------- losses every method builds on
+
+def next_item_loss(model: NextItNet, sequence: torch.Tensor, masks: torch.Tensor, ce_chunk: int = 0) -> torch.Tensor:
+    """Stage 1: mean CE of every next item (inputs seq[:-1], targets seq[1:]) under `masks` [n_layers, C]."""
+    hidden = model.hidden(sequence[:, :-1], masks, last_only=False)          # [B, L−1, C]
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), sequence[:, 1:].reshape(-1)
+    if ce_chunk and hidden.shape[0] > ce_chunk:
+        return chunked_cross_entropy(model.heads[0], hidden, targets, ce_chunk)
+    return F.cross_entropy(model.heads[0](hidden).float(), targets)
+
+
+def chunked_cross_entropy(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean CE of head(hidden) computed `chunk` rows at a time; each chunk's logits are recomputed in
+    backward, so the peak holds one chunk's logits instead of all (same loss, exactly)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        part = checkpoint(lambda h, y: F.cross_entropy(head(h).float(), y, reduction="sum"),
+                          hidden[start:start + chunk], targets[start:start + chunk], use_reentrant=False)
+        total = total + part
+    return total / hidden.shape[0]
+
+
+def retention_inputs(x: torch.Tensor, rows: torch.Tensor | slice, task: int) -> torch.Tensor:
+    """What an earlier task's head reads of the stage-K sources x [B, L] at `rows`: task 1 (next item)
+    predicts the source's last item from the items before it, x[rows, :-1]; every other task reads x[rows]."""
+    return x[rows, :-1] if task == 0 else x[rows]
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over rows of KL(softmax(teacher / T) ‖ softmax(student / T)) (student, teacher: [n, classes] logits)."""
+    if temperature != 1.0:
+        student, teacher = student / temperature, teacher / temperature
+    return F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1), reduction="batchmean",
+                    log_target=True)

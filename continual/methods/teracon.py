@@ -1,0 +1,316 @@
+"""TERACON (Kim et al., KDD 2023, arXiv 2306.01792; equation numbers are the paper's), as a method of the loop.
+
+The masks (Eqs. 11–13) are in model.NextItNet.task_masks and the annealing of s (Eq. 19) is the loop's; this
+file holds the rest: the task-1 loss with its mask regulariser, the stage-K loss (Eqs. 14–18) with its
+sampling ratio (Eq. 15), retention rows and terms (Eq. 16), and the clamp of the task embeddings.
+
+Its options are orthogonal: each changes one thing, and `paper` (every option at the authors' value) is the
+default. `--preset` names the combinations a reader needs (PRESETS); explicit flags win over a preset.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+import flags
+from checkpoints import load_checkpoint
+from continual.methods.base import Method, Stage, Step, distillation_kl, next_item_loss, retention_inputs
+from model import NextItNet
+from utils import DataError
+
+INITIAL_RATIO = 0.9     # every earlier task's sampling ratio before the first batch (authors' code)
+EMBEDDING_CLAMP = 6.0   # stages ≥ 2 clamp the task embeddings to [−6, 6] after each step (revised code)
+
+
+CHOICES = {"rows": ("sampled", "all"), "weights": ("sum", "mean"), "retention_at": ("annealed", "smax"),
+           "distance": ("mse", "kl"), "carry_masks": ("off", "relation", "all"), "embedding_clamp": ("on", "off"),
+           "ratio_weights": ("previous", "current")}
+
+
+@dataclass(frozen=True)
+class TeraconOptions:
+    """TERACON's flags (README, "Retention rules"); the defaults are the paper's rule, `--preset paper`."""
+    preset: str = "paper"
+    alpha: float = 0.7                  # weight of the knowledge-retention loss (Eq. 18); 0 = no retention
+    no_relation: bool = False           # ablation: plain σ(s·e) masks for every task (Eq. 11 only)
+    uniform_sampling: bool = False      # ablation: every sampling ratio stays at INITIAL_RATIO (no Eq. 15)
+    rows: str = "sampled"               # sampled: int(B · ratio_j) rows for earlier task j (Eq. 16); all: every row
+    weights: str = "sum"                # c_j = ratio_j / Σ_k ratio_k (sum, the paper's) or / mean_k ratio_k (mean)
+    retention_at: str = "annealed"      # retention terms at the annealed s, or at smax (where tasks are scored)
+    distance: str = "mse"               # mse of the logits (Eq. 16), or kl: KL(softmax(teacher) ‖ softmax(student))
+    carry_masks: str = "off"            # off; relation: earlier tasks keep their relation layers; all: + plain masks
+    mask_capacity: float = 0.0          # λ of HAT's capacity regulariser on the new task's masks; 0 = off
+    own_blocks: int = 0                 # the new task's own copies of the top K residual blocks; 0 = all shared
+    expert: str | None = None           # a checkpoint of this stage trained without retention, distilled from
+    expert_weight: float = 1.0          # β of the distillation from --expert
+    L2: float = 0.0                     # stage 1: weight of the mean-mask regulariser (original 0.75, revised 0)
+    embedding_clamp: str = "on"         # stages ≥ 2: clamp the task embeddings to [−6, 6] after each step
+    nested_samples: bool = False        # retention rows as prefixes of one shuffle (original) or a shuffle each
+    ratio_weights: str = "previous"     # c_j from the previous batch's ratios (revised) or this batch's (original)
+
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TERACON option {name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+
+    @property
+    def is_paper_rule(self) -> bool:
+        """Every retention option at the authors' value (what --streams authors can replay)."""
+        return (not self.no_relation and (self.rows, self.weights, self.retention_at, self.distance, self.carry_masks)
+                == ("sampled", "sum", "annealed", "mse", "off") and not self.mask_capacity and not self.own_blocks)
+
+
+# --preset: what each combination sets (explicit flags win). The paper's rule, its three ablations (Sec. 5.4),
+# and the rule this suite recommends (README, "Retention rules"): every row of every earlier task at smax, KL
+# terms weighted by ratio_j / mean_k ratio_k, α = 2, distillation of the new task from fine-tuning's model of
+# the same stage (--expert, which compare.py runs first), and the new task's own copies of the top two blocks.
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "no_relation": {"no_relation": True},
+    "no_retention": {"alpha": 0.0},
+    "uniform_sampling": {"uniform_sampling": True},
+    "recommended": {"rows": "all", "weights": "mean", "retention_at": "smax", "distance": "kl", "alpha": 2.0,
+                    "own_blocks": 2},
+}
+EXPERT_PRESETS = {"recommended"}  # presets that distil from the fine-tuning chain's checkpoint (--expert)
+VARIANT_OPTIONS = ("L2", "embedding_clamp", "nested_samples", "ratio_weights")  # defaults set by --variant
+
+
+class Teracon(Method):
+    """TERACON: relation-aware task masks, and retention of every earlier task from ONE frozen copy of the
+    stage-(K−1) model that pseudo-labels the batch's users for each of them (Eqs. 14–18)."""
+    name = "teracon"
+    Options = TeraconOptions
+    presets = PRESETS
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        add = parser.add_argument
+        add("--preset", choices=list(PRESETS), default="paper",
+            help="a named combination of the options below (explicit flags win): paper (the authors' rule), its "
+                 "ablations no_relation, no_retention, uniform_sampling, and recommended (README, Retention rules; "
+                 "needs --expert)")
+        add("--alpha", type=flags.nonnegative_float, help="weight of the knowledge-retention loss (default 0.7)")
+        add("--no_relation", action="store_const", const=True, help="ablation: plain σ(s·e) masks for every task")
+        add("--uniform_sampling", action="store_const", const=True, help="ablation: fixed sampling ratio 0.9")
+        add("--rows", choices=["sampled", "all"],
+            help="retention rows of earlier task j: sampled = int(B · ratio_j) (the paper's), all = every row")
+        add("--weights", choices=["sum", "mean"],
+            help="retention weights c_j = ratio_j / Σ_k ratio_k (sum, the paper's) or ratio_j / mean_k ratio_k (mean: "
+                 "near 1 for each earlier task however many there are)")
+        add("--retention_at", choices=["annealed", "smax"],
+            help="the teacher's pseudo-labels and the student's outputs at the annealed s (the paper's) or at smax")
+        add("--distance", choices=["mse", "kl"],
+            help="retention term: mse of the logits (the paper's) or kl = KL(softmax(teacher) ‖ softmax(student))")
+        add("--carry_masks", choices=["off", "relation", "all"],
+            help="when the model grows: off (the paper's: every relation layer fresh); relation = earlier tasks keep "
+                 "their relation layers (stage ≥ 3); all = also, at stage 2, task 1's plain mask becomes a relation "
+                 "layer that matches it at smax")
+        add("--mask_capacity", type=flags.nonnegative_float,
+            help="stages >= 2: weight of HAT's capacity regulariser on the new task's masks, Σ m·(1 − m_<K) / "
+                 "Σ (1 − m_<K) with m_<K the earlier tasks' masks (stage 1's --L2 is the same term with nothing "
+                 "used); 0 = off")
+        add("--own_blocks", type=flags.nonnegative_int,
+            help="stages >= 2: the new task reads its own copies of the top K residual blocks, copied from the shared "
+                 "ones at the start of the stage and trained only by its own terms (not in the paper); 0 = all shared")
+        add("--expert", type=flags.input_file,
+            help="stages >= 2: a checkpoint of this stage trained on the same task and split without retention (e.g. "
+                 "the fine-tuning chain's); the new task is also distilled from it, β · KL(expert ‖ model) at smax")
+        add("--expert_weight", type=flags.nonnegative_float, help="β of --expert (default 1)")
+        add("--L2", type=flags.nonnegative_float, help="task 1: weight of the mean-mask regulariser (original 0.75, "
+            "revised 0)")
+        add("--embedding_clamp", type=flags.on_off, nargs="?", const="on",
+            help="stages ≥ 2: clamp task embeddings to [-6, 6] after each step (revised: on; the original t2–t6 "
+                 "scripts' clamp never fires: off)")
+        add("--no_embedding_clamp", dest="embedding_clamp", action="store_const", const="off",
+            help="the same as --embedding_clamp off")
+        add("--nested_samples", type=flags.on_off, nargs="?", const="on",
+            help="on: earlier tasks' retention rows are prefixes of one shuffle (original); off: a shuffle each "
+                 "(revised)")
+        add("--ratio_weights", choices=["previous", "current"],
+            help="retention weights c_j from the previous batch's ratios (revised) or this batch's (original)")
+
+    @classmethod
+    def options_from(cls, args: argparse.Namespace) -> TeraconOptions:
+        """Explicit flags, else the preset's value, else the option's default (--variant's are filled before)."""
+        preset, defaults = PRESETS[args.preset], TeraconOptions()
+        values = {}
+        for field in fields(TeraconOptions):
+            given = getattr(args, field.name)
+            values[field.name] = given if given is not None else preset.get(field.name, getattr(defaults, field.name))
+        if isinstance(values["nested_samples"], str):
+            values["nested_samples"] = values["nested_samples"] == "on"
+        return TeraconOptions(**values)
+
+    @classmethod
+    def check(cls, options: TeraconOptions, run, fail: Callable[[str], None]) -> None:
+        if options.expert and not os.path.isfile(options.expert):
+            raise DataError(f"--expert: {options.expert}: file not found")
+        if options.preset in EXPERT_PRESETS and not options.expert and run.stage > 1:
+            fail(f"--preset {options.preset} distils the new task from fine-tuning's checkpoint of this stage: give "
+                 "--expert CKPT (compare.py runs the fine-tuning chain first)")
+
+    @classmethod
+    def chains_needed(cls, preset: str | None) -> dict[str, str]:
+        return {"--expert": "finetune"} if preset in EXPERT_PRESETS else {}
+
+    @classmethod
+    def replayable(cls, options: TeraconOptions) -> bool:
+        return options.is_paper_rule
+
+    # ------------------------------------------------------------------ hooks
+
+    def begin_stage(self, stage: Stage) -> None:
+        super().begin_stage(stage)
+        self.ratios = [INITIAL_RATIO] * stage.task       # sampling ratios carried from batch to batch
+        self.teacher, self.expert = stage.previous, None
+        if stage.number == 1:
+            return
+        blocks = len(stage.previous_checkpoint["model_config"]["dilations"])
+        if self.options.own_blocks > blocks:
+            raise DataError(f"{stage.run.paths}: --own_blocks {self.options.own_blocks} is more than the model's "
+                            f"{blocks} residual blocks")
+        if self.options.expert:
+            self.expert = load_expert(self.options.expert, stage)
+
+    def model_config(self) -> dict:
+        return {"use_masks": True}
+
+    def grow(self, model: NextItNet, n_classes: int) -> None:
+        carry = self.options.carry_masks
+        model.add_task(n_classes, relation=not self.options.no_relation, carry_relation=carry in ("relation", "all"),
+                       carry_plain=carry == "all", own_blocks=self.options.own_blocks)
+
+    def terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
+        if self.stage.number == 1:
+            masks = model.task_masks(0, step.s)                            # [n_layers, C], Eq. 11
+            yield next_item_loss(model, step.x, masks, self.run.ce_chunk) + self.options.L2 * masks.mean()
+            return
+        yield from self.stage_terms(model, step)
+
+    def stage_terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
+        """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K) (+ λ · the capacity penalty on its masks,
+        + β · KL(softmax(expert_K) ‖ softmax(student_K)) over the batch at s = smax when an --expert of task K
+        is given: the new task distilled from a model trained on it without retention, as Progress & Compress,
+        Schwarz et al. 2018), then α · c_j · MSE_j (or KL_j) for each earlier task j.
+
+        For every earlier task j the rows of `retention_plan` are pseudo-labelled by the ONE frozen teacher
+        under its task-j mask; the student's head j under its own task-j mask is pulled towards them. The rows
+        are drawn from the global batch (step.shard) by the stage's sampler; a rank's term is scaled so that
+        the ranks' weighted sum is the one-process term. self.ratios holds the previous batch's ratios and
+        becomes this batch's (Eq. 15, from this batch's masks, as the revised code)."""
+        options, smax, shard, teacher, task = self.options, self.run.smax, step.shard, self.teacher, self.stage.task
+        x, y, s, ratios = step.x, step.y, step.s, self.ratios
+        task_masks = model.task_masks(task, s)                              # [n_layers, C]
+        new_task = F.cross_entropy(model(x, task, s, masks=task_masks)[0].float(), y)
+        if options.mask_capacity > 0 and task > 0:
+            with torch.no_grad():                                           # earlier tasks' masks where scored
+                used = torch.stack([teacher.task_masks(j, smax) for j in range(task)]).amax(0)
+            new_task = new_task + options.mask_capacity * capacity_penalty(task_masks, used)
+        if self.expert is not None and options.expert_weight > 0:
+            with torch.no_grad():
+                expert_logits = self.expert(x, task, smax)[0].float()      # [B, n_classes of task K]
+            new_task = new_task + options.expert_weight * distillation_kl(model(x, task, smax)[0].float(),
+                                                                          expert_logits)
+        yield new_task
+        if options.alpha <= 0 or task == 0:
+            return
+        with torch.no_grad():
+            teacher_masks = [teacher.task_masks(j, s) for j in range(task)]  # task × [n_layers, C]
+        fresh = [ratios[j] if options.uniform_sampling else sampling_ratio(teacher_masks[j], task_masks)
+                 for j in range(task)]
+        self.ratios = fresh
+        plan = retention_plan(options, ratios, shard.size, fresh if options.ratio_weights == "current" else None)
+        drawn = self.stage.sampler.retention_rows([count for count, _ in plan], shard.size, options.nested_samples)
+        if options.retention_at == "smax" and s != smax:
+            s = smax                                                        # retention where the model is scored
+            with torch.no_grad():
+                teacher_masks = [teacher.task_masks(j, s) for j in range(task)]
+        for j, ((count, weight), positions) in enumerate(zip(plan, drawn)):
+            local = torch.from_numpy(shard.local(positions)).to(x.device)
+            if not local.numel():                                           # an empty sample contributes nothing
+                continue
+            x_j = retention_inputs(x, local, j)
+            with torch.no_grad():
+                pseudo = teacher(x_j, j, s, masks=teacher_masks[j])[0].float()
+            scale = local.numel() / count / shard.share                     # 1 in a single process
+            yield options.alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight,
+                                                         options.distance)
+
+    def after_step(self, model: NextItNet) -> None:
+        if self.stage.number == 1 or self.options.embedding_clamp == "on":
+            clamp_task_embedding(model)
+
+    def state_dict(self) -> dict:
+        return {"ratios": list(self.ratios)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ratios = list(state["ratios"])
+
+
+def sampling_ratio(teacher_masks: torch.Tensor, task_masks: torch.Tensor) -> float:
+    """Eq. 15: ratio_j = 1 − mean over masked layers of σ(6 · cos(m̃_j, m_t)).
+
+    teacher_masks, task_masks: [n_layers, C] (earlier task j's mask under the teacher, current task's mask).
+    """
+    cosine = F.cosine_similarity(teacher_masks.detach(), task_masks.detach(), dim=1, eps=1e-6)  # [n_layers]
+    return float(1.0 - torch.sigmoid(6.0 * cosine).mean())
+
+
+def retention_term(student: torch.Tensor, teacher: torch.Tensor, weight: float, distance: str = "mse") -> torch.Tensor:
+    """One earlier task's share of Eq. 16: c_j · MSE(student_j, teacher_j); with distance "kl", c_j · the mean
+    over rows of KL(softmax(teacher_j) ‖ softmax(student_j)), which ignores the logits' common shift and weighs
+    each class by the teacher's probability of it (student, teacher: [n, n_classes] logits)."""
+    if distance == "kl":
+        return weight * distillation_kl(student, teacher)
+    return weight * F.mse_loss(student, teacher)
+
+
+def capacity_penalty(task_masks: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """HAT's capacity regulariser (Serrà et al., ICML 2018, Eq. 5) on the new task's masks [n_layers, C]:
+    Σ m · (1 − m_<K) / Σ (1 − m_<K), where `used` [n_layers, C] = m_<K is the element-wise max of the earlier
+    tasks' masks. Reusing a channel an earlier task uses costs nothing; opening a fresh one costs, so fresh
+    channels stay free for later tasks. With nothing used before (stage 1) it is the mean mask, the `--L2` term."""
+    free = 1.0 - used                                                       # [n_layers, C]
+    return (task_masks * free).sum() / free.sum().clamp_min(1e-12)
+
+
+def retention_plan(options: TeraconOptions, ratios: list[float], size: int,
+                   weight_ratios: list[float] | None = None) -> list[tuple[int, float]]:
+    """(rows to pseudo-label, loss weight c_j) of every earlier task j for a global batch of `size` rows.
+
+    Row counts follow `ratios` (options.rows "sampled": int(size · ratio_j); "all": size); the weights follow
+    `weight_ratios` (default: the same ratios), divided by their sum (options.weights "sum") or mean ("mean")."""
+    weight_ratios = ratios if weight_ratios is None else weight_ratios
+    total = sum(weight_ratios)
+    if total <= 0:
+        return [(0, 0.0) for _ in ratios]
+    counts = [size] * len(ratios) if options.rows == "all" else [int(size * ratio) for ratio in ratios]
+    scale = len(ratios) if options.weights == "mean" else 1
+    return [(count, scale * ratio / total) for count, ratio in zip(counts, weight_ratios)]
+
+
+def clamp_task_embedding(model: NextItNet) -> None:
+    with torch.no_grad():
+        model.task_embedding.clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
+
+
+def load_expert(path: str, stage: Stage) -> NextItNet:
+    """--expert: a frozen model of this stage trained on the same task and split (so its soft labels carry no
+    test user's label); one line naming the file otherwise."""
+    checkpoint = load_checkpoint(path, "--expert")
+    task = checkpoint["tasks"][-1] if checkpoint.get("tasks") else {}
+    theirs = (checkpoint.get("stage"), task.get("name"), task.get("n_classes"), task.get("seed"),
+              task.get("split_percentage"), checkpoint["model_config"]["n_items"])
+    record, run = stage.record, stage.run
+    ours = (stage.number, record["name"], record["n_classes"], run.seed, run.split_percentage,
+            stage.previous_checkpoint["model_config"]["n_items"])
+    if theirs != ours:
+        raise DataError(f"{path}: --expert must be a stage-{stage.number} checkpoint of this task on the same "
+                        f"split (stage, task, classes, seed, split_percentage, items: {theirs}; here: {ours})")
+    return stage.frozen(checkpoint)

@@ -1,0 +1,241 @@
+"""The typed run config of a stage, the command line that fills it, and the config a checkpoint carries.
+
+`parse_args` reads the loop's flags (every method has them) and the chosen method's own flags (its
+`add_arguments`), fills the per-stage and per-variant defaults and the --dataset paths, and returns a
+RunConfig whose `options` are the method's typed options. Checkpoints carry `RunConfig.to_dict()`;
+checkpoints written before it existed (format 1, with the parsed command line under "args") are read
+through `legacy_run_config`.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import distributed
+import flags
+from continual.methods import METHODS, method_class
+from continual.training.samplers import STREAMS
+from utils import DATASETS, VARIANTS, DataError, preset_paths, stage_defaults
+
+DEFAULT_METHOD = "teracon"
+
+
+@dataclass
+class RunConfig:
+    """Everything the loop needs to run one stage; `options` is the method's own typed config."""
+    stage: int
+    datapath: str
+    datapath_index: str
+    savepath: str
+    paths: str | None = None              # the previous stage's checkpoint (stage ≥ 2)
+    dataset: str | None = None
+    method: str = DEFAULT_METHOD
+    options: Any = None
+    epochs: int = 10
+    lr: float = 1e-3
+    batch: int = 32
+    eval_batch: int = 256
+    smax: float = 50.0
+    variant: str = "revised"
+    seed: int = 0
+    rerun: int = 0
+    top_k: int = 5
+    split_percentage: float = 0.2
+    gpu_num: str | None = None
+    device: str | None = None
+    channels: int = 256
+    patience: int = 5
+    task_kind: str | None = None
+    select_on: str = "acc"
+    ties: str = "off"
+    streams: str = "ours"
+    amp: bool = False
+    compile: bool = False
+    ce_chunk: int = 0
+    resume: bool = False
+
+    def to_dict(self) -> dict:
+        """Plain values only (the checkpoint is loaded with weights_only): the options as a dict."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"},
+                "options": asdict(self.options) if self.options is not None else {}}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        config = cls(**{key: value for key, value in values.items() if key in known and key != "options"})
+        options_class = method_class(config.method).Options
+        names = {f.name for f in fields(options_class)}
+        config.options = options_class(**{k: v for k, v in (values.get("options") or {}).items() if k in names})
+        return config
+
+
+LOOP_FLAGS = [f.name for f in fields(RunConfig) if f.name not in ("options", "method", "stage")]
+
+
+def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
+    """The loop's flags, then `method`'s own (its add_arguments, under a heading of its name)."""
+    title = f"stage {stage}" if stage else "any stage ≥ 2 (--stage, or the stage after --paths)"
+    parser = flags.Parser(description=f"Continual user representation learning, {title}.")
+    add = parser.add_argument
+    add("--method", choices=list(METHODS), default=DEFAULT_METHOD,
+        help="the continual-learning method (continual/methods/); its own flags are listed under its name")
+    add("--dataset", choices=sorted(DATASETS), help="fill --datapath/--datapath_index/--paths/--savepath")
+    if stage is None:
+        add("--stage", type=flags.integer(2),
+            help="task number being learned, >= 2 (default: the stage after --paths)")
+    add("--datapath", type=flags.input_file, help="this task's data file")
+    add("--datapath_index", type=flags.input_file, help="item index (written by task 1, read by later tasks)")
+    add("--paths", type=flags.input_file, help="previous stage's checkpoint (.t7)")
+    add("--savepath", type=flags.output_prefix,
+        help="checkpoint written as <savepath>.t7, metrics as <savepath>.metrics.json")
+    add("--epochs", type=flags.positive_int)
+    add("--lr", type=flags.positive_float)
+    add("--batch", type=flags.positive_int)
+    add("--eval_batch", type=flags.positive_int, default=256,
+        help="batch size for validation/test (no effect on results)")
+    add("--smax", type=flags.smax, default=50, help="the top of the annealing of s (Eq. 19); masks are scored there")
+    add("--variant", choices=sorted(VARIANTS), default="revised",
+        help="which of the authors' two codes the flags default to: revised (Sein-Kim/TERACON) or original "
+             "(Sein-Kim/TERACON_original); README, Faithfulness")
+    add("--seed", type=flags.seed, help="original 10, revised 0")
+    add("--rerun", type=flags.nonnegative_int, default=0,
+        help="N > 0: draw the training randomness (new weights, batch order, retention rows) from seed + 1000·N "
+             "while the split stays --seed's: the N-th rerun of a stage on the same users, for run-to-run spread")
+    add("--top_k", type=flags.positive_int, default=5)
+    add("--split_percentage", type=flags.fraction, default=0.2, help="valid+test share, in (0, 1)")
+    add("--gpu_num", type=flags.gpu_num, default=None, help="the original's device flag: an int (cuda:N) or 'cpu'")
+    add("--device", type=flags.device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add("--channels", type=flags.positive_int, default=256)
+    add("--patience", type=flags.positive_int, default=5)
+    add("--task_kind", choices=["rec", "cls"],
+        help="default: rec for task 1, later tasks rec when they have more than top_k+15 classes")
+    add("--select_on", type=flags.metric,
+        help="validation metric for early stopping on rec tasks (cls tasks use acc): acc, or mrr/hit/ndcg at "
+             "@top_k or @top_k+15 (mrr@5 ... ndcg@20 by default); the revised code uses acc "
+             "(hit@1) everywhere, the original t2/t3 scripts mrr@5")
+    add("--ties", type=flags.on_off, nargs="?", const="on",
+        help="on: a validation score equal to the best so far counts as an improvement (the original's t2/t3 "
+             "scripts); off: only a higher one")
+    add("--streams", choices=STREAMS, default="ours",
+        help="stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
+             "parameters as the authors' code does (drops partial batches; with --variant original, from an "
+             "authors' checkpoint), to replay it step for step (tools/replay_check.py); ours = this suite's draws")
+    add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
+    add("--compile", action="store_true", help="torch.compile the residual stack of the model (and of the frozen "
+        "models); the first steps of each shape are slower while it compiles")
+    add("--ce_chunk", type=flags.nonnegative_int, default=0, help="task 1: exact cross-entropy over this many rows "
+        "at a time (lower peak memory for large vocabularies); 0 = all at once")
+    add("--resume", action="store_true", help="continue an interrupted stage from its last finished epoch")
+    method_class(method).add_arguments(parser.add_argument_group(f"--method {method}"))
+    parser.explain_unknown = lambda words: unknown_flags_message(words, stage, method)
+    return parser
+
+
+def chosen_method(argv: list[str] | None) -> str:
+    """--method's value before the full parse (whose flags depend on it); an unknown one is left to the parser."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--method", default=DEFAULT_METHOD)
+    known, _ = probe.parse_known_args(argv)
+    return known.method if known.method in METHODS else DEFAULT_METHOD
+
+
+def parse_args(stage: int | None, argv: list[str] | None = None) -> RunConfig:
+    """The stage's RunConfig from the command line: explicit flags, then the stage's and the variant's defaults,
+    then --dataset's paths. Every domain is checked here, before any file is read or written."""
+    method = chosen_method(argv)
+    parser = build_parser(stage, method)
+    args = parser.parse_args(argv)
+    if stage is None:
+        from checkpoints import load_checkpoint  # checkpoints.py reads legacy_run_config from here
+        stage = args.stage
+        if stage is None and args.paths:
+            stage = int(load_checkpoint(args.paths)["stage"]) + 1
+        if stage is None or stage < 2:
+            raise DataError("give --stage K (K ≥ 2) or --paths of the previous stage's checkpoint")
+    args.stage = stage
+    for key, value in stage_defaults(stage, args.variant).items():
+        if getattr(args, key, value) is None:  # explicit flags win; a default of a flag the method lacks is skipped
+            setattr(args, key, value)
+    flags.check_select_on(parser, args.select_on, args.top_k)
+    if args.dataset:
+        for key, value in preset_paths(args.dataset, stage).items():
+            if getattr(args, key) is None:  # explicit flags win
+                setattr(args, key, value)
+    required = ["datapath", "datapath_index", "savepath"] + (["paths"] if stage > 1 else [])
+    missing = [f"--{key}" for key in required if getattr(args, key) is None]
+    if missing:
+        raise DataError(f"missing {', '.join(missing)} (or give --dataset)")
+    cls = method_class(method)
+    run = RunConfig(stage=stage, method=method, options=cls.options_from(args),
+                    **{name: getattr(args, name) for name in LOOP_FLAGS})
+    cls.check(run.options, run, parser.error)
+    if run.streams == "authors":
+        check_authors_streams(run)
+    return run
+
+
+def check_stage_flags(argv: list[str], method: str) -> None:
+    """Parse `argv` as a stage of `method` would (compare.py's flags for every stage): one line if it would fail."""
+    build_parser(None, method).parse_args(argv)
+
+
+def method_flags(method: str) -> set[str]:
+    """The flags `method` adds to the loop's."""
+    group = flags.Parser(add_help=False)
+    method_class(method).add_arguments(group)
+    return set(group._option_string_actions)
+
+
+def unknown_flags_message(unknown: list[str], stage: int | None, method: str) -> str:
+    """An unknown flag that is another method's says whose it is; any other is argparse's own complaint."""
+    flag = next((word.split("=")[0] for word in unknown if word.startswith("--")), None)
+    for other in METHODS:
+        if flag and other != method and flag in method_flags(other):
+            return f"{flag} is a flag of --method {other}, not of --method {method}"
+    return f"unrecognized arguments: {' '.join(unknown)}"
+
+
+def check_authors_streams(run: RunConfig) -> None:
+    """What --streams authors replays: stages ≥ 2 of TERACON's paper rule, in one process, from the start."""
+    options = run.options
+    unsupported = [(run.stage == 1, "stage 1"), (run.resume, "--resume"), (distributed.launched(), "torchrun"),
+                   (run.rerun > 0, "--rerun"), (getattr(options, "expert", None) is not None, "--expert"),
+                   (not method_class(run.method).replayable(options), "an ablation or an option beyond the paper's "
+                                                                       "rule")]
+    found = [what for bad, what in unsupported if bad]
+    if found:
+        raise DataError(f"--streams authors replays the authors' stages >= 2 in one process; not with "
+                        f"{', '.join(found)}")
+
+
+# ---------------------------------------------------------------- checkpoints written before RunConfig
+
+# The --retention rules of format-1 checkpoints, as TERACON's options (rows, weights, retention_at, distance,
+# carry_masks); README, "Retention rules", names the commit at which they last ran.
+LEGACY_RULES: dict[str, tuple[str, str, str, str, str]] = {
+    "paper": ("sampled", "sum", "annealed", "mse", "off"),
+    "all_rows": ("all", "sum", "annealed", "mse", "off"),
+    "per_task": ("all", "mean", "annealed", "mse", "off"),
+    "per_task_smax": ("all", "mean", "smax", "mse", "off"),
+    "per_task_smax_kl": ("all", "mean", "smax", "kl", "off"),
+    "sum_smax_kl": ("all", "sum", "smax", "kl", "off"),
+    "per_task_smax_kl_carry": ("all", "mean", "smax", "kl", "relation"),
+    "per_task_smax_kl_carry_plain": ("all", "mean", "smax", "kl", "all"),
+}
+
+
+def legacy_run_config(args: dict) -> dict:
+    """A format-1 checkpoint's parsed command line (`vars(args)`) → RunConfig.to_dict()'s layout."""
+    run = {name: args[name] for name in ["stage", *LOOP_FLAGS] if name in args}
+    run["method"] = args.get("method", DEFAULT_METHOD)
+    run["options"] = {}
+    if run["method"] == "teracon":
+        rule = args.get("retention", "paper")
+        rows, weights, retention_at, distance, carry = LEGACY_RULES.get(rule, LEGACY_RULES["paper"])
+        copied = ["alpha", "no_relation", "uniform_sampling", "mask_capacity", "own_blocks", "expert", "expert_weight",
+                  "L2", "embedding_clamp", "nested_samples", "ratio_weights"]
+        run["options"] = {"preset": f"legacy --retention {rule}", "rows": rows, "weights": weights,
+                          "retention_at": retention_at, "distance": distance, "carry_masks": carry,
+                          **{name: args[name] for name in copied if name in args}}
+    return run
