@@ -35,10 +35,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
-import flags
+from continual import flags
+from continual.datasets import DATASETS, preset_paths
+from continual.evaluation.reports import headline_metric
 from continual.methods import METHODS, method_class
 from continual.training.config import DEFAULT_METHOD, check_stage_flags
-from utils import DATASETS, DataError, atomic_write_text, cli, headline_metric, preset_paths
+from utils import DataError, atomic_write_text, cli
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -88,7 +90,7 @@ STAGE_FLAGS: dict[str, tuple[list[str], list[str]]] = {
 
 
 def prepare_synth(synth_seed: int = 0) -> None:
-    import synth
+    from tools import synth
     synth.main(["--out", DATASETS["synth"]["folder"], "--seed", str(synth_seed)])
 
 
@@ -211,7 +213,7 @@ def load_results(out: str, seeds: list[int], methods: list[str], stages: int) ->
 
 
 def headline(task: dict) -> float:
-    """The value of the task's headline metric (utils.headline_metric: MRR@5 for rec, accuracy for cls)."""
+    """The value of the task's headline metric (reports.headline_metric: MRR@5 for rec, accuracy for cls)."""
     return task["test"][headline_metric(task)]
 
 

@@ -42,14 +42,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import flags
-from data_loader import ItemIndex, TaskData, load_task, read_index, segments, split_indices, tokenize
-from evaluate import score
-from model import NextItNet
+from continual import flags
+from continual.checkpoints import load_checkpoint
+from continual.evaluation.scoring import score
 from continual.training.loop import autocast
-from checkpoints import load_checkpoint
-from utils import (DataError, atomic_save_npy, atomic_write_text, cli, keep_freed_memory, resolve_device,
-                   write_json)
+from data_loader import ItemIndex, TaskData, load_task, read_index, segments, split_indices, tokenize
+from model import NextItNet
+from utils import DataError, atomic_save_npy, atomic_write_text, cli, keep_freed_memory, resolve_device, write_json
 
 UNK = "<UNK>"
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-import flags
+from continual import flags
 
 AGE_BINS = np.array([18, 25, 35, 45, 50, 56])  # ml-1m's brackets; also maps ml-1m's own codes 1,18,..,56
 AGE_NAMES = ["<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run all six TERACON stages in order and print the forgetting matrix.
 #   bash run_all.sh demo        # MovieLens-100K from RecBole's wheel, small settings, CPU, ~2 minutes
-#   bash run_all.sh synth       # the controlled benchmark (synth.py), small settings, CPU, ~3 minutes
+#   bash run_all.sh synth       # the controlled benchmark (tools/synth.py), small settings, CPU, ~3 minutes
 #   bash run_all.sh ttl         # Data/TTL/ (download first), the paper's settings
 #   bash run_all.sh movielens   # Data/movielens/ (python prepare_data.py --source <ml-folder> --out Data/movielens)
 # Extra arguments are passed to every stage, e.g. `bash run_all.sh demo --device cpu --seed 3`.
@@ -40,9 +40,9 @@ case "$dataset" in
         later=(--epochs 20 --patience 5 --select_on ndcg@20 --batch 256 --lr 1e-3 --split_percentage 0.4)
         ;;
     synth)
-        # The controlled benchmark (synth.py; regenerated each time: deterministic, a few seconds), with
+        # The controlled benchmark (tools/synth.py; regenerated each time: deterministic, a few seconds), with
         # demo-sized settings: 64 channels, at most 10 epochs a stage, batch 256 and lr 1e-3 after stage 1.
-        $python synth.py --out Data/synth
+        $python tools/synth.py --out Data/synth
         stage1=(--channels 64 --epochs 10 --patience 3 --select_on mrr@5)
         later=(--epochs 10 --patience 3 --select_on mrr@5 --batch 256 --lr 1e-3)
         ;;

@@ -10,8 +10,8 @@ import torch
 from continual.methods.base import Step
 from continual.methods.teracon import Teracon, TeraconOptions
 from continual.training.config import LEGACY_RULES
+from continual.training.distributed import Shard
 from continual.training.loop import method_for
-from distributed import Shard
 from model import NextItNet
 
 
@@ -41,7 +41,8 @@ def teracon_method(teacher: NextItNet | None, task: int, ratios: list[float], rn
 
 def teracon_terms(model: NextItNet, teacher: NextItNet, x: torch.Tensor, y: torch.Tensor, task: int, s: float,
                   ratios: list[float], rng: np.random.Generator, options: TeraconOptions, smax: float = 50.0,
-                  shard: Shard | None = None, expert: NextItNet | None = None) -> tuple[Iterator[torch.Tensor], Teracon]:
+                  shard: Shard | None = None, expert: NextItNet | None = None
+                  ) -> tuple[Iterator[torch.Tensor], Teracon]:
     """The stage's loss terms, one at a time, and the method (whose .ratios become this batch's)."""
     method = teracon_method(teacher, task, ratios, rng, options, smax, expert)
     return method.terms(model, Step(x, y, s, shard or Shard(x.shape[0]))), method

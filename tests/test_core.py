@@ -15,16 +15,15 @@ import torch
 import torch.nn as nn
 
 import data_loader
-import evaluate
-import checkpoints
-from continual.methods import teracon
-from continual.training import config, loop, samplers
-from distributed import Shard
-from continual.methods.base import distillation_kl
-from teracon_helpers import teracon_options
 import utils
+from continual import checkpoints
+from continual.evaluation import metrics, scoring
+from continual.methods import teracon
+from continual.methods.base import distillation_kl
+from continual.training import config, loop, samplers
+from continual.training.distributed import Shard
 from model import ModelConfig, NextItNet, causal_conv
-
+from teracon_helpers import teracon_options
 
 # ------------------------------------------------------------------ backbone
 
@@ -186,7 +185,7 @@ def _hand_metrics(rank):
 
 
 def test_ranking_sums_against_hand_computation():
-    assert utils.metric_names(5) == ["mrr@5", "hit@5", "ndcg@5", "mrr@20", "hit@20", "ndcg@20", "acc"]
+    assert metrics.metric_names(5) == ["mrr@5", "hit@5", "ndcg@5", "mrr@20", "hit@20", "ndcg@20", "acc"]
     n_classes = 40
     gen = torch.Generator().manual_seed(5)
     ranks = [0, 3, 10, 25, 4, 5, 19, 20]
@@ -198,10 +197,10 @@ def test_ranking_sums_against_hand_computation():
         targets[row] = order[rank]
     expected_rows = np.array([_hand_metrics(r) for r in ranks])
     for row in range(len(ranks)):
-        got = utils.ranking_sums(logits[row:row + 1], targets[row:row + 1], 5).numpy()
+        got = metrics.ranking_sums(logits[row:row + 1], targets[row:row + 1], 5).numpy()
         np.testing.assert_allclose(got, expected_rows[row], rtol=1e-9, atol=1e-12,
                                    err_msg=f"target ranked {ranks[row]}")
-    total = utils.ranking_sums(logits, targets, 5).numpy()
+    total = metrics.ranking_sums(logits, targets, 5).numpy()
     np.testing.assert_allclose(total, expected_rows.sum(0), rtol=1e-9)
 
 
@@ -211,13 +210,13 @@ def test_score_averages_every_row_including_partial_batch(tiny_model):
     data = data_loader.TaskData(torch.randint(0, 30, (23, 9), generator=gen).numpy(),
                                 torch.randint(0, 30, (23,), generator=gen).numpy(), 30)
     rows = np.arange(3, 20)                                           # 17 rows, batches of 5 → partial last
-    got = evaluate.score(model, 0, data, rows, "rec", 50.0, 5, torch.device("cpu"), 5)
+    got = scoring.score(model, 0, data, rows, "rec", 50.0, 5, torch.device("cpu"), 5)
     with torch.no_grad():
         logits, _ = model(torch.from_numpy(data.inputs[rows]), 0, 50.0)
-    expected = utils.ranking_sums(logits, torch.from_numpy(data.targets[rows]), 5) / rows.size
-    assert list(got) == utils.metric_names(5)
-    np.testing.assert_allclose([got[k] for k in utils.metric_names(5)], expected.numpy(), rtol=1e-6, atol=1e-9)
-    cls = evaluate.score(model, 0, data, rows, "cls", 50.0, 5, torch.device("cpu"), 5)
+    expected = metrics.ranking_sums(logits, torch.from_numpy(data.targets[rows]), 5) / rows.size
+    assert list(got) == metrics.metric_names(5)
+    np.testing.assert_allclose([got[k] for k in metrics.metric_names(5)], expected.numpy(), rtol=1e-6, atol=1e-9)
+    cls = scoring.score(model, 0, data, rows, "cls", 50.0, 5, torch.device("cpu"), 5)
     assert list(cls) == ["acc"] and cls["acc"] == pytest.approx(got["acc"])
 
 
@@ -485,8 +484,9 @@ def test_retention_plan_by_hand():
     ratios = [0.9, 0.2, 0.05]
     total = sum(ratios)
     # paper (Eqs. 15–16): int(B · ratio_j) rows, weight ratio_j / Σ ratio
-    assert teracon.retention_plan(teracon_options("paper"), ratios, 100) == [(90, 0.9 / total), (20, 0.2 / total), (5, 0.05 / total)]
-    assert [rows for rows, _ in teracon.retention_plan(teracon_options("paper"), [0.0025] * 5, 256)] == [0] * 5  # the vanishing sample
+    paper = teracon_options("paper")
+    assert teracon.retention_plan(paper, ratios, 100) == [(90, 0.9 / total), (20, 0.2 / total), (5, 0.05 / total)]
+    assert [rows for rows, _ in teracon.retention_plan(paper, [0.0025] * 5, 256)] == [0] * 5  # the vanishing sample
     # all_rows: every row, same weights; per_task: every row, weights with mean 1
     assert teracon.retention_plan(teracon_options("all_rows"), ratios, 100) == [(100, r / total) for r in ratios]
     per_task = teracon.retention_plan(teracon_options("per_task"), ratios, 64)

@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
-import stats
-import synth
+from continual.evaluation import metrics, reports, scoring, stats
 from continual.training import loop
-import utils
 from data_loader import ItemIndex, TaskData
+from tools import synth
 
 
 def test_rank_values_equal_ranking_values_from_logits():
@@ -22,7 +20,7 @@ def test_rank_values_equal_ranking_values_from_logits():
     logits = torch.from_numpy(rng.permutation(n_classes * 8).reshape(8, n_classes).astype(np.float32))
     targets = torch.from_numpy(rng.integers(0, n_classes, 8))
     ranks = (logits > logits[torch.arange(8), targets][:, None]).sum(1).numpy()    # [8] 0-based rank
-    expected = utils.ranking_values(logits, targets, 5).numpy()
+    expected = metrics.ranking_values(logits, targets, 5).numpy()
     np.testing.assert_allclose(stats.rank_values(ranks, 5, n_classes), expected, atol=1e-12)
     assert stats.rank_values(np.array([np.inf]), 5, n_classes).sum() == 0.0
 
@@ -52,7 +50,7 @@ def test_popularity_unseen_equals_masked_logits():
     logits = torch.from_numpy(-np.argsort(np.argsort(-counts, kind="stable")).astype(np.float64)).repeat(n, 1)
     for row, items in enumerate(sources):
         logits[row, items[items >= 0]] = -torch.inf
-    expected = utils.ranking_values(logits, torch.from_numpy(targets), 5).numpy()
+    expected = metrics.ranking_values(logits, torch.from_numpy(targets), 5).numpy()
     own = (sources == targets[:, None]).any(1)
     expected[own] = 0.0                                            # an excluded target is never ranked
     got = stats.rank_values(stats.popularity_ranks(counts, targets, sources), 5, n_classes)
@@ -119,12 +117,12 @@ def test_baselines_of_a_task_file_by_hand():
     targets = np.array([2, 2, 1, 3, 2])                            # class indices
     data = TaskData(sources, targets, 4, np.array([0, 1, 1, 2, 2]), target_keys)
     train, test = np.array([0, 1, 2]), np.array([3, 4])            # training targets: 2, 2, 1
-    result = evaluate.baseline_values(data, "rec", train, test, index, 5)
+    result = scoring.baseline_values(data, "rec", train, test, index, 5)
     # popularity ranking: class 2, class 1, class 3, class 0 (excluded). Test: user 2's class 3 (rank 2), class 2 (rank 0)
     assert result["popularity"][:, 0].tolist() == pytest.approx([1 / 3, 1.0])
     # user 2 owns items 1 (raw 10: no class) and 3 (raw 30 = class 2): class 2 leaves its ranking
     assert result["popularity_unseen"][:, 0].tolist() == pytest.approx([1 / 2, 0.0])
-    majority = evaluate.baseline_values(data, "cls", train, test, index, 5)["majority"]
+    majority = scoring.baseline_values(data, "cls", train, test, index, 5)["majority"]
     assert majority[:, 6].tolist() == [0.0, 1.0]
 
 
@@ -132,7 +130,7 @@ def test_task1_popularity_ignores_padding_and_unknown():
     index = ItemIndex(np.array([0, 5, 6]))                         # raw 0 (padding) → 1, 5 → 2, 6 → 3
     sequences = np.array([[1, 1, 1, 3], [1, 1, 1, 3], [0, 2, 3, 2]])
     data = TaskData(sequences[:, :-1], sequences[:, -1], index.size)
-    result = evaluate.baseline_values(data, "rec", np.array([0, 1]), np.array([2]), index, 5)
+    result = scoring.baseline_values(data, "rec", np.array([0, 1]), np.array([2]), index, 5)
     assert result["popularity"][0, 6] == 0.0 and result["popularity"][0, 0] == 0.5   # item 3 first, item 2 second
     assert result["popularity_unseen"][0].sum() == 0.0             # item 2 is in the user's source
 
@@ -150,7 +148,7 @@ def test_synth_is_deterministic_and_sized(tmp_path):
     assert len(task1) == 60 and all(len(line.split(",")) == 8 for line in task1)
     meta = json.loads((tmp_path / "a" / "tasks.json").read_text())
     assert [entry["kind"] for entry in meta["tasks"]] == ["rec"] * 3 + ["cls"] * 3
-    assert evaluate.known_ceiling(str(tmp_path / "a" / "task5.csv")) == meta["tasks"][4]["ceiling"]
+    assert scoring.known_ceiling(str(tmp_path / "a" / "task5.csv")) == meta["tasks"][4]["ceiling"]
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +216,7 @@ def test_one_epoch_synth_run_reports_baselines_intervals_and_ceilings(tmp_path):
             assert low <= entry["test"][name] <= high
         assert entry["ceiling"] == meta["tasks"][k - 1]["ceiling"]
         assert entry["vs_baseline"]["metric"] == ("mrr@5" if k <= 3 else "acc")
-    header, rows = evaluate.forgetting_matrix([str(out / f"task{k}.metrics.json") for k in range(1, 7)])
+    header, rows = reports.forgetting_matrix([str(out / f"task{k}.metrics.json") for k in range(1, 7)])
     assert header[:7] == ["stage"] + [f"task{k}" for k in range(1, 7)] and len(rows) == 6
     assert rows[5][header.index("task5_baseline_name")] == "majority"
     assert rows[5][header.index("task5_ceiling")] == f"{meta['tasks'][4]['ceiling']['acc']:.4f}"
@@ -228,13 +226,13 @@ def test_stage_table_marks_tasks_not_above_their_baseline():
     rng = np.random.default_rng(3)
     good = rng.random((300, 7)) * 0.5 + 0.5
     weak = rng.random((300, 7)) * 0.5
-    names = utils.metric_names(5)
+    names = metrics.metric_names(5)
     above = stats.evidence(good, {"popularity": weak}, names, "mrr@5", None)
     level = stats.evidence(good, {"popularity": good}, names, "mrr@5", None)
     tasks = {str(k): {"kind": "rec", "test": dict(zip(names, good.mean(0))), "n_test_users": 300, **entry}
              for k, entry in ((1, above), (2, level))}
     tasks["2"]["ceiling"] = {"mrr@5": 0.9}
-    lines = utils.format_evidence(4, tasks).splitlines()
+    lines = reports.format_evidence(4, tasks).splitlines()
     assert lines[0].startswith("stage 4:") and len(lines) == 4
     assert "NOT above" not in lines[2] and "(above on hit@5, ndcg@5, mrr@20, hit@20, ndcg@20, acc)" in lines[2]
     assert lines[3].rstrip().endswith("0.9000  NOT above baseline")

@@ -16,18 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-import bench
 import compare
 import data_loader
 import evaluate
-import figures
-import flags
 import predict
 import prepare_data
-import synth
-from continual.training import config, loop
 import utils
+from continual import flags
+from continual.training import config, loop
 from model import ModelConfig, NextItNet
+from tools import bench, figures, synth
 
 REPO = Path(__file__).resolve().parent.parent
 NO_CUDA = not torch.cuda.is_available()
@@ -472,3 +470,12 @@ def test_shell(stage1, tmp_path, subprocess_env, script, argv, flag):
     assert "Traceback" not in result.stderr
     assert re.fullmatch(rf"error: {flag} must be a positive integer \(got 0\)\n", result.stderr), result.stderr
     assert result.stdout == "" and files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("tool", ["bench", "figures", "replay_check", "synth"])
+def test_tools_run_as_files_and_as_modules(repo_root, subprocess_env, tool):
+    """tools/ sits apart from the library: `python tools/X.py` and `python -m tools.X` both find the suite."""
+    for command in ([sys.executable, str(repo_root / "tools" / f"{tool}.py"), "--help"],
+                    [sys.executable, "-m", f"tools.{tool}", "--help"]):
+        done = subprocess.run(command, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "usage" in done.stdout, done.stderr[-2000:]

@@ -16,14 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoints
-import evaluate
+from continual import checkpoints
+from continual.evaluation import scoring
 from continual.methods import METHODS, method_class
 from continual.methods.base import Step
 from continual.methods.ewc import EWC, shared_parameters
 from continual.training import config, loop
+from continual.training.distributed import Shard
 from data_loader import TaskData, read_index
-from distributed import Shard
 from model import ModelConfig, NextItNet
 
 FIXTURES = Path(__file__).parent / "fixtures" / "legacy"
@@ -155,7 +155,8 @@ def test_ewc_fisher_is_the_mean_squared_per_example_gradient():
     assert sum(float(v.sum()) for v in fisher.values()) > 0
     task1, rows1 = data[1]
     model.zero_grad()                                                    # task 1: next-item CE over the sequence
-    sequence = torch.cat([torch.from_numpy(task1.sources[[rows1[0]]]), torch.from_numpy(task1.targets[[rows1[0]]])[:, None]], 1)
+    sequence = torch.cat([torch.from_numpy(task1.sources[[rows1[0]]]),
+                          torch.from_numpy(task1.targets[[rows1[0]]])[:, None]], 1)
     logits = model.heads[0](model.hidden(sequence[:, :-1], model.task_masks(0, 7.0), last_only=False))
     F.cross_entropy(logits.reshape(-1, 30), sequence[:, 1:].reshape(-1)).backward()
     one = ewc_stage(model, teacher, data, samples=1).task_fisher(model, 1)
@@ -190,7 +191,8 @@ def test_ewc_penalty_has_the_gradient_of_one_penalty_per_task():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
     method.grow(model, 4)                                                # task 3's head; the backbone unchanged
     terms = list(method.terms(model, Step(torch.randint(1, 30, (4, 8)), torch.randint(0, 4, (4,)), 3.0, Shard(4))))
-    assert len(terms) == 2 and float(terms[1].detach()) == pytest.approx(5.0 * float(method.penalty(model).detach()), rel=1e-6)
+    assert len(terms) == 2
+    assert float(terms[1].detach()) == pytest.approx(5.0 * float(method.penalty(model).detach()), rel=1e-6)
 
 
 # ------------------------------------------------------------------ every method through the real scripts
@@ -252,7 +254,7 @@ def test_checkpoints_of_the_previous_format_evaluate_to_their_metrics(monkeypatc
     run = config.RunConfig.from_dict(saved["run_config"])
     assert run.method == ("finetune" if name == "finetune2" else "teracon") and run.smax == 50
     model = NextItNet.from_checkpoint(saved).eval()
-    tasks = evaluate.evaluate_tasks(model, saved["tasks"], read_index("index.csv"), run.smax, 256,
+    tasks = scoring.evaluate_tasks(model, saved["tasks"], read_index("index.csv"), run.smax, 256,
                                     torch.device("cpu"), run.top_k)
     stored = json.loads(Path(f"{name}.metrics.json").read_text())["tasks"]
     assert set(tasks) == set(stored)

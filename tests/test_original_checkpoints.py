@@ -1,4 +1,4 @@
-"""Tests for original_checkpoints.py on hand-made state dicts in the authors' layouts (no code of theirs).
+"""Tests for continual/original_checkpoints.py on hand-made state dicts in the authors' layouts (no code of theirs).
 
 The reference forward below is written from the paper/SPEC description of the authors' NextItNet:
 Conv2d over [B, C, 1, L] after a left ZeroPad2d, LayerNorm(eps 1e-8), ReLU, × mask, residual, head on
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import checkpoints  # noqa: E402
+from continual import checkpoints  # noqa: E402
+from continual.original_checkpoints import KEY_MAP, convert_original  # noqa: E402
 from model import CHECKPOINT_FORMAT, NextItNet  # noqa: E402
-from original_checkpoints import KEY_MAP, convert_original  # noqa: E402
 from utils import DataError  # noqa: E402
 
 V, C, K_SIZE, L = 23, 8, 3, 12

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import data_loader
-from continual.training import loop, samplers
 from continual.methods.base import Step
-from distributed import Shard
-from teracon_helpers import task1_loss, teracon_loss, teracon_method, teracon_options
+from continual.training import loop, samplers
+from continual.training.distributed import Shard
 from model import ModelConfig, NextItNet
+from teracon_helpers import task1_loss, teracon_loss, teracon_method, teracon_options
 
 
 def python_parse(text: str, fields: int) -> tuple[list[int], list[int], list[int], list[int]]:

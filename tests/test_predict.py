@@ -44,9 +44,9 @@ def chain(tmp_path_factory, data_writer):
 @pytest.fixture(scope="module")
 def loaded(chain):
     """(model, index, smax) of the stage-3 checkpoint."""
+    from continual.checkpoints import load_checkpoint
     from data_loader import read_index
     from model import NextItNet
-    from checkpoints import load_checkpoint
 
     _, out = chain
     checkpoint = load_checkpoint(str(out / "task3.t7"))
@@ -84,7 +84,7 @@ def read_csv(path) -> list[dict]:
 
 def task_split(chain, task: int) -> tuple[int, float]:
     """(seed, split_percentage) the stage-3 checkpoint records for `task`."""
-    from checkpoints import load_checkpoint
+    from continual.checkpoints import load_checkpoint
 
     record = load_checkpoint(str(chain[1] / "task3.t7"))["tasks"][task - 1]
     return record["seed"], record["split_percentage"]
@@ -92,8 +92,8 @@ def task_split(chain, task: int) -> tuple[int, float]:
 
 def evaluation_data(chain, loaded, task: int):
     """evaluate.py's view of a task: (TaskData, test rows, the raw source text of every example)."""
+    from continual.evaluation.scoring import load_task_data
     from data_loader import split_indices
-    from evaluate import load_task_data
 
     data_files, _ = chain
     path = {1: data_files.task1, 2: data_files.task2, 3: data_files.task3}[task]
@@ -106,14 +106,14 @@ def evaluation_data(chain, loaded, task: int):
 
 @torch.no_grad()
 def reference_logits(loaded, task: int, inputs: np.ndarray) -> torch.Tensor:
-    """What evaluate.score computes: head `task` (0-based) on [n, L] inputs under its mask at smax."""
+    """What scoring.score computes: head `task` (0-based) on [n, L] inputs under its mask at smax."""
     model, _, smax = loaded
     return model(torch.from_numpy(np.ascontiguousarray(inputs)), task, smax)[0]
 
 
 @pytest.mark.parametrize("task", [1, 2])
 def test_rec_predictions_equal_evaluate(chain, loaded, capsys, tmp_path, task):
-    from evaluate import score
+    from continual.evaluation.scoring import score
 
     model, index, smax = loaded
     data, test, sources = evaluation_data(chain, loaded, task)
@@ -136,7 +136,7 @@ def test_rec_predictions_equal_evaluate(chain, loaded, capsys, tmp_path, task):
     assert (ranked == expected).all(), "the ranking differs from evaluate's (torch.topk of the same logits)"
     np.testing.assert_allclose([float(row["logit"]) for row in rows[::n_classes]], logits.max(1).values, rtol=1e-5)
 
-    # the same ranks: the metrics computed from predict.py's lists are evaluate.score's
+    # the same ranks: the metrics computed from predict.py's lists are scoring.score's
     targets = labels[data.targets[test]]
     rank = np.array([list(ranked[i]).index(target) for i, target in enumerate(targets)])  # 0-based
     metrics = score(model, task - 1, data, test, "rec", smax, 256, torch.device("cpu"))
@@ -146,7 +146,7 @@ def test_rec_predictions_equal_evaluate(chain, loaded, capsys, tmp_path, task):
 
 
 def test_cls_predictions_equal_evaluate(chain, loaded, capsys, tmp_path):
-    from evaluate import score
+    from continual.evaluation.scoring import score
 
     model, _, smax = loaded
     data, test, sources = evaluation_data(chain, loaded, 3)
@@ -239,8 +239,8 @@ def test_malformed_line_one_error_nothing_written(chain, capsys, tmp_path, conte
 
 def test_cli_subprocess_error_and_probe(chain, loaded, repo_root, subprocess_env, tmp_path):
     """As a user runs it: a malformed line is one `error:` line, exit 2, nothing written; then the probe."""
+    from continual.evaluation.scoring import score
     from data_loader import split_indices
-    from evaluate import score
 
     (tmp_path / "bad.csv").write_text("1,2\n3,-4\n")
     command = [sys.executable, str(repo_root / "predict.py"), "--paths", str(chain[1] / "task3.t7"),

@@ -193,8 +193,8 @@ def test_checkpoints_load_weights_only(trained):
 
 def test_kill_midway_keeps_earlier_and_partial_checkpoints(trained, tmp_path):
     """A kill during stage 2 leaves stage 1 intact and stage 2's best-so-far loadable; --resume continues."""
+    from continual.checkpoints import load_checkpoint
     from model import NextItNet
-    from checkpoints import load_checkpoint
 
     big = synthetic(str(tmp_path), users=1500, length=8, seed=1)
     # reuse the trained stage-1 model and its index: the task-2 file must use the same items

@@ -1,6 +1,7 @@
-"""--streams authors (continual/training/samplers.py): the authors' draws rebuilt by hand here from their documented order (numpy's
-global RandomState, Python's random, torch's constructor calls), and a stage-2 run from an authors'-layout
-stage-1 checkpoint. The step-for-step check against their code itself is replay_check.py (needs a checkout)."""
+"""--streams authors (continual/training/samplers.py): the authors' draws rebuilt by hand here from their
+documented order (numpy's global RandomState, Python's random, torch's constructor calls), and a stage-2 run
+from an authors'-layout stage-1 checkpoint. The step-for-step check against their code itself is
+tools/replay_check.py (needs a checkout)."""
 from __future__ import annotations
 
 import math
@@ -11,10 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from continual.original_checkpoints import convert_original
 from continual.training import config, loop
-from original_checkpoints import convert_original
-from data_loader import load_task, read_index
 from continual.training.samplers import AuthorsSampler, full_batches, original_fresh, revised_fresh
+from data_loader import load_task, read_index
 from test_original_checkpoints import original_state, save_and_load
 from utils import DataError
 

@@ -150,9 +150,9 @@ def test_sum_smax_kl_is_per_task_smax_kl_with_weights_summing_to_one(tiny_model)
 
 @pytest.mark.parametrize("rule", ["per_task_smax_kl", "per_task_smax_kl_carry"])
 def test_stage_starts_from_the_teachers_masks_only_with_carry(tmp_path, synthetic_data, monkeypatch, rule):
-    """train_teracon with --carry_masks relation (the old per_task_smax_kl_carry) grows a model that has relation layers (stage ≥ 3;
-    stage 1 has plain masks) so that at the first step the student's earlier-task masks and outputs are the
-    teacher's; the authors' growth (every other rule) moves them."""
+    """train_teracon with --carry_masks relation (the old per_task_smax_kl_carry) grows a model that has relation
+    layers (stage ≥ 3; stage 1 has plain masks) so that at the first step the student's earlier-task masks and
+    outputs are the teacher's; the authors' growth (every other rule) moves them."""
     data = synthetic_data(n_users=120, seed=6)
     common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1"]
     loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
@@ -179,9 +179,9 @@ def test_stage_starts_from_the_teachers_masks_only_with_carry(tmp_path, syntheti
 
 @pytest.mark.parametrize("rule", ["per_task_smax_kl_carry", "per_task_smax_kl_carry_plain"])
 def test_stage2_carries_plain_masks_only_with_carry_plain(tmp_path, synthetic_data, monkeypatch, rule):
-    """At stage 2's first step, `per_task_smax_kl_carry_plain` (--carry_masks all) gives task 1 the mask σ(s·tanh(s·e_1)) of its
-    stage-1 embedding (plain σ(s·e_1) at s = smax); `per_task_smax_kl_carry` grows from plain masks as the
-    authors do (a fresh relation layer)."""
+    """At stage 2's first step, `per_task_smax_kl_carry_plain` (--carry_masks all) gives task 1 the mask
+    σ(s·tanh(s·e_1)) of its stage-1 embedding (plain σ(s·e_1) at s = smax); `per_task_smax_kl_carry` grows from
+    plain masks as the authors do (a fresh relation layer)."""
     data = synthetic_data(n_users=120, seed=6)
     common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1"]
     loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from distributed import Shard
+from continual.training.distributed import Shard
 from model import NextItNet
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import flags
+from continual import flags
 from continual.methods.base import Stage, Step, next_item_loss
 from continual.methods.finetune import FineTune
 from model import NextItNet
@@ -36,7 +36,7 @@ SHARED = ("item_embedding.", "blocks.")  # the parameters every task reads: the 
 @dataclass(frozen=True)
 class EWCOptions:
     ewc_lambda: float = 100.0   # λ of the penalty (chosen on the benchmark's validation split; README)
-    ewc_samples: int = 0        # training examples the Fisher is estimated from; 0 = all of the task's
+    ewc_samples: int = 1000     # training examples the Fisher is estimated from (one backward pass each); 0 = all
 
 
 class EWC(FineTune):
@@ -52,7 +52,7 @@ class EWC(FineTune):
                                  "benchmark's validation split)")
         parser.add_argument("--ewc_samples", type=flags.nonnegative_int, default=defaults.ewc_samples,
                             help="training examples per task the Fisher is estimated from, one backward pass "
-                                 "each; 0 = all (cap it at TTL scale)")
+                                 "each, the first of the split's random order (default 1000); 0 = all")
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-import flags
+from continual import flags
 from continual.methods.base import Step, distillation_kl, retention_inputs
 from continual.methods.finetune import FineTune
 from model import NextItNet

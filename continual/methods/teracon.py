@@ -17,8 +17,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-import flags
-from checkpoints import load_checkpoint
+from continual import flags
+from continual.checkpoints import load_checkpoint
 from continual.methods.base import Method, Stage, Step, distillation_kl, next_item_loss, retention_inputs
 from model import NextItNet
 from utils import DataError
@@ -56,7 +56,8 @@ class TeraconOptions:
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"TERACON option {name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+                raise ValueError(f"TERACON option {name} must be one of {', '.join(allowed)} "
+                                 f"(got {getattr(self, name)!r})")
 
     @property
     def is_paper_rule(self) -> bool:

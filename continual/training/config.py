@@ -12,11 +12,12 @@ import argparse
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import distributed
-import flags
+from continual import flags
+from continual.datasets import DATASETS, VARIANTS, preset_paths, stage_defaults
 from continual.methods import METHODS, method_class
+from continual.training import distributed
 from continual.training.samplers import STREAMS
-from utils import DATASETS, VARIANTS, DataError, preset_paths, stage_defaults
+from utils import DataError
 
 DEFAULT_METHOD = "teracon"
 
@@ -147,7 +148,7 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> RunConfig:
     parser = build_parser(stage, method)
     args = parser.parse_args(argv)
     if stage is None:
-        from checkpoints import load_checkpoint  # checkpoints.py reads legacy_run_config from here
+        from continual.checkpoints import load_checkpoint  # checkpoints.py reads legacy_run_config from here
         stage = args.stage
         if stage is None and args.paths:
             stage = int(load_checkpoint(args.paths)["stage"]) + 1

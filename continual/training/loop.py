@@ -17,20 +17,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import distributed
-import flags
-from checkpoints import load_checkpoint
+from continual import flags
+from continual.checkpoints import load_checkpoint
+from continual.datasets import preset_kind, preset_paths, stage_script, task_name
+from continual.evaluation.reports import format_evidence, format_table
+from continual.evaluation.scoring import evaluate_tasks, load_task_data, score
 from continual.methods import method_class
 from continual.methods.base import Method, Stage, Step
+from continual.training import distributed
 from continual.training.config import RunConfig, parse_args
+from continual.training.distributed import Shard
 from continual.training.samplers import AuthorsSampler, OurSampler
-from data_loader import (ItemIndex, Staging, TaskData, check_split, load_sequences, load_task, read_index,
-                         write_index)
-from distributed import Shard
-from evaluate import evaluate_tasks, load_task_data, score
+from data_loader import ItemIndex, Staging, TaskData, check_split, load_sequences, load_task, read_index, write_index
 from model import CHECKPOINT_FORMAT, ModelConfig, NextItNet
-from utils import (DataError, atomic_torch_save, format_evidence, format_table, keep_freed_memory, preset_kind,
-                   preset_paths, resolve_device, set_seed, stage_script, task_name, write_json)
+from utils import DataError, atomic_torch_save, keep_freed_memory, resolve_device, set_seed, write_json
 
 RERUN_SEED_STEP = 1000  # --rerun N trains from seed + 1000·N
 
@@ -79,9 +79,9 @@ def train_step(model: NextItNet, method: Method, optimizer: torch.optim.Optimize
     """One optimiser step on the method's loss terms → (loss, its retention part: every term after the first,
     stepped).
 
-    Each term is back-propagated as soon as it is computed, so only one pass's activations are alive at
-    a time (with a term per earlier task at task 6: one instead of six); the gradients add up to the gradient of the sum. The
-    step is skipped if the total is non-finite (on any rank under torchrun)."""
+    Each term is back-propagated as soon as it is computed, so only one pass's activations are alive at a
+    time (with a term per earlier task, at task 6 one instead of six); the gradients add up to the gradient
+    of the sum. The step is skipped if the total is non-finite (on any rank under torchrun)."""
     optimizer.zero_grad(set_to_none=True)
     terms = method.terms(model, step)
     values = []

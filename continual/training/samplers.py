@@ -38,7 +38,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-import distributed
+from continual.training import distributed
 from data_loader import ItemIndex, split_indices, split_permutation
 from model import NextItNet
 from utils import DataError

@@ -1,7 +1,7 @@
 """A controlled benchmark for continual user representations: six TTL-format task files from a known
 generative model, with each task's best achievable score.
 
-    python synth.py --out Data/synth [--seed 0] [--users 6000] [--items 500] [--length 30] [--clusters 10]
+    python tools/synth.py --out Data/synth [--seed 0] [--users 6000] [--items 500] [--length 30] [--clusters 10]
 
 The story (documented in Data/README.md): every user has three attributes (age group, gender, life
 status) and a personal favourite item cluster. Together they set the user's taste over item clusters:
@@ -23,11 +23,15 @@ import argparse
 import itertools
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-import flags
+if __package__ in (None, ""):  # run as a file (python tools/…): import the suite from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from continual import flags
 from utils import atomic_write_text, cli
 
 AGE_PRIOR = np.array([0.10, 0.30, 0.30, 0.20, 0.10])
@@ -144,7 +148,7 @@ def posterior(world: World, sequences: np.ndarray, chunk: int = 256) -> np.ndarr
 
 def expected_ranking_scores(predictive: np.ndarray) -> dict[str, float]:
     """Expected metrics of ranking items by a predictive distribution [N, M] when the target is drawn from
-    it (the Bayes-optimal ranking's score), averaged over rows; names as utils.metric_names(5)."""
+    it (the Bayes-optimal ranking's score), averaged over rows; names as metrics.metric_names(5)."""
     top = -np.sort(-predictive, axis=1)[:, :max(CUTOFFS)]                          # [N, 20]
     rank = np.arange(top.shape[1])
     scores = {}

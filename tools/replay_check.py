@@ -1,9 +1,9 @@
 """Step-for-step check against a checkout of the authors' code (Sein-Kim/TERACON_original or Sein-Kim/TERACON).
 
-    python replay_check.py --authors /path/to/TERACON_original [--steps 50] [--batch 32] [--work DIR]
-    python replay_check.py --authors /path/to/TERACON --variant revised
+    python tools/replay_check.py --authors /path/to/TERACON_original [--steps 50] [--batch 32] [--work DIR]
+    python tools/replay_check.py --authors /path/to/TERACON --variant revised
 
-It makes TTL-shaped synthetic data (synth.py, lines left-padded with item 0), runs the authors' stage 1 for
+It makes TTL-shaped synthetic data (tools/synth.py, lines left-padded with item 0), runs the authors' stage 1 for
 one epoch, then their stage 2 and stage 3 for --steps optimiser steps each, and this suite's stages 2 and
 3 (`--variant V --streams authors`) from the same checkpoints: the authors' stage-1 file, then the
 authors' stage-2 file. It prints the loss of every step of both codes and their relative difference,
@@ -33,7 +33,11 @@ import tempfile
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a file (python tools/…): import the suite from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)  # the repository root: where this suite's stages run
 VIEW = (r"\.view\(\[-1\]\)", ".reshape([-1])")           # a strided copy cannot be viewed on torch 2.x
 CODES = {  # per code: its repository, files, the only changes made to the copy (file → [(pattern, replacement)]),
            # its stage-1 and stage-K command lines and the learning rates of stages 2 and 3
@@ -94,7 +98,7 @@ def patched_copy(authors: str, target: str, variant: str) -> None:
 def make_data(work: str, later_users: int) -> dict[int, str]:
     """Task 1 for 12,000 users (the authors' stage 1 needs more than 512 validation users) and tasks 2 and 3
     for `later_users` users, every line keeping its last 5..30 items, left-padded with item 0 as TTL's files."""
-    import synth
+    from tools import synth
     folder = os.path.join(work, f"data_{later_users}")
     paths = {k: os.path.join(folder, f"task{k}.csv") for k in (1, 2, 3)}
     if all(os.path.isfile(path) for path in paths.values()):
@@ -124,6 +128,7 @@ def run_authors(code: str, script: str, argv: list[str], steps: int, out: str) -
     (0: none) write them and the trained model's state to `out`.json / `out`.pt and stop."""
     single_thread()
     import runpy
+
     import torch
     import torch.nn as nn
     records: list[dict] = []
@@ -173,6 +178,7 @@ def run_ours(argv: list[str], steps: int, out: str, fused: bool = False) -> None
     `fused`, Adam's fused kernel replaces its loop: the same arithmetic in another order (the yardstick)."""
     single_thread()
     import torch
+
     from continual.methods import teracon
     from continual.training import loop
     if fused:
@@ -211,7 +217,8 @@ def run_ours(argv: list[str], steps: int, out: str, fused: bool = False) -> None
 
 def compare(authors_out: str, ours_out: str, loss_tol: float, param_tol: float, label: str) -> bool:
     import torch
-    from original_checkpoints import convert_original
+
+    from continual.original_checkpoints import convert_original
     with open(authors_out + ".json") as handle:
         theirs = json.load(handle)
     with open(ours_out + ".json") as handle:
@@ -308,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, os.path.join(HERE, "replay_check.py"), "--authors", args.authors,
                    "--variant", args.variant, "--steps", str(steps), *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        result = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True)
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"{' '.join(command[2:8])}… failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
 

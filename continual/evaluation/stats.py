@@ -1,6 +1,6 @@
 """Evidence for a score: trivial baselines on the same split and bootstrap intervals over test users.
 
-Pure functions over numpy arrays; the training and evaluation plumbing calls them (evaluate.evaluate_tasks).
+Pure functions over numpy arrays; the training and evaluation plumbing calls them (scoring.evaluate_tasks).
 
 - Baselines, fitted on the task's TRAINING split only:
   rec tasks: every item ranked by its training popularity (`popularity`), and the same ranking with the
@@ -26,8 +26,8 @@ def class_counts(labels: np.ndarray, n_classes: int, exclude: tuple[int, ...] = 
 
 
 def rank_values(ranks: np.ndarray, top_k: int, n_classes: int) -> np.ndarray:
-    """Per-example metrics [n, 7] (order of utils.metric_names) from the target's 0-based rank in a ranking
-    (np.inf: not ranked), as utils.ranking_values computes them from logits."""
+    """Per-example metrics [n, 7] (order of metrics.metric_names) from the target's 0-based rank in a ranking
+    (np.inf: not ranked), as metrics.ranking_values computes them from logits."""
     long_k = min(top_k + 15, n_classes)
     short = min(top_k, n_classes)
     r = ranks.astype(np.float64)

@@ -20,7 +20,7 @@ import re
 from typing import Callable
 
 SEED_MAX = 2**32 - 1  # numpy's np.random.seed / RandomState accept [0, 2**32 - 1]
-LONG_K = 15           # the metrics report top_k and top_k + 15 (utils.metric_names)
+LONG_K = 15           # the metrics report top_k and top_k + 15 (metrics.metric_names)
 METRIC_PATTERN = re.compile(r"(mrr|hit|ndcg)@([1-9][0-9]*)")
 
 

@@ -1,6 +1,6 @@
 """Figures of a run: how related the tasks' masks are, and the forgetting matrix.
 
-    python figures.py --paths CKPT [--out DIR] [--matrix metrics.json ...]
+    python tools/figures.py --paths CKPT [--out DIR] [--matrix metrics.json ...]
 
 --paths writes task_relation_layers.png (the cosine similarity of every pair of tasks' masks at s = smax,
 one small heatmap per masked layer) and task_relation_mean.png (the same averaged over layers), the
@@ -14,14 +14,18 @@ import argparse
 import importlib.util
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 
-import flags
-from evaluate import matrix_cells
+if __package__ in (None, ""):  # run as a file (python tools/…): import the suite from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from continual import flags
+from continual.checkpoints import load_checkpoint
+from continual.evaluation.reports import matrix_cells
 from model import NextItNet
-from checkpoints import load_checkpoint
 from utils import DataError, cli
 
 DEFAULT_SMAX = 50.0
@@ -125,7 +129,7 @@ def relation_figures(checkpoint: dict, out: str, name: str = "") -> list[str]:
 
 
 def forgetting_figure(metric_files: list[str], out: str, name: str = "") -> str:
-    """forgetting_matrix.png from metrics.json files (evaluate.matrix_cells); returns its path. Each cell
+    """forgetting_matrix.png from metrics.json files (reports.matrix_cells); returns its path. Each cell
     shows the value, its 95 % interval and the strongest trivial baseline (b); a cell that is not above its
     baseline is marked with `!` and a red frame."""
     import matplotlib

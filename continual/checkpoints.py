@@ -7,9 +7,9 @@ import os
 
 import torch
 
+from continual.original_checkpoints import convert_original
 from continual.training.config import legacy_run_config
 from model import CHECKPOINT_FORMAT, LEGACY_FORMAT
-from original_checkpoints import convert_original
 from utils import DataError
 
 

@@ -1,8 +1,8 @@
 """Benchmark on synthetic data generated in-process: training and evaluation throughput, peak memory, loading.
 
-    python bench.py                                   # defaults: CPU-sized
-    python bench.py --items 645974 --length 100 --device cuda --amp   # TTL scale
-    python bench.py --write_data /tmp/bench_data      # also write the data as TTL-style files
+    python tools/bench.py                                   # defaults: CPU-sized
+    python tools/bench.py --items 645974 --length 100 --device cuda --amp   # TTL scale
+    python tools/bench.py --write_data /tmp/bench_data      # also write the data as TTL-style files
 
 Each phase runs in its own process so that its peak memory (RSS on CPU, max allocated on GPU) is its own.
 """
@@ -21,16 +21,19 @@ import time
 import numpy as np
 import torch
 
-import flags
-from data_loader import ItemIndex, TaskData, load_task
-from evaluate import score
-from model import ModelConfig, NextItNet
-from utils import keep_freed_memory
+if __package__ in (None, ""):  # run as a file (python tools/…): import the suite from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from continual import flags
+from continual.evaluation.scoring import score
 from continual.methods.base import Step
 from continual.methods.teracon import INITIAL_RATIO, PRESETS, TeraconOptions, retention_plan
+from continual.training.distributed import Shard
 from continual.training.loop import autocast, compile_backbone, method_for, train_step
 from continual.training.samplers import adam
-from distributed import Shard
+from data_loader import ItemIndex, TaskData, load_task
+from model import ModelConfig, NextItNet
+from utils import keep_freed_memory
 
 PHASES = ["task1", "taskK", "eval", "load"]
 

@@ -1,0 +1,100 @@
+"""The datasets the scripts know by name (--dataset) and the per-stage and per-variant flag defaults."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from utils import DataError
+
+TTL_FILES = [
+    "original_desen_pretrain.csv",
+    "original_desen_finetune_click_nouserID.csv",
+    "original_desen_finetune_like_nouserID.csv",
+    "original_desen_age.csv",
+    "original_desen_gender.csv",
+    "original_desen_lifestatus.csv",
+]
+PREPARED_FILES = [f"task{k}.csv" for k in range(1, 7)]
+
+DATASETS: dict[str, dict[str, Any]] = {
+    "ttl": {"folder": "Data/TTL", "files": TTL_FILES,
+            "names": ["next_item", "click", "like", "age", "gender", "life_status"],
+            "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
+            "missing": "download the TTL dataset (link in the authors' README, github.com/Sein-Kim/TERACON) "
+                       "and put its six CSV files in Data/TTL/"},
+    "movielens": {"folder": "Data/movielens", "files": PREPARED_FILES,
+                  "names": ["next_item", "watch", "like", "task4", "task5", "task6"],
+                  "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
+                  "missing": "prepare it first: python prepare_data.py --source <ml-folder> --out Data/movielens"},
+    "synth": {"folder": "Data/synth", "files": PREPARED_FILES,
+              "names": ["next_item", "click", "like", "age", "gender", "life_status"],
+              "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
+              "missing": "generate it first: python synth.py --out Data/synth"},
+    "demo": {"folder": "Data/demo", "files": PREPARED_FILES,
+             "names": ["next_item", "watch", "like", "age", "gender", "occupation"],
+             "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
+             "missing": "prepare it first: python prepare_data.py --source recbole --out Data/demo --seq_len 100 "
+                        "(needs: pip install --no-deps recbole==1.2.1)"},
+}
+
+# Per-stage training defaults (paper / authors' run script): stage 1 lr 1e-3 batch 32; stage 2 lr 1e-3
+# (revised script; the original 1e-4); later stages lr 1e-4; batch 1024; smax 50; α 0.7.
+STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
+    1: {"lr": 1e-3, "batch": 32, "epochs": 10},
+    2: {"lr": 1e-3, "batch": 1024, "epochs": 100},
+}
+LATER_STAGE_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "batch": 1024, "epochs": 100}
+
+
+# --variant: every behaviour in which the authors' two codes differ, as the defaults of its own flag (README,
+# "Faithfulness" has the file and lines of both codes). A flag given on the command line wins.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "revised": {"seed": 0, "L2": 0.0, "ratio_weights": "previous", "ties": "off", "nested_samples": "off",
+                "embedding_clamp": "on", "select_on": "acc"},
+    "original": {"seed": 10, "L2": 0.75, "ratio_weights": "current", "ties": "off", "nested_samples": "on",
+                 "embedding_clamp": "off", "select_on": "acc"},
+}
+VARIANT_STAGES: dict[str, dict[int, dict[str, Any]]] = {
+    "revised": {},
+    "original": {2: {"lr": 1e-4, "select_on": "mrr@5", "ties": "on"}, 3: {"select_on": "mrr@5", "ties": "on"}},
+}
+
+
+def stage_defaults(stage: int, variant: str = "revised") -> dict[str, Any]:
+    """Every flag default of `stage` under `variant` that is not the flag's own default."""
+    return {**STAGE_DEFAULTS.get(stage, LATER_STAGE_DEFAULTS), **VARIANTS[variant],
+            **VARIANT_STAGES[variant].get(stage, {})}
+
+
+def stage_script(stage: int) -> str:
+    """The script that trains stage `stage`."""
+    return "train_task1.py" if stage == 1 else f"train_teracon_t{stage}.py"
+
+
+def task_name(dataset: str | None, stage: int) -> str:
+    if dataset in DATASETS and stage <= len(DATASETS[dataset]["names"]):
+        return DATASETS[dataset]["names"][stage - 1]
+    return f"task{stage}"
+
+
+def preset_kind(dataset: str | None, stage: int) -> str | None:
+    """The kind of the preset's task (rec or cls), None outside the presets."""
+    kinds = DATASETS.get(dataset or "", {}).get("kinds", [])
+    return kinds[stage - 1] if stage <= len(kinds) else None
+
+
+def preset_paths(dataset: str, stage: int) -> dict[str, str]:
+    """--dataset fills --datapath, --datapath_index, --paths and --savepath for a stage."""
+    preset = DATASETS[dataset]
+    if stage > len(preset["files"]):
+        raise DataError(f"--dataset {dataset} has {len(preset['files'])} tasks; give --datapath for task {stage}")
+    folder = preset["folder"]
+    datapath = os.path.join(folder, preset["files"][stage - 1])
+    if not os.path.isfile(datapath):
+        raise DataError(f"{datapath}: not found; {preset['missing']}")
+    save_folder = os.path.join("saved_models", dataset)
+    paths = {"datapath": datapath, "datapath_index": os.path.join(save_folder, "index.csv"),
+             "savepath": os.path.join(save_folder, f"task{stage}")}
+    if stage > 1:
+        paths["paths"] = os.path.join(save_folder, f"task{stage - 1}.t7")
+    return paths
