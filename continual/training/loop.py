@@ -27,7 +27,7 @@ from continual.methods.base import Method, Stage, Step
 from continual.training import distributed
 from continual.training.config import RunConfig, parse_args
 from continual.training.distributed import Shard
-from continual.training.samplers import AuthorsSampler, OurSampler
+from continual.training.samplers import AuthorsSampler, OurSampler, make_sampler
 from data_loader import ItemIndex, Staging, TaskData, check_split, load_sequences, load_task, read_index, write_index
 from model import CHECKPOINT_FORMAT, ModelConfig, NextItNet
 from utils import DataError, atomic_torch_save, keep_freed_memory, resolve_device, set_seed, write_json
@@ -343,8 +343,7 @@ def run_stage(run: RunConfig) -> dict:
     device = resolve_device(run.device, run.gpu_num)
     rng = set_seed(training_seed(run))
     checkpoint_path = guard_outputs(run)
-    sampler = (AuthorsSampler(run.variant, run.stage, run.paths, run.datapath_index) if run.streams == "authors"
-               else OurSampler(rng))
+    sampler = make_sampler(run.streams, rng, run.variant, run.stage, run.paths, run.datapath_index)
     inputs = task1_inputs(run, sampler, device) if run.stage == 1 else later_inputs(run, sampler, device)
     print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(run.to_dict().items())), flush=True)
     method = method_class(run.method)(run.options, run)

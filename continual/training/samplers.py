@@ -157,6 +157,14 @@ class AuthorsSampler:
         return {} if self.spare_rows is None else {"spare_task_rows": self.spare_rows[1:]}
 
 
+def make_sampler(streams: str, rng: np.random.Generator, variant: str, stage: int, paths: str | None,
+                 datapath_index: str) -> OurSampler | AuthorsSampler:
+    """--streams' sampler: `ours` draws from `rng`; `authors` replays the --variant's code."""
+    if streams == "authors":
+        return AuthorsSampler(variant, stage, paths, datapath_index)
+    return OurSampler(rng)
+
+
 def zero_missing_grads(optimizer: torch.optim.Optimizer, *_) -> None:
     """The authors back-propagate empty retention samples: their parameters get zero gradients (Adam moves them)."""
     for group in optimizer.param_groups:
