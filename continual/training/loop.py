@@ -28,7 +28,8 @@ from continual.training import distributed
 from continual.training.config import RunConfig, parse_args
 from continual.training.distributed import Shard
 from continual.training.samplers import AuthorsSampler, OurSampler, make_sampler
-from data_loader import ItemIndex, Staging, TaskData, check_split, load_sequences, load_task, read_index, write_index
+from data_loader import (ItemIndex, Staging, TaskData, check_split, load_sequences, load_task, read_index,
+                         split_indices, write_index)
 from model import CHECKPOINT_FORMAT, ModelConfig, NextItNet
 from utils import DataError, atomic_torch_save, keep_freed_memory, resolve_device, set_seed, write_json
 
@@ -224,8 +225,7 @@ def examples_of(inputs: StageInputs, run: RunConfig) -> Callable[[int], tuple[Ta
             if record["datapath"] is None:
                 raise DataError(f"{run.paths}: does not record task {number}'s data file (give --dataset)")
             data, _ = load_task_data(number, record["datapath"], inputs.index)
-            cache[number] = (data, OurSampler(None).split(len(data.targets), record["seed"],
-                                                          record["split_percentage"])[0])
+            cache[number] = (data, split_indices(len(data.targets), record["seed"], record["split_percentage"])[0])
         return cache[number]
     return examples
 
