@@ -122,10 +122,18 @@ def check_data_draw(out: str, dataset: str, synth_seed: int) -> None:
     atomic_write_text(marker, text)
 
 
+def first_stage_method(name: str) -> str:
+    """The method whose stage 1 the chain of `name` starts from: "" for the default stage 1 that most methods
+    share, else (e.g. "finetune", without masks, for the parameter-isolation baselines) its own method."""
+    return method_class(resolve(name)[0]).stage1_method
+
+
 def savepath(out: str, seed: int, method: str, stage: int) -> str:
-    """Stage 1 is shared by the methods of a seed; later stages live in the method's folder."""
+    """Stage 1 is shared by the methods of a seed that start from the same one (the default, or that of
+    `first_stage_method`); later stages live in the method's folder."""
     if stage == 1:
-        return os.path.join(out, f"seed{seed}", "task1")
+        first, folder = first_stage_method(method), os.path.join(out, f"seed{seed}")
+        return os.path.join(folder, f"stage1_{first}", "task1") if first else os.path.join(folder, "task1")
     return os.path.join(out, f"seed{seed}", method, f"task{stage}")
 
 
@@ -137,7 +145,8 @@ def stage_command(dataset: str, out: str, seed: int, method: str, stage: int, ex
                "--savepath", savepath(out, seed, method, stage),
                "--datapath_index", os.path.join(out, f"seed{seed}", "index.csv")]
     if stage == 1:
-        return command + first + extra
+        own = first_stage_method(method)
+        return command + (["--method", own] if own else []) + first + extra
     name, preset, rerun = resolve(method)
     flags_of_method = (["--method", name] if name != DEFAULT_METHOD else []) + (
         ["--preset", preset] if preset and preset != method_class(name).Options().preset else []) + (
@@ -170,10 +179,11 @@ def run_stage(command: list[str], save: str, label: str) -> bool:
 def run_all(dataset: str, out: str, seeds: list[int], methods: list[str], stages: int, extra: list[str],
             jobs: int) -> int:
     """Every (seed, method) chain on a pool of `jobs` threads; stage 1 once per seed. Returns failed chains."""
-    locks = {seed: threading.Lock() for seed in seeds}
     needed = {chain for method in methods for chain in chains_first(method).values()}
     chain_locks = {(seed, method): threading.Lock() for seed in seeds for method in {*methods, *needed}}
-    first: dict[int, bool] = {}
+    firsts = {savepath(out, seed, method, 1) for seed in seeds for method in {*methods, *needed}}
+    locks = {path: threading.Lock() for path in firsts}   # each stage 1 runs once, for every chain that reads it
+    first: dict[str, bool] = {}
 
     def chain(seed: int, method: str) -> bool:
         if not all(chain(seed, other) for other in chains_first(method).values()):  # e.g. its expert's, first
@@ -182,11 +192,13 @@ def run_all(dataset: str, out: str, seeds: list[int], methods: list[str], stages
             return method_chain(seed, method)
 
     def method_chain(seed: int, method: str) -> bool:
-        with locks[seed]:
-            if seed not in first:
-                first[seed] = run_stage(stage_command(dataset, out, seed, method, 1, extra),
-                                        savepath(out, seed, method, 1), f"seed {seed} stage 1")
-        if not first[seed]:
+        path = savepath(out, seed, method, 1)
+        with locks[path]:
+            if path not in first:
+                own = first_stage_method(method)
+                first[path] = run_stage(stage_command(dataset, out, seed, method, 1, extra), path,
+                                        f"seed {seed} stage 1" + (f" ({own})" if own else ""))
+        if not first[path]:
             return False
         for stage in range(2, stages + 1):
             command = stage_command(dataset, out, seed, method, stage, extra)

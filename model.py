@@ -30,9 +30,19 @@ class ModelConfig:
     relation: bool = False                        # relation-aware masks (Eq. 12–13)
     use_masks: bool = True                        # False: the fine-tuning baseline (no masks)
     own_blocks: list[int] = field(default_factory=list)  # per task: top residual blocks it has its own copy of
+    own_embedding: list[bool] = field(default_factory=list)  # per task: whether it reads its own item embedding
+    task_parts: list[str] = field(default_factory=list)      # per task: the BLOCK_PARTS kind its blocks add, or ""
+    weight_owners: bool = False                   # CONURE: each convolution weight belongs to one task, or is free
+    open_task: int = -1                           # the task that also reads the free weights (-1: none)
 
     def own_block_count(self, task: int) -> int:
         return self.own_blocks[task] if task < len(self.own_blocks) else 0
+
+    def has_own_embedding(self, task: int) -> bool:
+        return task < len(self.own_embedding) and self.own_embedding[task]
+
+    def part_kind(self, task: int) -> str:
+        return self.task_parts[task] if task < len(self.task_parts) else ""
 
     @property
     def n_tasks(self) -> int:
@@ -70,8 +80,118 @@ def channels_last(conv: nn.Conv1d) -> nn.Conv1d:
     return conv
 
 
+class BlockPart(nn.Module):
+    """What one task adds to one residual block: the weights its convolutions use, and what is added to each
+    convolution's output. The identity here; the kinds are in BLOCK_PARTS."""
+
+    def conv_weights(self, block: "ResidualBlock") -> tuple[torch.Tensor, torch.Tensor]:
+        return block.conv1.weight, block.conv2.weight
+
+    def add_first(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """conv1's output [B, n, C], given the block input at the same positions x [B, n, C]."""
+        return out
+
+    def add_second(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """conv2's output [B, n, C], given conv2's input at the same positions h [B, n, C]."""
+        return out
+
+
+class Bottleneck(nn.Module):
+    """A position-wise C → C/4 → C bottleneck with a leaky ReLU between: half of a PeterRec model patch (Yuan
+    et al., SIGIR 2020; the 1×1 convolutions of Tenrec's `mp`, as Linear layers with torch's default init)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.down = nn.Linear(channels, max(channels // 4, 1))
+        self.up = nn.Linear(max(channels // 4, 1), channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                 # [B, n, C] → [B, n, C]
+        return self.up(F.leaky_relu(self.down(x)))
+
+
+class Patch(BlockPart):
+    """A task's model patch of one residual block, parallel to its two convolutions (PeterRec's form (b),
+    Tenrec's ResidualBlock_b_2mp_parallel): conv1(x) + p1(x), and conv2(h) + p2(h), each before its LayerNorm."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.first = Bottleneck(channels)
+        self.second = Bottleneck(channels)
+
+    def add_first(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out + self.first(x)
+
+    def add_second(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return out + self.second(h)
+
+
+class Binarize(torch.autograd.Function):
+    """scores → 1 where scores > threshold, else 0; the gradient passes straight through (Piggyback's Binarizer)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        return (scores > threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class WeightMask(BlockPart):
+    """Piggyback (Mallya et al., ECCV 2018): a real-valued score per weight of both convolutions, thresholded into
+    a binary mask of the frozen weights, scores initialised to mask_scale (the official '1s' init: every weight
+    kept at the start); the official defaults, mask_scale 1e-2 and threshold 5e-3."""
+    mask_scale, threshold = 1e-2, 5e-3
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.scores1 = nn.Parameter(torch.full((channels, channels, kernel_size), self.mask_scale))
+        self.scores2 = nn.Parameter(torch.full((channels, channels, kernel_size), self.mask_scale))
+
+    def conv_weights(self, block: "ResidualBlock") -> tuple[torch.Tensor, torch.Tensor]:
+        return (block.conv1.weight * Binarize.apply(self.scores1, self.threshold),
+                block.conv2.weight * Binarize.apply(self.scores2, self.threshold))
+
+
+BLOCK_PARTS: dict[str, type[BlockPart]] = {"patch": Patch, "weight_mask": WeightMask}
+
+
+class WeightOwners(nn.Module):
+    """CONURE (Yuan et al., SIGIR 2021): which task owns each weight of a block's two convolutions, as int8 buffers
+    [C_out, C_in, k]; 0 = free, t = task t (1-based), which pruned it into its part and froze it."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.register_buffer("conv1", torch.zeros(channels, channels, kernel_size, dtype=torch.int8))
+        self.register_buffer("conv2", torch.zeros(channels, channels, kernel_size, dtype=torch.int8))
+
+
+class OwnedWeights:
+    """The BlockPart interface over WeightOwners for one reading task: task u (1-based) reads the weights of tasks
+    1..u, and the free ones too while it is the open task (training before its pruning)."""
+
+    def __init__(self, owners: WeightOwners, number: int, reads_free: bool):
+        self.owners, self.number, self.reads_free = owners, number, reads_free
+
+    def kept(self, owners: torch.Tensor) -> torch.Tensor:
+        kept = (owners >= 1) & (owners <= self.number)
+        return kept | (owners == 0) if self.reads_free else kept
+
+    def conv_weights(self, block: "ResidualBlock") -> tuple[torch.Tensor, torch.Tensor]:
+        return (block.conv1.weight * self.kept(self.owners.conv1).to(block.conv1.weight.dtype),
+                block.conv2.weight * self.kept(self.owners.conv2).to(block.conv2.weight.dtype))
+
+    def add_first(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def add_second(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return out
+
+
 class ResidualBlock(nn.Module):
-    """conv(d) → LayerNorm → ReLU → × mask1 → conv(2d) → LayerNorm → ReLU → × mask2 → + input."""
+    """conv(d) → LayerNorm → ReLU → × mask1 → conv(2d) → LayerNorm → ReLU → × mask2 → + input
+    A task's BlockPart may replace the convolutions' weights (Piggyback's masked weights) and add to their
+    outputs (PeterRec's patches)."""
 
     def __init__(self, channels: int, kernel_size: int, dilation: int):
         super().__init__()
@@ -87,11 +207,18 @@ class ResidualBlock(nn.Module):
         middle = min(length, n_out + reach * 2 * self.dilation)
         return middle, min(length, middle + reach * self.dilation)
 
-    def forward(self, x: torch.Tensor, mask1: torch.Tensor, mask2: torch.Tensor, n_out: int, length: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask1: torch.Tensor, mask2: torch.Tensor, n_out: int, length: int,
+                part: "BlockPart | OwnedWeights | None" = None) -> torch.Tensor:
         middle, _ = self.receptive(n_out, length)
-        out = causal_conv(x, self.conv1.weight, self.conv1.bias, self.dilation, middle)     # [B, middle, C]
+        weight1, weight2 = part.conv_weights(self) if part is not None else (self.conv1.weight, self.conv2.weight)
+        out = causal_conv(x, weight1, self.conv1.bias, self.dilation, middle)              # [B, middle, C]
+        if part is not None:
+            out = part.add_first(out, x[:, x.shape[1] - middle:])
         out = F.relu(self.ln1(out)) * mask1.to(out.dtype)  # under --amp the branch stays bf16
-        out = causal_conv(out, self.conv2.weight, self.conv2.bias, 2 * self.dilation, n_out)  # [B, n_out, C]
+        inner = out
+        out = causal_conv(out, weight2, self.conv2.bias, 2 * self.dilation, n_out)         # [B, n_out, C]
+        if part is not None:
+            out = part.add_second(out, inner[:, inner.shape[1] - n_out:])
         out = F.relu(self.ln2(out)) * mask2.to(out.dtype)
         return out + x[:, x.shape[1] - n_out:]                                            # fp32 residual stream
 
@@ -118,6 +245,13 @@ class NextItNet(nn.Module):
         self.task_blocks = nn.ModuleDict({
             str(task): nn.ModuleList(ResidualBlock(channels, config.kernel_size, d) for d in config.dilations[-count:])
             for task in range(config.n_tasks) if (count := config.own_block_count(task))})
+        self.task_item_embeddings = nn.ModuleDict({
+            str(task): nn.Embedding(config.n_items, channels) for task in range(config.n_tasks)
+            if config.has_own_embedding(task)})
+        self.task_parts = nn.ModuleDict({
+            str(task): self._new_parts(kind) for task in range(config.n_tasks) if (kind := config.part_kind(task))})
+        if config.weight_owners:
+            self.weight_owners = nn.ModuleList(WeightOwners(channels, config.kernel_size) for _ in config.dilations)
         if config.relation:
             self._reset_relation()
 
@@ -126,6 +260,12 @@ class NextItNet(nn.Module):
     def _new_task_rows(self, n: int) -> torch.Tensor:
         low, high = self.config.task_emb_init
         return torch.empty(n, self.config.n_layers, self.config.channels).uniform_(low, high)
+
+    def _new_parts(self, kind: str) -> nn.ModuleList:
+        """One BlockPart of `kind` per residual block."""
+        if kind not in BLOCK_PARTS:
+            raise ValueError(f"unknown block part {kind!r}; known: {', '.join(BLOCK_PARTS)}")
+        return nn.ModuleList(BLOCK_PARTS[kind](self.config.channels, self.config.kernel_size) for _ in self.config.dilations)
 
     def _reset_relation(self) -> None:
         """Relation layers Linear(2N−1, 1) per task and masked layer, init N(0, 0.01) and bias 0.1.
@@ -138,7 +278,8 @@ class NextItNet(nn.Module):
         self.relation_bias = nn.Parameter(torch.full((n_tasks, n_layers), 0.1, device=device))
 
     def add_task(self, n_classes: int, relation: bool = True, carry_relation: bool = False,
-                 carry_plain: bool = False, own_blocks: int = 0) -> None:
+                 carry_plain: bool = False, own_blocks: int = 0, own_embedding: bool = False,
+                 part: str = "") -> None:
         """Grow by one task: a new head, a new task-embedding row, fresh relation layers.
 
         With `carry_relation` (and relation layers before and after: stage ≥ 3, as stage 1 has plain masks,
@@ -162,6 +303,14 @@ class NextItNet(nn.Module):
             self.config.own_blocks = [self.config.own_block_count(t) for t in range(self.config.n_tasks)] + [own_blocks]
             if own_blocks:
                 self.task_blocks[str(self.config.n_tasks)] = copy.deepcopy(self.blocks[len(self.blocks) - own_blocks:])
+        if own_embedding or self.config.own_embedding:
+            self.config.own_embedding = [self.config.has_own_embedding(t) for t in range(self.config.n_tasks)] + [own_embedding]
+            if own_embedding:
+                self.task_item_embeddings[str(self.config.n_tasks)] = copy.deepcopy(self.item_embedding)
+        if part or self.config.task_parts:
+            self.config.task_parts = [self.config.part_kind(t) for t in range(self.config.n_tasks)] + [part]
+            if part:
+                self.task_parts[str(self.config.n_tasks)] = self._new_parts(part).to(device)
         self.config.task_classes = [*self.config.task_classes, n_classes]
         self.heads.append(_init_head(nn.Linear(self.config.channels, n_classes)).to(device))
         rows = self._new_task_rows(1).to(device)
@@ -210,8 +359,21 @@ class NextItNet(nn.Module):
         own = self.task_blocks[str(task)] if str(task) in self.task_blocks else []
         return [*self.blocks[:len(self.blocks) - len(own)], *own]
 
+    def task_item_embedding(self, task: int) -> nn.Embedding:
+        """The item embedding `task` reads: the shared one, or its own copy where it has one."""
+        key = str(task)
+        return self.task_item_embeddings[key] if key in self.task_item_embeddings else self.item_embedding
+
+    def block_part(self, task: int, block: int) -> "BlockPart | OwnedWeights | None":
+        """What `task` adds to residual block `block`: its own part, the weights it owns (CONURE), or nothing."""
+        if str(task) in self.task_parts:
+            return self.task_parts[str(task)][block]
+        if self.config.weight_owners:
+            return OwnedWeights(self.weight_owners[block], task + 1, task == self.config.open_task)
+        return None
+
     def hidden(self, items: torch.Tensor, masks: torch.Tensor, last_only: bool, task: int = 0) -> torch.Tensor:
-        """items [B, L] → hidden [B, C] (last position) or [B, L, C] under `task`'s blocks.
+        """items [B, L] → hidden [B, C] (last position) or [B, L, C] under `task`'s embedding and blocks.
 
         With last_only, each layer computes only the positions the last output can see.
         """
@@ -220,9 +382,9 @@ class NextItNet(nn.Module):
         for block in reversed(self.blocks):
             needed.append(block.receptive(needed[-1], length)[1])
         needed.reverse()                                                   # needed[i] = positions entering block i
-        x = self.item_embedding(items[:, length - needed[0]:])             # [B, needed[0], C]
+        x = self.task_item_embedding(task)(items[:, length - needed[0]:])  # [B, needed[0], C]
         for i, block in enumerate(self.task_stack(task)):
-            x = block(x, masks[2 * i], masks[2 * i + 1], needed[i + 1], length)
+            x = block(x, masks[2 * i], masks[2 * i + 1], needed[i + 1], length, self.block_part(task, i))
         return x[:, -1] if last_only else x
 
     def forward(self, items: torch.Tensor, task: int, s: float, last_only: bool = True,

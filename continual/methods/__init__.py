@@ -10,6 +10,12 @@ METHODS: dict[str, str] = {            # name → "module:Class", imported when 
     "finetune": "continual.methods.finetune:FineTune",
     "lwf": "continual.methods.lwf:LwF",
     "ewc": "continual.methods.ewc:EWC",
+    "sinmo": "continual.methods.sinmo:SinMo",
+    "fineall": "continual.methods.fineall:FineAll",
+    "mtl": "continual.methods.mtl:MTL",
+    "peterrec": "continual.methods.peterrec:PeterRec",
+    "piggyback": "continual.methods.piggyback:Piggyback",
+    "conure": "continual.methods.conure:Conure",
 }
 
 

@@ -11,7 +11,10 @@ of `Method`, which the loop calls in this order:
     terms(model, step)          every step: the loss terms, one at a time (each back-propagated at once)
     after_backward(model)       every step, after the last term's backward (e.g. HAT's compensation)
     after_step(model)           every step, after the optimiser step, skipped or not (TERACON's clamp)
-    end_stage(model, stage)     once, on the stage's best model (e.g. EWC's Fisher, CONURE's pruning)
+    begin_phase(model, phase)   methods with `phases` > 1: before each later phase, on the best model so far;
+                                the loop then trains again with a fresh optimiser and early stopping (CONURE
+                                prunes, then retrains what it kept)
+    end_stage(model, stage)     once, on the stage's best model (e.g. EWC's Fisher)
     state_dict / load_state_dict  what it keeps in the checkpoint and the resume file
 
 docs/adding_a_method.md shows a worked example.
@@ -29,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from continual.training.distributed import Shard
 from model import NextItNet
+from utils import DataError
 
 if TYPE_CHECKING:
     from continual.training.config import RunConfig
@@ -78,6 +82,9 @@ class Method:
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     presets: ClassVar[dict[str, dict]] = {}      # --preset NAME → the options it sets (compare.py runs them by name)
+    phases: ClassVar[int] = 1                    # training phases of a stage, each fitted with early stopping
+    stage1_method: ClassVar[str] = ""            # compare.py: the method whose stage 1 a chain starts from ("" = the
+                                                 # default stage 1 that every other chain of the seed shares)
 
     def __init__(self, options: Any, run: "RunConfig"):
         self.options, self.run = options, run
@@ -135,6 +142,9 @@ class Method:
     def after_step(self, model: NextItNet) -> None:
         """After the optimiser step (also when the step was skipped for a non-finite loss)."""
 
+    def begin_phase(self, model: NextItNet, phase: int) -> None:
+        """Before phase `phase` ≥ 1 of a stage, on the best model of the phases before (its method state loaded)."""
+
     def end_stage(self, model: NextItNet, stage: Stage) -> None:
         """Once, after training, on the stage's best model; the loop then saves the checkpoint again."""
 
@@ -144,6 +154,18 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`'s output (--resume)."""
+
+
+def require_own_chain(name: str, stage: Stage) -> None:
+    """Stage K ≥ 3 must continue a chain of `name` (its stage 2 may start from any stage 1): for methods that keep
+    one backbone, or one patch set, per task from stage 2 on, a stage-(K−1) checkpoint of another method holds
+    earlier tasks they did not keep apart."""
+    if stage.number < 3:
+        return
+    written_by = (stage.previous_checkpoint.get("run_config") or {}).get("method")
+    if written_by != name:
+        raise DataError(f"{stage.run.paths}: is a checkpoint of --method {written_by}; --method {name} continues "
+                        f"only its own chain from stage 2 on")
 
 
 # ---------------------------------------------------------------------- losses every method builds on

@@ -281,12 +281,13 @@ class Resume:
     """The state `--resume` needs, saved atomically after each epoch to `<savepath>.resume.t7`."""
 
     def __init__(self, run: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 rng: np.random.Generator, method: Method | None = None):
+                 rng: np.random.Generator, method: Method | None = None, phase: int = 0):
         self.path = run.savepath + ".resume.t7"
         self.run, self.model, self.optimizer, self.rng, self.method = run, model, optimizer, rng, method
+        self.phase = phase
 
     def save(self, epoch: int, best: float, misses: int) -> None:
-        atomic_torch_save({"stage": self.run.stage, "epoch": epoch, "best": best, "misses": misses,
+        atomic_torch_save({"stage": self.run.stage, "phase": self.phase, "epoch": epoch, "best": best, "misses": misses,
                            "model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict(),
                            "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                            "method_state": self.method.state_dict() if self.method else {}}, self.path)
@@ -299,12 +300,18 @@ class Resume:
             raise DataError(f"{self.path}: nothing to resume (no interrupted run of stage {self.run.stage} there)")
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise DataError(f"{self.path}: cannot resume from it ({str(error).splitlines()[0][:120]})") from None
+        if state.get("stage") != self.run.stage:
+            raise DataError(f"{self.path}: belongs to stage {state.get('stage')}, not {self.run.stage}")
+        saved_phase = state.get("phase", 0)
+        if saved_phase != self.phase:  # a later phase was under way: this one finished; an earlier: this one starts
+            return (None, self.run.patience, self.run.epochs) if saved_phase > self.phase else (None, 0, 0)
+        try:
             self.model.load_state_dict(state["model_state"], strict=True)
             self.optimizer.load_state_dict(state["optimizer_state"])
         except Exception as error:
             raise DataError(f"{self.path}: cannot resume from it ({str(error).splitlines()[0][:120]})") from None
-        if state["stage"] != self.run.stage:
-            raise DataError(f"{self.path}: belongs to stage {state['stage']}, not {self.run.stage}")
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         if self.method:
@@ -326,7 +333,7 @@ def finish(run: RunConfig, model: NextItNet, method: Method, stage: Stage, check
                                       checkpoint["valid"], extra), checkpoint_path)
     tasks = evaluate_tasks(model, checkpoint["tasks"], inputs.index, run.smax, run.eval_batch, device, run.top_k,
                            {run.stage: inputs.data})
-    metrics = {"stage": run.stage, "tasks": tasks}
+    metrics = {"stage": run.stage, "method": run.method, "parameters": parameter_count(model), "tasks": tasks}
     write_json(run.savepath + ".metrics.json", metrics)
     print(format_table(run.stage, tasks))
     print(format_evidence(run.stage, tasks))
@@ -334,6 +341,11 @@ def finish(run: RunConfig, model: NextItNet, method: Method, stage: Stage, check
     if os.path.exists(run.savepath + ".resume.t7"):
         os.remove(run.savepath + ".resume.t7")
     return metrics
+
+
+def parameter_count(model: NextItNet) -> int:
+    """Every number the stage's model holds as a parameter (shared, own copies, heads, task embeddings)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------- a stage
@@ -392,7 +404,15 @@ def run_stage(run: RunConfig) -> dict:
         atomic_torch_save(checkpoint_dict(run, model, method.state_dict(), inputs.tasks, epoch, valid, extra),
                           checkpoint_path)
 
-    fit(run, train_epoch, lambda: scored(valid_rows), on_best, Resume(run, model, optimizer, rng, method))
+    for phase in range(method.phases):
+        if phase:                     # the next phase starts from the best model so far (e.g. after a pruning)
+            best = distributed.from_main(lambda: load_checkpoint(checkpoint_path, "this stage's checkpoint"))
+            model.load_state_dict(best["model_state"], strict=True)
+            method.load_state_dict(best.get("method_state") or {})
+            method.begin_phase(model, phase)
+            optimizer = sampler.optimizer(model.parameters(), run.lr)
+            print(f"phase {phase} of {method.phases}: from the best model of the phase before", flush=True)
+        fit(run, train_epoch, lambda: scored(valid_rows), on_best, Resume(run, model, optimizer, rng, method, phase))
     return finish(run, model, method, stage, checkpoint_path, inputs, device, extra)
 
 
