@@ -1,21 +1,24 @@
 """Compare continual-learning methods (TERACON, its ablations, fine-tuning, ...) over several seeds, in one table.
 
     python compare.py --dataset demo --seeds 3 [--out runs/compare] [--jobs 2]
-                      [--methods teracon,finetune,no_relation,no_retention,uniform_sampling,recommended,lwf,ewc]
+                      [--methods teracon,finetune,no_relation,no_retention,uniform_sampling,recommended,lwf,ewc,
+                                 sinmo,fineall,peterrec,piggyback,conure,mtl]
                       [-- flags for every stage]
 
 --methods takes the registered methods (continual/methods/) and their presets (TERACON's no_relation,
 no_retention, uniform_sampling, recommended); a preset runs as `--method M --preset P`.
 
 For each seed S (0 .. seeds−1), stage 1 runs ONCE into <out>/seedS/task1 and is shared by every method of
-that seed; stages 2..N then run for each method in <out>/seedS/<method>/taskK, each stage a subprocess with
-one thread, up to --jobs methods at a time. The per-dataset flags are run_all.sh's; flags after `--` go to
+that seed (a method whose class names a `stage1_method`, e.g. the parameter-isolation baselines, starts from
+that method's stage 1 instead, <out>/seedS/stage1_<method>/task1, shared in the same way); stages 2..N then
+run for each method in <out>/seedS/<method>/taskK, each stage a subprocess with one thread, up to --jobs
+methods at a time. The per-dataset flags are run_all.sh's; flags after `--` go to
 every stage (last one wins, e.g. `-- --epochs 5`). A stage whose metrics.json exists is skipped, an
 interrupted one continues with --resume, so rerunning the same command resumes the comparison.
 
 The table (compare.md and compare.csv in --out, and printed) has one row per method: every task's headline
 metric after stage N (MRR@5 for rec tasks, accuracy for cls tasks) as mean ± sd over seeds, and task-1
-retention = task 1's MRR@5 after stage N / after stage 1 (the shared stage 1 of the same seed).
+retention = task 1's MRR@5 after stage N / after stage 1 (the stage 1 that chain started from).
 """
 from __future__ import annotations
 
@@ -36,10 +39,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from continual import flags
+from continual.checkpoints import load_checkpoint
 from continual.datasets import DATASETS, preset_paths
 from continual.evaluation.reports import headline_metric
 from continual.methods import METHODS, method_class
 from continual.training.config import DEFAULT_METHOD, check_stage_flags
+from model import NextItNet
 from utils import DataError, atomic_write_text, cli
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -368,6 +373,29 @@ def epoch_seconds(out: str, seeds: list[int], method: str, stage: int) -> float:
     return statistics.fmean(times) if times else math.nan
 
 
+def parameter_count(save: str) -> float:
+    """The parameters of the stage saved at `save` (<save>.metrics.json's count, else counted in <save>.t7; NaN
+    without either)."""
+    metrics = save + ".metrics.json"
+    if os.path.isfile(metrics):
+        with open(metrics, encoding="utf-8") as handle:
+            count = json.load(handle).get("parameters")
+        if count is not None:
+            return float(count)
+    if not os.path.isfile(save + ".t7"):
+        return math.nan
+    model = NextItNet.from_checkpoint(load_checkpoint(save + ".t7"))
+    return float(sum(p.numel() for p in model.parameters()))
+
+
+def size_ratio(out: str, seeds: list[int], method: str, stage: int) -> float:
+    """Parameters after `stage` over those of the chain's stage-1 model (one model), the mean over seeds."""
+    ratios = [parameter_count(savepath(out, seed, method, stage)) / parameter_count(savepath(out, seed, method, 1))
+              for seed in seeds]
+    ratios = [r for r in ratios if not math.isnan(r)]
+    return statistics.fmean(ratios) if ratios else math.nan
+
+
 def retention_rows(results: Results, final_stage: int, reference: str = "finetune") -> list[dict]:
     """One row per method: every earlier task's kept share ("keptK", and "bestK" against its highest score:
     mean, lo, hi) and every new task's score at its own stage minus `reference`'s, paired by seed ("learnedK":
@@ -401,12 +429,15 @@ def share_cells(row: dict, kind: str, final_stage: int) -> list[str]:
     return cells + ["" if math.isnan(lowest) else f"{lowest:.2f}"]
 
 
-def retention_table(rows: list[dict], final_stage: int, seconds: dict[str, float], reference: str = "finetune") -> str:
+def retention_table(rows: list[dict], final_stage: int, seconds: dict[str, float], reference: str = "finetune",
+                    sizes: dict[str, float] | None = None) -> str:
     """Kept shares and new-task differences, `mean [95 % interval over seeds]`; bold: a kept share whose
-    interval lies above 0.9, a difference whose interval excludes 0."""
+    interval lies above 0.9, a difference whose interval excludes 0; with `sizes`, each method's parameters
+    after the last stage over its stage-1 model's."""
     kept = [f"kept {k}" for k in range(1, final_stage)]
     learned = [f"new {k} − {reference}" for k in range(2, final_stage + 1)]
-    columns = ["method", "seeds", *kept, "lowest kept", *learned, f"s/epoch, stage {final_stage}"]
+    columns = ["method", "seeds", *kept, "lowest kept", *learned, f"s/epoch, stage {final_stage}"] + (
+        ["parameters ÷ one model"] if sizes is not None else [])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = share_cells(row, "kept", final_stage)
@@ -416,6 +447,9 @@ def retention_table(rows: list[dict], final_stage: int, seconds: dict[str, float
             cells.append(_bold_if_signed(text, low, high))
         time = seconds.get(row["method"], math.nan)
         cells.append("" if math.isnan(time) else f"{time:.1f}")
+        if sizes is not None:
+            size = sizes.get(row["method"], math.nan)
+            cells.append("" if math.isnan(size) else f"{size:.2f}")
         lines.append("| " + " | ".join([row["method"], str(row["seeds"]), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -536,6 +570,7 @@ def main(argv: list[str] | None = None) -> None:
               f"baseline`: the strongest of popularity, popularity without the user's items (rec) and the "
               f"majority class (cls) on the same test users; `ceiling`: the Bayes-optimal score (synth only).")
     seconds = {method: epoch_seconds(out, seeds, method, stages) for method in methods}
+    sizes = {method: size_ratio(out, seeds, method, stages) for method in methods}
     retention = retention_rows(results, stages)
     table = markdown_table(rows, labels, header) + (
         "\nPaired differences a − b over seeds (same seed: same split and stage-1 checkpoint), mean and 95 % "
@@ -543,8 +578,9 @@ def main(argv: list[str] | None = None) -> None:
         f"\nRetention and learning: `kept K` = task K's headline after stage {stages} / at stage K (**bold**: the "
         "interval lies above 0.9); `new K − finetune` = task K's headline at stage K minus fine-tuning's, paired by "
         f"seed (**bold**: the interval excludes 0); s/epoch = mean training time of a stage-{stages} epoch from "
-        f"the logs ({args.jobs} single-thread stages at a time).\n\n"
-        + retention_table(retention, stages, seconds)) + (
+        f"the logs ({args.jobs} single-thread stages at a time); parameters ÷ one model = the parameters after "
+        f"stage {stages} over those of the chain's stage-1 model.\n\n"
+        + retention_table(retention, stages, seconds, sizes=sizes)) + (
         f"\nKept of the best: task K's headline after stage {stages} / its highest after any stage from K to "
         f"{stages} (a stricter reading where scores are noisy: the highest of several noisy scores raises the "
         "denominator; **bold**: the interval lies above 0.9).\n\n" + best_table(retention, stages))

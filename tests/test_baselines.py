@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +312,20 @@ def test_resume_skips_a_finished_phase_without_touching_the_model(tmp_path):
     assert float(model.heads[0].bias.detach()[0]) == 7.0
     assert loop.Resume(run, model, optimizer, rng, None, phase=1).restore() == (0.5, 0, 1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_compare_reports_parameters_over_one_model(chains, tmp_path):
+    """compare.py's size column: parameters after the last stage over the chain's stage-1 model's, from
+    metrics.json where it records them and counted in the checkpoint where it does not (older runs)."""
+    import compare
+    root, _, results = chains
+    out = tmp_path / "cmp"
+    first, last = Path(compare.savepath(str(out), 0, "fineall", 1)), Path(compare.savepath(str(out), 0, "fineall", 6))
+    assert first.parent.name == "stage1_finetune"                    # the mask-free stage 1 it shares
+    for path in (first, last):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "task1.t7", str(first) + ".t7")                # no metrics.json: counted in the checkpoint
+    Path(str(last) + ".metrics.json").write_text(json.dumps(results["fineall"][6]))
+    expected = results["fineall"][6]["parameters"] / results["fineall"][1]["parameters"]
+    assert compare.size_ratio(str(out), [0], "fineall", 6) == pytest.approx(expected)
+    assert expected > 5                                              # six backbones, against one
