@@ -44,6 +44,7 @@ from continual.datasets import DATASETS, preset_paths
 from continual.evaluation.reports import headline_metric
 from continual.methods import METHODS, method_class
 from continual.training.config import DEFAULT_METHOD, check_stage_flags
+from continual.training.loop import parameter_count as model_parameters
 from model import NextItNet
 from utils import DataError, atomic_write_text, cli
 
@@ -384,8 +385,7 @@ def parameter_count(save: str) -> float:
             return float(count)
     if not os.path.isfile(save + ".t7"):
         return math.nan
-    model = NextItNet.from_checkpoint(load_checkpoint(save + ".t7"))
-    return float(sum(p.numel() for p in model.parameters()))
+    return float(model_parameters(NextItNet.from_checkpoint(load_checkpoint(save + ".t7"))))
 
 
 def size_ratio(out: str, seeds: list[int], method: str, stage: int) -> float:

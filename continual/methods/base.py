@@ -32,7 +32,6 @@ from torch.utils.checkpoint import checkpoint
 
 from continual.training.distributed import Shard
 from model import NextItNet
-from utils import DataError
 
 if TYPE_CHECKING:
     from continual.training.config import RunConfig
@@ -156,18 +155,6 @@ class Method:
         """Continue from `state_dict()`'s output (--resume)."""
 
 
-def require_own_chain(name: str, stage: Stage) -> None:
-    """Stage K ≥ 3 must continue a chain of `name` (its stage 2 may start from any stage 1): for methods that keep
-    one backbone, or one patch set, per task from stage 2 on, a stage-(K−1) checkpoint of another method holds
-    earlier tasks they did not keep apart."""
-    if stage.number < 3:
-        return
-    written_by = (stage.previous_checkpoint.get("run_config") or {}).get("method")
-    if written_by != name:
-        raise DataError(f"{stage.run.paths}: is a checkpoint of --method {written_by}; --method {name} continues "
-                        f"only its own chain from stage 2 on")
-
-
 # ---------------------------------------------------------------------- losses every method builds on
 
 def next_item_loss(model: NextItNet, sequence: torch.Tensor, masks: torch.Tensor, ce_chunk: int = 0) -> torch.Tensor:
@@ -177,6 +164,19 @@ def next_item_loss(model: NextItNet, sequence: torch.Tensor, masks: torch.Tensor
     if ce_chunk and hidden.shape[0] > ce_chunk:
         return chunked_cross_entropy(model.heads[0], hidden, targets, ce_chunk)
     return F.cross_entropy(model.heads[0](hidden).float(), targets)
+
+
+def task_loss(model: NextItNet, number: int, data: "TaskData", rows: np.ndarray, s: float,
+              ce_chunk: int = 0) -> torch.Tensor:
+    """Task `number`'s own loss on its examples `rows` with their true labels: next-item CE over every position of
+    the whole sequence (source + target) for task 1, CE of its head else."""
+    device = next(model.parameters()).device
+    sources = torch.from_numpy(data.sources[data.rows(rows)]).to(device)                     # [n, L]
+    targets = torch.from_numpy(data.targets[rows]).to(device)                                # [n]
+    if number == 1:
+        sequence = torch.cat([sources, targets[:, None]], 1)                                 # [n, L + 1]
+        return next_item_loss(model, sequence, model.task_masks(0, s), ce_chunk)
+    return F.cross_entropy(model(sources, number - 1, s)[0].float(), targets)
 
 
 def chunked_cross_entropy(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:

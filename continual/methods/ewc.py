@@ -23,10 +23,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from continual import flags
-from continual.methods.base import Stage, Step, next_item_loss
+from continual.methods.base import Stage, Step, task_loss
 from continual.methods.finetune import FineTune
 from model import NextItNet
 
@@ -109,15 +108,9 @@ class EWC(FineTune):
             rows = rows[:self.options.ewc_samples]
         params = dict(shared_parameters(model))
         sums = {name: torch.zeros_like(p) for name, p in params.items()}
-        device, smax = next(iter(params.values())).device, self.run.smax
+        smax = self.run.smax
         for row in rows:
-            source = torch.from_numpy(data.sources[data.rows(np.array([row]))]).to(device)     # [1, L]
-            target = torch.from_numpy(data.targets[[row]]).to(device)                          # [1]
-            if number == 1:
-                sequence = torch.cat([source, target[:, None]], 1)                             # [1, L + 1]
-                loss = next_item_loss(model, sequence, model.task_masks(0, smax))
-            else:
-                loss = F.cross_entropy(model(source, number - 1, smax)[0].float(), target)
+            loss = task_loss(model, number, data, np.array([row]), smax)                        # one example
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (name, _), grad in zip(params.items(), grads):
                 if grad is not None:

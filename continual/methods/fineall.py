@@ -8,21 +8,13 @@ other task, so no task is ever forgotten, and the model grows by a whole backbon
 """
 from __future__ import annotations
 
-from continual.methods.base import Stage, require_own_chain
-from continual.methods.finetune import FineTune
+from continual.methods.isolation import Isolation
 from model import NextItNet
 
 
-class FineAll(FineTune):
+class FineAll(Isolation):
     """One backbone per task, each copied from stage 1's and fine-tuned on its task."""
     name = "fineall"
-    stage1_method = "finetune"              # compare.py: a stage 1 without masks, so task 1 reads as trained
 
-    def begin_stage(self, stage: Stage) -> None:
-        super().begin_stage(stage)
-        require_own_chain(self.name, stage)
-
-    def grow(self, model: NextItNet, n_classes: int) -> None:
-        model.config.use_masks = False            # a TERACON stage-1 checkpoint too: every mask is 1
-        model.add_task(n_classes, relation=False, own_blocks=len(model.blocks), own_embedding=True)
-
+    def task_options(self, model: NextItNet) -> dict:
+        return {"own_blocks": len(model.blocks), "own_embedding": True}

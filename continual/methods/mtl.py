@@ -15,10 +15,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from continual import flags
-from continual.methods.base import Step, next_item_loss
+from continual.methods.base import Step, task_loss
 from continual.methods.finetune import FineTune
 from model import NextItNet
 
@@ -47,19 +46,9 @@ class MTL(FineTune):
             data, train_rows = self.stage.examples(number)
             rows = self.draw(train_rows, size)[step.shard.rank::step.shard.world]   # this rank's part
             if rows.size:
-                yield self.task_loss(model, number, data, rows, step.s)
+                yield task_loss(model, number, data, rows, step.s, self.run.ce_chunk)
 
     def draw(self, train_rows: np.ndarray, size: int) -> np.ndarray:
         """`size` rows of `train_rows`, uniformly with replacement, from the run's generator (the same on every
         rank, and saved by --resume)."""
         return train_rows[self.stage.sampler.rng.integers(0, train_rows.size, size)]
-
-    def task_loss(self, model: NextItNet, number: int, data, rows: np.ndarray, s: float) -> torch.Tensor:
-        """Task `number`'s own loss on its examples `rows` (true labels)."""
-        device = next(model.parameters()).device
-        sources = torch.from_numpy(data.sources[data.rows(rows)]).to(device)                 # [n, L]
-        targets = torch.from_numpy(data.targets[rows]).to(device)                            # [n]
-        if number == 1:
-            sequence = torch.cat([sources, targets[:, None]], 1)                             # [n, L + 1]
-            return next_item_loss(model, sequence, model.task_masks(0, s), self.run.ce_chunk)
-        return F.cross_entropy(model(sources, number - 1, s)[0].float(), targets)

@@ -12,22 +12,14 @@ needs one bit per convolution weight; the model holds the real-valued scores, wh
 """
 from __future__ import annotations
 
-from continual.methods.base import Stage, require_own_chain
-from continual.methods.finetune import FineTune
+from continual.methods.isolation import Isolation
 from model import NextItNet
 
 
-class Piggyback(FineTune):
+class Piggyback(Isolation):
     """A frozen backbone, a learned binary weight mask per task."""
     name = "piggyback"
-    stage1_method = "finetune"              # compare.py: a stage 1 without masks, so task 1 reads as trained
+    freeze_backbone = True
 
-    def begin_stage(self, stage: Stage) -> None:
-        super().begin_stage(stage)
-        require_own_chain(self.name, stage)
-
-    def grow(self, model: NextItNet, n_classes: int) -> None:
-        model.config.use_masks = False            # a TERACON stage-1 checkpoint too: every mask is 1
-        model.add_task(n_classes, relation=False, part="weight_mask")
-        for parameter in [*model.item_embedding.parameters(), *model.blocks.parameters()]:
-            parameter.requires_grad_(False)
+    def task_options(self, model: NextItNet) -> dict:
+        return {"part": "weight_mask"}

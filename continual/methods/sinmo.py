@@ -7,23 +7,16 @@ FineAll, it shows what the transfer from task 1 is worth.
 """
 from __future__ import annotations
 
-from continual.methods.base import Stage, require_own_chain
-from continual.methods.finetune import FineTune
+from continual.methods.fineall import FineAll
 from model import ModelConfig, NextItNet
 
 
-class SinMo(FineTune):
-    """A fresh backbone per task."""
+class SinMo(FineAll):
+    """A fresh backbone per task: FineAll's own copies, overwritten with a new NextItNet's initial weights."""
     name = "sinmo"
-    stage1_method = "finetune"              # compare.py: a stage 1 without masks, so task 1 reads as trained
-
-    def begin_stage(self, stage: Stage) -> None:
-        super().begin_stage(stage)
-        require_own_chain(self.name, stage)
 
     def grow(self, model: NextItNet, n_classes: int) -> None:
-        model.config.use_masks = False
-        model.add_task(n_classes, relation=False, own_blocks=len(model.blocks), own_embedding=True)
+        super().grow(model, n_classes)
         config = model.config
         fresh = NextItNet(ModelConfig(n_items=config.n_items, task_classes=[n_classes], channels=config.channels,
                                       dilations=list(config.dilations), kernel_size=config.kernel_size))

@@ -1,0 +1,40 @@
+"""What the parameter-isolation baselines share (FineAll, SinMo, PeterRec, Piggyback): not a method itself.
+
+Each is fine-tuning's stage 1 (next item, no masks) and, at stage K ≥ 2, a new task that reads what
+`task_options` gives it (add_task's options) and, with `freeze_backbone`, a shared item embedding and residual
+blocks that no later task trains; its CE trains only its own parameters, so no earlier task is forgotten.
+From stage 2 on a chain must be the method's own: a stage-(K−1) checkpoint of another method holds earlier
+tasks it did not keep apart.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from continual.methods.base import Stage
+from continual.methods.finetune import FineTune
+from model import NextItNet
+from utils import DataError
+
+
+class Isolation(FineTune):
+    """Fine-tuning's losses; every task from the second on gets parameters of its own."""
+    stage1_method = "finetune"              # compare.py: a stage 1 without masks, so task 1 reads as trained
+    freeze_backbone: ClassVar[bool] = False
+
+    def task_options(self, model: NextItNet) -> dict:
+        """The options of `model.add_task` that give the new task its own parameters."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what the new task owns")
+
+    def begin_stage(self, stage: Stage) -> None:
+        super().begin_stage(stage)
+        written_by = ((stage.previous_checkpoint or {}).get("run_config") or {}).get("method")
+        if stage.number >= 3 and written_by != self.name:
+            raise DataError(f"{stage.run.paths}: is a checkpoint of --method {written_by}; --method {self.name} "
+                            f"continues only its own chain from stage 2 on")
+
+    def grow(self, model: NextItNet, n_classes: int) -> None:
+        model.config.use_masks = False            # a TERACON stage-1 checkpoint too: every mask is 1
+        model.add_task(n_classes, relation=False, **self.task_options(model))
+        if self.freeze_backbone:
+            for parameter in [*model.item_embedding.parameters(), *model.blocks.parameters()]:
+                parameter.requires_grad_(False)
