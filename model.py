@@ -27,6 +27,7 @@ class ModelConfig:
     dilations: list[int] = field(default_factory=lambda: [1, 4, 1, 4, 1, 4, 1, 4])
     kernel_size: int = 3
     task_emb_init: list[float] = field(default_factory=lambda: [0.0, 2.0])
+    task_emb_dist: str = "uniform"                # uniform: U(task_emb_init); normal: N(mean, std) = task_emb_init
     relation: bool = False                        # relation-aware masks (Eq. 12–13)
     use_masks: bool = True                        # False: the fine-tuning baseline (no masks)
     own_blocks: list[int] = field(default_factory=list)  # per task: top residual blocks it has its own copy of
@@ -258,8 +259,11 @@ class NextItNet(nn.Module):
     # ------------------------------------------------------------ tasks
 
     def _new_task_rows(self, n: int) -> torch.Tensor:
-        low, high = self.config.task_emb_init
-        return torch.empty(n, self.config.n_layers, self.config.channels).uniform_(low, high)
+        first, second = self.config.task_emb_init
+        rows = torch.empty(n, self.config.n_layers, self.config.channels)
+        if self.config.task_emb_dist == "normal":
+            return rows.normal_(first, second)                            # HAT's nn.Embedding: N(0, 1)
+        return rows.uniform_(first, second)
 
     def _new_parts(self, kind: str) -> nn.ModuleList:
         """One BlockPart of `kind` per residual block."""

@@ -29,6 +29,9 @@ ISOLATION = ("fineall", "sinmo", "peterrec", "piggyback", "conure")   # no weigh
     (["--method", "mtl", "--mtl_batch", "-1"], "--mtl_batch must be"),
     (["--method", "fineall", "--mtl_batch", "8"], "--mtl_batch is a flag of --method mtl, not of --method fineall"),
     (["--method", "sinmo", "--alpha", "2"], "--alpha is a flag of --method teracon, not of --method sinmo"),
+    (["--method", "hat", "--hat_lambda", "-1"], "--hat_lambda must be"),
+    (["--method", "hat", "--hat_clipgrad", "0"], "--hat_clipgrad must be"),
+    (["--method", "conure", "--hat_lambda", "1"], "--hat_lambda is a flag of --method hat, not of --method conure"),
 ])
 def test_the_baselines_own_their_flags(capsys, argv, message):
     assert config.method_flags("sinmo") == config.method_flags("fineall") == set()
@@ -63,7 +66,8 @@ def run_chain(root: Path, data, method: str, first: Path, stages: int) -> dict[i
 @pytest.fixture(scope="module")
 def chains(tmp_path_factory, data_writer):
     """A fine-tuning stage 1 (no masks), then six stages of FineAll, SinMo, PeterRec and Piggyback and three of
-    MTL, one epoch each; CONURE's own stage 1 and its six stages (two phases of one epoch each)."""
+    MTL, one epoch each; CONURE's own stage 1 and its six stages (two phases of one epoch each); HAT's own stage 1
+    and its six stages."""
     root = tmp_path_factory.mktemp("baselines")
     data = data_writer(root / "data", n_users=120, seed=5)
     first = loop.main(1, ["--datapath", str(data.task1), "--savepath", str(root / "task1"), "--method", "finetune",
@@ -74,6 +78,9 @@ def chains(tmp_path_factory, data_writer):
                for name in ISOLATION if name != "conure"}
     results["conure"] = {1: conure, **run_chain(root, data, "conure", root / "conure1.t7", STAGES)}
     results["mtl"] = {1: first, **run_chain(root, data, "mtl", root / "task1.t7", 3)}
+    hat = loop.main(1, ["--datapath", str(data.task1), "--savepath", str(root / "hat1"), "--method", "hat",
+                        *common(root)])
+    results["hat"] = {1: hat, **run_chain(root, data, "hat", root / "hat1.t7", STAGES)}
     return root, data, results
 
 
@@ -233,15 +240,15 @@ def test_parameter_counts_by_hand(chains):
             assert metrics["parameters"] == expected, (method, stage)
 
 
-@pytest.mark.parametrize("method", [*ISOLATION, "mtl"])
+@pytest.mark.parametrize("method", [*ISOLATION, "mtl", "hat"])
 def test_checkpoints_round_trip_and_score_what_the_stage_printed(chains, method):
     root, _, results = chains
     last = max(results[method])
     saved = checkpoints.load_checkpoint(str(root / f"{method}{last}.t7"))
     assert saved["run_config"]["method"] == method
     model = NextItNet.from_checkpoint(saved).eval()                   # strict
-    tasks = scoring.evaluate_tasks(model, saved["tasks"], read_index(str(root / "index.csv")), 50.0, 256,
-                                    torch.device("cpu"), 5)
+    tasks = scoring.evaluate_tasks(model, saved["tasks"], read_index(str(root / "index.csv")),
+                                    saved["run_config"]["smax"], 256, torch.device("cpu"), 5)
     stored = results[method][last]["tasks"]
     for number, entry in stored.items():
         assert json.loads(json.dumps(tasks[number]["test"])) == pytest.approx(entry["test"], abs=1e-7), number

@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {            # name → "module:Class", imported when 
     "peterrec": "continual.methods.peterrec:PeterRec",
     "piggyback": "continual.methods.piggyback:Piggyback",
     "conure": "continual.methods.conure:Conure",
+    "hat": "continual.methods.hat:HAT",
 }
 
 

@@ -82,6 +82,8 @@ class Method:
     Options: ClassVar[type] = NoOptions
     presets: ClassVar[dict[str, dict]] = {}      # --preset NAME → the options it sets (compare.py runs them by name)
     phases: ClassVar[int] = 1                    # training phases of a stage, each fitted with early stopping
+    loop_defaults: ClassVar[dict] = {}           # the loop's flags this method defaults otherwise (HAT: smax 400);
+                                                 # explicit flags win
     stage1_method: ClassVar[str] = ""            # compare.py: the method whose stage 1 a chain starts from ("" = the
                                                  # default stage 1 that every other chain of the seed shares)
 

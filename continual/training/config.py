@@ -95,7 +95,8 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
     add("--batch", type=flags.positive_int)
     add("--eval_batch", type=flags.positive_int, default=256,
         help="batch size for validation/test (no effect on results)")
-    add("--smax", type=flags.smax, default=50, help="the top of the annealing of s (Eq. 19); masks are scored there")
+    add("--smax", type=flags.smax, help="the top of the annealing of s (Eq. 19); masks are scored there (default 50; "
+        "HAT's 400 under --method hat)")
     add("--variant", choices=sorted(VARIANTS), default="revised",
         help="which of the authors' two codes the flags default to: revised (Sein-Kim/TERACON) or original "
              "(Sein-Kim/TERACON_original); README, Faithfulness")
@@ -155,7 +156,9 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> RunConfig:
         if stage is None or stage < 2:
             raise DataError("give --stage K (K ≥ 2) or --paths of the previous stage's checkpoint")
     args.stage = stage
-    for key, value in stage_defaults(stage, args.variant).items():
+    cls = method_class(method)
+    loop_defaults = {"smax": RunConfig.smax, **stage_defaults(stage, args.variant), **cls.loop_defaults}
+    for key, value in loop_defaults.items():
         if getattr(args, key, value) is None:  # explicit flags win; a default of a flag the method lacks is skipped
             setattr(args, key, value)
     flags.check_select_on(parser, args.select_on, args.top_k)
@@ -167,7 +170,6 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> RunConfig:
     missing = [f"--{key}" for key in required if getattr(args, key) is None]
     if missing:
         raise DataError(f"missing {', '.join(missing)} (or give --dataset)")
-    cls = method_class(method)
     run = RunConfig(stage=stage, method=method, options=cls.options_from(args),
                     **{name: getattr(args, name) for name in LOOP_FLAGS})
     cls.check(run.options, run, parser.error)

@@ -424,7 +424,8 @@ def method_for(name: str, options, number: int, previous: NextItNet | None, rng:
     run = RunConfig(stage=number, datapath="", datapath_index="", savepath="", method=name, options=options,
                     smax=smax, ce_chunk=ce_chunk)
     device = device or torch.device("cpu")
-    checkpoint = {"model_config": previous.config_dict()} if previous is not None else None
+    checkpoint = ({"model_config": previous.config_dict(), "run_config": {"method": name}}  # the method's own chain
+                  if previous is not None else None)
 
     def no_files(task: int) -> tuple[TaskData, np.ndarray]:
         raise DataError(f"task {task}: no data outside a run")
