@@ -2,7 +2,8 @@
 
     python compare.py --dataset demo --seeds 3 [--out runs/compare] [--jobs 2]
                       [--methods teracon,finetune,no_relation,no_retention,uniform_sampling,recommended,lwf,ewc,
-                                 sinmo,fineall,peterrec,piggyback,conure,mtl]
+                                 sinmo,fineall,peterrec,piggyback,conure,hat,mtl]
+                      [--synth_seed D] [--draws N]              (--dataset synth: draws D .. D+N−1 of the data)
                       [-- flags for every stage]
 
 --methods takes the registered methods (continual/methods/) and their presets (TERACON's no_relation,
@@ -18,7 +19,11 @@ interrupted one continues with --resume, so rerunning the same command resumes t
 
 The table (compare.md and compare.csv in --out, and printed) has one row per method: every task's headline
 metric after stage N (MRR@5 for rec tasks, accuracy for cls tasks) as mean ± sd over seeds, and task-1
-retention = task 1's MRR@5 after stage N / after stage 1 (the stage 1 that chain started from).
+retention = task 1's MRR@5 after stage N / after stage 1 (the stage 1 that chain started from). results.csv
+holds every (seed, method, stage, task) score with its trivial baseline, ceiling, parameters and s/epoch.
+When fine-tuning and TERACON (`teracon` or `recommended`) are among the methods, tools/paper_table.py then
+writes paper_table.md and paper_figure.png into --out: the paper's layout, pooled over every (draw, seed) of
+the --draws draws (each in <out>/drawD), or over the seeds of the one run.
 """
 from __future__ import annotations
 
@@ -183,8 +188,10 @@ def run_stage(command: list[str], save: str, label: str) -> bool:
 
 
 def run_all(dataset: str, out: str, seeds: list[int], methods: list[str], stages: int, extra: list[str],
-            jobs: int) -> int:
-    """Every (seed, method) chain on a pool of `jobs` threads; stage 1 once per seed. Returns failed chains."""
+            jobs: int, recorded: set[tuple[int, str]] = frozenset()) -> int:
+    """Every (seed, method) chain on a pool of `jobs` threads, except the `recorded` ones; stage 1 once per seed.
+    Returns failed chains."""
+    methods_of = {seed: [m for m in methods if (seed, m) not in recorded] for seed in seeds}
     needed = {chain for method in methods for chain in chains_first(method).values()}
     chain_locks = {(seed, method): threading.Lock() for seed in seeds for method in {*methods, *needed}}
     firsts = {savepath(out, seed, method, 1) for seed in seeds for method in {*methods, *needed}}
@@ -213,7 +220,7 @@ def run_all(dataset: str, out: str, seeds: list[int], methods: list[str], stages
         return True
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(chain, seed, method) for seed in seeds for method in methods]
+        futures = [pool.submit(chain, seed, method) for seed in seeds for method in methods_of[seed]]
         return sum(not future.result() for future in futures)
 
 
@@ -508,6 +515,60 @@ def paired_table(rows: list[dict], labels: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recorded_chains(paths: list[str], seeds: list[int], methods: list[str], stages: int) -> list[dict]:
+    """The records of the (seed, method) chains that the results.csv files `paths` hold whole (every task after
+    every stage 1..stages), for `seeds` and `methods`; a chain another unrecorded chain reads first (e.g.
+    fine-tuning, the recommended rule's --expert) is left out, so that it runs again for its checkpoints."""
+    from tools.paper_table import read_records
+    records = [r for r in read_records(paths) if r["seed"] in seeds and r["method"] in methods]
+    scored: dict[tuple[int, str], set[tuple[int, int]]] = {}
+    for r in records:
+        scored.setdefault((r["seed"], r["method"]), set()).add((r["stage"], r["task"]))
+    whole = {(stage, task) for stage in range(1, stages + 1) for task in range(1, stage + 1)}
+    done = {chain for chain, cells in scored.items() if cells >= whole}
+    needed = {(seed, first) for seed, method in {(s, m) for s in seeds for m in methods} - done
+              for first in chains_first(method).values()}
+    kept = done - needed
+    return [{k: v for k, v in r.items() if k != "draw"} for r in records if (r["seed"], r["method"]) in kept]
+
+
+RESULT_COLUMNS = ["seed", "method", "stage", "task", "kind", "metric", "value", "baseline", "ceiling", "parameters",
+                  "stage1_parameters", "seconds_per_epoch"]
+
+
+def result_records(out: str, results: Results) -> list[dict]:
+    """One record per (seed, method, stage, task scored after that stage): the task's headline value, its strongest
+    trivial baseline's and its ceiling (NaN where unknown) on the same test users, and the stage's parameters, its
+    chain's stage-1 parameters and its mean training seconds per epoch (from the stage's log). results.csv holds
+    them: what tools/paper_table.py pools over draws, and a record of a comparison small enough to keep."""
+    records = []
+    for method, by_seed in results.items():
+        for seed, stages in sorted(by_seed.items()):
+            first = parameter_count(savepath(out, seed, method, 1))
+            for stage, metrics in sorted(stages.items()):
+                save = savepath(out, seed, method, stage)
+                seconds = epoch_seconds(out, [seed], method, stage)
+                for task, entry in sorted(metrics["tasks"].items(), key=lambda item: int(item[0])):
+                    versus = entry.get("vs_baseline") or {}
+                    metric = headline_metric(entry)
+                    baseline = (entry["baseline"][versus["baseline"]]["test"][versus["metric"]]
+                                if versus.get("baseline") in entry.get("baseline", {}) else math.nan)
+                    records.append({"seed": seed, "method": method, "stage": stage, "task": int(task),
+                                    "kind": entry["kind"], "metric": metric, "value": entry["test"][metric],
+                                    "baseline": baseline, "ceiling": entry.get("ceiling", {}).get(metric, math.nan),
+                                    "parameters": parameter_count(save), "stage1_parameters": first,
+                                    "seconds_per_epoch": seconds})
+    return records
+
+
+def records_csv(records: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, RESULT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return buffer.getvalue()
+
+
 def csv_table(rows: list[dict], n_tasks: int) -> str:
     """Mean, sd and the 95 % interval over seeds in separate columns, full precision."""
     names = [f"task{k}" for k in range(1, n_tasks + 1)] + ["retention"]
@@ -537,27 +598,68 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synth_seed", type=flags.seed, default=0,
                         help="synth only: the generator's seed, a fresh draw of the benchmark (default 0, the README's; "
                              "it rewrites Data/synth, which run_all.sh and compare.py regenerate at seed 0)")
+    parser.add_argument("--draws", type=flags.positive_int, default=1,
+                        help="synth only: N > 1 runs the comparison on draws --synth_seed .. --synth_seed + N − 1, each "
+                             "in <out>/drawD, and pools them in <out>/paper_table.md and paper_figure.png")
+    parser.add_argument("--recorded", type=flags.existing_dir,
+                        help="a folder of earlier results.csv files of this comparison, <dataset>.csv (or "
+                             "synth_drawD.csv per draw), e.g. docs/experiments/data: a chain they hold whole is not "
+                             "run again, its records go into results.csv and the paper table (not compare.md)")
     args = parser.parse_args(own)
-    if args.synth_seed and args.dataset != "synth":
-        parser.error(f"--synth_seed applies to --dataset synth, not {args.dataset}")
-    methods = args.methods
-    for name in methods:  # the flags after `--` are checked as each method's stages will parse them, before any runs
+    for flag, given in (("--synth_seed", args.synth_seed), ("--draws", args.draws > 1)):
+        if given and args.dataset != "synth":
+            parser.error(f"{flag} applies to --dataset synth, not {args.dataset}")
+    for name in args.methods:  # the flags after `--` are checked as each method's stages will parse them, before any runs
         check_stage_flags(extra, resolve(name)[0])
-    stages = len(DATASETS[args.dataset]["files"])
     out = os.path.abspath(args.out)
     os.chdir(REPO)  # the presets' data paths are relative to the repository root
     out = os.path.relpath(out) if out.startswith(os.path.join(REPO, "")) else out
-    check_data_draw(out, args.dataset, args.synth_seed)  # before the data is rewritten for another draw
+    command = shlex.join(["python", "compare.py", *argv])
+    if args.draws == 1:
+        compare_draw(args, out, args.synth_seed, extra, command)
+        paper_tables([os.path.join(out, "results.csv")], out, args.methods)
+        return
+    draws = [args.synth_seed + d for d in range(args.draws)]
+    results = [compare_draw(args, os.path.join(out, f"draw{d}"), d, extra, command) for d in draws]
+    paper_tables(results, out, args.methods)
+
+
+def recorded_files(folder: str | None, dataset: str, synth_seed: int) -> list[str]:
+    """--recorded's file for this dataset and draw, if the folder has one."""
+    if not folder:
+        return []
+    path = os.path.join(folder, f"{dataset}_draw{synth_seed}.csv" if dataset == "synth" else f"{dataset}.csv")
+    return [path] if os.path.isfile(path) else []
+
+
+def paper_tables(results: list[str], out: str, methods: list[str]) -> None:
+    """tools/paper_table.py over `results` into `out`, when fine-tuning (the new tasks' reference) and TERACON's
+    paper rule or the recommended one (the methods compared with every other) are among `methods`."""
+    against = [name for name in ("teracon", "recommended") if name in methods]
+    if "finetune" not in methods or not against:
+        return
+    from tools import paper_table
+    paper_table.main(["--results", *results, "--out", out, "--against", ",".join(against)])
+
+
+def compare_draw(args: argparse.Namespace, out: str, synth_seed: int, extra: list[str], command: str) -> str:
+    """Every chain of one draw of the data into `out`, then its tables; → the path of its results.csv."""
+    methods, stages = args.methods, len(DATASETS[args.dataset]["files"])
+    check_data_draw(out, args.dataset, synth_seed)  # before the data is rewritten for another draw
     if args.dataset in PREPARE:  # regenerated (deterministic, seconds), as run_all.sh does
-        PREPARE[args.dataset](args.synth_seed)
+        PREPARE[args.dataset](synth_seed)
     for stage in range(1, stages + 1):
         preset_paths(args.dataset, stage)  # a missing data file is reported here, in one line
     seeds = list(range(args.seeds))
-    command = shlex.join(["python", "compare.py", *argv])
     started = time.time()
-    print(f"{command}\n{len(seeds)} seeds x {len(methods)} methods, {stages} stages, {args.jobs} jobs, out {out}",
-          flush=True)
-    failed = run_all(args.dataset, out, seeds, methods, stages, extra, args.jobs)
+    print(f"{command}\n{len(seeds)} seeds x {len(methods)} methods, {stages} stages, {args.jobs} jobs, out {out}"
+          + (f", synth_seed {synth_seed}" if args.dataset == "synth" else ""), flush=True)
+    carried = recorded_chains(recorded_files(args.recorded, args.dataset, synth_seed), seeds, methods, stages)
+    recorded = {(r["seed"], r["method"]) for r in carried}
+    if recorded:
+        print(f"{len(recorded)} chain(s) taken from --recorded, not run: "
+              + ", ".join(f"seed {seed} {method}" for seed, method in sorted(recorded)), flush=True)
+    failed = run_all(args.dataset, out, seeds, methods, stages, extra, args.jobs, recorded)
 
     results = load_results(out, seeds, methods, stages)
     rows = summary_rows(results, stages) + reference_rows(results, stages)
@@ -568,7 +670,9 @@ def main(argv: list[str] | None = None) -> None:
               f"mean and 95 % t-interval over seeds {', '.join(map(str, seeds))} (each seed its own split and "
               f"stage 1); task-1 retention = task 1's MRR@5 after stage {stages} / after stage 1. `trivial "
               f"baseline`: the strongest of popularity, popularity without the user's items (rec) and the "
-              f"majority class (cls) on the same test users; `ceiling`: the Bayes-optimal score (synth only).")
+              f"majority class (cls) on the same test users; `ceiling`: the Bayes-optimal score (synth only)."
+              + (f"  \n{len(recorded)} chain(s) taken from --recorded are not in these tables (results.csv and "
+                 "paper_table.md hold them)." if recorded else ""))
     seconds = {method: epoch_seconds(out, seeds, method, stages) for method in methods}
     sizes = {method: size_ratio(out, seeds, method, stages) for method in methods}
     retention = retention_rows(results, stages)
@@ -586,10 +690,14 @@ def main(argv: list[str] | None = None) -> None:
         "denominator; **bold**: the interval lies above 0.9).\n\n" + best_table(retention, stages))
     atomic_write_text(os.path.join(out, "compare.md"), table)
     atomic_write_text(os.path.join(out, "compare.csv"), csv_table(rows, stages))
-    print("\n" + table + f"\nwritten to {os.path.join(out, 'compare.md')} and {os.path.join(out, 'compare.csv')}")
+    ran = [r for r in result_records(out, results) if (r["seed"], r["method"]) not in recorded]
+    atomic_write_text(os.path.join(out, "results.csv"), records_csv(carried + ran))
+    print("\n" + table + f"\nwritten to {os.path.join(out, 'compare.md')}, {os.path.join(out, 'compare.csv')} and "
+          f"{os.path.join(out, 'results.csv')}")
     if failed:
         raise DataError(f"{failed} (seed, method) chain(s) failed; see the .log files under {out}; "
                         "rerun the same command to resume")
+    return os.path.join(out, "results.csv")
 
 
 if __name__ == "__main__":

@@ -219,6 +219,14 @@ def existing_file(text: str) -> str:
     return text
 
 
+def existing_dir(text: str) -> str:
+    """A folder that exists."""
+    _not_empty(text)
+    if not os.path.isdir(text):
+        _fail(f"{text} is a file, not a folder" if os.path.exists(text) else f"{text}: folder not found")
+    return text
+
+
 def output_file(text: str) -> str:
     """A file to write: not a folder, and its folder can be made."""
     input_file(text)

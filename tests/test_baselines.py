@@ -336,3 +336,27 @@ def test_compare_reports_parameters_over_one_model(chains, tmp_path):
     expected = results["fineall"][6]["parameters"] / results["fineall"][1]["parameters"]
     assert compare.size_ratio(str(out), [0], "fineall", 6) == pytest.approx(expected)
     assert expected > 5                                              # six backbones, against one
+
+
+def test_compare_records_every_stage_and_task_for_the_paper_table(chains, tmp_path):
+    """results.csv: one record per (seed, method, stage, task scored then), its headline value, trivial baseline and
+    ceiling as metrics.json has them, and the stage's parameters over its chain's stage 1."""
+    import compare
+    from continual.evaluation.reports import headline_metric
+    _, _, results = chains
+    out = str(tmp_path / "cmp")
+    for stage in range(1, STAGES + 1):
+        save = Path(compare.savepath(out, 0, "fineall", stage))
+        save.parent.mkdir(parents=True, exist_ok=True)
+        Path(str(save) + ".metrics.json").write_text(json.dumps(results["fineall"][stage]))
+    loaded = compare.load_results(out, [0], ["fineall"], STAGES)
+    records = compare.result_records(out, loaded)
+    assert len(records) == sum(range(1, STAGES + 1))
+    for record in records:
+        entry = results["fineall"][record["stage"]]["tasks"][str(record["task"])]
+        assert record["value"] == entry["test"][headline_metric(entry)]
+        assert record["baseline"] == entry["baseline"][entry["vs_baseline"]["baseline"]]["test"][record["metric"]]
+        assert record["parameters"] == results["fineall"][record["stage"]]["parameters"]
+        assert record["stage1_parameters"] == results["fineall"][1]["parameters"]
+    header = compare.records_csv(records).splitlines()[0]
+    assert header.split(",") == compare.RESULT_COLUMNS

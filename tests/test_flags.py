@@ -305,6 +305,10 @@ def test_evaluate_needs_paths_and_task(capsys, monkeypatch):
     (["--", "--batch", "0"], "error: --batch must be a positive integer (got 0)"),
     (["--", "--lr", "nan"], "error: --lr must be"),
     (["--synth_seed", "1"], "error: --synth_seed applies to --dataset synth, not demo"),
+    (["--draws", "3"], "error: --draws applies to --dataset synth, not demo"),
+    (["--draws", "0"], "error: --draws must be a positive integer (got 0)"),
+    (["--recorded", "no/such/folder"], "error: --recorded: no/such/folder: folder not found"),
+    (["--recorded", "{file}"], "error: --recorded: {file} is a file, not a folder"),
     (["--synth_seed", "-1"], "error: --synth_seed must be an integer in [0, "),
 ])
 def test_compare(stage1, tmp_path, capsys, monkeypatch, argv, expected):
