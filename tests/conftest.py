@@ -28,6 +28,10 @@ if str(REPO_ROOT) not in sys.path:
 torch.set_num_threads(1)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (tools/gpu_check.py runs them)")
+
+
 @dataclass
 class SyntheticData:
     folder: Path

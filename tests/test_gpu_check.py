@@ -1,0 +1,37 @@
+"""tools/gpu_check.sh --cpu-dry-run: the prepared GPU check, end to end at tiny sizes on the CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+from tools import gpu_check
+
+
+def test_the_dry_run_runs_every_step_and_writes_its_report(repo_root, subprocess_env, tmp_path):
+    out = tmp_path / "check"
+    done = subprocess.run(["bash", "tools/gpu_check.sh", str(out), "--cpu-dry-run"], cwd=repo_root,
+                          env=subprocess_env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["dry_run"] and report["passed"]
+    expected = {"cuda_tests", "stages_data", *gpu_check.bench_steps(True), *gpu_check.stage_steps(str(out), True)[0]}
+    assert set(report["steps"]) == expected
+    assert all(step["returncode"] == 0 for step in report["steps"].values())
+    for name in gpu_check.bench_steps(True):
+        result = report["steps"][name]["result"]
+        assert result["seconds"] > 0 and result["peak_mib"] > 0, name
+    assert "skipped" in report["steps"]["cuda_tests"]["summary"]            # no GPU here: every CUDA test skips
+    checks = report["agreement"]
+    assert set(checks) == {"checkpoint_scored_on_gpu", "stage1_trained_on_gpu", "stage2_trained_on_gpu"}
+    assert checks["checkpoint_scored_on_gpu"]["max_abs_difference"] == 0.0  # the same device twice: exact
+    log = (out / "gpu_check.log").read_text()
+    assert all(f"=== {name}:" in log for name in expected)
+
+
+def test_the_real_check_asks_for_ttl_sizes_and_the_compiled_rows():
+    rows = gpu_check.bench_steps(False)
+    assert {"bench_task1_amp_compile", "bench_stage6_paper_amp_compile", "bench_stage6_recommended_amp"} <= set(rows)
+    assert all("645974" in arguments and "cuda" in arguments for arguments in rows.values())
+    stages, _ = gpu_check.stage_steps("/tmp/x", False)
+    assert stages["stages_gpu_1"][stages["stages_gpu_1"].index("--device") + 1] == "cuda"
+    assert "--dataset" in stages["stages_gpu_2"] and "demo" in stages["stages_gpu_2"]

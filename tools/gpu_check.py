@@ -1,0 +1,188 @@
+"""The prepared GPU check: everything this suite can only learn on a CUDA GPU, in one unattended call.
+
+    bash tools/gpu_check.sh OUTDIR                 # on the GPU machine (under 8 minutes on one H100/H200)
+    bash tools/gpu_check.sh OUTDIR --cpu-dry-run   # tiny sizes on the CPU: the script itself, end to end (CI)
+
+Writes OUTDIR/gpu_check.json (every step: its command, exit status, seconds and what it measured) and
+OUTDIR/gpu_check.log (every step's whole output). Steps, each in its own process with its own time limit:
+
+1. `cuda_tests`: pytest -m cuda (tests/test_cuda.py: bf16 autocast, --compile, the pinned staging copies, the
+   streaming backward on CUDA, a one-process torchrun on nccl); on the CPU they skip.
+2. `bench_*`: tools/bench.py at TTL scale (645,974 items, length 100, 256 channels; batch 32 for task 1 and 1,024
+   for stage 6): the task-1 and the stage-6 step of the paper rule in fp32, --amp and --amp --compile, the
+   recommended rule's stage-6 step (every row, KL at smax, α 2, the expert term, two own blocks) beside it in
+   fp32 and --amp, and evaluation throughput, each with its peak memory.
+3. `stages_*`: stages 1 and 2 of the demo (--epochs 1) on CUDA and on the CPU, same seed, and the CPU stage-1
+   checkpoint scored on CUDA. The CPU checkpoint scored on the GPU must give the CPU's test metrics within 2e-3
+   (the same weights; only the kernels' rounding differs, which can swap near-tied items); the GPU's own
+   stages must score within 0.03 of the CPU's (a whole epoch of steps in other rounding drifts further).
+
+The dry run uses 500 items, length 12, 16 channels, the compile rows left out (the CPU's compiler takes
+minutes there), and a tiny synthetic benchmark in OUTDIR/data in place of the demo. Nothing is downloaded and
+nothing outside the checkout and OUTDIR is read or written (torch.compile's caches go to a temporary folder).
+The exit status is 0 when every step passed (skips count as passed), else 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+if __package__ in (None, ""):  # run as a file (python tools/…): import the suite from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from continual import flags
+from utils import atomic_write_text, cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TTL = ["--items", "645974", "--length", "100", "--channels", "256", "--users", "4096", "--batch1", "32",
+       "--batch", "1024", "--classes", "100"]
+TINY = ["--items", "500", "--length", "12", "--channels", "16", "--users", "256", "--batch1", "8", "--batch", "32",
+        "--classes", "5", "--steps", "1"]
+RECOMMENDED = ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2"]
+EVAL_TOLERANCE, TRAIN_TOLERANCE = 2e-3, 0.03
+
+
+def bench_steps(dry_run: bool) -> dict[str, list[str]]:
+    """name → tools/bench.py arguments for one phase."""
+    sizes, device = (TINY, "cpu") if dry_run else (TTL, "cuda")
+    base = ["tools/bench.py", *sizes, "--device", device]
+    rows = {}
+    for precision, extra in (("fp32", []), ("amp", ["--amp"]), ("amp_compile", ["--amp", "--compile"])):
+        if dry_run and "--compile" in extra:
+            continue
+        rows[f"bench_task1_{precision}"] = [*base, *extra, "--phase", "task1"]
+        rows[f"bench_stage6_paper_{precision}"] = [*base, *extra, "--stage", "6", "--phase", "taskK"]
+        if precision != "amp_compile":
+            rows[f"bench_stage6_recommended_{precision}"] = [*base, *extra, "--stage", "6", *RECOMMENDED,
+                                                            "--phase", "taskK"]
+    rows["bench_eval_amp"] = [*base, "--amp", "--phase", "eval"]
+    return rows
+
+
+def stage_steps(out: str, dry_run: bool) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(name → a stage script's arguments, name → its savepath): stages 1–2 on CUDA and on the CPU, and the CPU
+    checkpoint scored on CUDA (evaluate.py)."""
+    steps, saves = {}, {}
+    if dry_run:
+        data = os.path.join(out, "data")
+        files = {1: os.path.join(data, "task1.csv"), 2: os.path.join(data, "task2.csv")}
+        dataset = ["--channels", "16"]
+    else:
+        files, dataset = {}, ["--dataset", "demo"]
+    devices = ["cpu", "cpu"] if dry_run else ["cuda", "cpu"]
+    for label, device in zip(("gpu", "cpu"), devices):
+        folder = os.path.join(out, f"stages_{label}")
+        index = os.path.join(folder, "index.csv")
+        common = [*dataset, "--epochs", "1", "--device", device, "--seed", "0", "--datapath_index", index]
+        saves[f"stages_{label}_1"], saves[f"stages_{label}_2"] = (os.path.join(folder, "task1"),
+                                                                    os.path.join(folder, "task2"))
+        steps[f"stages_{label}_1"] = ["train_task1.py", *common, "--savepath", saves[f"stages_{label}_1"]] + (
+            ["--datapath", files[1]] if files else [])
+        steps[f"stages_{label}_2"] = ["train_teracon_t2.py", *common, "--paths", saves[f"stages_{label}_1"] + ".t7",
+                                      "--savepath", saves[f"stages_{label}_2"]] + (
+            ["--datapath", files[2]] if files else [])
+    steps["stages_cpu_checkpoint_on_gpu"] = ["evaluate.py", "--paths", saves["stages_cpu_1"] + ".t7", "--task", "1",
+                                             "--device", devices[0], "--datapath_index",
+                                             os.path.join(out, "stages_cpu", "index.csv"),
+                                             "--json", os.path.join(out, "stages_cpu_checkpoint_on_gpu.json")]
+    return steps, saves
+
+
+def run(name: str, arguments: list[str], log, env: dict, limit: int) -> dict:
+    """One step in its own process; its output appended to the log; → its record."""
+    command = [sys.executable, *arguments]
+    started = time.time()
+    log.write(f"\n=== {name}: {' '.join(command)}\n")
+    log.flush()
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
+        code, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as error:
+        code, output = 124, f"{error.stdout or ''}{error.stderr or ''}\ntimed out after {limit} s"
+    log.write(output if isinstance(output, str) else output.decode(errors="replace"))
+    log.flush()
+    record = {"command": command[1:], "returncode": code, "seconds": round(time.time() - started, 1)}
+    if name.startswith("bench_") and code == 0:
+        record["result"] = json.loads(output.strip().splitlines()[-1]) if output.strip() else {}
+    if name == "cuda_tests":
+        record["summary"] = output.strip().splitlines()[-1] if output.strip() else ""
+    return record
+
+
+def test_metrics(save: str) -> dict[str, float]:
+    with open(save + ".metrics.json", encoding="utf-8") as handle:
+        return {f"task{k}:{m}": v for k, entry in json.load(handle)["tasks"].items() for m, v in entry["test"].items()}
+
+
+def agreement(records: dict, saves: dict[str, str], out: str) -> dict:
+    """The GPU's scores against the CPU's: the CPU checkpoint scored on the GPU, and each stage trained there."""
+    checks = {}
+    scored = os.path.join(out, "stages_cpu_checkpoint_on_gpu.json")
+    if records.get("stages_cpu_checkpoint_on_gpu", {}).get("returncode") == 0 and os.path.isfile(scored):
+        with open(scored, encoding="utf-8") as handle:
+            on_gpu = json.load(handle)["test"]
+        on_cpu = {k.split(":", 1)[1]: v for k, v in test_metrics(saves["stages_cpu_1"]).items() if k.startswith("task1:")}
+        gap = max(abs(on_gpu[m] - v) for m, v in on_cpu.items() if m in on_gpu)
+        checks["checkpoint_scored_on_gpu"] = {"max_abs_difference": gap, "tolerance": EVAL_TOLERANCE,
+                                              "passed": gap <= EVAL_TOLERANCE}
+    for stage in (1, 2):
+        names = (f"stages_gpu_{stage}", f"stages_cpu_{stage}")
+        if all(records.get(n, {}).get("returncode") == 0 for n in names):
+            gpu, cpu = (test_metrics(saves[n]) for n in names)
+            gap = max(abs(gpu[k] - cpu[k]) for k in cpu)
+            checks[f"stage{stage}_trained_on_gpu"] = {"max_abs_difference": gap, "tolerance": TRAIN_TOLERANCE,
+                                                      "passed": gap <= TRAIN_TOLERANCE}
+    return checks
+
+
+def environment() -> dict:
+    import torch
+    cuda = torch.cuda.is_available()
+    return {"torch": torch.__version__, "cuda": cuda, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+            "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=flags.output_dir, help="folder for gpu_check.json and gpu_check.log")
+    parser.add_argument("--cpu-dry-run", dest="dry_run", action="store_true",
+                        help="tiny sizes on the CPU (the script end to end, as CI runs it)")
+    args = parser.parse_args(argv)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    report = {"dry_run": args.dry_run, "environment": environment(), "steps": {}}
+    if not args.dry_run and not report["environment"]["cuda"]:
+        print("no CUDA GPU here: run with --cpu-dry-run to check the script on the CPU")
+    caches = tempfile.mkdtemp(prefix="gpu_check_cache_")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+               TRITON_CACHE_DIR=os.path.join(caches, "triton"))
+    if args.dry_run:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    steps = {"cuda_tests": ["-m", "pytest", "-q", "-m", "cuda", "-rs", "tests/test_cuda.py"]}
+    steps.update(bench_steps(args.dry_run))
+    stages, saves = stage_steps(out, args.dry_run)
+    if args.dry_run:
+        steps["stages_data"] = ["tools/synth.py", "--out", os.path.join(out, "data"), "--users", "120", "--items",
+                                "60", "--length", "8"]
+    steps.update(stages)
+    with open(os.path.join(out, "gpu_check.log"), "w", encoding="utf-8") as log:
+        log.write(f"gpu_check {'(cpu dry run) ' if args.dry_run else ''}{json.dumps(report['environment'])}\n")
+        for name, arguments in steps.items():
+            report["steps"][name] = record = run(name, arguments, log, env, 120 if args.dry_run else 300)
+            print(f"{name}: exit {record['returncode']} in {record['seconds']} s", flush=True)
+    report["agreement"] = agreement(report["steps"], saves, out)
+    passed = (all(r["returncode"] == 0 for r in report["steps"].values())
+              and all(check["passed"] for check in report["agreement"].values()))
+    report["passed"] = passed
+    atomic_write_text(os.path.join(out, "gpu_check.json"), json.dumps(report, indent=2) + "\n")
+    print(f"{'passed' if passed else 'FAILED'}: {os.path.join(out, 'gpu_check.json')} and gpu_check.log")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    cli(lambda: sys.exit(main()))
