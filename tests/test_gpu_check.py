@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 from tools import gpu_check
 
@@ -35,3 +36,26 @@ def test_the_real_check_asks_for_ttl_sizes_and_the_compiled_rows():
     stages, _ = gpu_check.stage_steps("/tmp/x", False)
     assert stages["stages_gpu_1"][stages["stages_gpu_1"].index("--device") + 1] == "cuda"
     assert "--dataset" in stages["stages_gpu_2"] and "demo" in stages["stages_gpu_2"]
+
+
+def test_bench_rules_times_the_recommended_step_beside_the_paper_rules(repo_root, subprocess_env):
+    """bench.py --rules --profile: both stage-K steps, the paper rule at its saturated ratio (no retention row at
+    batch 32), their ratio, and where each step's time goes: one term for the paper rule, the new task's and one
+    per earlier task for the recommended rule, with the teacher's and the expert's forwards inside them."""
+    done = subprocess.run([sys.executable, "tools/bench.py", "--rules", "--profile", "--items", "60", "--length", "8",
+                           "--channels", "8", "--users", "64", "--batch", "32", "--stage", "3", "--classes", "4",
+                           "--steps", "2"],
+                          cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert any("(paper: 0 retention rows per earlier task)" in line for line in lines), done.stdout
+    assert any("(recommended, expert 1, own blocks 2: 32 retention rows per earlier task)" in line for line in lines)
+    result = json.loads(lines[-1])
+    paper, recommended = result["paper"], result["recommended"]
+    assert result["ratio"] == recommended["seconds"] / paper["seconds"] and result["ratio"] > 1
+    assert len(paper["profile"]["terms"]) == 1 and paper["profile"]["teacher_forward"] == 0
+    assert paper["profile"]["expert_forward"] == 0
+    profile = recommended["profile"]
+    assert len(profile["terms"]) == 3 and profile["teacher_forward"] > 0 and profile["expert_forward"] > 0
+    inside = sum(term["forward"] for term in profile["terms"])
+    assert profile["teacher_forward"] + profile["expert_forward"] < inside     # the frozen passes are inside the terms

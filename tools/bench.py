@@ -3,6 +3,8 @@
     python tools/bench.py                                   # defaults: CPU-sized
     python tools/bench.py --items 645974 --length 100 --device cuda --amp   # TTL scale
     python tools/bench.py --write_data /tmp/bench_data      # also write the data as TTL-style files
+    python tools/bench.py --rules --stage 6 --batch 256 --channels 64 --items 500 --length 30 --users 6000
+                                                            # the recommended rule's stage-K step beside the paper rule's
 
 Each phase runs in its own process so that its peak memory (RSS on CPU, max allocated on GPU) is its own.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import resource
 import subprocess
@@ -36,6 +39,10 @@ from model import ModelConfig, NextItNet
 from utils import keep_freed_memory
 
 PHASES = ["task1", "taskK", "eval", "load"]
+RATIO_FLOOR = 1.0 - 1.0 / (1.0 + math.exp(-6.0))  # Eq. 15's ratio when every cosine is 1: what the paper rule runs at
+# --rules: the two stage-K steps it times, as extra arguments of the taskK phase
+RULES = {"paper": ["--preset", "paper", "--ratio", repr(RATIO_FLOOR)],
+         "recommended": ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2"]}
 
 
 def parse() -> argparse.Namespace:
@@ -66,7 +73,14 @@ def parse() -> argparse.Namespace:
     add("--amp", action="store_true")
     add("--ce_chunk", type=flags.nonnegative_int, default=0)
     add("--compile", action="store_true", help="torch.compile the residual stacks (as the scripts' --compile)")
-    add("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    add("--rules", action="store_true",
+        help="time only the stage-K step of the paper rule as it runs once the masks saturate (every earlier task's "
+             "ratio at its floor 1 - sigmoid(6), int(B * 0.0025) rows) beside the recommended rule's (every row, KL at "
+             "smax, the expert term, two own blocks), and print their ratio")
+    add("--profile", action="store_true",
+        help="task-K step: also split its time into each loss term's forward and backward, the frozen teacher's and "
+             "expert's forwards inside them, and the rest (optimiser, clamps)")
+    add("--phase", choices=PHASES, help="time this phase only, in this process, and print its row as JSON")
     add("--write_data", type=flags.output_dir,
         help="write the synthetic task-1 and task-2 files here (for running other code on them)")
     return parser.parse_args()
@@ -92,6 +106,59 @@ def stage_models(args: argparse.Namespace, device: torch.device) -> tuple[NextIt
     teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     model.add_task(args.classes, own_blocks=args.own_blocks)
     return model.to(device), teacher
+
+
+class TermClock:
+    """--profile: seconds per step spent producing each loss term (its forward), back-propagating it, and in the
+    frozen models' forwards (inside the terms' forwards). The loop back-propagates a term before it asks for the
+    next one, so the time between a term's yield and the next request is that term's backward."""
+
+    def __init__(self, method, device: torch.device) -> None:
+        self.device, self.steps = device, 0
+        self.forward: list[float] = []
+        self.backward: list[float] = []
+        self.frozen = {"teacher": 0.0, "expert": 0.0}
+        terms = method.terms
+        method.terms = lambda model, step: self.clocked(terms(model, step))
+        for name in self.frozen:
+            frozen = getattr(method, name, None)
+            if frozen is not None:
+                frozen.forward = self.clocked_forward(name, frozen.forward)
+
+    def now(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def clocked(self, terms):
+        self.steps += 1
+        started = self.now()
+        for position, term in enumerate(terms):
+            produced = self.now()
+            self.add(self.forward, position, produced - started)
+            yield term
+            started = self.now()
+            self.add(self.backward, position, started - produced)
+
+    def clocked_forward(self, name: str, forward):
+        def timed_forward(*args, **kwargs):
+            started = self.now()
+            out = forward(*args, **kwargs)
+            self.frozen[name] += self.now() - started
+            return out
+        return timed_forward
+
+    @staticmethod
+    def add(totals: list[float], position: int, seconds: float) -> None:
+        totals.extend([0.0] * (position + 1 - len(totals)))
+        totals[position] += seconds
+
+    def report(self, step_seconds: float) -> dict:
+        """Seconds per step: each term's forward and backward, the frozen forwards, and what the terms leave."""
+        per = 1.0 / max(self.steps, 1)
+        terms = [{"forward": f * per, "backward": b * per} for f, b in zip(self.forward, self.backward)]
+        inside = sum(t["forward"] + t["backward"] for t in terms)
+        return {"terms": terms, "teacher_forward": self.frozen["teacher"] * per,
+                "expert_forward": self.frozen["expert"] * per, "rest": step_seconds - inside}
 
 
 def timed(step, steps: int, device: torch.device) -> float:
@@ -145,6 +212,10 @@ def run_phase(args: argparse.Namespace) -> dict:
             x, y = sequences[rows].to(device), targets[rows].to(device)
             train_step(model, method, optimizer, Step(x, y, 25.0, Shard(args.batch)), args.amp)
         seconds = timed(step, args.steps, device)
+        profile = {}
+        if args.profile:
+            clock = TermClock(method, device)
+            profile = {"profile": clock.report(timed(step, args.steps, device))}
         rows = retention_plan(options, method.ratios, args.batch)[0][0]
         extra_terms = (f", capacity {args.mask_capacity:g}" if args.mask_capacity else "") + (
             f", expert {args.expert_weight:g}" if args.expert_weight else "") + (
@@ -152,7 +223,7 @@ def run_phase(args: argparse.Namespace) -> dict:
         return {"phase": f"task{args.stage} train step ({args.preset}{extra_terms}: {rows} retention rows per earlier "
                          "task)",
                 "batch": args.batch,
-                "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device)}
+                "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device), **profile}
     data = TaskData(sequences.numpy()[:, :-1], sequences.numpy()[:, -1], args.items)
     rows = np.arange(args.users)
     with autocast(device, args.amp):
@@ -218,6 +289,42 @@ def write_data(args: argparse.Namespace) -> None:
     print(f"wrote {args.write_data}/task1.csv and task2.csv")
 
 
+def phase_row(argv: list[str], phase: str) -> dict | None:
+    """One phase in its own process → its JSON row (None, with the error printed, when it failed)."""
+    output = subprocess.run([sys.executable, __file__, *argv, "--phase", phase], capture_output=True, text=True)
+    if output.returncode != 0:
+        print(f"{phase}: failed\n{output.stderr[-2000:]}")
+        return None
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def print_row(row: dict) -> None:
+    """A phase's line, and with --profile where its step's time went."""
+    print(f"{row['phase']:<62}{row['seconds']:>10.3f}{row['samples_per_s']:>12.0f}{row['peak_mib']:>10.0f}")
+    profile = row.get("profile")
+    if not profile:
+        return
+    for position, term in enumerate(profile["terms"]):
+        label = "the new task's terms" if position == 0 else f"retention term of earlier task {position}"
+        print(f"  {label:<44} forward {term['forward']:.4f} s, backward {term['backward']:.4f} s")
+    print(f"  {'inside them: the frozen teacher, the expert':<44} {profile['teacher_forward']:.4f} s, "
+          f"{profile['expert_forward']:.4f} s")
+    print(f"  {'the rest (optimiser, clamps)':<44} {profile['rest']:.4f} s")
+
+
+def compare_rules(argv: list[str]) -> None:
+    """--rules: the paper rule's and the recommended rule's stage-K steps, one after the other, and their ratio."""
+    argv = [a for a in argv if a != "--rules"]
+    rows = {name: phase_row(argv + extra, "taskK") for name, extra in RULES.items()}
+    for row in rows.values():
+        if row:
+            print_row(row)
+    if all(rows.values()):
+        ratio = rows["recommended"]["seconds"] / rows["paper"]["seconds"]
+        print(f"recommended / paper, s/step: {ratio:.2f}")
+        print(json.dumps({**rows, "ratio": ratio}))
+
+
 def main() -> None:
     args = parse()
     if args.phase:
@@ -234,19 +341,20 @@ def main() -> None:
     if "--write_data" in sys.argv:
         position = sys.argv.index("--write_data")
         argv = sys.argv[1:position] + sys.argv[position + 2:]
+    if args.rules:
+        compare_rules(argv)
+        return
     for phase in PHASES:
-        output = subprocess.run([sys.executable, __file__, *argv, "--phase", phase], capture_output=True, text=True)
-        if output.returncode != 0:
-            print(f"{phase}: failed\n{output.stderr[-2000:]}")
+        row = phase_row(argv, phase)
+        if row is None:
             continue
-        row = json.loads(output.stdout.strip().splitlines()[-1])
         if phase == "load":
             print(f"{row['phase']:<62}{row['seconds']:>10.2f}{'':>12}{row['peak_mib']:>10.0f}")
             print(f"  median of 3 runs; the first {row['first_seconds']:.2f} s. Per-line loop on the same file: "
                   f"{row['per_line_seconds']:.1f} s → {row['speedup']:.1f}× faster ({row['first_speedup']:.1f}× for "
                   f"the first run)")
         else:
-            print(f"{row['phase']:<62}{row['seconds']:>10.3f}{row['samples_per_s']:>12.0f}{row['peak_mib']:>10.0f}")
+            print_row(row)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ OUTDIR/gpu_check.log (every step's whole output). Steps, each in its own process
 1. `cuda_tests`: pytest -m cuda (tests/test_cuda.py: bf16 autocast, --compile, the pinned staging copies, the
    streaming backward on CUDA, a one-process torchrun on nccl); on the CPU they skip.
 2. `bench_*`: tools/bench.py at TTL scale (645,974 items, length 100, 256 channels; batch 32 for task 1 and 1,024
-   for stage 6): the task-1 and the stage-6 step of the paper rule in fp32, --amp and --amp --compile, the
-   recommended rule's stage-6 step (every row, KL at smax, α 2, the expert term, two own blocks) beside it in
+   for stage 6): the task-1 and the stage-6 step of the paper rule (as it runs once its masks saturate: every
+   ratio at the floor 1 − σ(6), 2 rows of 1,024) in fp32, --amp and --amp --compile, the recommended rule's
+   stage-6 step (every row, KL at smax, the expert term, two own blocks; bench.py's --rules pair) beside it in
    fp32 and --amp, and evaluation throughput, each with its peak memory.
 3. `stages_*`: stages 1 and 2 of the demo (--epochs 1) on CUDA and on the CPU, same seed, and the CPU stage-1
    checkpoint scored on CUDA. The CPU checkpoint scored on the GPU must give the CPU's test metrics within 2e-3
@@ -36,6 +37,7 @@ if __package__ in (None, ""):  # run as a file (python tools/…): import the su
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from continual import flags
+from tools.bench import RULES
 from utils import atomic_write_text, cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +45,6 @@ TTL = ["--items", "645974", "--length", "100", "--channels", "256", "--users", "
        "--batch", "1024", "--classes", "100"]
 TINY = ["--items", "500", "--length", "12", "--channels", "16", "--users", "256", "--batch1", "8", "--batch", "32",
         "--classes", "5", "--steps", "1"]
-RECOMMENDED = ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2"]
 EVAL_TOLERANCE, TRAIN_TOLERANCE = 2e-3, 0.03
 
 
@@ -56,9 +57,9 @@ def bench_steps(dry_run: bool) -> dict[str, list[str]]:
         if dry_run and "--compile" in extra:
             continue
         rows[f"bench_task1_{precision}"] = [*base, *extra, "--phase", "task1"]
-        rows[f"bench_stage6_paper_{precision}"] = [*base, *extra, "--stage", "6", "--phase", "taskK"]
+        rows[f"bench_stage6_paper_{precision}"] = [*base, *extra, "--stage", "6", *RULES["paper"], "--phase", "taskK"]
         if precision != "amp_compile":
-            rows[f"bench_stage6_recommended_{precision}"] = [*base, *extra, "--stage", "6", *RECOMMENDED,
+            rows[f"bench_stage6_recommended_{precision}"] = [*base, *extra, "--stage", "6", *RULES["recommended"],
                                                             "--phase", "taskK"]
     rows["bench_eval_amp"] = [*base, "--amp", "--phase", "eval"]
     return rows
