@@ -29,7 +29,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     "synth": {"folder": "Data/synth", "files": PREPARED_FILES,
               "names": ["next_item", "click", "like", "age", "gender", "life_status"],
               "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
-              "missing": "generate it first: python synth.py --out Data/synth"},
+              "missing": "generate it first: python tools/synth.py --out Data/synth"},
     "demo": {"folder": "Data/demo", "files": PREPARED_FILES,
              "names": ["next_item", "watch", "like", "age", "gender", "occupation"],
              "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
