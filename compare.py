@@ -615,12 +615,9 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(REPO)  # the presets' data paths are relative to the repository root
     out = os.path.relpath(out) if out.startswith(os.path.join(REPO, "")) else out
     command = shlex.join(["python", "compare.py", *argv])
-    if args.draws == 1:
-        compare_draw(args, out, args.synth_seed, extra, command)
-        paper_tables([os.path.join(out, "results.csv")], out, args.methods)
-        return
     draws = [args.synth_seed + d for d in range(args.draws)]
-    results = [compare_draw(args, os.path.join(out, f"draw{d}"), d, extra, command) for d in draws]
+    results = [compare_draw(args, out if args.draws == 1 else os.path.join(out, f"draw{d}"), d, extra, command)
+               for d in draws]
     paper_tables(results, out, args.methods)
 
 

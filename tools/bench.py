@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import resource
 import subprocess
@@ -30,7 +29,7 @@ if __package__ in (None, ""):  # run as a file (python tools/…): import the su
 from continual import flags
 from continual.evaluation.scoring import score
 from continual.methods.base import Step
-from continual.methods.teracon import INITIAL_RATIO, PRESETS, TeraconOptions, retention_plan
+from continual.methods.teracon import INITIAL_RATIO, PRESETS, TeraconOptions, retention_plan, sampling_ratio
 from continual.training.distributed import Shard
 from continual.training.loop import autocast, compile_backbone, method_for, train_step
 from continual.training.samplers import adam
@@ -39,7 +38,8 @@ from model import ModelConfig, NextItNet
 from utils import keep_freed_memory
 
 PHASES = ["task1", "taskK", "eval", "load"]
-RATIO_FLOOR = 1.0 - 1.0 / (1.0 + math.exp(-6.0))  # Eq. 15's ratio when every cosine is 1: what the paper rule runs at
+RATIO_FLOOR = sampling_ratio(torch.ones(1, 1), torch.ones(1, 1))  # Eq. 15 when every mask equals the new task's
+                                                                   # (cosine 1): what the paper rule runs at
 # --rules: the two stage-K steps it times, as extra arguments of the taskK phase
 RULES = {"paper": ["--preset", "paper", "--ratio", repr(RATIO_FLOOR)],
          "recommended": ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2"]}

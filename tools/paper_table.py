@@ -27,7 +27,7 @@ import sys
 if __package__ in (None, ""):  # run as a file (python tools/…): import the suite from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from compare import RESULT_COLUMNS, known_name, mean_sd, method_names, t_interval
+from compare import RESULT_COLUMNS, known_name, mean_sd, method_names, paired_difference as paired, t_interval
 from continual import flags
 from utils import DataError, atomic_write_text, cli
 
@@ -122,12 +122,6 @@ def summary(values: dict[Unit, float]) -> tuple[float, float, float]:
     """(mean, 95 % t-interval low, high) over units."""
     numbers = list(values.values())
     return (mean_sd(numbers)[0], *t_interval(numbers))
-
-
-def paired(a: dict[Unit, float], b: dict[Unit, float]) -> tuple[float, float, float, int]:
-    units = sorted(a.keys() & b.keys())
-    differences = [a[u] - b[u] for u in units]
-    return (mean_sd(differences)[0], *t_interval(differences), len(units))
 
 
 def cell(values: tuple[float, float, float], digits: int = 4) -> str:
