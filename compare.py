@@ -4,17 +4,22 @@
                       [--methods teracon,finetune,no_relation,no_retention,uniform_sampling,recommended,lwf,ewc,
                                  sinmo,fineall,peterrec,piggyback,conure,hat,mtl]
                       [--synth_seed D] [--draws N]              (--dataset synth: draws D .. D+N−1 of the data)
+                      [--settings dataset|paper] [--later_epochs N]
                       [-- flags for every stage]
 
 --methods takes the registered methods (continual/methods/) and their presets (TERACON's no_relation,
-no_retention, uniform_sampling, recommended); a preset runs as `--method M --preset P`.
+no_retention, uniform_sampling, recommended); a preset runs as `--method M --preset P`. A name may carry flags
+of its stages >= 2, NAME+flag=value+flag (e.g. `recommended+alpha=0+expert_weight=2`, `finetune+lr=1e-4`): one
+candidate of a study, its chain in <out>/seedS/NAME+flag=value+flag.
 
 For each seed S (0 .. seeds−1), stage 1 runs ONCE into <out>/seedS/task1 and is shared by every method of
 that seed (a method whose class names a `stage1_method`, e.g. the parameter-isolation baselines, starts from
 that method's stage 1 instead, <out>/seedS/stage1_<method>/task1, shared in the same way); stages 2..N then
 run for each method in <out>/seedS/<method>/taskK, each stage a subprocess with one thread, up to --jobs
-methods at a time. The per-dataset flags are run_all.sh's; flags after `--` go to
-every stage (last one wins, e.g. `-- --epochs 5`). A stage whose metrics.json exists is skipped, an
+methods at a time. The per-dataset flags are run_all.sh's (--settings paper: at stages >= 2 the paper's batch
+1024, lr 1e-3 at stage 2 and 1e-4 after, up to 100 epochs with patience 5; --later_epochs N: N epochs a stage
+>= 2, a fixed budget); flags after `--` go to every stage (last one wins, e.g. `-- --epochs 5`), then a name's
+own flags. A stage whose metrics.json exists is skipped, an
 interrupted one continues with --resume, so rerunning the same command resumes the comparison.
 
 The table (compare.md and compare.csv in --out, and printed) has one row per method: every task's headline
@@ -56,6 +61,7 @@ from utils import DataError, atomic_write_text, cli
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 RERUN = re.compile(r"(.+)_rerun([1-9][0-9]*)")  # NAME_rerunN: NAME's chain again with --rerun N (run-to-run spread)
+OVERRIDE = re.compile(r"[a-z][a-z0-9_]*(=[A-Za-z0-9._-]+)?")  # NAME+flag=value: one flag of that chain's stages
 DEFAULT_METHODS = ["teracon", "finetune", "no_relation", "no_retention", "uniform_sampling"]
 
 
@@ -69,8 +75,20 @@ def method_names() -> dict[str, tuple[str, str | None]]:
     return names
 
 
+def split_overrides(name: str) -> tuple[str, list[str]]:
+    """NAME+flag=value+flag… → (NAME, ["--flag", "value", "--flag"]): a method with flags of its own in the
+    comparison (e.g. `recommended+alpha=0`, `finetune+lr=1e-4`), its chain in a folder of that name."""
+    base, *parts = name.split("+")
+    flags_of_name: list[str] = []
+    for part in parts:
+        flag, _, value = part.partition("=")
+        flags_of_name += [f"--{flag}", value] if value else [f"--{flag}"]
+    return base, flags_of_name
+
+
 def resolve(name: str) -> tuple[str, str | None, int]:
     """A --methods name → (method, preset or None, rerun)."""
+    name = split_overrides(name)[0]
     match = RERUN.fullmatch(name)
     base, rerun = (match.group(1), int(match.group(2))) if match and match.group(1) in method_names() else (name, 0)
     method, preset = method_names()[base]
@@ -78,8 +96,11 @@ def resolve(name: str) -> tuple[str, str | None, int]:
 
 
 def known_name(text: str) -> bool:
-    match = RERUN.fullmatch(text)
-    return text in method_names() or bool(match and match.group(1) in method_names())
+    base, *parts = text.split("+")
+    if not all(OVERRIDE.fullmatch(part) for part in parts):
+        return False
+    match = RERUN.fullmatch(base)
+    return base in method_names() or bool(match and match.group(1) in method_names())
 
 
 def chains_first(name: str) -> dict[str, str]:
@@ -98,6 +119,21 @@ STAGE_FLAGS: dict[str, tuple[list[str], list[str]]] = {
              ["--epochs", "20", "--patience", "5", "--select_on", "ndcg@20", "--batch", "256", "--lr", "1e-3",
               "--split_percentage", "0.4"]),
 }
+# --settings paper: the paper's stages >= 2 (batch 1024, up to 100 epochs, patience 5) with the stage defaults'
+# lr (1e-3 at stage 2, 1e-4 after: continual/datasets.py); the dataset's other flags (selection, split) kept.
+PAPER_LATER = ["--batch", "1024", "--epochs", "100", "--patience", "5"]
+SETTINGS = ("dataset", "paper")
+
+
+def later_flags(dataset: str, settings: str = "dataset", later_epochs: int = 0) -> list[str]:
+    """The flags of stages >= 2 under --settings (the dataset's, as run_all.sh, or the paper's), then
+    --later_epochs (a fixed budget of epochs a stage, when given)."""
+    later = STAGE_FLAGS.get(dataset, ([], []))[1]
+    if settings == "paper":
+        replaced = {"--batch", "--lr", "--epochs", "--patience"}
+        pairs = [later[i:i + 2] for i in range(0, len(later), 2)]  # the dataset's flags are flag-value pairs
+        later = [word for pair in pairs if pair[0] not in replaced for word in pair] + PAPER_LATER
+    return later + (["--epochs", str(later_epochs)] if later_epochs else [])
 
 
 def prepare_synth(synth_seed: int = 0) -> None:
@@ -148,9 +184,12 @@ def savepath(out: str, seed: int, method: str, stage: int) -> str:
     return os.path.join(out, f"seed{seed}", method, f"task{stage}")
 
 
-def stage_command(dataset: str, out: str, seed: int, method: str, stage: int, extra: list[str]) -> list[str]:
-    """The command line of one stage (paths under `out`, the preset's data files via --dataset)."""
-    first, later = STAGE_FLAGS.get(dataset, ([], []))
+def stage_command(dataset: str, out: str, seed: int, method: str, stage: int, extra: list[str],
+                  later: list[str] | None = None) -> list[str]:
+    """The command line of one stage (paths under `out`, the preset's data files via --dataset): the dataset's
+    flags (stages >= 2: `later`, default the dataset's own), `extra`, then the flags in the method's name."""
+    first = STAGE_FLAGS.get(dataset, ([], []))[0]
+    later = later_flags(dataset) if later is None else later
     script = ["train_task1.py"] if stage == 1 else ["train_teracon.py", "--stage", str(stage)]
     command = [sys.executable, *script, "--dataset", dataset, "--seed", str(seed),
                "--savepath", savepath(out, seed, method, stage),
@@ -164,7 +203,8 @@ def stage_command(dataset: str, out: str, seed: int, method: str, stage: int, ex
         ["--rerun", str(rerun)] if rerun else [])
     for flag, chain in chains_first(method).items():
         flags_of_method += [flag, savepath(out, seed, chain, stage) + ".t7"]
-    return command + ["--paths", savepath(out, seed, method, stage - 1) + ".t7", *flags_of_method, *later, *extra]
+    return command + ["--paths", savepath(out, seed, method, stage - 1) + ".t7", *flags_of_method, *later, *extra,
+                      *split_overrides(method)[1]]
 
 
 def run_stage(command: list[str], save: str, label: str) -> bool:
@@ -188,7 +228,7 @@ def run_stage(command: list[str], save: str, label: str) -> bool:
 
 
 def run_all(dataset: str, out: str, seeds: list[int], methods: list[str], stages: int, extra: list[str],
-            jobs: int, recorded: set[tuple[int, str]] = frozenset()) -> int:
+            jobs: int, recorded: set[tuple[int, str]] = frozenset(), later: list[str] | None = None) -> int:
     """Every (seed, method) chain on a pool of `jobs` threads, except the `recorded` ones; stage 1 once per seed.
     Returns failed chains."""
     methods_of = {seed: [m for m in methods if (seed, m) not in recorded] for seed in seeds}
@@ -214,7 +254,7 @@ def run_all(dataset: str, out: str, seeds: list[int], methods: list[str], stages
         if not first[path]:
             return False
         for stage in range(2, stages + 1):
-            command = stage_command(dataset, out, seed, method, stage, extra)
+            command = stage_command(dataset, out, seed, method, stage, extra, later)
             if not run_stage(command, savepath(out, seed, method, stage), f"seed {seed} {method} stage {stage}"):
                 return False
         return True
@@ -593,7 +633,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", type=flags.comma_list(names, known_name), default=DEFAULT_METHODS,
                         help="comma-separated: a method (" + ", ".join(METHODS) + ") or a method's preset (" +
                              ", ".join(name for name in names if name not in METHODS) + "), any of them with _rerunN "
-                             "for its N-th rerun (--rerun N); default: " + ",".join(DEFAULT_METHODS))
+                             "for its N-th rerun (--rerun N) and +flag=value... for flags of its stages >= 2 (e.g. "
+                             "recommended+alpha=0; its chain in a folder of that name); default: "
+                             + ",".join(DEFAULT_METHODS))
     parser.add_argument("--jobs", type=flags.positive_int, default=2, help="methods run in parallel (one thread each)")
     parser.add_argument("--synth_seed", type=flags.seed, default=0,
                         help="synth only: the generator's seed, a fresh draw of the benchmark (default 0, the README's; "
@@ -605,12 +647,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="a folder of earlier results.csv files of this comparison, <dataset>.csv (or "
                              "synth_drawD.csv per draw), e.g. docs/experiments/data: a chain they hold whole is not "
                              "run again, its records go into results.csv and the paper table (not compare.md)")
+    parser.add_argument("--settings", choices=SETTINGS, default="dataset",
+                        help="stages >= 2: the dataset's flags (run_all.sh's; default) or the paper's: batch 1024, lr "
+                             "1e-3 at stage 2 and 1e-4 after, up to 100 epochs with patience 5 (stage 1 stays the "
+                             "dataset's)")
+    parser.add_argument("--later_epochs", type=flags.positive_int, default=0,
+                        help="stages >= 2: a fixed budget of N epochs a stage (default: the settings' epochs)")
     args = parser.parse_args(own)
     for flag, given in (("--synth_seed", args.synth_seed), ("--draws", args.draws > 1)):
         if given and args.dataset != "synth":
             parser.error(f"{flag} applies to --dataset synth, not {args.dataset}")
-    for name in args.methods:  # the flags after `--` are checked as each method's stages will parse them, before any runs
-        check_stage_flags(extra, resolve(name)[0])
+    if args.recorded and (args.settings != "dataset" or args.later_epochs):
+        parser.error("--recorded holds runs at the dataset's settings: it cannot be mixed with --settings paper or "
+                     "--later_epochs")
+    for name in args.methods:  # every stage's flags are checked as the method's stages will parse them, before any runs
+        check_stage_flags(later_flags(args.dataset, args.settings, args.later_epochs) + extra
+                          + split_overrides(name)[1], resolve(name)[0])
     out = os.path.abspath(args.out)
     os.chdir(REPO)  # the presets' data paths are relative to the repository root
     out = os.path.relpath(out) if out.startswith(os.path.join(REPO, "")) else out
@@ -656,7 +708,8 @@ def compare_draw(args: argparse.Namespace, out: str, synth_seed: int, extra: lis
     if recorded:
         print(f"{len(recorded)} chain(s) taken from --recorded, not run: "
               + ", ".join(f"seed {seed} {method}" for seed, method in sorted(recorded)), flush=True)
-    failed = run_all(args.dataset, out, seeds, methods, stages, extra, args.jobs, recorded)
+    failed = run_all(args.dataset, out, seeds, methods, stages, extra, args.jobs, recorded,
+                     later_flags(args.dataset, args.settings, args.later_epochs))
 
     results = load_results(out, seeds, methods, stages)
     rows = summary_rows(results, stages) + reference_rows(results, stages)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import copy
+
 import numpy as np
 import torch
 
@@ -12,7 +14,7 @@ from continual.methods.teracon import Teracon, TeraconOptions
 from continual.training.config import LEGACY_RULES
 from continual.training.distributed import Shard
 from continual.training.loop import method_for
-from model import NextItNet
+from model import ModelConfig, NextItNet
 
 
 def teracon_options(rule: str = "paper", **changes) -> TeraconOptions:
@@ -63,3 +65,14 @@ def task1_loss(model: NextItNet, sequence: torch.Tensor, s: float, l2: float, ce
     """TERACON's stage-1 loss: next-item CE under σ(s·e_1) + L2 · mean mask."""
     method = teracon_method(None, 0, [], np.random.default_rng(0), TeraconOptions(L2=l2), ce_chunk=ce_chunk)
     return next(method.terms(model, Step(sequence, None, s, Shard(sequence.shape[0]))))
+
+
+def stage4_models(seed: int = 0, own_blocks: int = 0) -> tuple[NextItNet, NextItNet]:
+    """A stage-4 model (the new task with `own_blocks` top blocks of its own) and its frozen stage-3 teacher."""
+    torch.manual_seed(seed)
+    model = NextItNet(ModelConfig(n_items=40, task_classes=[40], channels=16))
+    model.add_task(7)
+    model.add_task(5)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    model.add_task(6, relation=True, own_blocks=own_blocks)
+    return model, teacher

@@ -122,7 +122,7 @@ def test_compare_draws_write_results_and_the_pooled_table_and_carry_recorded_cha
     pytest.importorskip("matplotlib")
     ran: list[tuple[str, int, str]] = []
 
-    def fake_run_all(dataset, out, seeds, methods, stages, extra, jobs, recorded=frozenset()):
+    def fake_run_all(dataset, out, seeds, methods, stages, extra, jobs, recorded=frozenset(), later=None):
         draw = int(out.rsplit("draw", 1)[1])
         for seed in seeds:
             for method in methods:

@@ -21,7 +21,7 @@ from continual.methods.base import Step
 from continual.training import loop, samplers
 from continual.training.distributed import Shard
 from model import ModelConfig, NextItNet
-from teracon_helpers import task1_loss, teracon_loss, teracon_method, teracon_options
+from teracon_helpers import stage4_models, task1_loss, teracon_loss, teracon_method, teracon_options
 
 
 def python_parse(text: str, fields: int) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -103,16 +103,6 @@ def test_multi_target_lines_share_one_source_row(tmp_path):
     assert data.sources.shape == (2, 3) and data.targets.tolist() == [1, 2, 3]
     np.testing.assert_array_equal(data.rows(np.array([0, 1, 2])), [0, 0, 1])
     np.testing.assert_array_equal(data.inputs, [[1, 2, 3], [1, 2, 3], [2, 3, 4]])
-
-
-def stage4_models(seed: int = 0) -> tuple[NextItNet, NextItNet]:
-    torch.manual_seed(seed)
-    model = NextItNet(ModelConfig(n_items=40, task_classes=[40], channels=16))
-    model.add_task(7)
-    model.add_task(5)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    model.add_task(6, relation=True)
-    return model, teacher
 
 
 def test_streaming_backward_equals_one_backward_of_the_sum():

@@ -47,6 +47,7 @@ class Step:
     y: torch.Tensor | None
     s: float                       # the annealed scale of the masks (Eq. 19); smax at evaluation
     shard: Shard                   # where this rank's rows sit in the global batch (one process: all of it)
+    epoch: float = 0.0             # epochs of this phase done before this batch: epoch index + batch / batches per epoch
 
 
 @dataclass

@@ -29,7 +29,8 @@ EMBEDDING_CLAMP = 6.0   # stages ≥ 2 clamp the task embeddings to [−6, 6] af
 
 CHOICES = {"rows": ("sampled", "all"), "weights": ("sum", "mean"), "retention_at": ("annealed", "smax"),
            "distance": ("mse", "kl"), "carry_masks": ("off", "relation", "all"), "embedding_clamp": ("on", "off"),
-           "ratio_weights": ("previous", "current")}
+           "ratio_weights": ("previous", "current"),
+           "new_task_at": ("annealed", "smax")}
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class TeraconOptions:
     embedding_clamp: str = "on"         # stages ≥ 2: clamp the task embeddings to [−6, 6] after each step
     nested_samples: bool = False        # retention rows as prefixes of one shuffle (original) or a shuffle each
     ratio_weights: str = "previous"     # c_j from the previous batch's ratios (revised) or this batch's (original)
+    new_task_at: str = "annealed"       # the new task's CE at the annealed s (the paper's) or at smax (where it is scored)
+    own_lr: float | None = None         # Adam's lr for the new task's own parameters; None = the stage's --lr
+    retention_ramp: float = 0.0         # α grows linearly from 0 over this many epochs of the stage; 0 = α from the start
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -63,7 +67,8 @@ class TeraconOptions:
     def is_paper_rule(self) -> bool:
         """Every retention option at the authors' value (what --streams authors can replay)."""
         return (not self.no_relation and (self.rows, self.weights, self.retention_at, self.distance, self.carry_masks)
-                == ("sampled", "sum", "annealed", "mse", "off") and not self.mask_capacity and not self.own_blocks)
+                == ("sampled", "sum", "annealed", "mse", "off") and not self.mask_capacity and not self.own_blocks
+                and self.new_task_at == "annealed" and self.own_lr is None and not self.retention_ramp)
 
 
 # --preset: what each combination sets (explicit flags win). The paper's rule, its three ablations (Sec. 5.4),
@@ -135,6 +140,15 @@ class Teracon(Method):
                  "(revised)")
         add("--ratio_weights", choices=["previous", "current"],
             help="retention weights c_j from the previous batch's ratios (revised) or this batch's (original)")
+        add("--new_task_at", choices=["annealed", "smax"],
+            help="stages >= 2: the new task's cross-entropy at the annealed s (the paper's) or at smax, where it is "
+                 "scored (the sampling ratios stay at the annealed s)")
+        add("--retention_ramp", type=flags.nonnegative_float,
+            help="stages >= 2: the retention weight α grows linearly from 0 to α over the first E epochs of the stage "
+                 "(the new task starts alone); 0 = α from the first step (the paper's)")
+        add("--own_lr", type=flags.positive_float,
+            help="stages >= 2: Adam's learning rate for the new task's own parameters (its head, task-embedding "
+                 "row, relation layer and --own_blocks); default the stage's --lr")
 
     @classmethod
     def options_from(cls, args: argparse.Namespace) -> TeraconOptions:
@@ -208,7 +222,9 @@ class Teracon(Method):
         options, smax, shard, teacher, task = self.options, self.run.smax, step.shard, self.teacher, self.stage.task
         x, y, s, ratios = step.x, step.y, step.s, self.ratios
         task_masks = model.task_masks(task, s)                              # [n_layers, C]
-        new_task = F.cross_entropy(model(x, task, s, masks=task_masks)[0].float(), y)
+        s_new = smax if options.new_task_at == "smax" else s
+        new_masks = task_masks if s_new == s else model.task_masks(task, s_new)
+        new_task = F.cross_entropy(model(x, task, s_new, masks=new_masks)[0].float(), y)
         if options.mask_capacity > 0 and task > 0:
             with torch.no_grad():                                           # earlier tasks' masks where scored
                 used = torch.stack([teacher.task_masks(j, smax) for j in range(task)]).amax(0)
@@ -221,6 +237,7 @@ class Teracon(Method):
         yield new_task
         if options.alpha <= 0 or task == 0:
             return
+        alpha = options.alpha * (min(1.0, step.epoch / options.retention_ramp) if options.retention_ramp else 1.0)
         with torch.no_grad():
             teacher_masks = [teacher.task_masks(j, s) for j in range(task)]  # task × [n_layers, C]
         fresh = [ratios[j] if options.uniform_sampling else sampling_ratio(teacher_masks[j], task_masks)
@@ -240,10 +257,16 @@ class Teracon(Method):
             with torch.no_grad():
                 pseudo = teacher(x_j, j, s, masks=teacher_masks[j])[0].float()
             scale = local.numel() / count / shard.share                     # 1 in a single process
-            yield options.alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight,
+            yield alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight,
                                                          options.distance)
 
+    def after_backward(self, model: NextItNet) -> None:
+        if self.stage.number > 1 and self.options.own_lr is not None:
+            self.own_before = [tensor.clone() for tensor in own_tensors(model, self.stage.task)]
+
     def after_step(self, model: NextItNet) -> None:
+        if self.stage.number > 1 and self.options.own_lr is not None:
+            scale_own_update(model, self.stage.task, self.own_before, self.options.own_lr / self.run.lr)
         if self.stage.number == 1 or self.options.embedding_clamp == "on":
             clamp_task_embedding(model)
 
@@ -294,6 +317,27 @@ def retention_plan(options: TeraconOptions, ratios: list[float], size: int,
     counts = [size] * len(ratios) if options.rows == "all" else [int(size * ratio) for ratio in ratios]
     scale = len(ratios) if options.weights == "mean" else 1
     return [(count, scale * ratio / total) for count, ratio in zip(counts, weight_ratios)]
+
+
+def own_tensors(model: NextItNet, task: int) -> list[torch.Tensor]:
+    """The new task's own parameters as views of the model's: its head, its task-embedding row, its relation
+    layer (Eq. 13) and its own top blocks (--own_blocks); nothing else reads them."""
+    tensors = [parameter.data for parameter in model.heads[task].parameters()]
+    tensors.append(model.task_embedding.data[task])                         # [n_layers, C]
+    if model.config.relation:
+        tensors += [model.relation_weight.data[task], model.relation_bias.data[task]]
+    if str(task) in model.task_blocks:
+        tensors += [parameter.data for parameter in model.task_blocks[str(task)].parameters()]
+    return tensors
+
+
+def scale_own_update(model: NextItNet, task: int, before: list[torch.Tensor], factor: float) -> None:
+    """--own_lr: the optimiser's update of the new task's own parameters times `factor` = own_lr / lr. Adam's
+    update is lr · m̂ / (√v̂ + ε) with m̂, v̂ independent of lr (no weight decay), so this is Adam at own_lr for
+    them, exactly, and at --lr for the rest."""
+    with torch.no_grad():
+        for tensor, old in zip(own_tensors(model, task), before):
+            tensor.copy_(old + factor * (tensor - old))
 
 
 def clamp_task_embedding(model: NextItNet) -> None:

@@ -385,8 +385,8 @@ def run_stage(run: RunConfig) -> dict:
         for b, (rows, _, size) in enumerate(tqdm(shards, desc=f"task {run.stage} epoch {epoch}", leave=False,
                                                  disable=None)):
             x, y = inputs.batch(train_rows[rows])
-            step = Step(x, y, anneal(b, batches_per_epoch, run.smax), Shard(size, distributed.rank(),
-                                                                             distributed.world_size()))
+            step = Step(x, y, anneal(b, batches_per_epoch, run.smax),
+                        Shard(size, distributed.rank(), distributed.world_size()), epoch + b / batches_per_epoch)
             loss, kept, stepped = train_step(model, method, optimizer, step, run.amp)
             stats["retention"] += float(kept)
             account(stats, loss, stepped)

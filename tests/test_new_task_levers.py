@@ -1,0 +1,170 @@
+"""The levers of the study of how fast TERACON learns a new task (issue 30): --own_lr, --new_task_at,
+--retention_ramp, and compare.py's --settings paper, --later_epochs and NAME+flag=value candidates."""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import compare
+from continual.methods.base import Step
+from continual.methods.teracon import Teracon, own_tensors
+from continual.training import loop, samplers
+from continual.training.config import parse_args
+from continual.training.distributed import Shard
+from model import NextItNet
+from teracon_helpers import stage4_models, teracon_method, teracon_options
+
+
+def one_step(model: NextItNet, teacher: NextItNet, lr: float, **changes) -> dict[str, torch.Tensor]:
+    """One train_step of stage 4 at s = 7 → every parameter's change."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x, y = torch.randint(1, 40, (12, 9), generator=torch.Generator().manual_seed(3)), torch.arange(12) % 6
+    method = teracon_method(teacher, 3, [0.9, 0.5, 0.3], np.random.default_rng(1),
+                            teracon_options("per_task_smax_kl", embedding_clamp="off", **changes))
+    method.run.lr = lr
+    _, _, stepped = loop.train_step(model, method, samplers.adam(model.parameters(), lr), Step(x, y, 7.0, Shard(12)))
+    assert stepped
+    return {name: p.detach() - before[name] for name, p in model.named_parameters()}
+
+
+def test_own_lr_is_adam_at_own_lr_for_the_new_tasks_parameters_only():
+    """The new task's head, embedding row, relation layer and own block move as under Adam at --own_lr; every
+    other parameter, and the other tasks' rows of shared tensors, as under Adam at --lr."""
+    model, teacher = stage4_models(own_blocks=1)
+    slow, fast = (one_step(copy.deepcopy(model), teacher, lr) for lr in (1e-3, 1e-2))
+    mixed = one_step(copy.deepcopy(model), teacher, 1e-3, own_lr=1e-2)
+    assert slow.keys() == mixed.keys()
+    own_names = {name for name in mixed if name.startswith(("heads.3.", "task_blocks.3."))}
+    assert own_names and any(name.startswith("task_blocks.3.") for name in own_names)
+    for name, change in mixed.items():
+        if name in own_names:
+            torch.testing.assert_close(change, fast[name], msg=name)
+            assert change.abs().max() > 5 * slow[name].abs().max(), name
+        elif name in ("task_embedding", "relation_weight", "relation_bias"):
+            torch.testing.assert_close(change[3], fast[name][3], msg=name)      # the new task's row: at own_lr
+            torch.testing.assert_close(change[:3], slow[name][:3], msg=name)    # the earlier tasks': at lr
+        else:
+            torch.testing.assert_close(change, slow[name], msg=name)
+
+
+def test_own_tensors_are_views_that_nothing_else_reads():
+    model, _ = stage4_models(own_blocks=1)
+    tensors = own_tensors(model, 3)
+    assert tensors[2].data_ptr() == model.task_embedding.data[3].data_ptr()
+    assert sum(t.numel() for t in tensors) == (sum(p.numel() for p in model.heads[3].parameters())
+                                               + model.task_embedding[3].numel() + model.relation_weight[3].numel()
+                                               + model.relation_bias[3].numel()
+                                               + sum(p.numel() for p in model.task_blocks["3"].parameters()))
+
+
+def test_new_task_at_smax_scores_the_cross_entropy_where_the_task_is_scored():
+    model, teacher = stage4_models(own_blocks=1)
+    x, y = torch.randint(1, 40, (10, 9)), torch.arange(10) % 6
+    expected = {s: F.cross_entropy(model(x, 3, s)[0].float(), y) for s in (7.0, 50.0)}
+    for at, s in (("annealed", 7.0), ("smax", 50.0)):
+        method = teracon_method(teacher, 3, [0.9] * 3, np.random.default_rng(0),
+                                teracon_options("paper", alpha=0.0, new_task_at=at))
+        first = next(method.terms(model, Step(x, y, 7.0, Shard(10))))
+        torch.testing.assert_close(first, expected[s])
+    assert not torch.isclose(expected[7.0], expected[50.0])
+
+
+def test_retention_ramp_scales_alpha_by_the_epochs_done():
+    model, teacher = stage4_models(own_blocks=1)
+    x, y = torch.randint(1, 40, (10, 9)), torch.arange(10) % 6
+
+    def retention(epoch: float, ramp: float) -> float:
+        method = teracon_method(teacher, 3, [0.9, 0.5, 0.3], np.random.default_rng(4),
+                                teracon_options("per_task_smax_kl", alpha=2.0, retention_ramp=ramp))
+        _, *kept = method.terms(model, Step(x, y, 7.0, Shard(10), epoch))
+        return float(sum(term.detach() for term in kept))
+
+    full = retention(0.0, 0.0)
+    assert full > 0
+    assert retention(0.25, 2.0) == pytest.approx(full / 8, rel=1e-5)
+    assert retention(3.0, 2.0) == pytest.approx(full, rel=1e-6)
+
+
+def test_levers_are_not_the_authors_rule():
+    for change in ({"own_lr": 1e-3}, {"new_task_at": "smax"}, {"retention_ramp": 1.0}):
+        assert not Teracon.replayable(teracon_options("paper", **change)), change
+    assert Teracon.replayable(teracon_options("paper"))
+
+
+def test_one_run_with_every_lever_sees_the_epochs_done(tmp_path, data_writer, monkeypatch):
+    """A real stage 1 and two stages with --own_lr, --new_task_at smax and --retention_ramp: the loop hands the
+    method Step.epoch = epoch + batch / batches per epoch, and the checkpoint carries the options."""
+    data = data_writer(tmp_path / "data", n_users=120, seed=2)
+    seen: list[float] = []
+    original = Teracon.stage_terms
+
+    def spy(self, model, step):
+        seen.append(step.epoch)
+        yield from original(self, model, step)
+    monkeypatch.setattr(Teracon, "stage_terms", spy)
+    common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--batch", "32"]
+    loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "t1"), "--epochs", "1", *common])
+    previous = tmp_path / "t1.t7"
+    for stage, path in ((2, data.task2), (3, data.task3)):
+        seen.clear()
+        loop.main(stage, ["--datapath", str(path), "--paths", str(previous), "--savepath", str(tmp_path / f"t{stage}"),
+                          "--epochs", "2", "--patience", "2", "--own_lr", "1e-2", "--new_task_at", "smax",
+                          "--retention_ramp", "1", "--own_blocks", "1", *common])
+        previous = tmp_path / f"t{stage}.t7"
+        batches = len(seen) // 2
+        assert batches >= 2 and len(seen) == 2 * batches
+        assert seen[0] == 0.0 and 0 < seen[1] < 1 and seen[batches] == 1.0
+        assert all(b > a for a, b in zip(seen, seen[1:]))
+    options = torch.load(previous, weights_only=True)["run_config"]["options"]
+    assert (options["own_lr"], options["new_task_at"], options["retention_ramp"]) == (1e-2, "smax", 1.0)
+
+
+def test_paper_settings_use_the_stage_defaults_lr_and_batch_1024():
+    for stage, lr in ((2, 1e-3), (3, 1e-4)):
+        command = compare.stage_command("synth", "runs/c", 0, "recommended+own_lr=1e-3", stage, [],
+                                        compare.later_flags("synth", "paper", 2))
+        assert "--lr" not in command[:command.index("--own_lr")]
+        assert command[command.index("--batch") + 1] == "1024" and command[-2:] == ["--own_lr", "1e-3"]
+        assert command[command.index("--savepath") + 1] == os.path.join("runs/c", "seed0", "recommended+own_lr=1e-3",
+                                                                        f"task{stage}")
+        assert command[command.index("--expert") + 1] == os.path.join("runs/c", "seed0", "finetune", f"task{stage}.t7")
+        epochs = [command[i + 1] for i, word in enumerate(command) if word == "--epochs"]
+        assert epochs[-1] == "2"
+        args = command[command.index("--paths") + 2:]          # what follows the preset's paths
+        args[args.index("--expert") + 1] = __file__             # the flag's file check only
+        run = parse_args(stage, ["--datapath", "d.csv", "--datapath_index", "i.csv", "--paths", "p.t7",
+                                 "--savepath", "s", *args])
+        assert (run.lr, run.batch, run.epochs, run.options.own_lr) == (lr, 1024, 2, 1e-3)
+    stage1 = compare.stage_command("synth", "runs/c", 0, "recommended+own_lr=1e-3", 1, [],
+                                   compare.later_flags("synth", "paper", 2))
+    assert "--own_lr" not in stage1 and "1024" not in stage1
+    assert compare.later_flags("synth") == compare.STAGE_FLAGS["synth"][1]
+
+
+def test_candidate_names(tmp_path):
+    assert compare.split_overrides("recommended+alpha=0+no_relation") == (
+        "recommended", ["--alpha", "0", "--no_relation"])
+    assert compare.resolve("recommended_rerun1+alpha=0") == ("teracon", "recommended", 1)
+    assert compare.known_name("finetune+lr=1e-4") and not compare.known_name("finetune+lr=/tmp/x")
+    assert not compare.known_name("nothing+alpha=0")
+    assert compare.chains_first("recommended+alpha=0") == {"--expert": "finetune"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "finetune,recommended+bogus=1"], "unrecognized arguments: --bogus 1"),
+    (["--methods", "finetune,recommended+own_lr=-1"], "--own_lr"),
+    (["--settings", "paper", "--recorded", "docs/experiments/data"], "--recorded"),
+    (["--later_epochs", "0"], "--later_epochs"),
+])
+def test_refused_before_anything_runs(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        compare.main(["--dataset", "synth", "--out", str(tmp_path / "c"), *argv])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0] and "Traceback" not in error[0]
+    assert not (tmp_path / "c").exists()
