@@ -57,6 +57,9 @@ def test_units_kept_shares_new_task_ratios_and_verdicts_by_hand(tmp_path):
     row = table.splitlines()[2].split(" | ")
     assert row[0] == "| fineall − finetune" and row[1] == "4"
     assert row[2].startswith("▲ 0.300") and row[4].startswith("▼ -0.150")   # task 1 kept, task 3 learned worse
+    short = paper_table.summary_table(pool, ["fineall", "finetune"], "finetune", "fineall").splitlines()
+    assert short[2].startswith("| fineall | 4 | 1.000 [1.000, 1.000] |") and short[2].endswith("| 3.00 | 5.0 |  |")
+    assert short[3].endswith("| 1.00 | 5.0 | 3 ▲, 2 ▼ |")  # fineall beats it on tasks 1, 2 and kept; not on task 3, new
 
 
 def test_the_table_and_figure_are_written(tmp_path):

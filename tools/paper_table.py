@@ -167,6 +167,29 @@ def main_table(pool: Pool, methods: list[str], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_table(pool: Pool, methods: list[str], reference: str, against: str) -> str:
+    """The README's table: per method the kept share, the new tasks over the reference, size, s/epoch and how
+    `against` fares with it over the paired cells of paired_table (▲ wins, = ties, ▼ losses)."""
+    n = pool.stages
+    columns = ["method", "units", f"kept (tasks 1–{n - 1})", f"new ÷ {reference}", "size", f"s/epoch, stage {n}",
+               f"{against} vs it"]
+    lines = [table_row(columns), "|" + "---|" * len(columns)]
+    for method in methods:
+        size, seconds = pool.size(method), pool.seconds(method)
+        counts = ""
+        if method != against:
+            pairs = [paired(pool.final(against, k), pool.final(method, k)) for k in range(1, n + 1)]
+            pairs += [paired(pool.learned(against, reference), pool.learned(method, reference)),
+                      paired(pool.kept(against), pool.kept(method))]
+            signs = [verdict(low, high) for mean, low, high, _ in pairs if not math.isnan(mean)]
+            counts = ", ".join(f"{signs.count(sign)} {sign}" for sign in "▲=▼" if signs.count(sign))
+        lines.append(table_row([method, str(len(pool.units(method))), cell(summary(pool.kept(method)), 3),
+                                cell(summary(pool.learned(method, reference)), 3),
+                                "" if math.isnan(size) else f"{size:.2f}",
+                                "" if math.isnan(seconds) else f"{seconds:.1f}", counts]))
+    return "\n".join(lines) + "\n"
+
+
 def own_stage_table(pool: Pool, methods: list[str]) -> str:
     """Every task's score at its own stage, marked by its paired difference with the trivial baseline on the same
     test users: ▲ the interval lies above 0, ▼ below, = it holds 0."""
@@ -248,7 +271,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     os.makedirs(args.out, exist_ok=True)
     units = sorted({u for m in methods for u in pool.units(m)})
     text = (f"Pooled over {len(units)} units ({len(args.results)} result files × their seeds): "
-            + ", ".join(args.results) + "\n\nAfter the last stage, mean [95 % t-interval over units]:\n\n"
+            + ", ".join(args.results) + "\n\nIn short, mean [95 % t-interval over units]; the last column counts "
+              f"the paired cells below (the {len(pool.kinds)} tasks after the last stage, new ÷ {args.reference}, kept) "
+              f"where {args.against[-1]} beats the method (▲), ties (=) or loses (▼):\n\n"
+            + summary_table(pool, methods, args.reference, args.against[-1])
+            + "\nAfter the last stage, mean [95 % t-interval over units]:\n\n"
             + main_table(pool, methods, args.reference)
             + "\nEach task at its own stage (the score it was learned to; ▲ above its trivial baseline on the same "
               "test users, paired interval above 0):\n\n" + own_stage_table(pool, methods)
