@@ -167,6 +167,13 @@ def main_table(pool: Pool, methods: list[str], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_cells(pool: Pool, a: str, b: str, reference: str) -> list[tuple[float, float, float, int]]:
+    """a − b paired by unit over the comparison's cells: every task after the last stage, the new tasks over
+    the reference, the kept share → (mean, low, high, units) each."""
+    pairs = [paired(pool.final(a, k), pool.final(b, k)) for k in range(1, pool.stages + 1)]
+    return pairs + [paired(pool.learned(a, reference), pool.learned(b, reference)), paired(pool.kept(a), pool.kept(b))]
+
+
 def summary_table(pool: Pool, methods: list[str], reference: str, against: str) -> str:
     """The README's table: per method the kept share, the new tasks over the reference, size, s/epoch and how
     `against` fares with it over the paired cells of paired_table (▲ wins, = ties, ▼ losses)."""
@@ -178,10 +185,8 @@ def summary_table(pool: Pool, methods: list[str], reference: str, against: str) 
         size, seconds = pool.size(method), pool.seconds(method)
         counts = ""
         if method != against:
-            pairs = [paired(pool.final(against, k), pool.final(method, k)) for k in range(1, n + 1)]
-            pairs += [paired(pool.learned(against, reference), pool.learned(method, reference)),
-                      paired(pool.kept(against), pool.kept(method))]
-            signs = [verdict(low, high) for mean, low, high, _ in pairs if not math.isnan(mean)]
+            signs = [verdict(low, high) for mean, low, high, _ in paired_cells(pool, against, method, reference)
+                     if not math.isnan(mean)]
             counts = ", ".join(f"{signs.count(sign)} {sign}" for sign in "▲=▼" if signs.count(sign))
         lines.append(table_row([method, str(len(pool.units(method))), cell(summary(pool.kept(method)), 3),
                                 cell(summary(pool.learned(method, reference)), 3),
@@ -207,16 +212,13 @@ def own_stage_table(pool: Pool, methods: list[str]) -> str:
 
 
 def paired_table(pool: Pool, against: list[str], methods: list[str], reference: str) -> str:
-    n = pool.stages
     columns = ["a − b", "units", *task_headers(pool), f"own-stage ÷ {reference}", "kept"]
     lines = [table_row(columns), "|" + "---|" * len(columns)]
     for a in against:
         for b in methods:
             if b == a:
                 continue
-            pairs = [paired(pool.final(a, k), pool.final(b, k)) for k in range(1, n + 1)]
-            pairs += [paired(pool.learned(a, reference), pool.learned(b, reference)),
-                      paired(pool.kept(a), pool.kept(b))]
+            pairs = paired_cells(pool, a, b, reference)
             cells = [f"{verdict(low, high)} {cell((mean, low, high), 3)}" if not math.isnan(mean) else ""
                      for mean, low, high, _ in pairs]
             lines.append(table_row([f"{a} − {b}", str(max(p[3] for p in pairs)), *cells]))

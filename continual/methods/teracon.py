@@ -257,8 +257,7 @@ class Teracon(Method):
             with torch.no_grad():
                 pseudo = teacher(x_j, j, s, masks=teacher_masks[j])[0].float()
             scale = local.numel() / count / shard.share                     # 1 in a single process
-            yield alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight,
-                                                         options.distance)
+            yield alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight, options.distance)
 
     def after_backward(self, model: NextItNet) -> None:
         if self.stage.number > 1 and self.options.own_lr is not None:
