@@ -52,6 +52,22 @@ def test_own_lr_is_adam_at_own_lr_for_the_new_tasks_parameters_only():
             torch.testing.assert_close(change, slow[name], msg=name)
 
 
+def test_own_lr_equal_to_lr_is_the_plain_step_bit_for_bit():
+    """--own_lr 1e-3 at a stage run at --lr 1e-3 changes nothing (so the configuration fixes one rate for the
+    new task's own parameters whatever the stage's lr), while 1e-2 there does change them."""
+    model, teacher = stage4_models(own_blocks=1)
+    plain = one_step(copy.deepcopy(model), teacher, 1e-3)
+    same = one_step(copy.deepcopy(model), teacher, 1e-3, own_lr=1e-3)
+    faster = one_step(copy.deepcopy(model), teacher, 1e-3, own_lr=1e-2)
+    assert all(torch.equal(plain[name], same[name]) for name in plain)
+    assert not torch.equal(plain["heads.3.weight"], faster["heads.3.weight"])
+    method = teracon_method(teacher, 3, [0.9] * 3, np.random.default_rng(0), teracon_options("paper", own_lr=1e-3))
+    method.run.lr = 1e-3
+    assert not method.scales_own_update()       # not even rescaled by 1, which can round
+    method.run.lr = 1e-4
+    assert method.scales_own_update()
+
+
 def test_own_tensors_are_views_that_nothing_else_reads():
     model, _ = stage4_models(own_blocks=1)
     tensors = own_tensors(model, 3)

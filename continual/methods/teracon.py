@@ -259,12 +259,17 @@ class Teracon(Method):
             scale = local.numel() / count / shard.share                     # 1 in a single process
             yield alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight, options.distance)
 
+    def scales_own_update(self) -> bool:
+        """--own_lr at a stage ≥ 2 where it differs from --lr; equal to it, the step is Adam's own, untouched (the
+        rescaling old + 1 · (new − old) can round away from new)."""
+        return self.stage.number > 1 and self.options.own_lr not in (None, self.run.lr)
+
     def after_backward(self, model: NextItNet) -> None:
-        if self.stage.number > 1 and self.options.own_lr is not None:
+        if self.scales_own_update():
             self.own_before = [tensor.clone() for tensor in own_tensors(model, self.stage.task)]
 
     def after_step(self, model: NextItNet) -> None:
-        if self.stage.number > 1 and self.options.own_lr is not None:
+        if self.scales_own_update():
             scale_own_update(model, self.stage.task, self.own_before, self.options.own_lr / self.run.lr)
         if self.stage.number == 1 or self.options.embedding_clamp == "on":
             clamp_task_embedding(model)
