@@ -494,6 +494,11 @@ def test_retention_plan_by_hand():
     assert [w for _, w in per_task] == pytest.approx([3 * r / total for r in ratios])
     assert teracon.retention_plan(teracon_options("per_task"), [0.0025] * 5, 256) == [(256, pytest.approx(1.0))] * 5
     assert teracon.retention_plan(teracon_options("paper"), [0.0, 0.0], 10) == [(0, 0.0), (0, 0.0)]
+    # share: B // (K−1) rows of each earlier task (at least one), the weights of per_task
+    share = teracon_options("per_task", rows="share")
+    assert teracon.retention_plan(share, ratios, 64) == [(21, w) for _, w in per_task]
+    assert [rows for rows, _ in teracon.retention_plan(share, [0.0025] * 5, 256)] == [51] * 5
+    assert [rows for rows, _ in teracon.retention_plan(share, [0.5] * 5, 3)] == [1] * 5
     with pytest.raises(ValueError, match="rows must be one of sampled, all"):
         teracon_options(rows="nope")
 

@@ -50,9 +50,11 @@ def test_bench_rules_times_the_recommended_step_beside_the_paper_rules(repo_root
     lines = done.stdout.strip().splitlines()
     assert any("(paper: 0 retention rows per earlier task)" in line for line in lines), done.stdout
     assert any("(recommended, expert 1, own blocks 2: 32 retention rows per earlier task)" in line for line in lines)
+    assert any("(recommended, expert 1, own blocks 2: 16 retention rows per earlier task)" in line for line in lines)
     result = json.loads(lines[-1])
     paper, recommended = result["paper"], result["recommended"]
     assert result["ratio"] == recommended["seconds"] / paper["seconds"] and result["ratio"] > 1
+    assert result["ratios"]["recommended_share"] == result["recommended_share"]["seconds"] / paper["seconds"]
     assert len(paper["profile"]["terms"]) == 1 and paper["profile"]["teacher_forward"] == 0
     assert paper["profile"]["expert_forward"] == 0
     profile = recommended["profile"]

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file (python tools/…): import the su
 from continual import flags
 from continual.evaluation.scoring import score
 from continual.methods.base import Step
-from continual.methods.teracon import INITIAL_RATIO, PRESETS, TeraconOptions, retention_plan, sampling_ratio
+from continual.methods.teracon import CHOICES, INITIAL_RATIO, PRESETS, TeraconOptions, retention_plan, sampling_ratio
 from continual.training.distributed import Shard
 from continual.training.loop import autocast, compile_backbone, method_for, train_step
 from continual.training.samplers import adam
@@ -42,7 +42,9 @@ RATIO_FLOOR = sampling_ratio(torch.ones(1, 1), torch.ones(1, 1))  # Eq. 15 when 
                                                                    # (cosine 1): what the paper rule runs at
 # --rules: the two stage-K steps it times, as extra arguments of the taskK phase
 RULES = {"paper": ["--preset", "paper", "--ratio", repr(RATIO_FLOOR)],
-         "recommended": ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2"]}
+         "recommended": ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2"],
+         "recommended_share": ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2",
+                               "--rows", "share"]}
 
 
 def parse() -> argparse.Namespace:
@@ -57,6 +59,8 @@ def parse() -> argparse.Namespace:
     add("--stage", type=flags.integer(2), default=2, help="K >= 2: task-K step with retention over K−1 earlier tasks")
     add("--classes", type=flags.integer(2), default=100, help="class count of tasks ≥ 2, >= 2")
     add("--preset", choices=list(PRESETS), default="paper", help="task-K step: TERACON's preset (train_teracon's flag)")
+    add("--rows", choices=CHOICES["rows"], default=None,
+        help="task-K step: TERACON's retention rows (train_teracon's flag); default the preset's")
     add("--mask_capacity", type=flags.nonnegative_float, default=0.0,
         help="task-K step: weight of HAT's capacity regulariser on the new task's masks (train_teracon's flag)")
     add("--expert_weight", type=flags.nonnegative_float, default=0.0,
@@ -202,7 +206,8 @@ def run_phase(args: argparse.Namespace) -> dict:
         targets = torch.from_numpy(rng.integers(1, args.classes, size=args.users))
         options = TeraconOptions(**{**PRESETS[args.preset], "alpha": 0.7, "uniform_sampling": True,
                                     "mask_capacity": args.mask_capacity, "expert_weight": args.expert_weight,
-                                    "own_blocks": args.own_blocks, "embedding_clamp": "on"})
+                                    "own_blocks": args.own_blocks, "embedding_clamp": "on",
+                                    "rows": args.rows or PRESETS[args.preset].get("rows", "sampled")})
         method = method_for("teracon", options, args.stage, teacher, rng, device=device)
         method.expert = copy.deepcopy(model).eval().requires_grad_(False) if args.expert_weight else None
         method.ratios = [args.ratio] * (args.stage - 1)
@@ -313,16 +318,18 @@ def print_row(row: dict) -> None:
 
 
 def compare_rules(argv: list[str]) -> None:
-    """--rules: the paper rule's and the recommended rule's stage-K steps, one after the other, and their ratio."""
+    """--rules: the paper rule's and the recommended rule's stage-K steps (the latter also with --rows share), one
+    after the other, and each one's ratio to the paper rule's."""
     argv = [a for a in argv if a != "--rules"]
     rows = {name: phase_row(argv + extra, "taskK") for name, extra in RULES.items()}
     for row in rows.values():
         if row:
             print_row(row)
     if all(rows.values()):
-        ratio = rows["recommended"]["seconds"] / rows["paper"]["seconds"]
-        print(f"recommended / paper, s/step: {ratio:.2f}")
-        print(json.dumps({**rows, "ratio": ratio}))
+        ratios = {name: row["seconds"] / rows["paper"]["seconds"] for name, row in rows.items() if name != "paper"}
+        for name, ratio in ratios.items():
+            print(f"{name} / paper, s/step: {ratio:.2f}")
+        print(json.dumps({**rows, "ratio": ratios["recommended"], "ratios": ratios}))
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ INITIAL_RATIO = 0.9     # every earlier task's sampling ratio before the first b
 EMBEDDING_CLAMP = 6.0   # stages ≥ 2 clamp the task embeddings to [−6, 6] after each step (revised code)
 
 
-CHOICES = {"rows": ("sampled", "all"), "weights": ("sum", "mean"), "retention_at": ("annealed", "smax"),
+CHOICES = {"rows": ("sampled", "all", "share"), "weights": ("sum", "mean"), "retention_at": ("annealed", "smax"),
            "distance": ("mse", "kl"), "carry_masks": ("off", "relation", "all"), "embedding_clamp": ("on", "off"),
            "ratio_weights": ("previous", "current"),
            "new_task_at": ("annealed", "smax")}
@@ -40,7 +40,8 @@ class TeraconOptions:
     alpha: float = 0.7                  # weight of the knowledge-retention loss (Eq. 18); 0 = no retention
     no_relation: bool = False           # ablation: plain σ(s·e) masks for every task (Eq. 11 only)
     uniform_sampling: bool = False      # ablation: every sampling ratio stays at INITIAL_RATIO (no Eq. 15)
-    rows: str = "sampled"               # sampled: int(B · ratio_j) rows for earlier task j (Eq. 16); all: every row
+    rows: str = "sampled"               # sampled: int(B · ratio_j) rows for earlier task j (Eq. 16); all: every row;
+                                        # share: B // (K−1) rows each (B retention rows in all, whatever the stage)
     weights: str = "sum"                # c_j = ratio_j / Σ_k ratio_k (sum, the paper's) or / mean_k ratio_k (mean)
     retention_at: str = "annealed"      # retention terms at the annealed s, or at smax (where tasks are scored)
     distance: str = "mse"               # mse of the logits (Eq. 16), or kl: KL(softmax(teacher) ‖ softmax(student))
@@ -74,14 +75,16 @@ class TeraconOptions:
 # --preset: what each combination sets (explicit flags win). The paper's rule, its three ablations (Sec. 5.4),
 # and the rule this suite recommends (README, "Retention rules"): every row of every earlier task at smax, KL
 # terms weighted by ratio_j / mean_k ratio_k, α = 2, distillation of the new task from fine-tuning's model of
-# the same stage (--expert, which compare.py runs first), and the new task's own copies of the top two blocks.
+# the same stage (--expert, which compare.py runs first), the new task's own copies of the top two blocks, and
+# Adam at 1e-3 for the new task's own parameters (--own_lr: a no-op at a stage run at lr 1e-3, as the benchmark's
+# and the demo's; at the paper's lr 1e-4 from stage 3 it is what lets the new task learn, issue 30).
 PRESETS: dict[str, dict] = {
     "paper": {},
     "no_relation": {"no_relation": True},
     "no_retention": {"alpha": 0.0},
     "uniform_sampling": {"uniform_sampling": True},
     "recommended": {"rows": "all", "weights": "mean", "retention_at": "smax", "distance": "kl", "alpha": 2.0,
-                    "own_blocks": 2},
+                    "own_blocks": 2, "own_lr": 1e-3},
 }
 EXPERT_PRESETS = {"recommended"}  # presets that distil from the fine-tuning chain's checkpoint (--expert)
 VARIANT_OPTIONS = ("L2", "embedding_clamp", "nested_samples", "ratio_weights")  # defaults set by --variant
@@ -104,8 +107,9 @@ class Teracon(Method):
         add("--alpha", type=flags.nonnegative_float, help="weight of the knowledge-retention loss (default 0.7)")
         add("--no_relation", action="store_const", const=True, help="ablation: plain σ(s·e) masks for every task")
         add("--uniform_sampling", action="store_const", const=True, help="ablation: fixed sampling ratio 0.9")
-        add("--rows", choices=["sampled", "all"],
-            help="retention rows of earlier task j: sampled = int(B · ratio_j) (the paper's), all = every row")
+        add("--rows", choices=CHOICES["rows"],
+            help="retention rows of earlier task j: sampled = int(B · ratio_j) (the paper's), all = every row, "
+                 "share = B // (K-1) rows of each of the K-1 earlier tasks (one batch of retention rows in all)")
         add("--weights", choices=["sum", "mean"],
             help="retention weights c_j = ratio_j / Σ_k ratio_k (sum, the paper's) or ratio_j / mean_k ratio_k (mean: "
                  "near 1 for each earlier task however many there are)")
@@ -312,13 +316,15 @@ def retention_plan(options: TeraconOptions, ratios: list[float], size: int,
                    weight_ratios: list[float] | None = None) -> list[tuple[int, float]]:
     """(rows to pseudo-label, loss weight c_j) of every earlier task j for a global batch of `size` rows.
 
-    Row counts follow `ratios` (options.rows "sampled": int(size · ratio_j); "all": size); the weights follow
+    Row counts follow `ratios` (options.rows "sampled": int(size · ratio_j)), or are size ("all") or
+    max(1, size // (K−1)) ("share": each earlier task its own draw of an equal share); the weights follow
     `weight_ratios` (default: the same ratios), divided by their sum (options.weights "sum") or mean ("mean")."""
     weight_ratios = ratios if weight_ratios is None else weight_ratios
     total = sum(weight_ratios)
     if total <= 0:
         return [(0, 0.0) for _ in ratios]
-    counts = [size] * len(ratios) if options.rows == "all" else [int(size * ratio) for ratio in ratios]
+    counts = {"all": [size] * len(ratios), "share": [max(1, size // len(ratios))] * len(ratios)}.get(
+        options.rows, [int(size * ratio) for ratio in ratios])
     scale = len(ratios) if options.weights == "mean" else 1
     return [(count, scale * ratio / total) for count, ratio in zip(counts, weight_ratios)]
 
