@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import compare
 from continual.methods.base import Step
-from continual.methods.teracon import Teracon, own_tensors
+from continual.methods.teracon import Teracon, distillation_kl, own_tensors
 from continual.training import loop, samplers
 from continual.training.config import parse_args
 from continual.training.distributed import Shard
@@ -88,6 +88,30 @@ def test_new_task_at_smax_scores_the_cross_entropy_where_the_task_is_scored():
         first = next(method.terms(model, Step(x, y, 7.0, Shard(10))))
         torch.testing.assert_close(first, expected[s])
     assert not torch.isclose(expected[7.0], expected[50.0])
+
+
+def test_new_task_at_smax_shares_one_student_pass_with_the_expert_term():
+    """With --new_task_at smax the cross-entropy and the expert's KL read the same logits: the new task's term
+    is CE + β · KL, by hand, from ONE student forward (two at the annealed s)."""
+    model, teacher = stage4_models(own_blocks=1)
+    x, y = torch.randint(1, 40, (10, 9)), torch.arange(10) % 6
+    expert = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        expert.heads[3].weight.mul_(0.5)                                   # an expert unlike the student
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    for at, passes in (("smax", 1), ("annealed", 2)):
+        method = teracon_method(teacher, 3, [0.9] * 3, np.random.default_rng(0),
+                                teracon_options("paper", alpha=0.0, new_task_at=at, expert_weight=2.0))
+        method.expert = expert
+        calls.clear()
+        first = next(method.terms(model, Step(x, y, 7.0, Shard(10))))
+        assert len(calls) == passes, at
+        with torch.no_grad():
+            at_smax, annealed = model(x, 3, 50.0)[0].float(), model(x, 3, 7.0)[0].float()
+            by_hand = F.cross_entropy(at_smax if at == "smax" else annealed, y) + 2.0 * distillation_kl(
+                at_smax, expert(x, 3, 50.0)[0].float())
+        torch.testing.assert_close(first.detach(), by_hand)
 
 
 def test_retention_ramp_scales_alpha_by_the_epochs_done():

@@ -228,7 +228,8 @@ class Teracon(Method):
         task_masks = model.task_masks(task, s)                              # [n_layers, C]
         s_new = smax if options.new_task_at == "smax" else s
         new_masks = task_masks if s_new == s else model.task_masks(task, s_new)
-        new_task = F.cross_entropy(model(x, task, s_new, masks=new_masks)[0].float(), y)
+        new_logits = model(x, task, s_new, masks=new_masks)[0].float()       # [B, n_classes of task K]
+        new_task = F.cross_entropy(new_logits, y)
         if options.mask_capacity > 0 and task > 0:
             with torch.no_grad():                                           # earlier tasks' masks where scored
                 used = torch.stack([teacher.task_masks(j, smax) for j in range(task)]).amax(0)
@@ -236,8 +237,8 @@ class Teracon(Method):
         if self.expert is not None and options.expert_weight > 0:
             with torch.no_grad():
                 expert_logits = self.expert(x, task, smax)[0].float()      # [B, n_classes of task K]
-            new_task = new_task + options.expert_weight * distillation_kl(model(x, task, smax)[0].float(),
-                                                                          expert_logits)
+            at_smax = new_logits if s_new == smax else model(x, task, smax)[0].float()  # one pass when both at smax
+            new_task = new_task + options.expert_weight * distillation_kl(at_smax, expert_logits)
         yield new_task
         if options.alpha <= 0 or task == 0:
             return
