@@ -41,10 +41,9 @@ PHASES = ["task1", "taskK", "eval", "load"]
 RATIO_FLOOR = sampling_ratio(torch.ones(1, 1), torch.ones(1, 1))  # Eq. 15 when every mask equals the new task's
                                                                    # (cosine 1): what the paper rule runs at
 # --rules: the two stage-K steps it times, as extra arguments of the taskK phase
-RULES = {"paper": ["--preset", "paper", "--ratio", repr(RATIO_FLOOR)],
-         "recommended": ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2"],
-         "recommended_share": ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2",
-                               "--rows", "share"]}
+RECOMMENDED = ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2"]
+RULES = {"paper": ["--preset", "paper", "--ratio", repr(RATIO_FLOOR)], "recommended": RECOMMENDED,
+         "recommended_share": [*RECOMMENDED, "--rows", "share"]}
 
 
 def parse() -> argparse.Namespace:
@@ -207,7 +206,7 @@ def run_phase(args: argparse.Namespace) -> dict:
         options = TeraconOptions(**{**PRESETS[args.preset], "alpha": 0.7, "uniform_sampling": True,
                                     "mask_capacity": args.mask_capacity, "expert_weight": args.expert_weight,
                                     "own_blocks": args.own_blocks, "embedding_clamp": "on",
-                                    "rows": args.rows or PRESETS[args.preset].get("rows", "sampled")})
+                                    **({"rows": args.rows} if args.rows else {})})
         method = method_for("teracon", options, args.stage, teacher, rng, device=device)
         method.expert = copy.deepcopy(model).eval().requires_grad_(False) if args.expert_weight else None
         method.ratios = [args.ratio] * (args.stage - 1)

@@ -324,8 +324,12 @@ def retention_plan(options: TeraconOptions, ratios: list[float], size: int,
     total = sum(weight_ratios)
     if total <= 0:
         return [(0, 0.0) for _ in ratios]
-    counts = {"all": [size] * len(ratios), "share": [max(1, size // len(ratios))] * len(ratios)}.get(
-        options.rows, [int(size * ratio) for ratio in ratios])
+    if options.rows == "all":
+        counts = [size] * len(ratios)
+    elif options.rows == "share":
+        counts = [max(1, size // len(ratios))] * len(ratios)
+    else:
+        counts = [int(size * ratio) for ratio in ratios]
     scale = len(ratios) if options.weights == "mean" else 1
     return [(count, scale * ratio / total) for count, ratio in zip(counts, weight_ratios)]
 
