@@ -51,10 +51,13 @@ def test_bench_rules_times_the_recommended_step_beside_the_paper_rules(repo_root
     assert any("(paper: 0 retention rows per earlier task)" in line for line in lines), done.stdout
     assert any("(recommended, expert 1, own blocks 2: 32 retention rows per earlier task)" in line for line in lines)
     assert any("(recommended, expert 1, own blocks 2: 16 retention rows per earlier task)" in line for line in lines)
+    assert any("(recommended, expert 1, own blocks 2, new task at smax: 16 retention rows per earlier task)" in line
+               for line in lines)
     result = json.loads(lines[-1])
     paper, recommended = result["paper"], result["recommended"]
     assert result["ratio"] == recommended["seconds"] / paper["seconds"] and result["ratio"] > 1
-    assert result["ratios"]["recommended_share"] == result["recommended_share"]["seconds"] / paper["seconds"]
+    for name in ("recommended_share", "recommended_share_smax"):
+        assert result["ratios"][name] == result[name]["seconds"] / paper["seconds"]
     assert len(paper["profile"]["terms"]) == 1 and paper["profile"]["teacher_forward"] == 0
     assert paper["profile"]["expert_forward"] == 0
     profile = recommended["profile"]

@@ -43,7 +43,8 @@ RATIO_FLOOR = sampling_ratio(torch.ones(1, 1), torch.ones(1, 1))  # Eq. 15 when 
 # --rules: the two stage-K steps it times, as extra arguments of the taskK phase
 RECOMMENDED = ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2"]
 RULES = {"paper": ["--preset", "paper", "--ratio", repr(RATIO_FLOOR)], "recommended": RECOMMENDED,
-         "recommended_share": [*RECOMMENDED, "--rows", "share"]}
+         "recommended_share": [*RECOMMENDED, "--rows", "share"],
+         "recommended_share_smax": [*RECOMMENDED, "--rows", "share", "--new_task_at", "smax"]}
 
 
 def parse() -> argparse.Namespace:
@@ -60,6 +61,8 @@ def parse() -> argparse.Namespace:
     add("--preset", choices=list(PRESETS), default="paper", help="task-K step: TERACON's preset (train_teracon's flag)")
     add("--rows", choices=CHOICES["rows"], default=None,
         help="task-K step: TERACON's retention rows (train_teracon's flag); default the preset's")
+    add("--new_task_at", choices=CHOICES["new_task_at"], default=None,
+        help="task-K step: the s of the new task's cross-entropy (train_teracon's flag); default the preset's")
     add("--mask_capacity", type=flags.nonnegative_float, default=0.0,
         help="task-K step: weight of HAT's capacity regulariser on the new task's masks (train_teracon's flag)")
     add("--expert_weight", type=flags.nonnegative_float, default=0.0,
@@ -206,7 +209,8 @@ def run_phase(args: argparse.Namespace) -> dict:
         options = TeraconOptions(**{**PRESETS[args.preset], "alpha": 0.7, "uniform_sampling": True,
                                     "mask_capacity": args.mask_capacity, "expert_weight": args.expert_weight,
                                     "own_blocks": args.own_blocks, "embedding_clamp": "on",
-                                    **({"rows": args.rows} if args.rows else {})})
+                                    **({"rows": args.rows} if args.rows else {}),
+                                    **({"new_task_at": args.new_task_at} if args.new_task_at else {})})
         method = method_for("teracon", options, args.stage, teacher, rng, device=device)
         method.expert = copy.deepcopy(model).eval().requires_grad_(False) if args.expert_weight else None
         method.ratios = [args.ratio] * (args.stage - 1)
@@ -223,7 +227,8 @@ def run_phase(args: argparse.Namespace) -> dict:
         rows = retention_plan(options, method.ratios, args.batch)[0][0]
         extra_terms = (f", capacity {args.mask_capacity:g}" if args.mask_capacity else "") + (
             f", expert {args.expert_weight:g}" if args.expert_weight else "") + (
-            f", own blocks {args.own_blocks}" if args.own_blocks else "")
+            f", own blocks {args.own_blocks}" if args.own_blocks else "") + (
+            ", new task at smax" if options.new_task_at == "smax" else "")
         return {"phase": f"task{args.stage} train step ({args.preset}{extra_terms}: {rows} retention rows per earlier "
                          "task)",
                 "batch": args.batch,
