@@ -175,7 +175,8 @@ BAD_TRAINING = [
     ("--task_kind", "both"), ("--method", "other"), ("--dataset", "nowhere"),
     ("--rows", "every"), ("--weights", "median"), ("--retention_at", "end"), ("--distance", "l1"),
     ("--carry_masks", "yes"), ("--preset", "best"), ("--mask_capacity", "-1"), ("--own_blocks", "-1"),
-    ("--expert_weight", "nan"), ("--lwf_weight", "1"),  # --lwf_weight: a flag of --method lwf only
+    ("--expert_weight", "nan"), ("--frozen_cache_mib", "-1"), ("--frozen_cache_mib", "1.5"),
+    ("--lwf_weight", "1"),  # --lwf_weight: a flag of --method lwf only
     ("--datapath", "{dir}"), ("--datapath", "{dir}/missing.csv"), ("--datapath_index", "{dir}"),
     ("--savepath", "{t1}/task1"), ("--savepath", "{dir}/"), ("--savepath", ""),
 ] + ([("--device", "cuda"), ("--gpu_num", "0")] if NO_CUDA else [])
@@ -235,6 +236,7 @@ def stage2_argv(files: dict, out: Path, *extra: str) -> list[str]:
     (2, ["--rerun", "-1"], "error: --rerun must be"),
     (2, ["--expert", "{dir}/nope.t7"], "error: --expert: {dir}/nope.t7: file not found"),
     (2, ["--expert_weight", "-1"], "error: --expert_weight must be"),
+    (2, ["--frozen_cache_mib", "-1"], "error: --frozen_cache_mib must be"),
     (2, ["--expert", "{ckpt}", "--method", "finetune"], "error: --expert is a flag of --method teracon, not of "
                                                          "--method finetune"),
     (2, ["--preset", "recommended"], "error: --preset recommended distils the new task from fine-tuning's checkpoint"),

@@ -31,7 +31,8 @@ def test_the_dry_run_runs_every_step_and_writes_its_report(repo_root, subprocess
 
 def test_the_real_check_asks_for_ttl_sizes_and_the_compiled_rows():
     rows = gpu_check.bench_steps(False)
-    assert {"bench_task1_amp_compile", "bench_stage6_paper_amp_compile", "bench_stage6_recommended_amp"} <= set(rows)
+    assert {"bench_task1_amp_compile", "bench_stage6_paper_amp_compile", "bench_stage6_recommended_amp",
+            "bench_stage6_recommended_share_smax_fp32"} <= set(rows)
     assert all("645974" in arguments and "cuda" in arguments for arguments in rows.values())
     stages, _ = gpu_check.stage_steps("/tmp/x", False)
     assert stages["stages_gpu_1"][stages["stages_gpu_1"].index("--device") + 1] == "cuda"
@@ -41,7 +42,8 @@ def test_the_real_check_asks_for_ttl_sizes_and_the_compiled_rows():
 def test_bench_rules_times_the_recommended_step_beside_the_paper_rules(repo_root, subprocess_env):
     """bench.py --rules --profile: both stage-K steps, the paper rule at its saturated ratio (no retention row at
     batch 32), their ratio, and where each step's time goes: one term for the paper rule, the new task's and one
-    per earlier task for the recommended rule, with the teacher's and the expert's forwards inside them."""
+    per earlier task for the recommended rule, with the teacher's and the expert's forwards inside them when they
+    are recomputed, and none once every user's outputs are kept (--frozen_cache_mib)."""
     done = subprocess.run([sys.executable, "tools/bench.py", "--rules", "--profile", "--items", "60", "--length", "8",
                            "--channels", "8", "--users", "64", "--batch", "32", "--stage", "3", "--classes", "4",
                            "--steps", "2"],
@@ -50,17 +52,21 @@ def test_bench_rules_times_the_recommended_step_beside_the_paper_rules(repo_root
     lines = done.stdout.strip().splitlines()
     assert any("(paper: 0 retention rows per earlier task)" in line for line in lines), done.stdout
     assert any("(recommended, expert 1, own blocks 2: 32 retention rows per earlier task)" in line for line in lines)
-    assert any("(recommended, expert 1, own blocks 2: 16 retention rows per earlier task)" in line for line in lines)
-    assert any("(recommended, expert 1, own blocks 2, new task at smax: 16 retention rows per earlier task)" in line
-               for line in lines)
+    for rows, at_smax in ((32, ""), (16, ""), (16, ", new task at smax")):
+        assert any(f"(recommended, expert 1, own blocks 2{at_smax}, frozen outputs kept: {rows} retention rows per "
+                   "earlier task)" in line for line in lines), (rows, at_smax)
     result = json.loads(lines[-1])
     paper, recommended = result["paper"], result["recommended"]
     assert result["ratio"] == recommended["seconds"] / paper["seconds"] and result["ratio"] > 1
-    for name in ("recommended_share", "recommended_share_smax"):
+    for name in ("recommended_recomputed", "recommended_share", "recommended_share_smax"):
         assert result["ratios"][name] == result[name]["seconds"] / paper["seconds"]
+    assert result["recommended_recomputed"]["kept"] == [] and paper["kept"] == []
+    assert result["recommended"]["kept"] == ["task2", "expert", "task1"]   # 4 classes each, then the 60 items
     assert len(paper["profile"]["terms"]) == 1 and paper["profile"]["teacher_forward"] == 0
     assert paper["profile"]["expert_forward"] == 0
-    profile = recommended["profile"]
+    profile = result["recommended_recomputed"]["profile"]
     assert len(profile["terms"]) == 3 and profile["teacher_forward"] > 0 and profile["expert_forward"] > 0
+    kept = recommended["profile"]                      # after the untimed first epoch every user's outputs are kept
+    assert len(kept["terms"]) == 3 and kept["teacher_forward"] == 0 and kept["expert_forward"] == 0
     inside = sum(term["forward"] for term in profile["terms"])
     assert profile["teacher_forward"] + profile["expert_forward"] < inside     # the frozen passes are inside the terms

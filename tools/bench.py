@@ -40,9 +40,10 @@ from utils import keep_freed_memory
 PHASES = ["task1", "taskK", "eval", "load"]
 RATIO_FLOOR = sampling_ratio(torch.ones(1, 1), torch.ones(1, 1))  # Eq. 15 when every mask equals the new task's
                                                                    # (cosine 1): what the paper rule runs at
-# --rules: the two stage-K steps it times, as extra arguments of the taskK phase
+# --rules: the stage-K steps it times, as extra arguments of the taskK phase
 RECOMMENDED = ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2"]
 RULES = {"paper": ["--preset", "paper", "--ratio", repr(RATIO_FLOOR)], "recommended": RECOMMENDED,
+         "recommended_recomputed": [*RECOMMENDED, "--frozen_cache_mib", "0"],
          "recommended_share": [*RECOMMENDED, "--rows", "share"],
          "recommended_share_smax": [*RECOMMENDED, "--rows", "share", "--new_task_at", "smax"]}
 
@@ -71,6 +72,9 @@ def parse() -> argparse.Namespace:
     add("--own_blocks", type=flags.integer(0, len(ModelConfig(1, [1]).dilations)), default=0,
         help="task-K step: every task from 2 on reads its own copies of the top K residual blocks "
              "(train_teracon's flag)")
+    add("--frozen_cache_mib", type=flags.nonnegative_int, default=1024,
+        help="task-K step: MiB for the frozen models' outputs at smax kept per row (train_teracon's flag); when it "
+             "keeps any, one untimed epoch over the users fills them first, so the steps timed are a later epoch's")
     add("--ratio", type=flags.real(0.0, 1.0, what="a number in [0, 1]"), default=INITIAL_RATIO,
         help="task-K step: every earlier task's sampling ratio (held fixed; 0.9: the ratio before the first batch)")
     add("--steps", type=flags.positive_int, default=5, help="timed steps per phase (after one warm-up step)")
@@ -82,7 +86,8 @@ def parse() -> argparse.Namespace:
     add("--rules", action="store_true",
         help="time only the stage-K step of the paper rule as it runs once the masks saturate (every earlier task's "
              "ratio at its floor 1 - sigmoid(6), int(B * 0.0025) rows) beside the recommended rule's (every row, KL at "
-             "smax, the expert term, two own blocks), and print their ratio")
+             "smax, the expert term, two own blocks; its frozen outputs kept, and recomputed; with --rows share; with "
+             "--rows share --new_task_at smax), and print each one's ratio to the paper rule's")
     add("--profile", action="store_true",
         help="task-K step: also split its time into each loss term's forward and backward, the frozen teacher's and "
              "expert's forwards inside them, and the rest (optimiser, clamps)")
@@ -209,16 +214,21 @@ def run_phase(args: argparse.Namespace) -> dict:
         options = TeraconOptions(**{**PRESETS[args.preset], "alpha": 0.7, "uniform_sampling": True,
                                     "mask_capacity": args.mask_capacity, "expert_weight": args.expert_weight,
                                     "own_blocks": args.own_blocks, "embedding_clamp": "on",
+                                    "frozen_cache_mib": args.frozen_cache_mib,
                                     **({"rows": args.rows} if args.rows else {}),
                                     **({"new_task_at": args.new_task_at} if args.new_task_at else {})})
-        method = method_for("teracon", options, args.stage, teacher, rng, device=device)
+        method = method_for("teracon", options, args.stage, teacher, rng, device=device, n_train=args.users)
         method.expert = copy.deepcopy(model).eval().requires_grad_(False) if args.expert_weight else None
         method.ratios = [args.ratio] * (args.stage - 1)
+        method.kept = method.plan_kept(device)
 
-        def step() -> None:
-            rows = rng.integers(0, args.users, args.batch)
+        def step(rows: np.ndarray | None = None) -> None:
+            rows = rng.integers(0, args.users, args.batch) if rows is None else rows
             x, y = sequences[rows].to(device), targets[rows].to(device)
-            train_step(model, method, optimizer, Step(x, y, 25.0, Shard(args.batch)), args.amp)
+            train_step(model, method, optimizer, Step(x, y, 25.0, Shard(rows.size), ids=rows), args.amp)
+        if method.kept:                                      # the first epoch computes what later epochs read
+            for rows in np.array_split(np.arange(args.users), max(1, args.users // args.batch)):
+                step(rows)
         seconds = timed(step, args.steps, device)
         profile = {}
         if args.profile:
@@ -228,11 +238,13 @@ def run_phase(args: argparse.Namespace) -> dict:
         extra_terms = (f", capacity {args.mask_capacity:g}" if args.mask_capacity else "") + (
             f", expert {args.expert_weight:g}" if args.expert_weight else "") + (
             f", own blocks {args.own_blocks}" if args.own_blocks else "") + (
-            ", new task at smax" if options.new_task_at == "smax" else "")
+            ", new task at smax" if options.new_task_at == "smax" else "") + (
+            ", frozen outputs kept" if method.kept else "")
         return {"phase": f"task{args.stage} train step ({args.preset}{extra_terms}: {rows} retention rows per earlier "
                          "task)",
                 "batch": args.batch,
-                "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device), **profile}
+                "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device),
+                "kept": list(method.kept), **profile}
     data = TaskData(sequences.numpy()[:, :-1], sequences.numpy()[:, -1], args.items)
     rows = np.arange(args.users)
     with autocast(device, args.amp):
@@ -322,8 +334,9 @@ def print_row(row: dict) -> None:
 
 
 def compare_rules(argv: list[str]) -> None:
-    """--rules: the paper rule's and the recommended rule's stage-K steps (the latter also with --rows share), one
-    after the other, and each one's ratio to the paper rule's."""
+    """--rules: the paper rule's and the recommended rule's stage-K steps (the latter also with its frozen outputs
+    recomputed every step, with --rows share, and with --rows share --new_task_at smax), one after the other, and
+    each one's ratio to the paper rule's."""
     argv = [a for a in argv if a != "--rules"]
     rows = {name: phase_row(argv + extra, "taskK") for name, extra in RULES.items()}
     for row in rows.values():

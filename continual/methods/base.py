@@ -48,6 +48,7 @@ class Step:
     s: float                       # the annealed scale of the masks (Eq. 19); smax at evaluation
     shard: Shard                   # where this rank's rows sit in the global batch (one process: all of it)
     epoch: float = 0.0             # epochs of this phase done before this batch: epoch index + batch / batches per epoch
+    ids: np.ndarray | None = None  # [B] each row's position among the stage's training rows (None: rows unknown)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Stage:
     examples: Callable[[int], tuple["TaskData", np.ndarray]]  # task number → (its data, its training rows)
     frozen: Callable[[dict], NextItNet]          # a checkpoint → its model on the device, frozen (compiled under
                                                  # --compile), as `previous` is built
+    n_train: int = 0                             # the new task's training rows (Step.ids lie in 0 .. n_train − 1)
 
     @property
     def task(self) -> int:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,6 +58,7 @@ class TeraconOptions:
     new_task_at: str = "annealed"       # the new task's CE at the annealed s (the paper's) or at smax (where it is scored)
     own_lr: float | None = None         # Adam's lr for the new task's own parameters; None = the stage's --lr
     retention_ramp: float = 0.0         # α grows linearly from 0 over this many epochs of the stage; 0 = α from the start
+    frozen_cache_mib: int = 1024        # MiB for the frozen models' outputs at smax, kept per training row (speed only)
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -150,6 +152,11 @@ class Teracon(Method):
         add("--retention_ramp", type=flags.nonnegative_float,
             help="stages >= 2: the retention weight α grows linearly from 0 to α over the first E epochs of the stage "
                  "(the new task starts alone); 0 = α from the first step (the paper's)")
+        add("--frozen_cache_mib", type=flags.nonnegative_int,
+            help="stages >= 2: MiB of memory (on the device) for the frozen teacher's and expert's outputs at s = smax, "
+                 "kept per training row from the first use on instead of recomputed every epoch (the same values: "
+                 "speed only); the cheapest tasks' outputs first, a task that does not fit is recomputed; 0 = keep "
+                 "nothing (default 1024)")
         add("--own_lr", type=flags.positive_float,
             help="stages >= 2: Adam's learning rate for the new task's own parameters (its head, task-embedding "
                  "row, relation layer and --own_blocks); default the stage's --lr")
@@ -188,6 +195,7 @@ class Teracon(Method):
         super().begin_stage(stage)
         self.ratios = [INITIAL_RATIO] * stage.task       # sampling ratios carried from batch to batch
         self.teacher, self.expert = stage.previous, None
+        self.kept: dict[str, FrozenOutputs] | None = None   # planned at the first step (bench.py sets its expert late)
         if stage.number == 1:
             return
         blocks = len(stage.previous_checkpoint["model_config"]["dilations"])
@@ -235,8 +243,9 @@ class Teracon(Method):
                 used = torch.stack([teacher.task_masks(j, smax) for j in range(task)]).amax(0)
             new_task = new_task + options.mask_capacity * capacity_penalty(task_masks, used)
         if self.expert is not None and options.expert_weight > 0:
-            with torch.no_grad():
-                expert_logits = self.expert(x, task, smax)[0].float()      # [B, n_classes of task K]
+            everything = np.arange(x.shape[0])
+            expert_logits = self.frozen_outputs("expert", step, everything,      # [B, n_classes of task K]
+                                                lambda rows: self.expert(x[rows], task, smax)[0].float())
             at_smax = new_logits if s_new == smax else model(x, task, smax)[0].float()  # one pass when both at smax
             new_task = new_task + options.expert_weight * distillation_kl(at_smax, expert_logits)
         yield new_task
@@ -255,14 +264,40 @@ class Teracon(Method):
             with torch.no_grad():
                 teacher_masks = [teacher.task_masks(j, s) for j in range(task)]
         for j, ((count, weight), positions) in enumerate(zip(plan, drawn)):
-            local = torch.from_numpy(shard.local(positions)).to(x.device)
+            batch_rows = shard.local(positions)                             # [n] positions in this rank's x
+            local = torch.from_numpy(batch_rows).to(x.device)
             if not local.numel():                                           # an empty sample contributes nothing
                 continue
             x_j = retention_inputs(x, local, j)
-            with torch.no_grad():
-                pseudo = teacher(x_j, j, s, masks=teacher_masks[j])[0].float()
+            pseudo = self.frozen_outputs(f"task{j + 1}", step, batch_rows, lambda rows, j=j: teacher(  # [n, classes_j]
+                retention_inputs(x, rows, j), j, s, masks=teacher_masks[j])[0].float())
             scale = local.numel() / count / shard.share                     # 1 in a single process
             yield alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight, options.distance)
+
+    def frozen_outputs(self, key: str, step: Step, positions: np.ndarray,
+                       compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A frozen model's outputs at smax for the batch rows `positions` [n]: `compute(rows)` (rows: a tensor of
+        positions in step.x) without gradients, or, where --frozen_cache_mib keeps `key` ("taskJ": the teacher
+        under earlier task J, 1-based; "expert"), what it computed for these training rows before (FrozenOutputs.read)."""
+        if self.kept is None:
+            self.kept = self.plan_kept(step.x.device)
+        kept = self.kept.get(key) if step.ids is not None else None
+        with torch.no_grad():
+            if kept is None:
+                return compute(torch.from_numpy(positions).to(step.x.device))
+            return kept.read(step.ids, positions, compute)
+
+    def plan_kept(self, device: torch.device) -> dict[str, FrozenOutputs]:
+        """The outputs kept this stage: the teacher's of every earlier task when retention runs at smax, the
+        expert's when there is one, within --frozen_cache_mib (plan_frozen_outputs)."""
+        options, stage = self.options, self.stage
+        classes = {}
+        if options.retention_at == "smax" and options.alpha > 0:
+            classes = {f"task{j}": n for j, n in enumerate(stage.previous.config.task_classes, 1)}
+        if self.expert is not None and options.expert_weight > 0:
+            classes["expert"] = self.expert.config.task_classes[stage.task]
+        chosen = plan_frozen_outputs(stage.n_train, classes, options.frozen_cache_mib)
+        return {key: FrozenOutputs(stage.n_train, classes[key], device) for key in chosen}
 
     def scales_own_update(self) -> bool:
         """--own_lr at a stage ≥ 2 where it differs from --lr; equal to it, the step is Adam's own, untouched (the
@@ -284,6 +319,42 @@ class Teracon(Method):
 
     def load_state_dict(self, state: dict) -> None:
         self.ratios = list(state["ratios"])
+
+
+class FrozenOutputs:
+    """One frozen model's outputs at s = smax for each of a stage's training rows, filled on first use.
+
+    The frozen teacher and expert never change within a stage, and at smax neither do their masks, so a row's
+    outputs are the same every epoch (up to the rounding of the batch it was computed in)."""
+
+    def __init__(self, n_rows: int, n_classes: int, device: torch.device):
+        self.table = torch.empty(n_rows, n_classes, device=device)             # [n_train, n_classes]
+        self.filled = np.zeros(n_rows, dtype=bool)                             # host-side: no device sync per read
+
+    def read(self, batch_ids: np.ndarray, positions: np.ndarray,
+             compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The outputs of the batch rows at `positions` [n] → [n, n_classes], for a batch whose rows are the
+        training rows `batch_ids` [B]. Every row of the batch not kept yet is computed, `compute(its batch
+        positions)`, and kept: with a sample of rows per step (--rows share) the first epoch fills the table."""
+        device = self.table.device
+        missing = np.flatnonzero(~self.filled[batch_ids])                    # batch positions not kept yet
+        if missing.size:
+            self.table[torch.from_numpy(batch_ids[missing]).to(device)] = compute(torch.from_numpy(missing).to(device))
+            self.filled[batch_ids[missing]] = True
+        return self.table[torch.from_numpy(batch_ids[positions]).to(device)]
+
+
+def plan_frozen_outputs(n_rows: int, classes: dict[str, int], budget_mib: int) -> list[str]:
+    """Which outputs to keep: the keys of `classes` (key → output width) in order of size, smallest first, while
+    their float32 tables of n_rows rows fit in `budget_mib` MiB together. At TTL scale task 1's table (645,974
+    items × the users) never fits and is recomputed; the classification tasks' fit."""
+    chosen, used = [], 0
+    for key, width in sorted(classes.items(), key=lambda item: item[1]):
+        size = n_rows * width * 4
+        if n_rows and used + size <= budget_mib * 2**20:
+            chosen.append(key)
+            used += size
+    return chosen
 
 
 def sampling_ratio(teacher_masks: torch.Tensor, task_masks: torch.Tensor) -> float:

@@ -361,7 +361,8 @@ def run_stage(run: RunConfig) -> dict:
     method = method_class(run.method)(run.options, run)
     previous = frozen_model(inputs.checkpoint, device, run.compile) if inputs.checkpoint else None
     stage = Stage(run.stage, run, device, previous, inputs.checkpoint, inputs.record, sampler,
-                  examples_of(inputs, run), lambda checkpoint: frozen_model(checkpoint, device, run.compile))
+                  examples_of(inputs, run), lambda checkpoint: frozen_model(checkpoint, device, run.compile),
+                  inputs.parts[0].size)
     method.begin_stage(stage)
     if inputs.checkpoint is None:
         model = NextItNet(ModelConfig(n_items=inputs.index.size, task_classes=[inputs.index.size],
@@ -386,7 +387,7 @@ def run_stage(run: RunConfig) -> dict:
                                                  disable=None)):
             x, y = inputs.batch(train_rows[rows])
             step = Step(x, y, anneal(b, batches_per_epoch, run.smax),
-                        Shard(size, distributed.rank(), distributed.world_size()), epoch + b / batches_per_epoch)
+                        Shard(size, distributed.rank(), distributed.world_size()), epoch + b / batches_per_epoch, rows)
             loss, kept, stepped = train_step(model, method, optimizer, step, run.amp)
             stats["retention"] += float(kept)
             account(stats, loss, stepped)
@@ -418,9 +419,10 @@ def run_stage(run: RunConfig) -> dict:
 
 def method_for(name: str, options, number: int, previous: NextItNet | None, rng: np.random.Generator,
                smax: float = 50.0, device: torch.device | None = None, record: dict | None = None,
-               ce_chunk: int = 0) -> Method:
+               ce_chunk: int = 0, n_train: int = 0) -> Method:
     """A method begun on stage `number` outside a run (bench.py, tests): `previous` is the frozen stage-(K−1)
-    model, the sampler ours with `rng`; nothing is read from or written to disk."""
+    model, the sampler ours with `rng`; nothing is read from or written to disk. Steps whose `ids` lie in
+    0 .. n_train − 1 may let the method keep per-row outputs of its frozen models."""
     run = RunConfig(stage=number, datapath="", datapath_index="", savepath="", method=name, options=options,
                     smax=smax, ce_chunk=ce_chunk)
     device = device or torch.device("cpu")
@@ -430,7 +432,7 @@ def method_for(name: str, options, number: int, previous: NextItNet | None, rng:
     def no_files(task: int) -> tuple[TaskData, np.ndarray]:
         raise DataError(f"task {task}: no data outside a run")
     stage = Stage(number, run, device, previous, checkpoint, record or {}, OurSampler(rng), no_files,
-                  lambda saved: frozen_model(saved, device))
+                  lambda saved: frozen_model(saved, device), n_train)
     method = method_class(name)(options, run)
     method.begin_stage(stage)
     return method
