@@ -153,8 +153,8 @@ class Teracon(Method):
             help="stages >= 2: the retention weight α grows linearly from 0 to α over the first E epochs of the stage "
                  "(the new task starts alone); 0 = α from the first step (the paper's)")
         add("--frozen_cache_mib", type=flags.nonnegative_int,
-            help="stages >= 2: MiB of memory (on the device) for the frozen teacher's and expert's outputs at s = smax, "
-                 "kept per training row from the first use on instead of recomputed every epoch (the same values: "
+            help="stages >= 2: MiB of memory (on the device) for the frozen teacher's and expert's outputs at "
+                 "s = smax, kept per training row from the first use on instead of recomputed every epoch (the same values: "
                  "speed only); the cheapest tasks' outputs first, a task that does not fit is recomputed; 0 = keep "
                  "nothing (default 1024)")
         add("--own_lr", type=flags.positive_float,
@@ -278,7 +278,8 @@ class Teracon(Method):
                        compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """A frozen model's outputs at smax for the batch rows `positions` [n]: `compute(rows)` (rows: a tensor of
         positions in step.x) without gradients, or, where --frozen_cache_mib keeps `key` ("taskJ": the teacher
-        under earlier task J, 1-based; "expert"), what it computed for these training rows before (FrozenOutputs.read)."""
+        under earlier task J, 1-based; "expert"), what it computed for these training rows before
+        (FrozenOutputs.read)."""
         if self.kept is None:
             self.kept = self.plan_kept(step.x.device)
         kept = self.kept.get(key) if step.ids is not None else None
