@@ -18,7 +18,8 @@ N_TRAIN, BATCH = 24, 8
 
 
 def recommended_like(**changes):
-    """The recommended rule's retention (every row, KL at smax, mean weights, α 2) with the expert term."""
+    """The recommended rule's terms (KL at smax, mean weights, α 2, the new task at smax, the expert) over every
+    row of each earlier task (the preset's share of them: rows="share")."""
     return teracon_options("per_task_smax_kl", **{"alpha": 2.0, "expert_weight": 1.0, "new_task_at": "smax", **changes})
 
 

@@ -32,7 +32,7 @@ def test_the_dry_run_runs_every_step_and_writes_its_report(repo_root, subprocess
 def test_the_real_check_asks_for_ttl_sizes_and_the_compiled_rows():
     rows = gpu_check.bench_steps(False)
     assert {"bench_task1_amp_compile", "bench_stage6_paper_amp_compile", "bench_stage6_recommended_amp",
-            "bench_stage6_recommended_share_smax_fp32"} <= set(rows)
+            "bench_stage6_recommended_all_rows_fp32"} <= set(rows)
     assert all("645974" in arguments and "cuda" in arguments for arguments in rows.values())
     stages, _ = gpu_check.stage_steps("/tmp/x", False)
     assert stages["stages_gpu_1"][stages["stages_gpu_1"].index("--device") + 1] == "cuda"
@@ -51,14 +51,15 @@ def test_bench_rules_times_the_recommended_step_beside_the_paper_rules(repo_root
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert any("(paper: 0 retention rows per earlier task)" in line for line in lines), done.stdout
-    assert any("(recommended, expert 1, own blocks 2: 32 retention rows per earlier task)" in line for line in lines)
-    for rows, at_smax in ((32, ""), (16, ""), (16, ", new task at smax")):
+    assert any("(recommended, expert 1, own blocks 2, new task at smax: 16 retention rows per earlier task)" in line
+               for line in lines)                                                     # recomputed: nothing kept
+    for rows, at_smax in ((16, ", new task at smax"), (32, "")):                      # the preset; until 2026-12-05
         assert any(f"(recommended, expert 1, own blocks 2{at_smax}, frozen outputs kept: {rows} retention rows per "
                    "earlier task)" in line for line in lines), (rows, at_smax)
     result = json.loads(lines[-1])
     paper, recommended = result["paper"], result["recommended"]
     assert result["ratio"] == recommended["seconds"] / paper["seconds"] and result["ratio"] > 1
-    for name in ("recommended_recomputed", "recommended_share", "recommended_share_smax"):
+    for name in ("recommended_recomputed", "recommended_all_rows"):
         assert result["ratios"][name] == result[name]["seconds"] / paper["seconds"]
     assert result["recommended_recomputed"]["kept"] == [] and paper["kept"] == []
     assert result["recommended"]["kept"] == ["task2", "expert", "task1"]   # 4 classes each, then the 60 items

@@ -72,8 +72,8 @@ def test_presets_fill_options_and_explicit_flags_win():
     assert config.parse_args(2, [*paths, "--preset", "no_retention", "--alpha", "1"]).options.alpha == 1.0
     run = config.parse_args(3, [*paths, "--preset", "recommended", "--expert", str(FIXTURES / "task2.t7")])
     options = run.options
-    assert (options.rows, options.weights, options.retention_at, options.distance, options.alpha,
-            options.own_blocks) == ("all", "mean", "smax", "kl", 2.0, 2)
+    assert (options.rows, options.weights, options.retention_at, options.distance, options.alpha, options.new_task_at,
+            options.own_blocks, options.own_lr) == ("share", "mean", "smax", "kl", 2.0, "smax", 2, 1e-3)
     assert config.parse_args(3, [*paths, "--preset", "recommended", "--own_blocks", "0", "--expert",
                                  str(FIXTURES / "task2.t7")]).options.own_blocks == 0
     round_trip = config.RunConfig.from_dict(run.to_dict())

@@ -44,8 +44,7 @@ RATIO_FLOOR = sampling_ratio(torch.ones(1, 1), torch.ones(1, 1))  # Eq. 15 when 
 RECOMMENDED = ["--preset", "recommended", "--expert_weight", "1", "--own_blocks", "2"]
 RULES = {"paper": ["--preset", "paper", "--ratio", repr(RATIO_FLOOR)], "recommended": RECOMMENDED,
          "recommended_recomputed": [*RECOMMENDED, "--frozen_cache_mib", "0"],
-         "recommended_share": [*RECOMMENDED, "--rows", "share"],
-         "recommended_share_smax": [*RECOMMENDED, "--rows", "share", "--new_task_at", "smax"]}
+         "recommended_all_rows": [*RECOMMENDED, "--rows", "all", "--new_task_at", "annealed"]}  # until 2026-12-05
 
 
 def parse() -> argparse.Namespace:
@@ -85,9 +84,10 @@ def parse() -> argparse.Namespace:
     add("--compile", action="store_true", help="torch.compile the residual stacks (as the scripts' --compile)")
     add("--rules", action="store_true",
         help="time only the stage-K step of the paper rule as it runs once the masks saturate (every earlier task's "
-             "ratio at its floor 1 - sigmoid(6), int(B * 0.0025) rows) beside the recommended rule's (every row, KL at "
-             "smax, the expert term, two own blocks; its frozen outputs kept, and recomputed; with --rows share; with "
-             "--rows share --new_task_at smax), and print each one's ratio to the paper rule's")
+             "ratio at its floor 1 - sigmoid(6), int(B * 0.0025) rows) beside the recommended rule's (B // (K-1) rows "
+             "of each earlier task, KL at smax, the new task at smax, the expert term, two own blocks; its frozen "
+             "outputs kept, and recomputed; and as recommended until 2026-12-05: every row, the new task at the "
+             "annealed s), and print each one's ratio to the paper rule's")
     add("--profile", action="store_true",
         help="task-K step: also split its time into each loss term's forward and backward, the frozen teacher's and "
              "expert's forwards inside them, and the rest (optimiser, clamps)")
@@ -335,8 +335,8 @@ def print_row(row: dict) -> None:
 
 def compare_rules(argv: list[str]) -> None:
     """--rules: the paper rule's and the recommended rule's stage-K steps (the latter also with its frozen outputs
-    recomputed every step, with --rows share, and with --rows share --new_task_at smax), one after the other, and
-    each one's ratio to the paper rule's."""
+    recomputed every step, and with --rows all --new_task_at annealed, the rule recommended until 2026-12-05), one
+    after the other, and each one's ratio to the paper rule's."""
     argv = [a for a in argv if a != "--rules"]
     rows = {name: phase_row(argv + extra, "taskK") for name, extra in RULES.items()}
     for row in rows.values():

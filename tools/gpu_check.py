@@ -11,9 +11,10 @@ OUTDIR/gpu_check.log (every step's whole output). Steps, each in its own process
 2. `bench_*`: tools/bench.py at TTL scale (645,974 items, length 100, 256 channels; batch 32 for task 1 and 1,024
    for stage 6): the task-1 and the stage-6 step of the paper rule (as it runs once its masks saturate: every
    ratio at the floor 1 − σ(6), 2 rows of 1,024) in fp32, --amp and --amp --compile, the recommended rule's
-   stage-6 step (every row, KL at smax, the expert term, two own blocks, the frozen outputs kept; bench.py's --rules
-   rows) and the same with --rows share --new_task_at smax beside it in fp32 and --amp, and evaluation throughput,
-   each with its peak memory.
+   stage-6 step (1,024 // 5 rows of each earlier task, KL at smax, the new task at smax, the expert term, two own
+   blocks, the frozen outputs kept; bench.py's --rules rows) and the rule recommended until 2026-12-05 (every row,
+   the new task at the annealed s) beside it in fp32 and --amp, and evaluation throughput, each with its peak
+   memory.
 3. `stages_*`: stages 1 and 2 of the demo (--epochs 1) on CUDA and on the CPU, same seed, and the CPU stage-1
    checkpoint scored on CUDA. The CPU checkpoint scored on the GPU must give the CPU's test metrics within 2e-3
    (the same weights; only the kernels' rounding differs, which can swap near-tied items); the GPU's own
@@ -60,7 +61,7 @@ def bench_steps(dry_run: bool) -> dict[str, list[str]]:
         rows[f"bench_task1_{precision}"] = [*base, *extra, "--phase", "task1"]
         rows[f"bench_stage6_paper_{precision}"] = [*base, *extra, "--stage", "6", *RULES["paper"], "--phase", "taskK"]
         if precision != "amp_compile":
-            for rule in ("recommended", "recommended_share_smax"):
+            for rule in ("recommended", "recommended_all_rows"):
                 rows[f"bench_stage6_{rule}_{precision}"] = [*base, *extra, "--stage", "6", *RULES[rule],
                                                             "--phase", "taskK"]
     rows["bench_eval_amp"] = [*base, "--amp", "--phase", "eval"]

@@ -75,18 +75,20 @@ class TeraconOptions:
 
 
 # --preset: what each combination sets (explicit flags win). The paper's rule, its three ablations (Sec. 5.4),
-# and the rule this suite recommends (README, "Retention rules"): every row of every earlier task at smax, KL
-# terms weighted by ratio_j / mean_k ratio_k, α = 2, distillation of the new task from fine-tuning's model of
-# the same stage (--expert, which compare.py runs first), the new task's own copies of the top two blocks, and
-# Adam at 1e-3 for the new task's own parameters (--own_lr: a no-op at a stage run at lr 1e-3, as the benchmark's
-# and the demo's; at the paper's lr 1e-4 from stage 3 it is what lets the new task learn, issue 30).
+# and the rule this suite recommends (README, "Retention rules"): B // (K−1) rows of each earlier task at smax
+# (one batch of retention rows in all; every row ties it at 3× the step, issue 31), KL terms weighted by
+# ratio_j / mean_k ratio_k, α = 2, the new task's cross-entropy at smax, distillation of the new task from
+# fine-tuning's model of the same stage (--expert, which compare.py runs first), the new task's own copies of the
+# top two blocks, and Adam at 1e-3 for the new task's own parameters (--own_lr: a no-op at a stage run at lr 1e-3,
+# as the benchmark's and the demo's; at the paper's lr 1e-4 from stage 3 it is what lets the new task learn,
+# issue 30).
 PRESETS: dict[str, dict] = {
     "paper": {},
     "no_relation": {"no_relation": True},
     "no_retention": {"alpha": 0.0},
     "uniform_sampling": {"uniform_sampling": True},
-    "recommended": {"rows": "all", "weights": "mean", "retention_at": "smax", "distance": "kl", "alpha": 2.0,
-                    "own_blocks": 2, "own_lr": 1e-3},
+    "recommended": {"rows": "share", "weights": "mean", "retention_at": "smax", "distance": "kl", "alpha": 2.0,
+                    "new_task_at": "smax", "own_blocks": 2, "own_lr": 1e-3},
 }
 EXPERT_PRESETS = {"recommended"}  # presets that distil from the fine-tuning chain's checkpoint (--expert)
 VARIANT_OPTIONS = ("L2", "embedding_clamp", "nested_samples", "ratio_weights")  # defaults set by --variant
