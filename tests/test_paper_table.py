@@ -73,6 +73,20 @@ def test_the_table_and_figure_are_written(tmp_path):
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_methods_picks_the_rows_and_a_method_not_in_the_results_is_named(tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = [write_results(tmp_path, 0)]
+    table, _ = paper_table.main(["--results", *paths, "--out", str(tmp_path / "out"), "--against", "finetune",
+                                 "--methods", "finetune"])
+    text = open(table, encoding="utf-8").read()
+    assert "| finetune | 2 |" in text and "| fineall |" not in text
+    with pytest.raises(paper_table.DataError, match=r"results0.csv: no method 'lwf' in the results"):
+        paper_table.main(["--results", *paths, "--out", str(tmp_path / "out2"), "--against", "finetune",
+                          "--methods", "finetune,lwf"])
+    with pytest.raises(SystemExit):
+        paper_table.main(["--results", *paths, "--methods", "finetune,nosuchmethod"])
+
+
 def test_a_file_that_is_not_a_results_csv_is_named(tmp_path):
     bad = tmp_path / "compare.csv"
     bad.write_text("method,seeds\nteracon,3\n")

@@ -25,10 +25,11 @@ cp "$work/demo/forgetting_matrix.png" "$out/demo_forgetting_matrix.png"
 cp "$work/synth/forgetting_matrix.png" "$out/benchmark_forgetting_matrix.png"
 cp "$work/synth/task_relation_mean.png" "$out/benchmark_task_relation_mean.png"
 cp "$work/synth/task_relation_layers.png" "$out/benchmark_task_relation_layers.png"
-$python tools/paper_table.py --results docs/experiments/data/synth_draw*.csv --out "$work/paper"
+methods=teracon,recommended,finetune,lwf,ewc,sinmo,fineall,peterrec,piggyback,conure,hat,mtl
+$python tools/paper_table.py --results docs/experiments/data/synth_draw*.csv --methods $methods --out "$work/paper"
 cp "$work/paper/paper_figure.png" "$out/paper_figure.png"
 if [ -f docs/experiments/data/demo.csv ]; then
-    $python tools/paper_table.py --results docs/experiments/data/demo.csv --out "$work/paper_demo"
+    $python tools/paper_table.py --results docs/experiments/data/demo.csv --methods $methods --out "$work/paper_demo"
     cp "$work/paper_demo/paper_figure.png" "$out/paper_figure_demo.png"
 fi
 echo "figures written to $out/"

@@ -1,7 +1,7 @@
 """The paper's comparison: every method × task after the last stage, pooled over draws and seeds, and its figure.
 
     python tools/paper_table.py --results runs/paper_synth/draw0/results.csv runs/paper_synth/draw1/results.csv ...
-                                [--out DIR] [--reference finetune] [--against teracon,recommended]
+                                [--out DIR] [--reference finetune] [--against teracon,recommended] [--methods a,b,...]
 
 Each --results file is one compare.py run (one draw of the data); a unit is one (file, seed): its own data draw,
 split and stage 1. Over the units that finished every stage, it writes to --out:
@@ -261,13 +261,15 @@ def main(argv: list[str] | None = None) -> list[str]:
                         help="the method new-task scores are divided by")
     parser.add_argument("--against", type=flags.comma_list(names, known_name), default=["teracon", "recommended"],
                         help="methods whose paired differences with every other method are shown")
+    parser.add_argument("--methods", type=flags.comma_list(names, known_name), default=None,
+                        help="the methods shown, in this order (default: every method in the results)")
     args = parser.parse_args(argv)
     if len(args.reference) != 1:
         parser.error("--reference takes one method")
     args.reference = args.reference[0]
     pool = Pool(read_records(args.results))
-    methods = list(pool.scores)
-    for name in [args.reference, *args.against]:
+    methods = args.methods or list(pool.scores)
+    for name in dict.fromkeys([args.reference, *args.against, *methods]):
         if name not in pool.scores:
             raise DataError(f"{args.results[0]}: no method {name!r} in the results (have {', '.join(methods)})")
     os.makedirs(args.out, exist_ok=True)
