@@ -19,7 +19,7 @@ N_TRAIN, BATCH = 24, 8
 
 def recommended_like(**changes):
     """The recommended rule's terms (KL at smax, mean weights, α 2, the new task at smax, the expert) over every
-    row of each earlier task (the preset's share of them: rows="share")."""
+    row of each earlier task; rows="share" gives the preset's B // (K−1) rows of each."""
     return teracon_options("per_task_smax_kl", **{"alpha": 2.0, "expert_weight": 1.0, "new_task_at": "smax", **changes})
 
 

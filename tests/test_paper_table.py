@@ -80,7 +80,7 @@ def test_methods_picks_the_rows_and_a_method_not_in_the_results_is_named(tmp_pat
                                  "--methods", "finetune"])
     text = open(table, encoding="utf-8").read()
     assert "| finetune | 2 |" in text and "| fineall |" not in text
-    with pytest.raises(paper_table.DataError, match=r"results0.csv: no method 'lwf' in the results"):
+    with pytest.raises(paper_table.DataError, match=r"results0.csv: no method 'lwf' in the results \(have finetune, fineall\)"):
         paper_table.main(["--results", *paths, "--out", str(tmp_path / "out2"), "--against", "finetune",
                           "--methods", "finetune,lwf"])
     with pytest.raises(SystemExit):

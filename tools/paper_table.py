@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     methods = args.methods or list(pool.scores)
     for name in dict.fromkeys([args.reference, *args.against, *methods]):
         if name not in pool.scores:
-            raise DataError(f"{args.results[0]}: no method {name!r} in the results (have {', '.join(methods)})")
+            raise DataError(f"{args.results[0]}: no method {name!r} in the results (have {', '.join(pool.scores)})")
     os.makedirs(args.out, exist_ok=True)
     units = sorted({u for m in methods for u in pool.units(m)})
     text = (f"Pooled over {len(units)} units ({len(args.results)} result files × their seeds): "
