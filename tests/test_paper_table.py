@@ -87,6 +87,14 @@ def test_methods_picks_the_rows_and_a_method_not_in_the_results_is_named(tmp_pat
         paper_table.main(["--results", *paths, "--methods", "finetune,nosuchmethod"])
 
 
+def test_a_missing_results_file_is_one_line_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        paper_table.main(["--results", str(tmp_path / "nowhere.csv"), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: --results: {tmp_path / 'nowhere.csv'}: file not found\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_file_that_is_not_a_results_csv_is_named(tmp_path):
     bad = tmp_path / "compare.csv"
     bad.write_text("method,seeds\nteracon,3\n")

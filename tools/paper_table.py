@@ -253,7 +253,7 @@ def figure(pool: Pool, methods: list[str], reference: str, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[str]:
     parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=flags.input_file, nargs="+", required=True,
+    parser.add_argument("--results", type=flags.existing_file, nargs="+", required=True,
                         help="results.csv of compare.py runs, one per draw of the data")
     parser.add_argument("--out", type=flags.output_dir, default="runs/paper_table")
     names = list(method_names())
