@@ -1,6 +1,6 @@
 """Compare continual-learning methods (TERACON, its ablations, fine-tuning, ...) over several seeds, in one table.
 
-    python compare.py --dataset demo --seeds 3 [--out runs/compare] [--jobs 2]
+    python compare.py --dataset demo --seeds 3 [--out runs/compare] [--jobs 2] [--threads 1] [--data DIR]
                       [--methods teracon,finetune,no_relation,no_retention,uniform_sampling,recommended,lwf,ewc,
                                  sinmo,fineall,peterrec,piggyback,conure,hat,mtl]
                       [--synth_seed D] [--draws N]              (--dataset synth: draws D .. D+N−1 of the data)
@@ -141,6 +141,21 @@ def prepare_synth(synth_seed: int = 0) -> None:
     synth.main(["--out", DATASETS["synth"]["folder"], "--seed", str(synth_seed)])
 
 
+def prepare_ttl_shaped(synth_seed: int = 0) -> None:
+    """TTL-shaped data (tools/ttl_shaped.py's defaults: 1,000,000 users a task) unless the folder holds it already:
+    it takes a minute and 2.9 GB, so it is generated once, not before every run."""
+    del synth_seed
+    folder = DATASETS["ttl_shaped"]["folder"]
+    try:
+        with open(os.path.join(folder, "tasks.json"), encoding="utf-8") as handle:
+            if json.load(handle).get("source") == "ttl_shaped":
+                return
+    except (OSError, ValueError):
+        pass
+    from tools import ttl_shaped
+    ttl_shaped.main(["--out", folder])
+
+
 def prepare_demo(synth_seed: int = 0) -> None:
     del synth_seed  # the demo is one fixed download
     import prepare_data
@@ -149,7 +164,7 @@ def prepare_demo(synth_seed: int = 0) -> None:
 
 
 # The data run_all.sh regenerates before every run, with the same settings.
-PREPARE = {"synth": prepare_synth, "demo": prepare_demo}
+PREPARE = {"synth": prepare_synth, "demo": prepare_demo, "ttl_shaped": prepare_ttl_shaped}
 
 Results = dict[str, dict[int, dict[int, dict]]]  # {method: {seed: {stage: metrics.json}}}
 
@@ -185,15 +200,18 @@ def savepath(out: str, seed: int, method: str, stage: int) -> str:
 
 
 def stage_command(dataset: str, out: str, seed: int, method: str, stage: int, extra: list[str],
-                  later: list[str] | None = None) -> list[str]:
-    """The command line of one stage (paths under `out`, the preset's data files via --dataset): the dataset's
-    flags (stages >= 2: `later`, default the dataset's own), `extra`, then the flags in the method's name."""
+                  later: list[str] | None = None, data: str | None = None) -> list[str]:
+    """The command line of one stage (paths under `out`, the preset's data files via --dataset, or those in the
+    folder `data`): the dataset's flags (stages >= 2: `later`, default the dataset's own), `extra`, then the flags in
+    the method's name."""
     first = STAGE_FLAGS.get(dataset, ([], []))[0]
     later = later_flags(dataset) if later is None else later
     script = ["train_task1.py"] if stage == 1 else ["train_teracon.py", "--stage", str(stage)]
     command = [sys.executable, *script, "--dataset", dataset, "--seed", str(seed),
                "--savepath", savepath(out, seed, method, stage),
                "--datapath_index", os.path.join(out, f"seed{seed}", "index.csv")]
+    if data:
+        command += ["--datapath", os.path.join(data, DATASETS[dataset]["files"][stage - 1])]
     if stage == 1:
         own = first_stage_method(method)
         return command + (["--method", own] if own else []) + first + extra
@@ -207,15 +225,16 @@ def stage_command(dataset: str, out: str, seed: int, method: str, stage: int, ex
                       *split_overrides(method)[1]]
 
 
-def run_stage(command: list[str], save: str, label: str) -> bool:
-    """Run one stage unless its metrics.json exists; output goes to <save>.log. True when it has metrics."""
+def run_stage(command: list[str], save: str, label: str, threads: int = 1) -> bool:
+    """Run one stage unless its metrics.json exists, on `threads` threads; output goes to <save>.log. True when it
+    has metrics."""
     if os.path.isfile(save + ".metrics.json"):
         print(f"{label}: skipped (metrics exist)", flush=True)
         return True
     if os.path.isfile(save + ".resume.t7"):
         command = command + ["--resume"]
     os.makedirs(os.path.dirname(save), exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     started = time.time()
     with open(save + ".log", "a", encoding="utf-8") as log:
         log.write(f"# {datetime.now().isoformat(timespec='seconds')}\n# {shlex.join(command)}\n")
@@ -228,9 +247,10 @@ def run_stage(command: list[str], save: str, label: str) -> bool:
 
 
 def run_all(dataset: str, out: str, seeds: list[int], methods: list[str], stages: int, extra: list[str],
-            jobs: int, recorded: set[tuple[int, str]] = frozenset(), later: list[str] | None = None) -> int:
-    """Every (seed, method) chain on a pool of `jobs` threads, except the `recorded` ones; stage 1 once per seed.
-    Returns failed chains."""
+            jobs: int, recorded: set[tuple[int, str]] = frozenset(), later: list[str] | None = None,
+            threads: int = 1, data: str | None = None) -> int:
+    """Every (seed, method) chain on a pool of `jobs` threads, except the `recorded` ones; stage 1 once per seed;
+    each stage a process of `threads` threads. Returns failed chains."""
     methods_of = {seed: [m for m in methods if (seed, m) not in recorded] for seed in seeds}
     needed = {chain for method in methods for chain in chains_first(method).values()}
     chain_locks = {(seed, method): threading.Lock() for seed in seeds for method in {*methods, *needed}}
@@ -249,13 +269,14 @@ def run_all(dataset: str, out: str, seeds: list[int], methods: list[str], stages
         with locks[path]:
             if path not in first:
                 own = first_stage_method(method)
-                first[path] = run_stage(stage_command(dataset, out, seed, method, 1, extra), path,
-                                        f"seed {seed} stage 1" + (f" ({own})" if own else ""))
+                first[path] = run_stage(stage_command(dataset, out, seed, method, 1, extra, data=data), path,
+                                        f"seed {seed} stage 1" + (f" ({own})" if own else ""), threads)
         if not first[path]:
             return False
         for stage in range(2, stages + 1):
-            command = stage_command(dataset, out, seed, method, stage, extra, later)
-            if not run_stage(command, savepath(out, seed, method, stage), f"seed {seed} {method} stage {stage}"):
+            command = stage_command(dataset, out, seed, method, stage, extra, later, data)
+            if not run_stage(command, savepath(out, seed, method, stage), f"seed {seed} {method} stage {stage}",
+                             threads):
                 return False
         return True
 
@@ -636,7 +657,10 @@ def main(argv: list[str] | None = None) -> None:
                              "for its N-th rerun (--rerun N) and +flag=value... for flags of its stages >= 2 (e.g. "
                              "recommended+alpha=0; its chain in a folder of that name); default: "
                              + ",".join(DEFAULT_METHODS))
-    parser.add_argument("--jobs", type=flags.positive_int, default=2, help="methods run in parallel (one thread each)")
+    parser.add_argument("--jobs", type=flags.positive_int, default=2, help="methods run in parallel (default 2)")
+    parser.add_argument("--threads", type=flags.positive_int, default=1,
+                        help="threads of each stage's process (default 1: with --jobs 2, one per core of a 2-core "
+                             "machine; the recorded comparisons ran so)")
     parser.add_argument("--synth_seed", type=flags.seed, default=0,
                         help="synth only: the generator's seed, a fresh draw of the benchmark (default 0, the README's; "
                              "it rewrites Data/synth, which run_all.sh and compare.py regenerate at seed 0)")
@@ -651,6 +675,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="stages >= 2: the dataset's flags (run_all.sh's; default) or the paper's: batch 1024, lr "
                              "1e-3 at stage 2 and 1e-4 after, up to 100 epochs with patience 5 (stage 1 stays the "
                              "dataset's)")
+    parser.add_argument("--data", type=flags.existing_dir,
+                        help="read the dataset's files (its preset's file names) from this folder instead of its preset "
+                             "folder, which is then neither read nor generated (e.g. TTL-shaped data of another size)")
     parser.add_argument("--later_epochs", type=flags.positive_int, default=0,
                         help="stages >= 2: a fixed budget of N epochs a stage (default: the settings' epochs)")
     args = parser.parse_args(own)
@@ -664,6 +691,7 @@ def main(argv: list[str] | None = None) -> None:
         check_stage_flags(later_flags(args.dataset, args.settings, args.later_epochs) + extra
                           + split_overrides(name)[1], resolve(name)[0])
     out = os.path.abspath(args.out)
+    args.data = os.path.abspath(args.data) if args.data else None
     os.chdir(REPO)  # the presets' data paths are relative to the repository root
     out = os.path.relpath(out) if out.startswith(os.path.join(REPO, "")) else out
     command = shlex.join(["python", "compare.py", *argv])
@@ -695,10 +723,14 @@ def compare_draw(args: argparse.Namespace, out: str, synth_seed: int, extra: lis
     """Every chain of one draw of the data into `out`, then its tables; → the path of its results.csv."""
     methods, stages = args.methods, len(DATASETS[args.dataset]["files"])
     check_data_draw(out, args.dataset, synth_seed)  # before the data is rewritten for another draw
-    if args.dataset in PREPARE:  # regenerated (deterministic, seconds), as run_all.sh does
+    if args.data:
+        for name in DATASETS[args.dataset]["files"]:
+            if not os.path.isfile(os.path.join(args.data, name)):
+                raise DataError(f"--data: {os.path.join(args.data, name)}: file not found ({args.dataset}'s files)")
+    elif args.dataset in PREPARE:  # regenerated (deterministic, seconds), as run_all.sh does
         PREPARE[args.dataset](synth_seed)
     for stage in range(1, stages + 1):
-        preset_paths(args.dataset, stage)  # a missing data file is reported here, in one line
+        preset_paths(args.dataset, stage, check=not args.data)  # a missing data file is reported here, in one line
     seeds = list(range(args.seeds))
     started = time.time()
     print(f"{command}\n{len(seeds)} seeds x {len(methods)} methods, {stages} stages, {args.jobs} jobs, out {out}"
@@ -709,7 +741,7 @@ def compare_draw(args: argparse.Namespace, out: str, synth_seed: int, extra: lis
         print(f"{len(recorded)} chain(s) taken from --recorded, not run: "
               + ", ".join(f"seed {seed} {method}" for seed, method in sorted(recorded)), flush=True)
     failed = run_all(args.dataset, out, seeds, methods, stages, extra, args.jobs, recorded,
-                     later_flags(args.dataset, args.settings, args.later_epochs))
+                     later_flags(args.dataset, args.settings, args.later_epochs), args.threads, args.data)
 
     results = load_results(out, seeds, methods, stages)
     rows = summary_rows(results, stages) + reference_rows(results, stages)

@@ -209,10 +209,14 @@ def tokenize(path: str, fields: int) -> Tokens:
     return Tokens(values, line_start, empty[pair] if fields == 2 else np.zeros(0, np.int64), file_line)
 
 
+_BLOCK_TOKENS = 1 << 22  # tokens gathered or mapped at a time: temporaries stay at tens of MiB whatever the file
+
+
 def segments(values: np.ndarray, starts: np.ndarray, stops: np.ndarray, pad_value: int = 0) -> np.ndarray:
     """Rows values[starts[i]:stops[i]] → [n, max_len], left-padded with `pad_value`.
 
-    Equal-length rows at a fixed stride (the usual, padded file) are a reshape, not a copy per token."""
+    Equal-length rows at a fixed stride (the usual, padded file) are a reshape, not a copy per token; other rows
+    are gathered a block of rows at a time, so the index arithmetic never spans the whole file."""
     lengths = stops - starts                                            # [n]
     n = lengths.size
     width = int(lengths.max()) if n else 0
@@ -221,10 +225,16 @@ def segments(values: np.ndarray, starts: np.ndarray, stops: np.ndarray, pad_valu
         return np.lib.stride_tricks.as_strided(values[starts[0]:], (n, width), (stride * values.itemsize,
                                                values.itemsize), writeable=False)
     out = np.full((n, width), pad_value, dtype=values.dtype)
-    if values.size and n:
-        row = np.repeat(np.arange(n), lengths)
-        column = np.arange(row.size) - np.repeat(np.cumsum(lengths) - lengths, lengths) + (width - lengths)[row]
-        out[row, column] = values[np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(row.size)]
+    if not values.size or not n:
+        return out
+    block = max(1, _BLOCK_TOKENS // max(width, 1))
+    for first in range(0, n, block):
+        last = min(n, first + block)
+        counts = lengths[first:last]                                    # [b]
+        before = np.cumsum(counts) - counts                             # tokens of the block's rows before each
+        row = np.repeat(np.arange(last - first), counts)                # [tokens]
+        position = np.arange(row.size) - before[row]                    # each token's place in its row
+        out[first + row, (width - counts)[row] + position] = values[starts[first:last][row] + position]
     return out
 
 
@@ -251,26 +261,43 @@ class ItemIndex:
     def positions(self, raw: np.ndarray) -> np.ndarray:
         """Indices of raw ids; −1 for ids not in the index."""
         if self.keys.size and 0 <= self.keys[0] and self.keys[-1] < _DENSE_LIMIT and raw.size:
-            table = np.full(int(self.keys[-1]) + 2, -1, dtype=np.int64)       # −1 unless an item
-            table[self.keys] = np.arange(self.offset, self.size)
-            return np.take(table, raw, mode="clip")                            # ids beyond the last item → −1
+            return np.take(self._table(), raw, mode="clip")                    # ids beyond the last item → −1
         position = np.searchsorted(self.keys, raw)
         clipped = np.minimum(position, max(self.keys.size - 1, 0))
         known = self.keys[clipped] == raw if self.keys.size else np.zeros(raw.shape, bool)
         return np.where(known, clipped + self.offset, -1).astype(np.int64)
 
-    def lookup(self, raw: np.ndarray, path: str) -> np.ndarray:
-        """Map raw ids to indices; unknown ids become `<UNK>` (0) with one warning that counts them (an error
-        without `<UNK>`)."""
-        mapped = self.positions(raw)
-        unknown = mapped < 0
-        if unknown.any():
+    def _table(self) -> np.ndarray:
+        """raw id → index (−1 unless an item) for ids below _DENSE_LIMIT, built once."""
+        table = getattr(self, "_dense", None)
+        if table is None:
+            table = np.full(int(self.keys[-1]) + 2, -1, dtype=np.int64)
+            table[self.keys] = np.arange(self.offset, self.size)
+            self._dense = table
+        return table
+
+    def lookup(self, raw: np.ndarray, path: str, pad: int | None = None) -> np.ndarray:
+        """Map raw ids (any shape) to indices, a block of rows at a time into one new array; unknown ids become
+        `<UNK>` (0) with one warning that counts them (an error without `<UNK>`). With `pad`, the raw value −1 (no
+        token: a short line's left padding) becomes `pad`."""
+        mapped = np.empty(raw.shape, dtype=np.int64)
+        rows_in, rows_out = (raw.reshape(-1), mapped.reshape(-1)) if raw.ndim < 2 else (raw, mapped)
+        block = max(1, _BLOCK_TOKENS // max(int(np.prod(rows_in.shape[1:])), 1))
+        unknown = 0
+        for first in range(0, rows_in.shape[0], block):
+            part = rows_in[first:first + block]
+            out = self.positions(np.maximum(part, 0) if pad is not None else part)
+            if pad is not None:
+                out[part < 0] = pad
+            missing = out < 0
+            unknown += int(missing.sum())
+            out[missing] = 0
+            rows_out[first:first + block] = out
+        if unknown:
             if not self.offset:
-                raise DataError(f"{path}: {int(unknown.sum())} item token(s) not in the index, which (numbered as "
+                raise DataError(f"{path}: {unknown} item token(s) not in the index, which (numbered as "
                                 f"the revised code) has no <UNK>")
-            warnings.warn(f"{path}: {int(unknown.sum())} item token(s) not in the index, mapped to <UNK>",
-                          stacklevel=2)
-            mapped[unknown] = 0
+            warnings.warn(f"{path}: {unknown} item token(s) not in the index, mapped to <UNK>", stacklevel=2)
         return mapped
 
 
@@ -375,12 +402,8 @@ def load_task(path: str, index: ItemIndex) -> TaskData:
     """Task k ≥ 2: `source,,targets` lines; a line with m targets becomes m examples (line order kept)."""
     tokens = tokenize(path, fields=2)
     raw = segments(tokens.values, tokens.line_start[:-1], tokens.split, pad_value=-1)  # [n_lines, L], -1 = none
-    if raw.min() >= 0:
-        sources = index.lookup(raw, path)
-    else:  # short sources are left-padded with the item "0" (index 0, <UNK>, when "0" is not an item)
-        present = raw >= 0
-        sources = np.full(raw.shape, index.lookup(np.zeros(1, np.int64), path)[0] if index.has_zero else 0)
-        sources[present] = index.lookup(raw[present], path)
+    # short sources are left-padded with the item "0" (index 0, <UNK>, when "0" is not an item)
+    sources = index.lookup(raw, path, pad=index.lookup(np.zeros(1, np.int64), path)[0] if index.has_zero else 0)
     targets_per_line = tokens.line_start[1:] - tokens.split - 1         # [n_lines]
     target_raw = segments(tokens.values, tokens.split + 1, tokens.line_start[1:], pad_value=-1)
     target_raw = target_raw[target_raw >= 0] if target_raw.min() < 0 else target_raw.reshape(-1)
@@ -403,6 +426,19 @@ def split_permutation(perm: np.ndarray, split_percentage: float) -> tuple[np.nda
     if dev == 0:
         return perm, perm[:0], perm[:0]
     return perm[:dev], perm[dev:dev_valid], perm[dev_valid:]
+
+
+def limit_users(rows: np.ndarray, users: np.ndarray, n_users: int | None, seed: int) -> np.ndarray:
+    """--eval_users: the rows (example positions, in their order) of at most n_users of their users, a draw seeded by
+    `seed` (a task's split seed: the same users at every stage); users [n] is each row's user (its source line).
+    None: every row."""
+    if not n_users:
+        return rows
+    distinct = np.unique(users)
+    if distinct.size <= n_users:
+        return rows
+    chosen = np.random.default_rng([seed, 49]).choice(distinct, n_users, replace=False)
+    return rows[np.isin(users, chosen)]
 
 
 def check_split(path: str, n: int, parts: tuple[np.ndarray, np.ndarray, np.ndarray],

@@ -10,6 +10,8 @@ import argparse
 import csv
 import io
 import json
+import sys
+import time
 
 import torch
 
@@ -17,6 +19,7 @@ from continual import flags
 from continual.checkpoints import load_checkpoint
 from continual.evaluation.reports import forgetting_matrix, matrix_lines
 from continual.evaluation.scoring import kept_report, load_task_data, task_report
+from continual.training.resources import peak_memory_mib
 from data_loader import check_split, read_index, split_indices
 from model import NextItNet
 from utils import DataError, atomic_write_text, cli, keep_freed_memory, write_json
@@ -56,6 +59,9 @@ def main() -> None:
     parser.add_argument("--kept_from", type=flags.existing_file,
                         help="an earlier checkpoint holding the task: also report the share of its headline score "
                              "that --paths keeps on the same rows, with a paired bootstrap interval over users")
+    parser.add_argument("--eval_users", type=flags.positive_int, default=None,
+                        help="score at most N of the split's users, the draw the stage scripts' --eval_users makes "
+                             "(default: every user)")
     parser.add_argument("--json", type=flags.output_file, help="write {'kind': ..., 'test': {...}} here")
     parser.add_argument("--matrix", nargs="+", type=flags.existing_file,
                         help="metrics.json files of a run: print the forgetting matrix")
@@ -102,13 +108,19 @@ def main() -> None:
     if args.kept_from:  # checked before anything is scored
         earlier_checkpoint = load_checkpoint(args.kept_from)
         check_kept_from(args.kept_from, earlier_checkpoint, args.task, record, index.size)
-    result = task_report(model, args.task, record, data, index, smax, args.batch, device, args.top_k, args.split)
+    started = time.perf_counter()
+    result = task_report(model, args.task, record, data, index, smax, args.batch, device, args.top_k, args.split,
+                         args.eval_users)
+    seconds, users = time.perf_counter() - started, result[f"n_{args.split}_users"]
     if args.kept_from:
         earlier = NextItNet.from_checkpoint(earlier_checkpoint).to(device)
         earlier_smax = args.smax if args.smax is not None else earlier_checkpoint["run_config"]["smax"]
         result["kept"] = kept_report(earlier, model, args.task, record, data, (earlier_smax, smax), args.batch,
-                                     device, args.top_k, args.split)
+                                     device, args.top_k, args.split, args.eval_users)
     print(json.dumps(result, indent=2))
+    print(f"scored {users} users of task {args.task} in {seconds:.1f} s ({seconds / max(users, 1) * 10_000:.1f} s per "
+          f"10,000 users, baselines and intervals included; peak memory {peak_memory_mib(device):.0f} MiB)",
+          file=sys.stderr)
     if args.json:
         write_json(args.json, result)
 

@@ -14,7 +14,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+RECOMPUTE_BYTES = 2**30  # a pass whose residual blocks would keep more for backward recomputes them there instead
+SAVED_PER_POSITION = 5   # [C] float32 tensors a residual block keeps for backward per position it computes (measured:
+                         # resources.json's activations at TTL's shapes)
 CHECKPOINT_FORMAT = 2  # version of the checkpoint layout written by continual.training.loop.checkpoint_dict
 LEGACY_FORMAT = 1      # the layout before it: the parsed command line under "args" (read by checkpoints.py)
 
@@ -379,7 +383,10 @@ class NextItNet(nn.Module):
     def hidden(self, items: torch.Tensor, masks: torch.Tensor, last_only: bool, task: int = 0) -> torch.Tensor:
         """items [B, L] → hidden [B, C] (last position) or [B, L, C] under `task`'s embedding and blocks.
 
-        With last_only, each layer computes only the positions the last output can see.
+        With last_only, each layer computes only the positions the last output can see. A pass that builds a graph
+        whose blocks would keep more than RECOMPUTE_BYTES for backward (TTL's stage-K batch of 1,024: about 3 GB)
+        keeps only each block's input and recomputes the block in backward (the same values: the same operations
+        again); smaller passes, the demo's and the benchmark's, keep everything.
         """
         length = items.shape[1]
         needed = [1 if last_only else length]
@@ -387,8 +394,11 @@ class NextItNet(nn.Module):
             needed.append(block.receptive(needed[-1], length)[1])
         needed.reverse()                                                   # needed[i] = positions entering block i
         x = self.task_item_embedding(task)(items[:, length - needed[0]:])  # [B, needed[0], C]
+        kept = items.shape[0] * sum(needed[1:]) * self.config.channels * 4 * SAVED_PER_POSITION
+        recompute = torch.is_grad_enabled() and kept > RECOMPUTE_BYTES
         for i, block in enumerate(self.task_stack(task)):
-            x = block(x, masks[2 * i], masks[2 * i + 1], needed[i + 1], length, self.block_part(task, i))
+            inputs = (x, masks[2 * i], masks[2 * i + 1], needed[i + 1], length, self.block_part(task, i))
+            x = checkpoint(block, *inputs, use_reentrant=False) if recompute else block(*inputs)
         return x[:, -1] if last_only else x
 
     def forward(self, items: torch.Tensor, task: int, s: float, last_only: bool = True,
@@ -404,7 +414,10 @@ class NextItNet(nn.Module):
         return asdict(self.config)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict) -> "NextItNet":
+    def from_checkpoint(cls, checkpoint: dict, share: bool = False) -> "NextItNet":
+        """The checkpoint's model, with copies of its tensors; with `share`, its parameters and buffers ARE the
+        checkpoint's tensors (no copy; for frozen models). The constructor's random draws are made either way, so
+        what a stage draws after building its models does not depend on how they were built."""
         model = cls(ModelConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["model_state"], strict=True)
+        model.load_state_dict(checkpoint["model_state"], strict=True, assign=share)
         return model

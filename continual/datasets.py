@@ -22,6 +22,11 @@ DATASETS: dict[str, dict[str, Any]] = {
             "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
             "missing": "download the TTL dataset (link in the authors' README, github.com/Sein-Kim/TERACON) "
                        "and put its six CSV files in Data/TTL/"},
+    "ttl_shaped": {"folder": "Data/ttl_shaped", "files": TTL_FILES,
+                   "names": ["next_item", "click", "like", "age", "gender", "life_status"],
+                   "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
+                   "missing": "generate it first: python tools/ttl_shaped.py --out Data/ttl_shaped (random contents "
+                              "in TTL's shapes, 1,000,000 users a task; about a minute)"},
     "movielens": {"folder": "Data/movielens", "files": PREPARED_FILES,
                   "names": ["next_item", "watch", "like", "task4", "task5", "task6"],
                   "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
@@ -83,14 +88,15 @@ def preset_kind(dataset: str | None, stage: int) -> str | None:
     return kinds[stage - 1] if stage <= len(kinds) else None
 
 
-def preset_paths(dataset: str, stage: int) -> dict[str, str]:
-    """--dataset fills --datapath, --datapath_index, --paths and --savepath for a stage."""
+def preset_paths(dataset: str, stage: int, check: bool = True) -> dict[str, str]:
+    """--dataset fills --datapath, --datapath_index, --paths and --savepath for a stage; with `check`, its data file
+    must exist (one line naming it and how to make it)."""
     preset = DATASETS[dataset]
     if stage > len(preset["files"]):
         raise DataError(f"--dataset {dataset} has {len(preset['files'])} tasks; give --datapath for task {stage}")
     folder = preset["folder"]
     datapath = os.path.join(folder, preset["files"][stage - 1])
-    if not os.path.isfile(datapath):
+    if check and not os.path.isfile(datapath):
         raise DataError(f"{datapath}: not found; {preset['missing']}")
     save_folder = os.path.join("saved_models", dataset)
     paths = {"datapath": datapath, "datapath_index": os.path.join(save_folder, "index.csv"),

@@ -262,6 +262,21 @@ def require_files(args: argparse.Namespace, names: list[str], hints: dict[str, s
             raise DataError(f"--{name}: {path}: file not found{hint}")
 
 
+def int_list(count: int, low: int) -> Callable[[str], list[int]]:
+    """Exactly `count` comma-separated integers, each >= low."""
+    what = f"{count} comma-separated integers >= {low}"
+
+    def check(text: str) -> list[int]:
+        try:
+            values = [int(part, 10) for part in text.split(",")]
+        except ValueError:
+            _fail(f"must be {what} (got {text!r})")
+        if len(values) != count or min(values) < low:
+            _fail(f"must be {what} (got {text})")
+        return values
+    return _validator("int_list", check)
+
+
 def comma_list(choices: list[str], known: Callable[[str], bool] | None = None) -> Callable[[str], list[str]]:
     """A non-empty comma-separated list of names, each one of `choices` (or one that `known` accepts)."""
     def check(text: str) -> list[str]:

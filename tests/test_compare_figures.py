@@ -208,7 +208,7 @@ def test_expert_method_distils_from_the_finetune_chain_which_runs_first(monkeypa
     assert command[command.index("--paths") + 1] == os.path.join("runs/c", "seed1", "recommended", "task2.t7")
     assert "{finetune}" not in " ".join(compare.stage_command("synth", "runs/c", 1, "finetune", 3, []))
     ran = []
-    monkeypatch.setattr(compare, "run_stage", lambda command, save, label: ran.append(save) or True)
+    monkeypatch.setattr(compare, "run_stage", lambda command, save, label, *threads: ran.append(save) or True)
     assert compare.run_all("synth", "runs/c", [0], ["recommended"], 3, [], 1) == 0
     names = [os.path.relpath(save, "runs/c") for save in ran]
     assert names == [os.path.join("seed0", *parts) for parts in

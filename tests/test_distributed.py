@@ -231,7 +231,8 @@ def check_one_writer(done, folder, stem, extra=()):
     """Rank 0 alone printed and wrote: one epoch line, one table, exactly the expected files."""
     assert done.stdout.count("epoch 0:") == 1, done.stdout
     assert done.stdout.count("test metrics") == 1, done.stdout
-    assert sorted(os.listdir(folder)) == sorted([f"{stem}.metrics.json", f"{stem}.t7", *extra])
+    assert sorted(os.listdir(folder)) == sorted([f"{stem}.metrics.json", f"{stem}.resources.json", f"{stem}.t7",
+                                                 *extra])
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ def test_the_dry_run_runs_every_step_and_writes_its_report(repo_root, subprocess
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["dry_run"] and report["passed"]
-    expected = {"cuda_tests", "stages_data", *gpu_check.bench_steps(True), *gpu_check.stage_steps(str(out), True)[0]}
+    expected = {"cuda_tests", "stages_data", *gpu_check.bench_steps(True), *gpu_check.stage_steps(str(out), True)[0],
+                *gpu_check.ttl_steps(str(out), True)}
     assert set(report["steps"]) == expected
     assert all(step["returncode"] == 0 for step in report["steps"].values())
     for name in gpu_check.bench_steps(True):
@@ -27,13 +28,25 @@ def test_the_dry_run_runs_every_step_and_writes_its_report(repo_root, subprocess
     assert checks["checkpoint_scored_on_gpu"]["max_abs_difference"] == 0.0  # the same device twice: exact
     log = (out / "gpu_check.log").read_text()
     assert all(f"=== {name}:" in log for name in expected)
+    ttl = report["ttl_resources"]                       # stage 1, fine-tuning's and the recommended chain, then --amp
+    assert len([path for path in ttl if path.startswith("ttl_dry_run")]) == 11
+    assert {"ttl_amp/task1.resources.json", "ttl_amp/task6.resources.json"} <= set(ttl)
+    assert all(entry["steps"] == 2 and entry["peak_rss_mib"] > 0 for entry in ttl.values())
+    assert "Batch sizes that fit one GPU" in log                 # the scale report of the dry run
 
 
-def test_the_real_check_asks_for_ttl_sizes_and_the_compiled_rows():
+def test_the_real_check_asks_for_ttl_sizes():
     rows = gpu_check.bench_steps(False)
-    assert {"bench_task1_amp_compile", "bench_stage6_paper_amp_compile", "bench_stage6_recommended_amp",
-            "bench_stage6_recommended_all_rows_fp32"} <= set(rows)
+    assert {"bench_task1_fp32", "bench_task1_amp", "bench_stage6_paper_amp", "bench_stage6_recommended_fp32",
+            "bench_stage6_recommended_amp"} <= set(rows)
     assert all("645974" in arguments and "cuda" in arguments for arguments in rows.values())
+    ttl = gpu_check.ttl_steps("/tmp/x", False)
+    assert list(ttl)[:2] == ["ttl_data", "ttl_recommended_fp32"]           # first: the data, then the dry run
+    assert "--items" not in ttl["ttl_data"]                                 # TTL's own shapes, the generator's default
+    for name in ("ttl_recommended_fp32", "ttl_stage1_amp", "ttl_recommended_stage6_amp"):
+        arguments = ttl[name]
+        assert arguments[arguments.index("--device") + 1] == "cuda" and "--max_steps" in arguments
+    assert "--amp" in ttl["ttl_recommended_stage6_amp"] and "--expert" in ttl["ttl_recommended_stage6_amp"]
     stages, _ = gpu_check.stage_steps("/tmp/x", False)
     assert stages["stages_gpu_1"][stages["stages_gpu_1"].index("--device") + 1] == "cuda"
     assert "--dataset" in stages["stages_gpu_2"] and "demo" in stages["stages_gpu_2"]

@@ -312,8 +312,8 @@ def test_the_worked_example_runs_as_a_method(repo_root, tmp_path, monkeypatch, d
     penalties = []
     original = loop.train_step
 
-    def spy(model, method, optimizer, step, amp=False):
-        loss, kept, stepped = original(model, method, optimizer, step, amp)
+    def spy(model, method, optimizer, step, *args):
+        loss, kept, stepped = original(model, method, optimizer, step, *args)
         penalties.append(float(kept))
         return loss, kept, stepped
     monkeypatch.setattr(loop, "train_step", spy)

@@ -147,7 +147,7 @@ def test_compare_draws_write_results_and_the_pooled_table_and_carry_recorded_cha
     pytest.importorskip("matplotlib")
     ran: list[tuple[str, int, str]] = []
 
-    def fake_run_all(dataset, out, seeds, methods, stages, extra, jobs, recorded=frozenset(), later=None):
+    def fake_run_all(dataset, out, seeds, methods, stages, extra, jobs, recorded=frozenset(), later=None, *_):
         draw = int(out.rsplit("draw", 1)[1])
         for seed in seeds:
             for method in methods:
@@ -162,7 +162,7 @@ def test_compare_draws_write_results_and_the_pooled_table_and_carry_recorded_cha
         return 0
     monkeypatch.setattr(compare, "run_all", fake_run_all)
     monkeypatch.setattr(compare, "PREPARE", {})
-    monkeypatch.setattr(compare, "preset_paths", lambda dataset, stage: {})
+    monkeypatch.setattr(compare, "preset_paths", lambda dataset, stage, check=True: {})
     out = tmp_path / "paper"
     argv = ["--dataset", "synth", "--draws", "2", "--seeds", "2", "--out", str(out), "--methods", "teracon,finetune"]
     compare.main(argv)

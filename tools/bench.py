@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from continual.methods.base import Step
 from continual.methods.teracon import CHOICES, INITIAL_RATIO, PRESETS, TeraconOptions, retention_plan, sampling_ratio
 from continual.training.distributed import Shard
 from continual.training.loop import autocast, compile_backbone, method_for, train_step
+from continual.training.resources import peak_memory_mib, synchronize
 from continual.training.samplers import adam
 from data_loader import ItemIndex, TaskData, load_task
 from model import ModelConfig, NextItNet
@@ -80,7 +80,8 @@ def parse() -> argparse.Namespace:
     add("--load_lines", type=flags.positive_int, default=1_000_000, help="lines of the task file timed by the load phase")
     add("--device", type=flags.device, default="cpu")
     add("--amp", action="store_true")
-    add("--ce_chunk", type=flags.nonnegative_int, default=0)
+    add("--ce_chunk", type=flags.nonnegative_int, default=None,
+        help="rows a wide head's loss computes at a time (train_task1's flag); default: by size, 0 = all at once")
     add("--compile", action="store_true", help="torch.compile the residual stacks (as the scripts' --compile)")
     add("--rules", action="store_true",
         help="time only the stage-K step of the paper rule as it runs once the masks saturate (every earlier task's "
@@ -95,18 +96,6 @@ def parse() -> argparse.Namespace:
     add("--write_data", type=flags.output_dir,
         help="write the synthetic task-1 and task-2 files here (for running other code on them)")
     return parser.parse_args()
-
-
-def peak_memory(device: torch.device) -> float:
-    """MiB: max allocated on GPU, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def stage_models(args: argparse.Namespace, device: torch.device) -> tuple[NextItNet, NextItNet]:
@@ -203,7 +192,7 @@ def run_phase(args: argparse.Namespace) -> dict:
                        args.amp)
         seconds = timed(step, args.steps, device)
         return {"phase": "task1 train step", "batch": args.batch1, "seconds": seconds,
-                "samples_per_s": args.batch1 / seconds, "peak_mib": peak_memory(device)}
+                "samples_per_s": args.batch1 / seconds, "peak_mib": peak_memory_mib(device)}
     model, teacher = stage_models(args, device)
     if args.compile:
         compile_backbone(model)
@@ -243,14 +232,14 @@ def run_phase(args: argparse.Namespace) -> dict:
         return {"phase": f"task{args.stage} train step ({args.preset}{extra_terms}: {rows} retention rows per earlier "
                          "task)",
                 "batch": args.batch,
-                "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory(device),
+                "seconds": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak_memory_mib(device),
                 "kept": list(method.kept), **profile}
     data = TaskData(sequences.numpy()[:, :-1], sequences.numpy()[:, -1], args.items)
     rows = np.arange(args.users)
     with autocast(device, args.amp):
         seconds = timed(lambda: score(model, 0, data, rows, "rec", 50.0, 256, device), 1, device)
     return {"phase": "evaluation (task 1, full ranking)", "batch": 256, "seconds": seconds,
-            "samples_per_s": args.users / seconds, "peak_mib": peak_memory(device)}
+            "samples_per_s": args.users / seconds, "peak_mib": peak_memory_mib(device)}
 
 
 def write_task_file(path: str, lines: int, length: int, items: int, rng: np.random.Generator) -> None:
@@ -298,7 +287,7 @@ def load_phase(args: argparse.Namespace) -> dict:
     median = float(np.median(runs))
     return {"phase": f"load {args.load_lines} task lines", "lines": args.load_lines, "examples": examples,
             "seconds": median, "first_seconds": runs[0], "per_line_seconds": per_line, "speedup": per_line / median,
-            "first_speedup": per_line / runs[0], "peak_mib": peak_memory(torch.device("cpu"))}
+            "first_speedup": per_line / runs[0], "peak_mib": peak_memory_mib(torch.device("cpu"))}
 
 
 def write_data(args: argparse.Namespace) -> None:

@@ -18,6 +18,18 @@ def format_table(stage: int, tasks: dict[str, dict]) -> str:
     return "\n".join([header] + rows)
 
 
+def format_limits(limits: dict | None) -> str:
+    """The line that marks a stage run with --max_steps or --eval_users (metrics.json's "limits"); "" otherwise."""
+    if not limits:
+        return ""
+    parts = []
+    if limits.get("max_steps"):
+        parts.append(f"--max_steps {limits['max_steps']}: {limits['steps']} optimiser step(s) trained")
+    if limits.get("eval_users"):
+        parts.append(f"--eval_users {limits['eval_users']}: every task scored on at most {limits['eval_users']} "
+                     "of its users")
+    return "LIMITED RUN, not comparable with a full one: " + "; ".join(parts)
+
 
 def headline_metric(task: dict) -> str:
     """The metric a task entry of metrics.json is judged on: MRR at its smallest cut-off (MRR@5 by default)
@@ -126,7 +138,9 @@ def matrix_lines(metric_files: list[str]) -> list[str]:
     95 % intervals and a line of baselines (and ceilings, where known)."""
     stages, n_tasks, cells = matrix_cells(metric_files)
     width = 19
-    lines = ["forgetting matrix (rows: after stage; MRR@5 for rec tasks, accuracy for cls tasks). Under each value:",
+    limited = [f"after stage {entry['stage']}: {format_limits(entry['limits'])}" for entry in load_stages(metric_files)
+               if entry.get("limits")]
+    lines = limited + ["forgetting matrix (rows: after stage; MRR@5 for rec tasks, accuracy for cls tasks). Under each value:",
              "its 95 % bootstrap interval over test users, then b = the strongest trivial baseline on the same test",
              "users (and c = the ceiling the data's generator knows). ! = not above the baseline (paired interval",
              "of the difference not above 0).",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -11,7 +12,8 @@ from tqdm import tqdm
 
 from continual.evaluation.metrics import metric_names, ranking_values
 from continual.evaluation.stats import class_counts, evidence, kept_share, popularity_ranks, rank_values
-from data_loader import ItemIndex, Staging, TaskData, check_split, load_sequences_with_index, load_task, split_indices
+from data_loader import (ItemIndex, Staging, TaskData, check_split, limit_users, load_sequences_with_index, load_task,
+                         split_indices)
 from model import NextItNet
 
 
@@ -105,17 +107,20 @@ def known_ceiling(datapath: str) -> dict[str, float] | None:
 
 
 def task_report(model: NextItNet, number: int, record: dict, data: TaskData, index: ItemIndex, s: float,
-                batch_size: int, device: torch.device, top_k: int, split: str = "test") -> dict:
+                batch_size: int, device: torch.device, top_k: int, split: str = "test",
+                eval_users: int | None = None) -> dict:
     """One task on its test split: metrics, their 95 % bootstrap intervals over test users, the trivial
     baselines (with intervals), the paired difference against the strongest baseline, and the ceiling
     when the data's generator knows it → {"kind", "test", "ci95", "baseline", "vs_baseline", ...}.
 
     split="valid": the same on the validation split, the rows every stage selects its epoch on (the report's
-    metrics under "valid", its baselines' under "valid" too); the only scores a rule may be chosen on."""
+    metrics under "valid", its baselines' under "valid" too); the only scores a rule may be chosen on. With
+    eval_users, the rows of that many of the split's users (data_loader.limit_users, seeded by the task's seed)."""
     parts = split_indices(len(data.targets), record["seed"], record["split_percentage"])
     check_split(record["datapath"], len(data.targets), parts)
     train_rows, valid_rows, test_rows = parts
     rows = valid_rows if split == "valid" else test_rows
+    rows = limit_users(rows, data.rows(rows), eval_users, record["seed"])
     kind = record["kind"]
     values = score_values(model, number - 1, data, rows, s, batch_size, device, top_k, desc=f"{split} task {number}")
     metrics = reported(values, kind, top_k)
@@ -138,11 +143,12 @@ def task_report(model: NextItNet, number: int, record: dict, data: TaskData, ind
 
 def kept_report(earlier: NextItNet, later: NextItNet, number: int, record: dict, data: TaskData,
                 smax: tuple[float, float], batch_size: int, device: torch.device, top_k: int,
-                split: str = "test") -> dict:
+                split: str = "test", eval_users: int | None = None) -> dict:
     """The share of task `number`'s headline score that `later` keeps from `earlier` on the same split rows, with
     its paired 95 % bootstrap interval over those users (stats.kept_share); smax = (earlier's, later's)."""
     parts = split_indices(len(data.targets), record["seed"], record["split_percentage"])
     rows = parts[1] if split == "valid" else parts[2]
+    rows = limit_users(rows, data.rows(rows), eval_users, record["seed"])
     name = headline_name(record["kind"], top_k)
     column = metric_names(top_k).index(name)
     values = [score_values(model, number - 1, data, rows, s, batch_size, device, top_k, desc=f"kept task {number}")
@@ -159,8 +165,10 @@ def headline_name(kind: str, top_k: int = 5) -> str:
 
 def evaluate_tasks(model: NextItNet, checkpoint_tasks: list[dict], index: ItemIndex, s: float,
                    batch_size: int, device: torch.device, top_k: int,
-                   cache: dict[int, TaskData] | None = None) -> dict[str, dict]:
-    """Every task of the model, each on its own test split → {"1": task_report, ...}."""
+                   cache: dict[int, TaskData] | None = None, eval_users: int | None = None,
+                   timings: list[dict] | None = None) -> dict[str, dict]:
+    """Every task of the model, each on its own test split (at most eval_users of its users) → {"1": task_report,
+    ...}; `timings`, when given, gets each task's {task, users, seconds} of scoring (loading excluded)."""
     results = {}
     for number, record in enumerate(checkpoint_tasks, start=1):
         if record["datapath"] is None and not (cache and number in cache):
@@ -170,5 +178,11 @@ def evaluate_tasks(model: NextItNet, checkpoint_tasks: list[dict], index: ItemIn
             data = cache[number]
         else:
             data, _ = load_task_data(number, record["datapath"], index)
-        results[str(number)] = task_report(model, number, record, data, index, s, batch_size, device, top_k)
+        started = time.perf_counter()
+        results[str(number)] = task_report(model, number, record, data, index, s, batch_size, device, top_k,
+                                           eval_users=eval_users)
+        if timings is not None:
+            timings.append({"task": number, "users": results[str(number)]["n_test_users"],
+                            "seconds": round(time.perf_counter() - started, 2)})
+        del data
     return results

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from continual.training.distributed import Shard
 from model import NextItNet
@@ -152,6 +151,12 @@ class Method:
     def end_stage(self, model: NextItNet, stage: Stage) -> None:
         """Once, after training, on the stage's best model; the loop then saves the checkpoint again."""
 
+    def held_bytes(self) -> dict[str, int]:
+        """Memory the method holds beyond the model it trains and its optimiser, by what it is (resources.json's
+        accounting): the frozen previous model by default; a method adds what it allocates (frozen copies, tables)."""
+        previous = getattr(getattr(self, "stage", None), "previous", None)
+        return {"previous model": tensor_bytes(previous)} if previous is not None else {}
+
     def state_dict(self) -> dict:
         """What the method keeps in the checkpoint and the resume file (tensors, numbers, lists, dicts)."""
         return {}
@@ -160,19 +165,42 @@ class Method:
         """Continue from `state_dict()`'s output (--resume)."""
 
 
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
 # ---------------------------------------------------------------------- losses every method builds on
 
-def next_item_loss(model: NextItNet, sequence: torch.Tensor, masks: torch.Tensor, ce_chunk: int = 0) -> torch.Tensor:
+WIDE_OUTPUT_BYTES = 2**30  # a loss over more float32 head outputs than this is computed in chunks of this size
+
+
+def chunk_rows(n_rows: int, width: int, ce_chunk: int | None = None, whole_buffers: int = 3,
+               chunk_buffers: int = 1) -> int:
+    """Rows of a head's outputs [n_rows, width] that a loss computes at a time, 0 = all at once: --ce_chunk when
+    given (0: all at once); else (None, the default) all at once while the loss computed whole, which holds
+    `whole_buffers` [n_rows, width] float32 buffers at once, fits in WIDE_OUTPUT_BYTES (1 GiB: the demo's and the
+    benchmark's always do), and otherwise as many rows as let its chunked form's `chunk_buffers` [rows, width]
+    buffers fit in it. TTL's task 1 (645,974 outputs): the cross-entropy (whole: logits, log-softmax, gradient;
+    chunked: one) goes by 415 rows beyond 138; the retention distance (whole: six; chunked: three) by 138 beyond 69."""
+    if ce_chunk is not None:
+        return ce_chunk if 0 < ce_chunk < n_rows else 0
+    if n_rows * width * 4 * whole_buffers <= WIDE_OUTPUT_BYTES:
+        return 0
+    return max(1, WIDE_OUTPUT_BYTES // (4 * width * chunk_buffers))
+
+
+def next_item_loss(model: NextItNet, sequence: torch.Tensor, masks: torch.Tensor,
+                   ce_chunk: int | None = None) -> torch.Tensor:
     """Stage 1: mean CE of every next item (inputs seq[:-1], targets seq[1:]) under `masks` [n_layers, C]."""
     hidden = model.hidden(sequence[:, :-1], masks, last_only=False)          # [B, L−1, C]
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), sequence[:, 1:].reshape(-1)
-    if ce_chunk and hidden.shape[0] > ce_chunk:
-        return chunked_cross_entropy(model.heads[0], hidden, targets, ce_chunk)
-    return F.cross_entropy(model.heads[0](hidden).float(), targets)
+    return head_cross_entropy(model.heads[0], hidden, targets, chunk_rows(hidden.shape[0], model.heads[0].out_features,
+                                                                          ce_chunk))
 
 
 def task_loss(model: NextItNet, number: int, data: "TaskData", rows: np.ndarray, s: float,
-              ce_chunk: int = 0) -> torch.Tensor:
+              ce_chunk: int | None = None) -> torch.Tensor:
     """Task `number`'s own loss on its examples `rows` with their true labels: next-item CE over every position of
     the whole sequence (source + target) for task 1, CE of its head else."""
     device = next(model.parameters()).device
@@ -184,15 +212,80 @@ def task_loss(model: NextItNet, number: int, data: "TaskData", rows: np.ndarray,
     return F.cross_entropy(model(sources, number - 1, s)[0].float(), targets)
 
 
-def chunked_cross_entropy(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean CE of head(hidden) computed `chunk` rows at a time; each chunk's logits are recomputed in
-    backward, so the peak holds one chunk's logits instead of all (same loss, exactly)."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        part = checkpoint(lambda h, y: F.cross_entropy(head(h).float(), y, reduction="sum"),
-                          hidden[start:start + chunk], targets[start:start + chunk], use_reentrant=False)
-        total = total + part
-    return total / hidden.shape[0]
+def head_cross_entropy(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean CE of head(hidden) [n, classes] against targets [n]; with chunk > 0 torch's linear_cross_entropy computes
+    it `chunk` rows at a time, each chunk's gradients within its forward, so the [n, classes] logits never exist
+    (the same loss and gradients to float rounding; float32, also under --amp)."""
+    if not chunk:
+        return F.cross_entropy(head(hidden).float(), targets)
+    options = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=chunk,
+                                                 acc_policy="auto" if hidden.is_cuda else "compact")
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.linear_cross_entropy(hidden.float(), head.weight, targets, linear_bias=head.bias, options=options)
+
+
+def head_distance(student_hidden: torch.Tensor, head: torch.nn.Linear, teacher_hidden: torch.Tensor,
+                  teacher_head: torch.nn.Linear, distance: str, chunk: int) -> torch.Tensor:
+    """The retention distance (Eq. 16) between head(student_hidden) and the frozen teacher_head(teacher_hidden), each
+    [n, classes]: "mse", the mean squared difference of the logits, or "kl", the mean over rows of
+    KL(softmax(teacher) ‖ softmax(student)). With chunk > 0 neither [n, classes] output exists whole: `chunk` rows at
+    a time (WideHeadDistance), the same value and gradients to float rounding."""
+    if not chunk:
+        student, teacher = head(student_hidden).float(), teacher_head(teacher_hidden).float()
+        return distillation_kl(student, teacher) if distance == "kl" else F.mse_loss(student, teacher)
+    return WideHeadDistance.apply(student_hidden, head.weight, head.bias, teacher_hidden.detach(),
+                                  teacher_head.weight.detach(), teacher_head.bias.detach(), distance, chunk)
+
+
+DISTANCE_BUFFERS = (6, 3)  # [rows, classes] buffers of the distance computed whole, and of WideHeadDistance
+
+
+class WideHeadDistance(torch.autograd.Function):
+    """head_distance over `chunk` rows at a time, float32. Each chunk's gradients (with respect to the student's
+    hidden states, head weight and bias) are computed in its forward and added up, so the peak holds three
+    [chunk, classes] buffers and one head-sized gradient instead of the [n, classes] outputs of both models and
+    their gradient; backward scales what forward kept.
+
+    mse: d = z − t, loss = Σ d² / (n · classes), ∂/∂z = 2d / (n · classes); kl: loss = Σ p_t (log p_t − log p_z) / n,
+    ∂/∂z = (p_z − p_t) / n, with z = W h + b the student's and t the teacher's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, teacher_hidden: torch.Tensor,
+                teacher_weight: torch.Tensor, teacher_bias: torch.Tensor, distance: str, chunk: int) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden, teacher_hidden = hidden.float(), teacher_hidden.float()
+            n, width = hidden.shape[0], weight.shape[0]
+            scale = 1.0 / (n * width) if distance == "mse" else 1.0 / n
+            grad_hidden = torch.empty_like(hidden)                                     # [n, C]
+            grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # [classes, C]
+            grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[2] else None      # [classes]
+            total = hidden.new_zeros((), dtype=torch.float64)
+            for start in range(0, n, chunk):
+                rows = slice(start, start + chunk)
+                student = torch.addmm(bias, hidden[rows], weight.t())                  # [c, classes]
+                teacher = torch.addmm(teacher_bias, teacher_hidden[rows], teacher_weight.t())
+                if distance == "mse":
+                    gradient = student.sub_(teacher)                                   # d
+                    total += torch.dot(gradient.view(-1), gradient.view(-1)).double()
+                    gradient.mul_(2.0 * scale)
+                else:
+                    teacher.sub_(teacher.logsumexp(1, keepdim=True))                   # log p_t
+                    student.sub_(student.logsumexp(1, keepdim=True))                   # log p_z
+                    probabilities = teacher.exp()                                      # p_t
+                    teacher.sub_(student)                                              # log p_t − log p_z
+                    total += torch.dot(probabilities.view(-1), teacher.view(-1)).double()
+                    gradient = student.exp_().sub_(probabilities).mul_(scale)           # (p_z − p_t) / n
+                grad_hidden[rows] = gradient @ weight
+                if grad_weight is not None:
+                    grad_weight.addmm_(gradient.t(), hidden[rows])
+                    grad_bias += gradient.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)     # what autograd keeps for this term
+        return (total * scale).float()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple:
+        gradients = [None if gradient is None else gradient.mul_(grad_output) for gradient in ctx.saved_tensors]
+        return (*gradients, None, None, None, None, None)
 
 
 def retention_inputs(x: torch.Tensor, rows: torch.Tensor | slice, task: int) -> torch.Tensor:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from continual import flags
 from continual.checkpoints import load_checkpoint
-from continual.methods.base import Method, Stage, Step, distillation_kl, next_item_loss, retention_inputs
+from continual.methods.base import (DISTANCE_BUFFERS, Method, Stage, Step, chunk_rows, distillation_kl, head_distance,
+                                    next_item_loss, retention_inputs, tensor_bytes)
 from model import NextItNet
 from utils import DataError
 
@@ -271,10 +272,24 @@ class Teracon(Method):
             if not local.numel():                                           # an empty sample contributes nothing
                 continue
             x_j = retention_inputs(x, local, j)
+            scale = local.numel() / count / shard.share                     # 1 in a single process
+            chunk = chunk_rows(local.numel(), model.heads[j].out_features, self.run.ce_chunk, *DISTANCE_BUFFERS)
+            if chunk and not self.keeps(f"task{j + 1}", step):               # TTL's task 1: no [n, classes] outputs
+                with torch.no_grad():
+                    teacher_hidden = teacher.hidden(x_j, teacher_masks[j], True, j)             # [n, C]
+                student_hidden = model.hidden(x_j, model.task_masks(j, s), True, j)              # [n, C]
+                yield alpha * scale * weight * head_distance(student_hidden, model.heads[j], teacher_hidden,
+                                                             teacher.heads[j], options.distance, chunk)
+                continue
             pseudo = self.frozen_outputs(f"task{j + 1}", step, batch_rows, lambda rows, j=j: teacher(  # [n, classes_j]
                 retention_inputs(x, rows, j), j, s, masks=teacher_masks[j])[0].float())
-            scale = local.numel() / count / shard.share                     # 1 in a single process
             yield alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight, options.distance)
+
+    def keeps(self, key: str, step: Step) -> bool:
+        """Whether --frozen_cache_mib keeps the outputs `key` ("taskJ", "expert") for this step's rows."""
+        if self.kept is None:
+            self.kept = self.plan_kept(step.x.device)
+        return step.ids is not None and key in self.kept
 
     def frozen_outputs(self, key: str, step: Step, positions: np.ndarray,
                        compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -282,9 +297,7 @@ class Teracon(Method):
         positions in step.x) without gradients, or, where --frozen_cache_mib keeps `key` ("taskJ": the teacher
         under earlier task J, 1-based; "expert"), what it computed for these training rows before
         (FrozenOutputs.read)."""
-        if self.kept is None:
-            self.kept = self.plan_kept(step.x.device)
-        kept = self.kept.get(key) if step.ids is not None else None
+        kept = self.kept[key] if self.keeps(key, step) else None
         with torch.no_grad():
             if kept is None:
                 return compute(torch.from_numpy(positions).to(step.x.device))
@@ -317,6 +330,14 @@ class Teracon(Method):
         if self.stage.number == 1 or self.options.embedding_clamp == "on":
             clamp_task_embedding(model)
 
+    def held_bytes(self) -> dict[str, int]:
+        held = super().held_bytes()
+        if self.expert is not None:
+            held["expert"] = tensor_bytes(self.expert)
+        if self.kept:
+            held["kept outputs"] = sum(kept.table.numel() * 4 for kept in self.kept.values())
+        return held
+
     def state_dict(self) -> dict:
         return {"ratios": list(self.ratios)}
 
@@ -331,7 +352,8 @@ class FrozenOutputs:
     outputs are the same every epoch (up to the rounding of the batch it was computed in)."""
 
     def __init__(self, n_rows: int, n_classes: int, device: torch.device):
-        self.table = torch.empty(n_rows, n_classes, device=device)             # [n_train, n_classes]
+        self.table = torch.zeros(n_rows, n_classes, device=device)             # [n_train, n_classes], written now:
+                                                                               # its memory counts from the first step
         self.filled = np.zeros(n_rows, dtype=bool)                             # host-side: no device sync per read
 
     def read(self, batch_ids: np.ndarray, positions: np.ndarray,
@@ -447,4 +469,8 @@ def load_expert(path: str, stage: Stage) -> NextItNet:
     if theirs != ours:
         raise DataError(f"{path}: --expert must be a stage-{stage.number} checkpoint of this task on the same "
                         f"split (stage, task, classes, seed, split_percentage, items: {theirs}; here: {ours})")
-    return stage.frozen(checkpoint)
+    expert = stage.frozen(checkpoint)
+    for task in range(len(expert.heads)):                 # only the new task's head is read (at TTL's size the
+        if task != stage.task:                            # task-1 head is 0.66 GB)
+            expert.heads[task] = torch.nn.Identity()
+    return expert

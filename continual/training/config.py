@@ -53,8 +53,10 @@ class RunConfig:
     streams: str = "ours"
     amp: bool = False
     compile: bool = False
-    ce_chunk: int = 0
+    ce_chunk: int | None = None           # rows a wide head's loss computes at a time; None: by size (base.chunk_rows)
     resume: bool = False
+    max_steps: int | None = None          # at most this many optimiser steps a phase (a dry run); None: no limit
+    eval_users: int | None = None         # every scoring pass reads at most this many users a task; None: all
 
     def to_dict(self) -> dict:
         """Plain values only (the checkpoint is loaded with weights_only): the options as a dict."""
@@ -126,9 +128,20 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
     add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
     add("--compile", action="store_true", help="torch.compile the residual stack of the model (and of the frozen "
         "models); the first steps of each shape are slower while it compiles")
-    add("--ce_chunk", type=flags.nonnegative_int, default=0, help="task 1: exact cross-entropy over this many rows "
-        "at a time (lower peak memory for large vocabularies); 0 = all at once")
+    add("--ce_chunk", type=flags.nonnegative_int, default=None,
+        help="rows of a head's outputs that a loss (task 1's cross-entropy, a retention term) computes at a time, "
+             "exactly, so that the [rows, classes] outputs never exist whole; 0 = all at once; default: all at once "
+             "while the outputs fit in 1 GiB (the demo's and the benchmark's always do), else 1 GiB at a time "
+             "(TTL's task 1: 415 rows)")
     add("--resume", action="store_true", help="continue an interrupted stage from its last finished epoch")
+    add("--max_steps", type=flags.positive_int, default=None,
+        help="train at most N optimiser steps (batches, a skipped one included) in the stage, then select, score and "
+             "save as usual: a dry run; each phase of a method with several (CONURE) gets N. Recorded in "
+             "metrics.json and printed with the scores (default: no limit)")
+    add("--eval_users", type=flags.positive_int, default=None,
+        help="every scoring pass (validation, the test at each new best, the final scores of every task) reads at "
+             "most N users of each task, a draw seeded by the task's --seed (the same users at every stage). Recorded "
+             "in metrics.json and printed with the scores (default: every user)")
     method_class(method).add_arguments(parser.add_argument_group(f"--method {method}"))
     parser.explain_unknown = lambda words: unknown_flags_message(words, stage, method)
     return parser
@@ -163,7 +176,7 @@ def parse_args(stage: int | None, argv: list[str] | None = None) -> RunConfig:
             setattr(args, key, value)
     flags.check_select_on(parser, args.select_on, args.top_k)
     if args.dataset:
-        for key, value in preset_paths(args.dataset, stage).items():
+        for key, value in preset_paths(args.dataset, stage, check=args.datapath is None).items():
             if getattr(args, key) is None:  # explicit flags win
                 setattr(args, key, value)
     required = ["datapath", "datapath_index", "savepath"] + (["paths"] if stage > 1 else [])

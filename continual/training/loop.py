@@ -8,6 +8,7 @@ stage every task 1..K is scored on its own test split (metrics.json, printed as 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -20,16 +21,17 @@ from tqdm import tqdm
 from continual import flags
 from continual.checkpoints import load_checkpoint
 from continual.datasets import preset_kind, preset_paths, stage_script, task_name
-from continual.evaluation.reports import format_evidence, format_table
+from continual.evaluation.reports import format_evidence, format_limits, format_table
 from continual.evaluation.scoring import evaluate_tasks, load_task_data, score
 from continual.methods import method_class
 from continual.methods.base import Method, Stage, Step
 from continual.training import distributed
 from continual.training.config import RunConfig, parse_args
 from continual.training.distributed import Shard
+from continual.training.resources import Resources, SavedForBackward
 from continual.training.samplers import AuthorsSampler, OurSampler, make_sampler
-from data_loader import (ItemIndex, Staging, TaskData, check_split, load_sequences, load_task, read_index,
-                         split_indices, write_index)
+from data_loader import (ItemIndex, Staging, TaskData, check_split, limit_users, load_sequences, load_task,
+                         read_index, split_indices, write_index)
 from model import CHECKPOINT_FORMAT, ModelConfig, NextItNet
 from utils import DataError, atomic_torch_save, keep_freed_memory, resolve_device, set_seed, write_json
 
@@ -47,8 +49,9 @@ def training_seed(run: RunConfig) -> int:
 
 
 def frozen_model(checkpoint: dict, device: torch.device, compiled: bool = False) -> NextItNet:
-    """A checkpoint's model on `device` in eval mode with no gradients (torch.compile'd with `compiled`)."""
-    model = NextItNet.from_checkpoint(checkpoint).to(device).eval().requires_grad_(False)
+    """A checkpoint's model on `device` in eval mode with no gradients (torch.compile'd with `compiled`). On the CPU
+    it reads the checkpoint's own tensors (no copy: at TTL's size a model is 1.3 GB)."""
+    model = NextItNet.from_checkpoint(checkpoint, share=True).to(device).eval().requires_grad_(False)
     return compile_backbone(model) if compiled else model
 
 
@@ -76,18 +79,19 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
 # ---------------------------------------------------------------------- the step
 
 def train_step(model: NextItNet, method: Method, optimizer: torch.optim.Optimizer, step: Step,
-               amp: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+               amp: bool = False, saved: SavedForBackward | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimiser step on the method's loss terms → (loss, its retention part: every term after the first,
     stepped).
 
     Each term is back-propagated as soon as it is computed, so only one pass's activations are alive at a
     time (with a term per earlier task, at task 6 one instead of six); the gradients add up to the gradient
-    of the sum. The step is skipped if the total is non-finite (on any rank under torchrun)."""
+    of the sum. The step is skipped if the total is non-finite (on any rank under torchrun). `saved`, when given,
+    measures each term's activations."""
     optimizer.zero_grad(set_to_none=True)
     terms = method.terms(model, step)
     values = []
     while True:
-        with autocast(step.x.device, amp):
+        with autocast(step.x.device, amp), (saved.term() if saved else contextlib.nullcontext()):
             term = next(terms, None)
         if term is None:
             break
@@ -243,7 +247,8 @@ def checkpoint_dict(run: RunConfig, model: NextItNet, method_state: dict, tasks:
 
 def fit(run: RunConfig, train_epoch: Callable[[int], dict], validate: Callable[[], dict],
         on_best: Callable[[int, dict], None], resume: Resume) -> None:
-    """Early stopping: validate after each epoch, `on_best` at each new best, stop after `patience` misses.
+    """Early stopping: validate after each epoch, `on_best` at each new best, stop after `patience` misses, or after
+    the epoch in which train_epoch reported that --max_steps ran out ("budget_spent").
 
     After every epoch the training state is saved so that `--resume` continues from the next epoch.
     """
@@ -270,10 +275,13 @@ def fit(run: RunConfig, train_epoch: Callable[[int], dict], validate: Callable[[
                 on_best(epoch, valid)
         else:
             misses += 1
-        if distributed.is_main():
+        if distributed.is_main() and not stats.get("budget_spent"):   # --max_steps: nothing is left to resume
             resume.save(epoch, best, misses)
         if misses >= run.patience:
             print(f"early stop: no better validation {run.select_on} for {run.patience} epochs")
+            break
+        if stats.get("budget_spent"):
+            print(f"stop: --max_steps {run.max_steps} optimiser steps done")
             break
 
 
@@ -321,23 +329,35 @@ class Resume:
 
 
 def finish(run: RunConfig, model: NextItNet, method: Method, stage: Stage, checkpoint_path: str,
-           inputs: StageInputs, device: torch.device, extra: dict) -> dict:
+           inputs: StageInputs, device: torch.device, extra: dict, resources: Resources) -> dict:
     """Reload the best checkpoint, let the method end its stage on it (saved again), and score every task 1..K
-    on its own test split (rank 0 only)."""
+    on its own test split (rank 0 only); metrics.json records --max_steps and --eval_users when given, and
+    resources.json what the stage cost."""
     if not distributed.is_main():
         return {}
     checkpoint = load_checkpoint(checkpoint_path, "this stage's checkpoint")
     model.load_state_dict(checkpoint["model_state"], strict=True)
     method.end_stage(model, stage)
-    atomic_torch_save(checkpoint_dict(run, model, method.state_dict(), checkpoint["tasks"], checkpoint["epoch"],
-                                      checkpoint["valid"], extra), checkpoint_path)
-    tasks = evaluate_tasks(model, checkpoint["tasks"], inputs.index, run.smax, run.eval_batch, device, run.top_k,
-                           {run.stage: inputs.data})
+    saved = checkpoint_dict(run, model, method.state_dict(), checkpoint["tasks"], checkpoint["epoch"],
+                            checkpoint["valid"], extra)
+    del checkpoint
+    started = time.perf_counter()
+    atomic_torch_save(saved, checkpoint_path)
+    resources.checkpoint_write_seconds = time.perf_counter() - started
+    resources.checkpoint_mib = os.path.getsize(checkpoint_path) / 2**20
+    tasks = evaluate_tasks(model, saved["tasks"], inputs.index, run.smax, run.eval_batch, device, run.top_k,
+                           {run.stage: inputs.data}, run.eval_users, resources.evaluation)
     metrics = {"stage": run.stage, "method": run.method, "parameters": parameter_count(model), "tasks": tasks}
+    if run.max_steps or run.eval_users:
+        metrics["limits"] = {"max_steps": run.max_steps, "steps": len(resources.step_seconds),
+                             "eval_users": run.eval_users}
     write_json(run.savepath + ".metrics.json", metrics)
+    write_json(run.savepath + ".resources.json", resources.summary())
     print(format_table(run.stage, tasks))
     print(format_evidence(run.stage, tasks))
-    print(f"saved {checkpoint_path} and {run.savepath}.metrics.json")
+    if metrics.get("limits"):
+        print(format_limits(metrics["limits"]))
+    print(f"saved {checkpoint_path} and {run.savepath}.metrics.json (what it cost: {run.savepath}.resources.json)")
     if os.path.exists(run.savepath + ".resume.t7"):
         os.remove(run.savepath + ".resume.t7")
     return metrics
@@ -355,8 +375,10 @@ def run_stage(run: RunConfig) -> dict:
     device = resolve_device(run.device, run.gpu_num)
     rng = set_seed(training_seed(run))
     checkpoint_path = guard_outputs(run)
+    resources = Resources(device)
     sampler = make_sampler(run.streams, rng, run.variant, run.stage, run.paths, run.datapath_index)
     inputs = task1_inputs(run, sampler, device) if run.stage == 1 else later_inputs(run, sampler, device)
+    resources.load_seconds = time.perf_counter() - resources.started
     print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(run.to_dict().items())), flush=True)
     method = method_class(run.method)(run.options, run)
     previous = frozen_model(inputs.checkpoint, device, run.compile) if inputs.checkpoint else None
@@ -374,10 +396,20 @@ def run_stage(run: RunConfig) -> dict:
     model = model.to(device)
     if run.compile:
         compile_backbone(model)
+    resources.build_seconds = time.perf_counter() - resources.started - resources.load_seconds
+    resources.batch, resources.parameters = run.batch, parameter_count(model)
+    resources.shapes = {"items": inputs.index.size, "length": int(inputs.data.sources.shape[1]) + (run.stage == 1),
+                        "channels": model.config.channels, "classes": model.config.task_classes,
+                        "train_rows": int(inputs.parts[0].size)}
+    resources.options = run.to_dict()["options"]
+    resources.data_bytes = sum(array.nbytes for array in (inputs.data.sources, inputs.data.targets,
+                                                          inputs.data.source_row) if array is not None)
     optimizer = sampler.optimizer(model.parameters(), run.lr)
     train_rows, valid_rows, test_rows = inputs.parts
     batches_per_epoch = train_rows.size / run.batch
     task, kind, extra = run.stage - 1, inputs.record["kind"], sampler.checkpoint_extra()
+
+    steps_in_phase = [0]                    # --max_steps counts the optimiser steps of each phase
 
     def train_epoch(epoch: int) -> dict:
         model.train()
@@ -385,19 +417,31 @@ def run_stage(run: RunConfig) -> dict:
         shards = sampler.epoch_batches(train_rows.size, run.batch)  # (this rank's rows, its share, batch rows)
         for b, (rows, _, size) in enumerate(tqdm(shards, desc=f"task {run.stage} epoch {epoch}", leave=False,
                                                  disable=None)):
+            if run.max_steps and steps_in_phase[0] >= run.max_steps:
+                stats["budget_spent"] = True
+                break
+            started = time.perf_counter()
             x, y = inputs.batch(train_rows[rows])
             step = Step(x, y, anneal(b, batches_per_epoch, run.smax),
                         Shard(size, distributed.rank(), distributed.world_size()), epoch + b / batches_per_epoch, rows)
-            loss, kept, stepped = train_step(model, method, optimizer, step, run.amp)
+            saved = None if resources.step_seconds else SavedForBackward(list(model.parameters()))
+            loss, kept, stepped = train_step(model, method, optimizer, step, run.amp, saved)
             stats["retention"] += float(kept)
             account(stats, loss, stepped)
+            steps_in_phase[0] += 1
+            resources.step_done(started)
+            if saved:
+                resources.saved_bytes, resources.held = saved.largest, method.held_bytes()
+        if run.max_steps and steps_in_phase[0] >= run.max_steps:
+            stats["budget_spent"] = True
         stats["loss"] /= max(stats["finite_steps"], 1)
         stats["retention"] /= max(stats["finite_steps"] + stats["skipped"], 1)
         return stats
 
     def scored(rows: np.ndarray) -> dict:
-        return score(model, task, inputs.data, sampler.scored_rows(rows, run.batch), kind, run.smax, run.eval_batch,
-                     device, run.top_k)
+        rows = sampler.scored_rows(rows, run.batch)
+        rows = limit_users(rows, inputs.data.rows(rows), run.eval_users, run.seed)
+        return score(model, task, inputs.data, rows, kind, run.smax, run.eval_batch, device, run.top_k)
 
     def on_best(epoch: int, valid: dict) -> None:
         test = scored(test_rows)
@@ -412,14 +456,16 @@ def run_stage(run: RunConfig) -> dict:
             method.load_state_dict(best.get("method_state") or {})
             method.begin_phase(model, phase)
             optimizer = sampler.optimizer(model.parameters(), run.lr)
+            steps_in_phase[0] = 0
             print(f"phase {phase} of {method.phases}: from the best model of the phase before", flush=True)
         fit(run, train_epoch, lambda: scored(valid_rows), on_best, Resume(run, model, optimizer, rng, method, phase))
-    return finish(run, model, method, stage, checkpoint_path, inputs, device, extra)
+    optimizer = None                        # its state (two copies of the model) is not needed to score
+    return finish(run, model, method, stage, checkpoint_path, inputs, device, extra, resources)
 
 
 def method_for(name: str, options, number: int, previous: NextItNet | None, rng: np.random.Generator,
                smax: float = 50.0, device: torch.device | None = None, record: dict | None = None,
-               ce_chunk: int = 0, n_train: int = 0) -> Method:
+               ce_chunk: int | None = None, n_train: int = 0) -> Method:
     """A method begun on stage `number` outside a run (bench.py, tests): `previous` is the frozen stage-(K−1)
     model, the sampler ours with `rng`; nothing is read from or written to disk. Steps whose `ids` lie in
     0 .. n_train − 1 may let the method keep per-row outputs of its frozen models."""

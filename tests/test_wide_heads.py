@@ -1,0 +1,128 @@
+"""Losses over heads too wide to hold their outputs (TTL's task 1: 645,974 items): computed a chunk of rows at a time,
+they must give the loss and the gradients of the whole-output computation, and engage only above a size the demo
+and the benchmark never reach (issue 49)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from continual.methods.base import DISTANCE_BUFFERS, WIDE_OUTPUT_BYTES, chunk_rows, head_cross_entropy, head_distance, next_item_loss
+from teracon_helpers import stage4_models, teracon_method, teracon_options
+from continual.methods.base import Step
+from continual.training.distributed import Shard
+
+
+def gradients(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, tensors))
+
+
+def test_chunk_rows_engages_only_when_the_outputs_exceed_the_budget():
+    width = 645_974
+    assert WIDE_OUTPUT_BYTES // (4 * width) == 415
+    assert chunk_rows(32 * 99, width) == 415                   # TTL's stage-1 batch: 8.2 GB of logits otherwise
+    assert chunk_rows(138, width) == 0 and chunk_rows(139, width) == 415   # whole: three buffers in 1 GiB
+    assert chunk_rows(256 * 99, 1683) == 0                      # the demo's widest loss: MTL's task 1 at batch 256
+    assert chunk_rows(1024 * 29, 501) == 0                      # the benchmark's, at the paper's batch
+    assert chunk_rows(100, 10, ce_chunk=30) == 30 and chunk_rows(100, 10, ce_chunk=0) == 0
+    assert chunk_rows(20, 10, ce_chunk=30) == 0                 # fewer rows than a chunk: all at once
+    assert chunk_rows(921, width, None, *DISTANCE_BUFFERS) == 138   # the retention distance: three buffers a chunk
+    assert chunk_rows(341, width, None, *DISTANCE_BUFFERS) == 138   # stage 4 under --rows share: 341 rows
+    assert chunk_rows(69, width, None, *DISTANCE_BUFFERS) == 0      # whole: six buffers
+    assert chunk_rows(1024, 17_880, None, *DISTANCE_BUFFERS) == 0   # TTL's click head at batch 1,024
+
+
+def test_chunked_cross_entropy_is_the_whole_one():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    hidden = torch.randn(37, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    whole = head_cross_entropy(head, hidden, targets, 0)
+    reference = F.cross_entropy(head(hidden), targets)
+    assert whole.item() == reference.item()
+    tensors = [hidden, head.weight, head.bias]
+    wanted = gradients(whole, tensors)
+    for chunk in (1, 5, 36):
+        chunked = head_cross_entropy(head, hidden, targets, chunk)
+        torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
+        for got, want in zip(gradients(chunked, tensors), wanted):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("distance", ["mse", "kl"])
+def test_chunked_distance_is_the_whole_one(distance):
+    torch.manual_seed(1)
+    head, teacher_head = torch.nn.Linear(8, 60), torch.nn.Linear(8, 60).requires_grad_(False)
+    hidden = torch.randn(23, 8, requires_grad=True)
+    teacher_hidden = torch.randn(23, 8)
+    whole = head_distance(hidden, head, teacher_hidden, teacher_head, distance, 0)
+    student, teacher = head(hidden), teacher_head(teacher_hidden)
+    by_hand = ((student - teacher) ** 2).mean() if distance == "mse" else (
+        (F.softmax(teacher, 1) * (F.log_softmax(teacher, 1) - F.log_softmax(student, 1))).sum(1).mean())
+    torch.testing.assert_close(whole, by_hand, rtol=1e-5, atol=1e-7)
+    tensors = [hidden, head.weight, head.bias]
+    wanted = gradients(3.0 * whole, tensors)
+    for chunk in (1, 4, 22):
+        chunked = head_distance(hidden, head, teacher_hidden, teacher_head, distance, chunk)
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-8)
+        for got, want in zip(gradients(3.0 * chunked, tensors), wanted):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+
+
+def test_the_stage_one_loss_in_chunks_is_the_whole_one(tiny_model):
+    model = tiny_model(task_classes=(30,), channels=8)
+    sequence = torch.randint(1, 30, (6, 9))
+    whole = next_item_loss(model, sequence, model.task_masks(0, 3.0), ce_chunk=0)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    wanted = gradients(whole, parameters)
+    chunked = next_item_loss(model, sequence, model.task_masks(0, 3.0), ce_chunk=7)     # 48 rows in 7 chunks
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
+    for got, want in zip(gradients(chunked, parameters), wanted):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["paper", "per_task_smax_kl"])
+def test_a_teracon_step_with_chunked_retention_is_the_whole_one(rule):
+    """Every retention term (task 1's 40 items and the others) in chunks of 3 rows: the same terms and gradients. The
+    teacher is the student before it grew, so the KL terms are small (about 1e-6): compared to 1e-7 absolute."""
+    results = []
+    for ce_chunk in (0, 3):
+        model, teacher = stage4_models(own_blocks=1)
+        method = teracon_method(teacher, 3, [0.9, 0.6, 0.4], np.random.default_rng(3), teracon_options(rule),
+                                ce_chunk=ce_chunk)
+        x, y = torch.randint(1, 40, (16, 9), generator=torch.Generator().manual_seed(4)), torch.arange(16) % 6
+        terms = list(method.terms(model, Step(x, y, 7.0, Shard(16))))
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        results.append((torch.stack([t.detach() for t in terms]),
+                        torch.autograd.grad(torch.stack(terms).sum(), parameters, allow_unused=True)))
+    (whole_terms, whole_grads), (chunked_terms, chunked_grads) = results
+    assert whole_terms.numel() == 4                                           # the new task and three earlier
+    torch.testing.assert_close(chunked_terms, whole_terms, rtol=1e-5, atol=1e-7)
+    for got, want in zip(chunked_grads, whole_grads):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_recomputed_blocks_give_the_same_loss_and_gradients(tiny_model, monkeypatch):
+    """Above model.RECOMPUTE_BYTES a pass keeps only each block's input and recomputes the block in backward: the
+    same loss and the same gradients, bit for bit; the bytes kept for backward fall."""
+    import model as model_module
+    from continual.training.resources import SavedForBackward
+    results = []
+    for limit in (2**40, 0):                                          # never, always
+        monkeypatch.setattr(model_module, "RECOMPUTE_BYTES", limit)
+        model = tiny_model(task_classes=(30,), channels=8)
+        saved = SavedForBackward(list(model.parameters()))
+        with saved.term():
+            loss = next_item_loss(model, torch.randint(1, 30, (6, 9), generator=torch.Generator().manual_seed(0)),
+                                  model.task_masks(0, 3.0), ce_chunk=0)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), gradients(loss, parameters), saved.largest))
+    (whole, whole_grads, kept_all), (recomputed, recomputed_grads, kept_inputs) = results
+    assert torch.equal(whole, recomputed)
+    for got, want in zip(recomputed_grads, whole_grads):
+        assert torch.equal(got, want)
+    assert kept_inputs < kept_all / 2
