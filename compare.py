@@ -690,6 +690,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.methods:  # every stage's flags are checked as the method's stages will parse them, before any runs
         check_stage_flags(later_flags(args.dataset, args.settings, args.later_epochs) + extra
                           + split_overrides(name)[1], resolve(name)[0])
+    for name in DATASETS[args.dataset]["files"] if args.data else []:   # before anything is written
+        if not os.path.isfile(os.path.join(args.data, name)):
+            raise DataError(f"--data: {os.path.join(args.data, name)}: file not found ({args.dataset}'s files)")
     out = os.path.abspath(args.out)
     args.data = os.path.abspath(args.data) if args.data else None
     os.chdir(REPO)  # the presets' data paths are relative to the repository root
@@ -723,11 +726,7 @@ def compare_draw(args: argparse.Namespace, out: str, synth_seed: int, extra: lis
     """Every chain of one draw of the data into `out`, then its tables; → the path of its results.csv."""
     methods, stages = args.methods, len(DATASETS[args.dataset]["files"])
     check_data_draw(out, args.dataset, synth_seed)  # before the data is rewritten for another draw
-    if args.data:
-        for name in DATASETS[args.dataset]["files"]:
-            if not os.path.isfile(os.path.join(args.data, name)):
-                raise DataError(f"--data: {os.path.join(args.data, name)}: file not found ({args.dataset}'s files)")
-    elif args.dataset in PREPARE:  # regenerated (deterministic, seconds), as run_all.sh does
+    if not args.data and args.dataset in PREPARE:  # regenerated (deterministic, seconds), as run_all.sh does
         PREPARE[args.dataset](synth_seed)
     for stage in range(1, stages + 1):
         preset_paths(args.dataset, stage, check=not args.data)  # a missing data file is reported here, in one line

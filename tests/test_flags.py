@@ -171,6 +171,7 @@ BAD_TRAINING = [
     ("--L2", "-1"), ("--L2", "inf"), ("--channels", "0"), ("--seed", "-1"), ("--seed", str(2**32)),
     ("--eval_batch", "0"), ("--epochs", "0"), ("--patience", "0"), ("--split_percentage", "1.5"),
     ("--split_percentage", "0"), ("--split_percentage", "1"), ("--top_k", "0"), ("--ce_chunk", "-5"),
+    ("--max_steps", "0"), ("--max_steps", "2.5"), ("--eval_users", "0"), ("--eval_users", "-1"),
     ("--device", "gpu"), ("--gpu_num", "-1"), ("--gpu_num", "x"), ("--select_on", "auc"), ("--select_on", "mrr@7"),
     ("--task_kind", "both"), ("--method", "other"), ("--dataset", "nowhere"),
     ("--rows", "every"), ("--weights", "median"), ("--retention_at", "end"), ("--distance", "l1"),
@@ -312,10 +313,14 @@ def test_evaluate_needs_paths_and_task(capsys, monkeypatch):
     (["--recorded", "no/such/folder"], "error: --recorded: no/such/folder: folder not found"),
     (["--recorded", "{file}"], "error: --recorded: {file} is a file, not a folder"),
     (["--synth_seed", "-1"], "error: --synth_seed must be an integer in [0, "),
+    (["--threads", "0"], "error: --threads must be a positive integer (got 0)"),
+    (["--data", "no/such/folder"], "error: --data: no/such/folder: folder not found"),
+    (["--data", "{dir}"], "error: --data: {dir}/task1.csv: file not found (demo's files)"),
+    (["--", "--max_steps", "0"], "error: --max_steps must be a positive integer (got 0)"),
 ])
 def test_compare(stage1, tmp_path, capsys, monkeypatch, argv, expected):
     monkeypatch.chdir(tmp_path)  # restored afterwards, should compare get as far as its os.chdir
-    names = {"file": stage1["t1"]}
+    names = {"file": stage1["t1"], "dir": str(stage1["folder"])}               # a folder without the demo's files
     own = ["--dataset", "demo", "--out", str(tmp_path / "cmp")]
     argv = [part.format(**names) for part in argv]
     split = argv.index("--") if "--" in argv else len(argv)
