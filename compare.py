@@ -19,8 +19,8 @@ run for each method in <out>/seedS/<method>/taskK, each stage a subprocess with 
 methods at a time. The per-dataset flags are run_all.sh's (--settings paper: at stages >= 2 the paper's batch
 1024, lr 1e-3 at stage 2 and 1e-4 after, up to 100 epochs with patience 5; --later_epochs N: N epochs a stage
 >= 2, a fixed budget); flags after `--` go to every stage (last one wins, e.g. `-- --epochs 5`), then a name's
-own flags. A stage whose metrics.json exists is skipped, an
-interrupted one continues with --resume, so rerunning the same command resumes the comparison.
+own flags. A stage whose metrics.json exists is skipped (never trained again: a later stage may be built from
+it), an interrupted one continues with --resume, so rerunning the same command resumes the comparison.
 
 The table (compare.md and compare.csv in --out, and printed) has one row per method: every task's headline
 metric after stage N (MRR@5 for rec tasks, accuracy for cls tasks) as mean ± sd over seeds, and task-1

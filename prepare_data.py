@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from continual import flags
+from utils import DataError, atomic_file
 
 AGE_BINS = np.array([18, 25, 35, 45, 50, 56])  # ml-1m's brackets; also maps ml-1m's own codes 1,18,..,56
 AGE_NAMES = ["<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
@@ -354,26 +354,11 @@ def encode_tokens(values: np.ndarray, seps: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it), so outputs get ordinary permissions."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
-    """Write byte chunks to a temp file in the same folder, then os.replace it onto `path`."""
-    handle, temp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".",
-                                         suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            for chunk in chunks:
-                stream.write(chunk)
-        os.chmod(temp_path, 0o666 & ~current_umask())
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+    """Write byte chunks to `path` atomically (utils.atomic_file)."""
+    with atomic_file(path) as stream:
+        for chunk in chunks:
+            stream.write(chunk)
 
 
 def write_tokens(path: str, values: np.ndarray, seps: np.ndarray) -> None:
@@ -502,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         meta = prepare(args)
-    except PrepError as error:
+    except (PrepError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:

@@ -5,6 +5,8 @@
 #   bash run_all.sh ttl         # Data/TTL/ (download first), the paper's settings
 #   bash run_all.sh movielens   # Data/movielens/ (python prepare_data.py --source <ml-folder> --out Data/movielens)
 # Extra arguments are passed to every stage, e.g. `bash run_all.sh demo --device cpu --seed 3`.
+# Every stage runs again and replaces what an earlier run wrote in saved_models/<dataset> (--overwrite): the six
+# stages are one run, so none is kept from another.
 set -euo pipefail
 cd "$(dirname "$0")"
 dataset="${1:-demo}"
@@ -58,9 +60,9 @@ esac
 
 out="saved_models/$dataset"
 mkdir -p "$out"
-$python train_task1.py --dataset "$dataset" "${stage1[@]}" "$@"
+$python train_task1.py --dataset "$dataset" --overwrite "${stage1[@]}" "$@"
 for k in 2 3 4 5 6; do
-    $python "train_teracon_t$k.py" --dataset "$dataset" "${later[@]}" "$@"
+    $python "train_teracon_t$k.py" --dataset "$dataset" --overwrite "${later[@]}" "$@"
 done
 $python evaluate.py --matrix "$out"/task[1-6].metrics.json --csv "$out/forgetting_matrix.csv"
 echo "forgetting matrix saved to $out/forgetting_matrix.csv"

@@ -3,14 +3,16 @@ device and the allocator. Dataset presets are in continual/datasets.py, metrics 
 continual/evaluation/, checkpoint loading in continual/checkpoints.py."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,54 +22,122 @@ class DataError(Exception):
     """Bad input the user can fix; reported as one line naming the file, no traceback."""
 
 
+class Preempted(Exception):
+    """SIGTERM (a scheduler's warning before it kills) arrived while a stage trained: the run stopped after the step
+    under way with its resume state written; the message says where."""
+
+
+_SIGTERM = {"at_a_step": False, "received": False}   # the loop polls `received` after each step while at_a_step
+
+
 def cli(main: Callable[[], Any]) -> None:
-    """Run `main`, turning DataError (and Ctrl-C or a kill) into one line on stderr and a non-zero exit."""
+    """Run `main`, turning DataError, a refused write (OSError: a full disk, no permission) and Ctrl-C or a kill
+    into one line on stderr and a non-zero exit, never a traceback."""
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:
+        print(f"error: {error.filename or 'a file'}: {error.strerror or error}", file=sys.stderr)
+        sys.exit(1)
+    except Preempted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
-        print("interrupted: earlier checkpoints are untouched; this stage's best-so-far checkpoint "
-              "(if any) is loadable", file=sys.stderr)
+        print("interrupted: earlier checkpoints are untouched; this stage's checkpoint so far is marked unfinished "
+              "(a later stage refuses it): the same command with --resume continues it", file=sys.stderr)
         sys.exit(130)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM: while a stage trains, noted (the loop stops after the step under way, with its resume state);
+    elsewhere, an interrupt as Ctrl-C."""
+    if _SIGTERM["at_a_step"]:
+        _SIGTERM["received"] = True
+        return
     raise KeyboardInterrupt
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(handle)
+@contextlib.contextmanager
+def stop_at_a_step() -> Iterator[None]:
+    """While the block runs, a SIGTERM is only noted (sigterm_received) for the loop to act on after its step."""
+    _SIGTERM.update(at_a_step=True, received=False)
     try:
-        write(temp_path)
+        yield
+    finally:
+        _SIGTERM["at_a_step"] = False
+
+
+def sigterm_received() -> bool:
+    return _SIGTERM["received"]
+
+
+def write_failure(path: str, error: BaseException) -> DataError:
+    """One line for a write the system refused: the path and the cause (the OSError in the exception's chain, e.g.
+    'No space left on device'; torch.save reports a full disk only as 'unexpected pos', so a full file system is
+    named from its free space)."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        reason = cause.strerror
+    else:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()[:160]
+        try:
+            if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20:
+                reason = f"No space left on device ({reason})"
+        except OSError:
+            pass
+    return DataError(f"{path}: could not be written: {reason}; nothing was replaced")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
+    """A file written under a temporary name in its folder and renamed onto `path` when the block ends: a reader
+    never sees a partial file, and an error leaves `path` as it was (or absent) with no temporary file behind. A
+    write the system refuses (a full disk, no permission; OSError, or torch.save's RuntimeError) becomes a
+    DataError naming `path` and the cause. The file gets ordinary permissions (0666 minus the umask)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, temp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as error:
+        raise write_failure(path, error) from None
+    try:
+        with os.fdopen(handle, mode) as stream:
+            yield stream
+        os.chmod(temp_path, 0o666 & ~current_umask())
         os.replace(temp_path, path)
+    except (OSError, RuntimeError) as error:
+        raise write_failure(path, error) from None
     finally:
         if os.path.exists(temp_path):
             os.remove(temp_path)
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    def write(temp_path: str) -> None:
-        with open(temp_path, "w", encoding="utf-8") as handle:
-            handle.write(text)
-    _atomic_write(path, write)
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    _atomic_write(path, lambda temp_path: torch.save(obj, temp_path))
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
 
 
 def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    """np.save written atomically (through an open handle: np.save would append .npy to the temporary name)."""
-    def write(temp_path: str) -> None:
-        with open(temp_path, "wb") as handle:
-            np.save(handle, array)
-    _atomic_write(path, write)
+    """np.save written atomically."""
+    with atomic_file(path) as handle:
+        np.save(handle, array)
 
 
 def write_json(path: str, obj: Any) -> None:

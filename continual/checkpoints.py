@@ -32,3 +32,11 @@ def load_checkpoint(path: str, what: str = "--paths") -> dict:
     if checkpoint.get("format_version") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: checkpoint format {checkpoint.get('format_version')} is not {CHECKPOINT_FORMAT}")
     return checkpoint
+
+
+def is_finished(checkpoint: dict, savepath: str | None = None) -> bool:
+    """Whether a checkpoint is its stage's final one: recorded since 2026-12-07 ("finished"); before, a stage whose
+    metrics.json was written had finished (checkpoints read without their run: finished)."""
+    if "finished" in checkpoint:
+        return bool(checkpoint["finished"])
+    return savepath is None or os.path.isfile(savepath + ".metrics.json")

@@ -1,6 +1,7 @@
 """Bad input ends in one clear line naming the file; nothing earlier is lost; runs are reproducible."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -212,7 +213,8 @@ def test_kill_midway_keeps_earlier_and_partial_checkpoints(trained, tmp_path):
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode != 0 and "Traceback" not in stderr, stderr
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    assert "stopped: SIGTERM: stage 2 stopped after step" in stderr
     assert digest(trained["folder"]) == before
     partial = load_checkpoint(save + ".t7")
     assert partial["stage"] == 2
@@ -220,7 +222,7 @@ def test_kill_midway_keeps_earlier_and_partial_checkpoints(trained, tmp_path):
     NextItNet.from_checkpoint(load_checkpoint(trained["task1"]))
     resumed = subprocess.run(base + ["--epochs", "3", "--resume"], capture_output=True, text=True, cwd=REPO, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming stage 2 after epoch" in resumed.stdout
+    assert "resuming stage 2 in epoch" in resumed.stdout                   # at the step where SIGTERM stopped it
     metrics = json.load(open(save + ".metrics.json"))
     assert set(metrics["tasks"]) == {"1", "2"}
     assert not os.path.exists(save + ".resume.t7")
@@ -247,3 +249,169 @@ def test_stage_without_finite_loss_fails_and_saves_nothing(tmp_path):
     assert_clean_error(result, "t1.csv", "no finite loss")
     assert not os.path.exists(tmp_path / "task1.t7")
     assert "skipped" in result.stdout
+
+
+# ------------------------------------------------------------------ faults: a full disk, a rerun, an unfinished stage
+
+class FullDisk:
+    """A file whose writes fail with ENOSPC once `limit` bytes are written: a file system that fills up."""
+
+    def __init__(self, stream, limit: int):
+        self.stream, self.limit, self.written = stream, limit, 0
+
+    def write(self, data) -> int:
+        self.written += len(data)
+        if self.written > self.limit:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
+
+
+def fill_disk_for(monkeypatch, name: str, limit: int = 100) -> None:
+    """The atomic write of every file called `name` fails with ENOSPC after `limit` bytes (utils.atomic_file writes
+    to the temporary `.<name>.<random>.tmp` beside it, opened with os.fdopen)."""
+    real = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        stream = real(fd, mode, *args, **kwargs)
+        temporary = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        target = temporary[1:].rsplit(".", 2)[0] if temporary.endswith(".tmp") else None
+        return FullDisk(stream, limit) if "w" in mode and target == name else stream
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+def cli_run(argv_main, capsys) -> tuple[int, str]:
+    import utils
+    with pytest.raises(SystemExit) as info:
+        utils.cli(argv_main)
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix, stage", [("task2.t7", 2), ("task2.resume.t7", 2), ("task2.metrics.json", 2),
+                                           ("index.csv", 1), ("task1.t7", 1)])
+def test_a_full_disk_ends_in_one_line_and_replaces_nothing(trained, tmp_path, monkeypatch, capsys, suffix, stage):
+    """No space left while a checkpoint, the resume file, metrics.json or the index is written: one line naming the
+    file and the cause, a non-zero exit, no partial or temporary file, and every earlier file as it was."""
+    from continual.training import loop
+    folder = tmp_path / "run"
+    folder.mkdir()
+    index = str(folder / "index.csv") if stage == 1 else trained["index"]
+    before = digest(trained["folder"])
+    fill_disk_for(monkeypatch, suffix)
+    if stage == 1:
+        argv = ["--datapath", trained["t1"], "--savepath", str(folder / "task1"), "--datapath_index", index, *TINY]
+    else:
+        argv = ["--datapath", trained["t2"], "--paths", trained["task1"], "--savepath", str(folder / "task2"),
+                "--datapath_index", index, "--batch", "16", *TINY]
+    code, stderr = cli_run(lambda: loop.main(stage, argv), capsys)
+    assert code != 0 and "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and suffix in lines[0] and "No space left on device" in lines[0], stderr
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp") or name.startswith(".")]
+    assert not os.path.exists(folder / suffix)
+    assert digest(trained["folder"]) == before
+
+
+def test_a_finished_stage_is_not_trained_again_without_overwrite(trained, tmp_path):
+    save = str(tmp_path / "task2")
+    assert stage2({**trained, "folder": str(tmp_path)}, trained["task1"]).returncode == 0
+    before = digest(str(tmp_path))
+    again = stage2({**trained, "folder": str(tmp_path)}, trained["task1"])
+    assert_clean_error(again, "task2.t7", "finished there already", "--overwrite")
+    assert digest(str(tmp_path)) == before
+    replaced = stage2({**trained, "folder": str(tmp_path)}, trained["task1"], "--overwrite", "--seed", "5")
+    assert replaced.returncode == 0, replaced.stderr
+    assert open(save + ".t7", "rb").read() != before["task2.t7"]
+
+
+def test_the_next_stage_refuses_an_unfinished_stage_naming_resume(trained, tmp_path):
+    """The best model so far, written while a stage trains, is marked unfinished: the next stage (and --expert)
+    refuse it in one line naming --resume; evaluate.py still reads it."""
+    from continual.checkpoints import load_checkpoint
+    from utils import atomic_torch_save
+    checkpoint = load_checkpoint(trained["task1"])
+    checkpoint["finished"] = False
+    partial = str(tmp_path / "partial1.t7")
+    atomic_torch_save(checkpoint, partial)
+    result = stage2({**trained, "folder": str(tmp_path)}, partial)
+    assert_clean_error(result, "partial1.t7", "did not finish", "--resume")
+    assert not os.path.exists(tmp_path / "task2.t7")
+    scored = run("evaluate.py", "--paths", partial, "--task", "1", "--datapath_index", trained["index"])
+    assert scored.returncode == 0, scored.stderr
+
+
+def test_a_stage_checkpoint_is_final_only_when_the_stage_is(trained, tmp_path):
+    from continual.checkpoints import is_finished, load_checkpoint
+    assert is_finished(load_checkpoint(trained["task1"]))
+    legacy = load_checkpoint(trained["task1"])
+    legacy.pop("finished")
+    assert is_finished(legacy) and is_finished(legacy, trained["task1"][:-3])
+    assert not is_finished(legacy, str(tmp_path / "no_metrics"))
+
+
+@pytest.mark.parametrize("method", ["sinmo", "fineall", "peterrec", "piggyback"])
+def test_isolation_refuses_a_stage1_with_masks(trained, tmp_path, method):
+    """The default stage 1 has TERACON's masks, which these methods would read away: refused, naming the stage 1
+    they need."""
+    result = stage2({**trained, "folder": str(tmp_path)}, trained["task1"], "--method", method)
+    assert_clean_error(result, "task1.t7", "stage 1 with task masks", "train_task1.py --method finetune")
+    assert not os.listdir(tmp_path)
+
+
+# ------------------------------------------------------------------ preemption: SIGTERM stops at a step, resumably
+
+def preempted_then_resumed(tmp_path, trained, monkeypatch, capsys, method: list[str], stop_after: int) -> tuple:
+    """Stage 2 run through the scripts' entry point: once uninterrupted, once stopped by a SIGTERM noted after step
+    `stop_after` and resumed → (the two metrics.json as bytes, the stop's stderr)."""
+    import utils
+    from continual.training import loop
+    common = ["--datapath", trained["t2"], "--paths", trained["task1"], "--datapath_index", trained["index"],
+              "--batch", "8", "--epochs", "3", "--patience", "9", "--channels", "8", "--device", "cpu", *method]
+    loop.main(2, [*common, "--savepath", str(tmp_path / "whole")])
+    original, calls = loop.train_step, [0]
+
+    def noting(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == stop_after:
+            utils._SIGTERM["received"] = True                       # what the handler does on SIGTERM
+        return original(*args, **kwargs)
+    monkeypatch.setattr(loop, "train_step", noting)
+    code, stderr = cli_run(lambda: loop.main(2, [*common, "--savepath", str(tmp_path / "cut")]), capsys)
+    monkeypatch.setattr(loop, "train_step", original)
+    assert code == 143 and os.path.isfile(tmp_path / "cut.resume.t7"), stderr
+    loop.main(2, [*common, "--savepath", str(tmp_path / "cut"), "--resume"])
+    return (tmp_path / "whole.metrics.json").read_bytes(), (tmp_path / "cut.metrics.json").read_bytes(), stderr
+
+
+@pytest.mark.parametrize("method", [["--method", "finetune"], []])
+def test_sigterm_stops_at_a_step_and_resume_reaches_the_uninterrupted_metrics(trained, tmp_path, monkeypatch, capsys,
+                                                                             method):
+    """Fine-tuning and TERACON's paper rule, stopped after step 11 (in epoch 1 of 3, 48 training rows in batches of
+    8): the resumed stage's metrics.json is the uninterrupted one, byte for byte."""
+    whole, resumed, stderr = preempted_then_resumed(tmp_path, trained, monkeypatch, capsys, method, 11)
+    assert "stopped: SIGTERM: stage 2 stopped after step 5 of epoch 1" in stderr and "--resume" in stderr
+    assert resumed == whole
+
+
+def test_sigterm_resume_with_kept_frozen_outputs_is_the_run_to_float_rounding(trained, tmp_path, monkeypatch,
+                                                                             capsys):
+    """The recommended rule's frozen outputs (--frozen_cache_mib) are rebuilt after a resume, from other batches:
+    the same metrics to float rounding."""
+    expert = str(tmp_path / "expert")
+    assert stage2({**trained, "folder": str(tmp_path)}, trained["task1"], "--method", "finetune", "--batch", "8",
+                  "--epochs", "3", "--patience", "9").returncode == 0
+    os.replace(tmp_path / "task2.t7", expert + ".t7")
+    whole, resumed, _ = preempted_then_resumed(
+        tmp_path, trained, monkeypatch, capsys, ["--preset", "recommended", "--expert", expert + ".t7"], 11)
+    first, second = json.loads(whole), json.loads(resumed)
+    for task, entry in first["tasks"].items():
+        for metric, value in entry["test"].items():
+            assert second["tasks"][task]["test"][metric] == pytest.approx(value, abs=1e-6), (task, metric)

@@ -81,7 +81,7 @@ def test_ties_count_as_improvements_only_when_on(tmp_path, ties, improvements):
     model = torch.nn.Linear(2, 2)
     resume = loop.Resume(run, model, torch.optim.SGD(model.parameters(), lr=0.1), np.random.default_rng(0))
     best = []
-    loop.fit(run, lambda epoch: {"loss": 1.0, "retention": 0.0, "skipped": 0, "finite_steps": 1},
+    loop.fit(run, lambda epoch, within=None: {"loss": 1.0, "retention": 0.0, "skipped": 0, "finite_steps": 1},
                 lambda: {"mrr@5": 0.25}, lambda epoch, valid: best.append(epoch), resume)
     assert best == improvements
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ TINY_TTL_DATA = ["--users", "300", "--items", "500", "--length", "12", "--classe
 TTL_LIMITS = ["--max_steps", "2", "--eval_users", "2000"]
 EVAL_TOLERANCE, TRAIN_TOLERANCE = 2e-3, 0.03
 BUDGET = 450                                   # seconds for every step together (the machine's start comes on top)
+OWN_FOLDERS = ("ttl_data", "ttl_dry_run", "ttl_amp", "stages_gpu", "stages_cpu", "data")   # made afresh in OUTDIR
 
 
 def ttl_steps(out: str, dry_run: bool) -> dict[str, list[str]]:
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
+    for name in OWN_FOLDERS:                   # a check measures afresh: an earlier call's stages are not reused
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     report = {"dry_run": args.dry_run, "environment": environment(), "steps": {}}
     if not args.dry_run and not report["environment"]["cuda"]:
         print("no CUDA GPU here: run with --cpu-dry-run to check the script on the CPU")

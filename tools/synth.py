@@ -2,6 +2,7 @@
 generative model, with each task's best achievable score.
 
     python tools/synth.py --out Data/synth [--seed 0] [--users 6000] [--items 500] [--length 30] [--clusters 10]
+                          [--attribute_classes 5,2,4]
 
 The story (documented in Data/README.md): every user has three attributes (age group, gender, life
 status) and a personal favourite item cluster. Together they set the user's taste over item clusters:
@@ -53,6 +54,7 @@ class World:
     status: np.ndarray       # [4, K]
     favourite: float         # β: logit bonus of the personal favourite cluster
     series: float            # ρ: probability that the next item continues the previous item's series
+    priors: tuple[np.ndarray, np.ndarray, np.ndarray] = (AGE_PRIOR, GENDER_PRIOR, STATUS_PRIOR)  # of the attributes
 
     @property
     def n_clusters(self) -> int:
@@ -72,8 +74,17 @@ class Users:
     likes: np.ndarray        # [N, n_like]
 
 
+def attribute_prior(values: int, default: np.ndarray) -> np.ndarray:
+    """The prior of an attribute with `values` values: the benchmark's own when it has its count, else falling
+    linearly (p_i ∝ values − i: the majority class is 2 / (values + 1))."""
+    if values == default.size:
+        return default
+    weights = np.arange(values, 0, -1, dtype=np.float64)
+    return weights / weights.sum()
+
+
 def make_world(rng: np.random.Generator, n_items: int, n_clusters: int, strength: float, favourite: float,
-               series: float) -> World:
+               series: float, classes: tuple[int, int, int] = (5, 2, 4)) -> World:
     cluster = rng.permutation(np.arange(n_items) % n_clusters)                    # [M]
     weight = 1.0 / (1.0 + rng.permutation(n_items)) ** 0.8                         # [M] Zipf-like popularity
     totals = np.bincount(cluster, weights=weight, minlength=n_clusters)
@@ -81,8 +92,10 @@ def make_world(rng: np.random.Generator, n_items: int, n_clusters: int, strength
     for c in range(n_clusters):
         members = np.flatnonzero(cluster == c)
         successor[members] = np.roll(members, -1)
-    logits = [strength * rng.standard_normal((size, n_clusters)) for size in (5, 2, 4)]
-    return World(cluster, weight / totals[cluster], successor, *logits, favourite, series)
+    logits = [strength * rng.standard_normal((size, n_clusters)) for size in classes]
+    priors = tuple(attribute_prior(size, default) for size, default in zip(classes, (AGE_PRIOR, GENDER_PRIOR,
+                                                                                      STATUS_PRIOR)))
+    return World(cluster, weight / totals[cluster], successor, *logits, favourite, series, priors)
 
 
 def taste(world: World, age: np.ndarray, gender: np.ndarray, status: np.ndarray, favourite: np.ndarray,
@@ -107,9 +120,7 @@ def draw(rng: np.random.Generator, probabilities: np.ndarray, count: int) -> np.
 
 def make_users(rng: np.random.Generator, world: World, n_users: int, length: int, n_click: int,
                n_like: int) -> Users:
-    age = rng.choice(5, n_users, p=AGE_PRIOR)
-    gender = rng.choice(2, n_users, p=GENDER_PRIOR)
-    status = rng.choice(4, n_users, p=STATUS_PRIOR)
+    age, gender, status = (rng.choice(prior.size, n_users, p=prior) for prior in world.priors)
     favourite = rng.integers(0, world.n_clusters, n_users)
     p = taste(world, age, gender, status, favourite)                               # [N, M]
     sequences = np.empty((n_users, length), dtype=np.int64)
@@ -124,13 +135,14 @@ def make_users(rng: np.random.Generator, world: World, n_users: int, length: int
 
 def latent_grid(world: World) -> np.ndarray:
     """Every combination of the latent variables → [Z, 4] (age, gender, status, favourite)."""
-    return np.array(list(itertools.product(range(5), range(2), range(4), range(world.n_clusters))))
+    return np.array(list(itertools.product(*(range(prior.size) for prior in world.priors), range(world.n_clusters))))
 
 
 def posterior(world: World, sequences: np.ndarray, chunk: int = 256) -> np.ndarray:
     """p(latent combination | sequence) [N, Z], exact: prior × Π_t (ρ·[x_t = succ(x_{t−1})] + (1−ρ)·p_z(x_t))."""
     grid = latent_grid(world)
-    prior = AGE_PRIOR[grid[:, 0]] * GENDER_PRIOR[grid[:, 1]] * STATUS_PRIOR[grid[:, 2]] / world.n_clusters  # [Z]
+    ages, genders, statuses = world.priors
+    prior = ages[grid[:, 0]] * genders[grid[:, 1]] * statuses[grid[:, 2]] / world.n_clusters                # [Z]
     p = taste(world, *grid.T)                                                      # [Z, M]
     result = np.empty((sequences.shape[0], grid.shape[0]))
     for start in range(0, sequences.shape[0], chunk):
@@ -205,19 +217,21 @@ def lines(users: Users) -> list[list[str]]:
 
 
 def generate(seed: int, n_users: int, n_items: int, length: int, n_clusters: int, strength: float = 1.5,
-             favourite: float = 3.0, series: float = 0.3, n_click: int = 3, n_like: int = 2) -> tuple[World, Users]:
+             favourite: float = 3.0, series: float = 0.3, n_click: int = 3, n_like: int = 2,
+             classes: tuple[int, int, int] = (5, 2, 4)) -> tuple[World, Users]:
     rng = np.random.default_rng(seed)
-    world = make_world(rng, n_items, n_clusters, strength, favourite, series)
+    world = make_world(rng, n_items, n_clusters, strength, favourite, series, classes)
     return world, make_users(rng, world, n_users, length, n_click, n_like)
 
 
 def write(out: str, args: argparse.Namespace) -> dict:
     """Write task1.csv … task6.csv, latents.csv and tasks.json (each atomically); return tasks.json's content."""
+    classes = tuple(args.attribute_classes)
     world, users = generate(args.seed, args.users, args.items, args.length, args.clusters, args.strength,
-                            args.favourite, args.series)
+                            args.favourite, args.series, classes=classes)
     definitions = ["the user's item sequence", "3 later clicks, drawn from the user's taste",
-                   "2 later likes, drawn from the taste sharpened twice", "age group (5 values)",
-                   "gender (2 values)", "life status (4 values)"]
+                   "2 later likes, drawn from the taste sharpened twice", f"age group ({classes[0]} values)",
+                   f"gender ({classes[1]} values)", f"life status ({classes[2]} values)"]
     entries = []
     for number, (name, task_lines, ceiling) in enumerate(zip(NAMES, lines(users), ceilings(world, users)), 1):
         path = os.path.join(out, f"task{number}.csv")
@@ -230,6 +244,7 @@ def write(out: str, args: argparse.Namespace) -> dict:
                       + "".join(",".join(map(str, row)) + "\n" for row in latent.tolist()))
     meta = {"source": "synth", **{k: getattr(args, k) for k in ("seed", "users", "items", "length", "clusters",
                                                                   "strength", "favourite", "series")},
+            **({"attribute_classes": list(classes)} if classes != (5, 2, 4) else {}),
             "ceiling_note": "expected score of the Bayes-optimal predictor given the model's input, mean over all users",
             "tasks": entries}
     atomic_write_text(os.path.join(out, "tasks.json"), json.dumps(meta, indent=2) + "\n")
@@ -250,6 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     add("--favourite", type=flags.nonnegative_float, default=3.0, help="logit bonus of a user's favourite cluster, ≥ 0")
     add("--series", type=flags.real(0.0, 1.0, high_open=True), default=0.3,
         help="probability that an item continues a series, in [0, 1)")
+    add("--attribute_classes", type=flags.int_list(3, low=2), default=[5, 2, 4],
+        help="values of age, gender and life status (tasks 4-6), comma-separated, each >= 2 (default 5,2,4: the "
+             "benchmark's priors; other counts get priors falling linearly, p_i ~ count - i); another group "
+             "structure for checking methods off the benchmark")
     args = parser.parse_args(argv)
     if args.items < args.clusters:
         parser.error(f"--items must be >= --clusters ({args.clusters}) (got {args.items})")

@@ -24,10 +24,10 @@ sizes only. tasks.json beside the files records the settings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a file (python tools/…): import the su
 
 from continual import flags
 from continual.datasets import DATASETS
-from utils import DataError, atomic_write_text, cli
+from utils import atomic_file, atomic_write_text, cli
 
 FILES = DATASETS["ttl"]["files"]
 NAMES = DATASETS["ttl"]["names"]
@@ -153,24 +153,13 @@ def check(args: argparse.Namespace, parser: flags.Parser) -> None:
 
 def write(args: argparse.Namespace) -> dict:
     """The six files (each written under a temporary name, renamed when complete) and tasks.json → its content."""
-    os.makedirs(args.out, exist_ok=True)
     shapes = Shapes(args.items, args.length, args.classes, args.seed)
-    temporary = [tempfile.mkstemp(dir=args.out, prefix=name + ".", suffix=".tmp") for name in FILES]
-    handles = [os.fdopen(fd, "wb") for fd, _ in temporary]
     started = time.time()
-    try:
+    with contextlib.ExitStack() as files:
+        handles = [files.enter_context(atomic_file(os.path.join(args.out, name))) for name in FILES]
         for first in range(0, args.users, BLOCK):
             for handle, text in zip(handles, block_lines(shapes, first, min(BLOCK, args.users - first))):
                 handle.write(text)
-        for handle in handles:
-            handle.close()
-        for (_, temp), name in zip(temporary, FILES):
-            os.replace(temp, os.path.join(args.out, name))
-    finally:
-        for handle, (_, temp) in zip(handles, temporary):
-            handle.close()
-            if os.path.exists(temp):
-                os.remove(temp)
     classes = [args.items, *args.classes]
     meta = {"source": "ttl_shaped", "synthetic": True, "seed": args.seed, "users": args.users, "items": args.items,
             "length": args.length, "classes": args.classes,

@@ -4,7 +4,8 @@ Each is fine-tuning's stage 1 (next item, no masks) and, at stage K ≥ 2, a new
 `task_options` gives it (add_task's options) and, with `freeze_backbone`, a shared item embedding and residual
 blocks that no later task trains; its CE trains only its own parameters, so no earlier task is forgotten.
 From stage 2 on a chain must be the method's own: a stage-(K−1) checkpoint of another method holds earlier
-tasks it did not keep apart.
+tasks it did not keep apart; and its stage 1 must have no task masks (`train_task1.py --method finetune`): read
+without its masks, a TERACON stage 1 would score task 1 otherwise than it did, so it is refused.
 """
 from __future__ import annotations
 
@@ -27,13 +28,17 @@ class Isolation(FineTune):
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
-        written_by = ((stage.previous_checkpoint or {}).get("run_config") or {}).get("method")
+        checkpoint = stage.previous_checkpoint or {}
+        written_by = (checkpoint.get("run_config") or {}).get("method")
         if stage.number >= 3 and written_by != self.name:
             raise DataError(f"{stage.run.paths}: is a checkpoint of --method {written_by}; --method {self.name} "
                             f"continues only its own chain from stage 2 on")
+        if stage.number == 2 and checkpoint.get("model_config", {}).get("use_masks", False):
+            raise DataError(f"{stage.run.paths}: is a stage 1 with task masks (--method {written_by}); --method "
+                            f"{self.name} keeps task 1 exactly only from a stage 1 without them: python train_task1.py "
+                            "--method finetune ...")
 
     def grow(self, model: NextItNet, n_classes: int) -> None:
-        model.config.use_masks = False            # a TERACON stage-1 checkpoint too: every mask is 1
         model.add_task(n_classes, relation=False, **self.task_options(model))
         if self.freeze_backbone:
             for parameter in [*model.item_embedding.parameters(), *model.blocks.parameters()]:

@@ -55,6 +55,7 @@ class RunConfig:
     compile: bool = False
     ce_chunk: int | None = None           # rows a wide head's loss computes at a time; None: by size (base.chunk_rows)
     resume: bool = False
+    overwrite: bool = False               # train again over this stage's finished checkpoint
     max_steps: int | None = None          # at most this many optimiser steps a phase (a dry run); None: no limit
     eval_users: int | None = None         # every scoring pass reads at most this many users a task; None: all
 
@@ -134,6 +135,9 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
              "while the outputs fit in 1 GiB (the demo's and the benchmark's always do), else 1 GiB at a time "
              "(TTL's task 1: 415 rows)")
     add("--resume", action="store_true", help="continue an interrupted stage from its last finished epoch")
+    add("--overwrite", action="store_true",
+        help="train the stage again where its finished checkpoint is (--savepath): without it that is refused, as a "
+             "later stage may have been built from it")
     add("--max_steps", type=flags.positive_int, default=None,
         help="train at most N optimiser steps (batches, a skipped one included) in the stage, then select, score and "
              "save as usual: a dry run; each phase of a method with several (CONURE) gets N. Recorded in "

@@ -186,6 +186,15 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[tuple[np.
     return shards
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank (every rank gets the same answer, so all act at the same step)."""
+    if not active():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 def all_finite(loss: torch.Tensor, weight: float = 1.0) -> bool:
     """Whether the loss is finite on every rank (ranks with weight 0 do not count): all ranks skip together."""
     if not active():

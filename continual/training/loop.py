@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from continual import flags
-from continual.checkpoints import load_checkpoint
+from continual.checkpoints import is_finished, load_checkpoint
 from continual.datasets import preset_kind, preset_paths, stage_script, task_name
 from continual.evaluation.reports import format_evidence, format_limits, format_table
 from continual.evaluation.scoring import evaluate_tasks, load_task_data, score
@@ -33,7 +33,8 @@ from continual.training.samplers import AuthorsSampler, OurSampler, make_sampler
 from data_loader import (ItemIndex, Staging, TaskData, check_split, limit_users, load_sequences, load_task,
                          read_index, split_indices, write_index)
 from model import CHECKPOINT_FORMAT, ModelConfig, NextItNet
-from utils import DataError, atomic_torch_save, keep_freed_memory, resolve_device, set_seed, write_json
+from utils import (DataError, Preempted, atomic_torch_save, keep_freed_memory, resolve_device, set_seed,
+                   sigterm_received, stop_at_a_step, write_json)
 
 RERUN_SEED_STEP = 1000  # --rerun N trains from seed + 1000·N
 
@@ -172,6 +173,9 @@ def load_previous(run: RunConfig) -> tuple[dict, ItemIndex]:
     """The stage-(K−1) checkpoint and the index, checked against each other and this script."""
     checkpoint = load_checkpoint(run.paths)
     previous = checkpoint.get("stage")
+    if not is_finished(checkpoint):
+        raise DataError(f"{run.paths}: stage {previous} did not finish there (its run ended before it scored and "
+                        f"saved its final model); finish it first: its command again with --resume")
     if previous != run.stage - 1:
         maker = stage_script(run.stage - 1)
         raise DataError(f"{run.paths}: is stage {previous}'s checkpoint; stage {run.stage} needs task "
@@ -205,17 +209,22 @@ def prepare_index(run: RunConfig, index: ItemIndex) -> None:
 
 
 def guard_outputs(run: RunConfig) -> str:
-    """The checkpoint path; never an earlier stage's checkpoint."""
+    """The checkpoint path; never an earlier stage's checkpoint, nor this stage's finished one unless --overwrite
+    (or --resume, which finishes what is there): a later stage may have been built from it."""
     target = run.savepath + ".t7"
     if run.paths and os.path.abspath(target) == os.path.abspath(run.paths):
         raise DataError(f"{target}: --savepath would overwrite the checkpoint this stage starts from")
     if os.path.isfile(target):
-        try:
-            existing = torch.load(target, map_location="cpu", weights_only=True).get("stage")
+        try:   # mmap: the tensors are not read
+            existing = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
         except Exception:
-            existing = None
-        if existing is not None and existing != run.stage:
-            raise DataError(f"{target}: holds stage {existing}'s checkpoint; choose another --savepath")
+            existing = {}
+        stage = existing.get("stage") if isinstance(existing, dict) else None
+        if stage is not None and stage != run.stage:
+            raise DataError(f"{target}: holds stage {stage}'s checkpoint; choose another --savepath")
+        if stage == run.stage and is_finished(existing, run.savepath) and not (run.overwrite or run.resume):
+            raise DataError(f"{target}: stage {run.stage} finished there already (a later stage may be built from "
+                            "it); give --overwrite to train it again, or another --savepath")
     return target
 
 
@@ -237,28 +246,46 @@ def examples_of(inputs: StageInputs, run: RunConfig) -> Callable[[int], tuple[Ta
 # ---------------------------------------------------------------------- checkpoints, resume, early stopping
 
 def checkpoint_dict(run: RunConfig, model: NextItNet, method_state: dict, tasks: list[dict], epoch: int,
-                    valid: dict[str, float], extra: dict | None = None) -> dict:
-    """A stage's checkpoint: the model with its config, the run config, the method's state, the tasks' records."""
+                    valid: dict[str, float], extra: dict | None = None, finished: bool = True) -> dict:
+    """A stage's checkpoint: the model with its config, the run config, the method's state, the tasks' records, and
+    whether it is the stage's final model (`finished`: the best so far, written while the stage trains, is not)."""
     return {"format_version": CHECKPOINT_FORMAT, "stage": run.stage, "model_config": model.config_dict(),
             "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "tasks": tasks, "index_path": run.datapath_index, "run_config": run.to_dict(),
-            "method_state": method_state, "epoch": epoch, "valid": valid, **(extra or {})}
+            "method_state": method_state, "epoch": epoch, "valid": valid, "finished": finished, **(extra or {})}
 
 
-def fit(run: RunConfig, train_epoch: Callable[[int], dict], validate: Callable[[], dict],
+class StopAtStep(Exception):
+    """Raised by an epoch after the step at which a SIGTERM was noted: `within` is where to continue."""
+
+    def __init__(self, within: dict):
+        super().__init__()
+        self.within = within
+
+
+def fit(run: RunConfig, train_epoch: Callable[[int, dict | None], dict], validate: Callable[[], dict],
         on_best: Callable[[int, dict], None], resume: Resume) -> None:
     """Early stopping: validate after each epoch, `on_best` at each new best, stop after `patience` misses, or after
     the epoch in which train_epoch reported that --max_steps ran out ("budget_spent").
 
-    After every epoch the training state is saved so that `--resume` continues from the next epoch.
+    After every epoch the training state is saved so that `--resume` continues from the next epoch; after a SIGTERM
+    (utils.stop_at_a_step), at the step where the epoch stopped (its batches, the generators and the epoch's sums so
+    far included), and the run ends with Preempted.
     """
-    best, misses, start = resume.restore()
+    best, misses, start, within = resume.restore()
     if start >= run.epochs or misses >= run.patience:
         print(f"resume: stage already finished at epoch {start - 1}")
         return
     for epoch in range(start, run.epochs):
         started = time.time()
-        stats = distributed.average_stats(train_epoch(epoch))
+        try:
+            stats = distributed.average_stats(train_epoch(epoch, within if epoch == start else None))
+        except StopAtStep as stop:
+            if distributed.is_main():
+                resume.save(epoch, best, misses, stop.within)
+            raise Preempted(f"SIGTERM: stage {run.stage} stopped after step {stop.within['batch']} of epoch {epoch}, "
+                            f"its state written to {resume.path}; the same command with --resume continues it "
+                            "there") from None
         trained = time.time()
         valid = distributed.from_main(validate)  # rank 0's scores: every rank takes the same decisions
         value = valid[run.select_on if run.select_on in valid else "acc"]  # cls tasks only report acc
@@ -277,6 +304,9 @@ def fit(run: RunConfig, train_epoch: Callable[[int], dict], validate: Callable[[
             misses += 1
         if distributed.is_main() and not stats.get("budget_spent"):   # --max_steps: nothing is left to resume
             resume.save(epoch, best, misses)
+        if distributed.any_rank(sigterm_received()):                   # noted while validating
+            raise Preempted(f"SIGTERM: stage {run.stage} stopped after epoch {epoch}, its state written to "
+                            f"{resume.path}; the same command with --resume continues it")
         if misses >= run.patience:
             print(f"early stop: no better validation {run.select_on} for {run.patience} epochs")
             break
@@ -286,7 +316,8 @@ def fit(run: RunConfig, train_epoch: Callable[[int], dict], validate: Callable[[
 
 
 class Resume:
-    """The state `--resume` needs, saved atomically after each epoch to `<savepath>.resume.t7`."""
+    """The state `--resume` needs, saved atomically after each epoch (and at the step where a SIGTERM stopped the
+    run) to `<savepath>.resume.t7`."""
 
     def __init__(self, run: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  rng: np.random.Generator, method: Method | None = None, phase: int = 0):
@@ -294,16 +325,21 @@ class Resume:
         self.run, self.model, self.optimizer, self.rng, self.method = run, model, optimizer, rng, method
         self.phase = phase
 
-    def save(self, epoch: int, best: float, misses: int) -> None:
+    def save(self, epoch: int, best: float, misses: int, within: dict | None = None) -> None:
+        """After epoch `epoch`, or within it (`within`: the next batch, the epoch's batches, its sums so far)."""
+        if within is not None:
+            within = {**within, "shards": [[torch.from_numpy(np.ascontiguousarray(rows)), share, size]
+                                           for rows, share, size in within["shards"]]}
         atomic_torch_save({"stage": self.run.stage, "phase": self.phase, "epoch": epoch, "best": best, "misses": misses,
                            "model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict(),
                            "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                           "method_state": self.method.state_dict() if self.method else {}}, self.path)
+                           "method_state": self.method.state_dict() if self.method else {}, "within": within},
+                          self.path)
 
-    def restore(self) -> tuple[float | None, int, int]:
-        """(best, misses, first epoch to run); a fresh start unless --resume."""
+    def restore(self) -> tuple[float | None, int, int, dict | None]:
+        """(best, misses, first epoch to run, where within it to continue or None); a fresh start unless --resume."""
         if not self.run.resume:
-            return None, 0, 0
+            return None, 0, 0, None
         if not os.path.isfile(self.path):
             raise DataError(f"{self.path}: nothing to resume (no interrupted run of stage {self.run.stage} there)")
         try:
@@ -314,7 +350,7 @@ class Resume:
             raise DataError(f"{self.path}: belongs to stage {state.get('stage')}, not {self.run.stage}")
         saved_phase = state.get("phase", 0)
         if saved_phase != self.phase:  # a later phase was under way: this one finished; an earlier: this one starts
-            return (None, self.run.patience, self.run.epochs) if saved_phase > self.phase else (None, 0, 0)
+            return (None, self.run.patience, self.run.epochs, None) if saved_phase > self.phase else (None, 0, 0, None)
         try:
             self.model.load_state_dict(state["model_state"], strict=True)
             self.optimizer.load_state_dict(state["optimizer_state"])
@@ -324,8 +360,13 @@ class Resume:
         torch.set_rng_state(state["torch_rng"])
         if self.method:
             self.method.load_state_dict(state.get("method_state", state.get("extra", {})))
+        within = state.get("within")
+        if within is not None:
+            within["shards"] = [(rows.numpy(), share, size) for rows, share, size in within["shards"]]
+            print(f"resuming stage {self.run.stage} in epoch {state['epoch']} at step {within['batch']}")
+            return state["best"], state["misses"], state["epoch"], within
         print(f"resuming stage {self.run.stage} after epoch {state['epoch']}")
-        return state["best"], state["misses"], state["epoch"] + 1
+        return state["best"], state["misses"], state["epoch"] + 1, None
 
 
 def finish(run: RunConfig, model: NextItNet, method: Method, stage: Stage, checkpoint_path: str,
@@ -411,12 +452,17 @@ def run_stage(run: RunConfig) -> dict:
 
     steps_in_phase = [0]                    # --max_steps counts the optimiser steps of each phase
 
-    def train_epoch(epoch: int) -> dict:
+    def train_epoch(epoch: int, within: dict | None = None) -> dict:
+        """One epoch (from `within`'s step on, when resumed there); a SIGTERM noted on any rank ends it after the
+        step under way with StopAtStep."""
         model.train()
         stats = {"loss": 0.0, "retention": 0.0, "skipped": 0, "finite_steps": 0}
-        shards = sampler.epoch_batches(train_rows.size, run.batch)  # (this rank's rows, its share, batch rows)
-        for b, (rows, _, size) in enumerate(tqdm(shards, desc=f"task {run.stage} epoch {epoch}", leave=False,
-                                                 disable=None)):
+        shards = sampler.epoch_batches(train_rows.size, run.batch) if within is None else within["shards"]
+        first = 0 if within is None else within["batch"]             # shards: (this rank's rows, share, batch rows)
+        if within is not None:
+            stats, steps_in_phase[0] = dict(within["stats"]), within["steps_in_phase"]
+        for b in tqdm(range(first, len(shards)), desc=f"task {run.stage} epoch {epoch}", leave=False, disable=None):
+            rows, _, size = shards[b]
             if run.max_steps and steps_in_phase[0] >= run.max_steps:
                 stats["budget_spent"] = True
                 break
@@ -432,6 +478,9 @@ def run_stage(run: RunConfig) -> dict:
             resources.step_done(started)
             if saved:
                 resources.saved_bytes, resources.held = saved.largest, method.held_bytes()
+            if distributed.any_rank(sigterm_received()):
+                raise StopAtStep({"batch": b + 1, "shards": shards, "stats": stats,
+                                  "steps_in_phase": steps_in_phase[0]})
         if run.max_steps and steps_in_phase[0] >= run.max_steps:
             stats["budget_spent"] = True
         stats["loss"] /= max(stats["finite_steps"], 1)
@@ -446,19 +495,21 @@ def run_stage(run: RunConfig) -> dict:
     def on_best(epoch: int, valid: dict) -> None:
         test = scored(test_rows)
         print("  test at best validation: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
-        atomic_torch_save(checkpoint_dict(run, model, method.state_dict(), inputs.tasks, epoch, valid, extra),
-                          checkpoint_path)
+        atomic_torch_save(checkpoint_dict(run, model, method.state_dict(), inputs.tasks, epoch, valid, extra,
+                                          finished=False), checkpoint_path)
 
-    for phase in range(method.phases):
-        if phase:                     # the next phase starts from the best model so far (e.g. after a pruning)
-            best = distributed.from_main(lambda: load_checkpoint(checkpoint_path, "this stage's checkpoint"))
-            model.load_state_dict(best["model_state"], strict=True)
-            method.load_state_dict(best.get("method_state") or {})
-            method.begin_phase(model, phase)
-            optimizer = sampler.optimizer(model.parameters(), run.lr)
-            steps_in_phase[0] = 0
-            print(f"phase {phase} of {method.phases}: from the best model of the phase before", flush=True)
-        fit(run, train_epoch, lambda: scored(valid_rows), on_best, Resume(run, model, optimizer, rng, method, phase))
+    with stop_at_a_step():                  # a SIGTERM while training: stop after the step, resumably
+        for phase in range(method.phases):
+            if phase:                       # the next phase starts from the best model so far (e.g. after a pruning)
+                best = distributed.from_main(lambda: load_checkpoint(checkpoint_path, "this stage's checkpoint"))
+                model.load_state_dict(best["model_state"], strict=True)
+                method.load_state_dict(best.get("method_state") or {})
+                method.begin_phase(model, phase)
+                optimizer = sampler.optimizer(model.parameters(), run.lr)
+                steps_in_phase[0] = 0
+                print(f"phase {phase} of {method.phases}: from the best model of the phase before", flush=True)
+            fit(run, train_epoch, lambda: scored(valid_rows), on_best,
+                Resume(run, model, optimizer, rng, method, phase))
     optimizer = None                        # its state (two copies of the model) is not needed to score
     return finish(run, model, method, stage, checkpoint_path, inputs, device, extra, resources)
 
