@@ -62,6 +62,19 @@ def test_units_kept_shares_new_task_ratios_and_verdicts_by_hand(tmp_path):
     assert short[3].endswith("| 1.00 | 5.0 | 3 ▲, 2 ▼ |")  # fineall beats it on tasks 1, 2 and kept; not on task 3, new
 
 
+def test_each_earlier_tasks_kept_share_with_its_lowest_unit_by_hand(tmp_path):
+    pool = paper_table.Pool(paper_table.read_records([write_results(tmp_path, 0), write_results(tmp_path, 1)]))
+    task1 = {unit: (0.10 + shift) / (0.40 + shift) for unit, shift in SHIFT.items()}
+    task2 = {unit: (0.15 + shift) / (0.30 + shift) for unit, shift in SHIFT.items()}
+    assert pool.kept_task("finetune", 1) == pytest.approx(task1)
+    assert pool.kept_task("finetune", 2) == pytest.approx(task2)
+    row = paper_table.kept_table(pool, ["finetune", "fineall"]).splitlines()
+    assert row[0] == "| method | units | task 1 kept (lowest) | task 2 kept (lowest) |"
+    mean, low, high = paper_table.summary(task1)
+    assert row[2].startswith(f"| finetune | 4 | {mean:.3f} [{low:.3f}, {high:.3f}] ({min(task1.values()):.3f}) |")
+    assert row[3] == "| fineall | 4 | 1.000 [1.000, 1.000] (1.000) | 1.000 [1.000, 1.000] (1.000) |"
+
+
 def test_the_table_and_figure_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     paths = [write_results(tmp_path, 0), write_results(tmp_path, 1)]
@@ -69,6 +82,7 @@ def test_the_table_and_figure_are_written(tmp_path):
     text = open(table, encoding="utf-8").read()
     assert "| trivial baseline | 4 |" in text and "| ceiling | 4 | 0.9000 |" in text
     assert "| fineall | 4 |" in text and "3.00" in text
+    assert "| fineall | 4 | 1.000 [1.000, 1.000] (1.000) |" in text                # the kept share of each task
     with open(figure, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 

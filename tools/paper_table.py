@@ -86,14 +86,17 @@ class Pool:
         return {u: self.scores[method][u][task, task] for u in self.units(method)
                 if (task, task) in self.scores[method][u]}
 
+    def kept_task(self, method: str, task: int) -> dict[Unit, float]:
+        """Task `task`'s score after stage N / its score at its own stage, per unit (units scoring 0 left out)."""
+        own, final = self.own(method, task), self.final(method, task)
+        return {u: final[u] / own[u] for u in own.keys() & final.keys() if own[u] > 0}
+
     def kept(self, method: str) -> dict[Unit, float]:
         """Mean over tasks 1..N−1 of score after stage N / score at its own stage."""
         shares: dict[Unit, list[float]] = {}
         for task in range(1, self.stages):
-            own, final = self.own(method, task), self.final(method, task)
-            for u in own.keys() & final.keys():
-                if own[u] > 0:
-                    shares.setdefault(u, []).append(final[u] / own[u])
+            for u, share in self.kept_task(method, task).items():
+                shares.setdefault(u, []).append(share)
         return {u: statistics.fmean(v) for u, v in shares.items() if len(v) == self.stages - 1}
 
     def learned(self, method: str, reference: str) -> dict[Unit, float]:
@@ -211,6 +214,20 @@ def own_stage_table(pool: Pool, methods: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_table(pool: Pool, methods: list[str]) -> str:
+    """Every earlier task's kept share (after the last stage ÷ at its own stage), mean [95 % t-interval over
+    units] and its lowest unit."""
+    columns = ["method", "units", *(f"task {k} kept (lowest)" for k in range(1, pool.stages))]
+    lines = [table_row(columns), "|" + "---|" * len(columns)]
+    for method in methods:
+        cells = []
+        for k in range(1, pool.stages):
+            shares = pool.kept_task(method, k)
+            cells.append(f"{cell(summary(shares), 3)} ({min(shares.values()):.3f})" if shares else "")
+        lines.append(table_row([method, str(len(pool.units(method))), *cells]))
+    return "\n".join(lines) + "\n"
+
+
 def paired_table(pool: Pool, against: list[str], methods: list[str], reference: str) -> str:
     columns = ["a − b", "units", *task_headers(pool), f"own-stage ÷ {reference}", "kept"]
     lines = [table_row(columns), "|" + "---|" * len(columns)]
@@ -283,6 +300,8 @@ def main(argv: list[str] | None = None) -> list[str]:
             + main_table(pool, methods, args.reference)
             + "\nEach task at its own stage (the score it was learned to; ▲ above its trivial baseline on the same "
               "test users, paired interval above 0):\n\n" + own_stage_table(pool, methods)
+            + "\nEach earlier task's kept share, after the last stage ÷ at its own stage, mean [95 % t-interval over "
+              "units] (the lowest unit's):\n\n" + kept_table(pool, methods)
             + "\nPaired differences a − b over units (▲ a beats b: the interval lies above 0; ▼ below; = ties):\n\n"
             + paired_table(pool, args.against, methods, args.reference))
     table_path, figure_path = os.path.join(args.out, "paper_table.md"), os.path.join(args.out, "paper_figure.png")
