@@ -56,7 +56,7 @@ from continual.methods import METHODS, method_class
 from continual.training.config import DEFAULT_METHOD, check_stage_flags
 from continual.training.loop import parameter_count as model_parameters
 from model import NextItNet
-from utils import DataError, atomic_write_text, cli
+from utils import DataError, atomic_write_text, cli, write_failure
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -236,10 +236,13 @@ def run_stage(command: list[str], save: str, label: str, threads: int = 1) -> bo
     os.makedirs(os.path.dirname(save), exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     started = time.time()
-    with open(save + ".log", "a", encoding="utf-8") as log:
-        log.write(f"# {datetime.now().isoformat(timespec='seconds')}\n# {shlex.join(command)}\n")
-        log.flush()
-        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    try:                                      # a full disk: one line naming the log
+        with open(save + ".log", "a", encoding="utf-8") as log:
+            log.write(f"# {datetime.now().isoformat(timespec='seconds')}\n# {shlex.join(command)}\n")
+            log.flush()
+            code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    except OSError as error:
+        raise write_failure(save + ".log", error) from None
     ok = code == 0 and os.path.isfile(save + ".metrics.json")
     state = "done" if ok else f"FAILED (exit {code}; see {save}.log)"
     print(f"{label}: {state} in {time.time() - started:.0f}s", flush=True)

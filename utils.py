@@ -68,6 +68,8 @@ def stop_at_a_step() -> Iterator[None]:
         yield
     finally:
         _SIGTERM["at_a_step"] = False
+    if _SIGTERM["received"]:            # noted after the loop's last look: an interrupt, as outside the block
+        raise KeyboardInterrupt
 
 
 def sigterm_received() -> bool:

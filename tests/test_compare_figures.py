@@ -84,7 +84,7 @@ def test_figures_writes_png_files(tmp_path):
     tasks = [{"name": name, "datapath": "x", "kind": kind, "n_classes": n, "seed": 10, "split_percentage": 0.2}
              for name, kind, n in (("next_item", "rec", 20), ("watch", "cls", 5), ("age", "cls", 3))]
     checkpoint = tmp_path / "task3.t7"
-    utils.atomic_torch_save(loop.checkpoint_dict(args, model, {}, tasks, 0, {"acc": 0.5}), str(checkpoint))
+    utils.atomic_torch_save(loop.checkpoint_dict(args, model, {}, tasks, 0, {"acc": 0.5}, finished=True), str(checkpoint))
     first = metrics_file(tmp_path / "task1.metrics.json", 1, {1: 0.2})
     second = metrics_file(tmp_path / "task2.metrics.json", 2, {1: 0.1, 2: 0.6})
     out = tmp_path / "figures"

@@ -340,7 +340,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tiny_model, rela
     tasks = [{"name": f"task{k}", "datapath": "x", "kind": "rec", "n_classes": n, "seed": 10,
               "split_percentage": 0.2} for k, n in enumerate(classes, 1)]
     path = tmp_path / "ckpt.t7"
-    utils.atomic_torch_save(loop.checkpoint_dict(args, model, {}, tasks, 0, {"acc": 0.5}), str(path))
+    utils.atomic_torch_save(loop.checkpoint_dict(args, model, {}, tasks, 0, {"acc": 0.5}, finished=True), str(path))
     checkpoint = checkpoints.load_checkpoint(str(path))
     assert checkpoint["stage"] == stage
     loaded = NextItNet.from_checkpoint(checkpoint).eval()

@@ -74,7 +74,7 @@ def stage1(tmp_path_factory, data_writer) -> dict:
                                   "--savepath", str(folder / "task1"), "--channels", "8", "--device", "cpu"])
     model = NextItNet(ModelConfig(n_items=index.size, task_classes=[index.size], channels=8))
     record = loop.task_record(args, index.size)
-    utils.atomic_torch_save(loop.checkpoint_dict(args, model, {}, [record], 0, {"acc": 0.0}), str(folder / "task1.t7"))
+    utils.atomic_torch_save(loop.checkpoint_dict(args, model, {}, [record], 0, {"acc": 0.0}, finished=True), str(folder / "task1.t7"))
     (folder / "metrics.json").write_text('{"stage": 1, "tasks": {}}\n')
     return {"folder": folder, "t1": str(data.task1), "t2": str(data.task2), "index": str(folder / "index.csv"),
             "ckpt": str(folder / "task1.t7"), "classes": index.size,

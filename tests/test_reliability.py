@@ -4,14 +4,18 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+
+from utils import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--epochs", "1", "--channels", "8", "--device", "cpu"]
@@ -214,15 +218,15 @@ def test_kill_midway_keeps_earlier_and_partial_checkpoints(trained, tmp_path):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143 and "Traceback" not in stderr, stderr
-    assert "stopped: SIGTERM: stage 2 stopped after step" in stderr
+    assert re.search(r"stopped: SIGTERM: stage 2 stopped after (step \d+ of )?epoch \d+", stderr), stderr
     assert digest(trained["folder"]) == before
     partial = load_checkpoint(save + ".t7")
-    assert partial["stage"] == 2
+    assert partial["stage"] == 2 and partial["finished"] is False        # the best so far, not the stage's
     NextItNet.from_checkpoint(partial)
     NextItNet.from_checkpoint(load_checkpoint(trained["task1"]))
     resumed = subprocess.run(base + ["--epochs", "3", "--resume"], capture_output=True, text=True, cwd=REPO, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming stage 2 in epoch" in resumed.stdout                   # at the step where SIGTERM stopped it
+    assert re.search(r"resuming stage 2 (in|after) epoch", resumed.stdout)    # where SIGTERM stopped it
     metrics = json.load(open(save + ".metrics.json"))
     assert set(metrics["tasks"]) == {"1", "2"}
     assert not os.path.exists(save + ".resume.t7")
@@ -320,6 +324,48 @@ def test_a_full_disk_ends_in_one_line_and_replaces_nothing(trained, tmp_path, mo
     assert digest(trained["folder"]) == before
 
 
+def test_overwrite_removes_the_earlier_runs_metrics_once_it_replaces_the_checkpoint(trained, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """Stopped in its second epoch (after its first best model), an --overwrite run leaves its own unfinished
+    checkpoint and no metrics of the model it replaced (compare.py would take them as this checkpoint's)."""
+    import utils
+    from continual.checkpoints import load_checkpoint
+    from continual.training import loop
+    save = str(tmp_path / "task2")
+    common = ["--datapath", trained["t2"], "--paths", trained["task1"], "--datapath_index", trained["index"],
+              "--batch", "8", "--epochs", "2", "--channels", "8", "--device", "cpu", "--savepath", save]
+    loop.main(2, common)
+    assert os.path.isfile(save + ".metrics.json") and os.path.isfile(save + ".resources.json")
+    original, calls = loop.train_step, [0]
+
+    def noting(*args, **kwargs):
+        calls[0] += 1
+        utils._SIGTERM["received"] = calls[0] == 7                      # step 1 of epoch 1 (6 steps an epoch)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(loop, "train_step", noting)
+    code, stderr = cli_run(lambda: loop.main(2, [*common, "--overwrite", "--seed", "5"]), capsys)
+    assert code == 143 and "stopped: SIGTERM" in stderr, stderr
+    assert load_checkpoint(save + ".t7")["finished"] is False
+    assert not os.path.exists(save + ".metrics.json") and not os.path.exists(save + ".resources.json")
+
+
+def test_a_stage_stopped_while_it_scores_is_not_marked_finished(trained, tmp_path, monkeypatch, capsys):
+    """The checkpoint is marked finished only after every task is scored: an interrupt while scoring leaves it
+    unfinished (the next stage refuses it) and writes no metrics.json."""
+    from continual.checkpoints import load_checkpoint
+    from continual.training import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(loop, "evaluate_tasks", interrupted)
+    save = str(tmp_path / "task2")
+    code, stderr = cli_run(lambda: loop.main(2, ["--datapath", trained["t2"], "--paths", trained["task1"],
+                                                 "--datapath_index", trained["index"], "--epochs", "1", "--channels",
+                                                 "8", "--device", "cpu", "--savepath", save]), capsys)
+    assert code == 130 and "marked unfinished" in stderr, stderr
+    assert load_checkpoint(save + ".t7")["finished"] is False and not os.path.exists(save + ".metrics.json")
+
+
 def test_a_finished_stage_is_not_trained_again_without_overwrite(trained, tmp_path):
     save = str(tmp_path / "task2")
     assert stage2({**trained, "folder": str(tmp_path)}, trained["task1"]).returncode == 0
@@ -415,3 +461,66 @@ def test_sigterm_resume_with_kept_frozen_outputs_is_the_run_to_float_rounding(tr
     for task, entry in first["tasks"].items():
         for metric, value in entry["test"].items():
             assert second["tasks"][task]["test"][metric] == pytest.approx(value, abs=1e-6), (task, metric)
+
+
+def test_sigterm_within_a_max_steps_budget_resumes_to_the_same_steps_and_metrics(trained, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """--max_steps 9, stopped after step 7 (epoch 1): the resumed stage takes the 2 steps left, not 9 more, and
+    records 9 steps, as the uninterrupted run does."""
+    whole, resumed, _ = preempted_then_resumed(tmp_path, trained, monkeypatch, capsys, ["--max_steps", "9"], 7)
+    assert resumed == whole and json.loads(resumed)["limits"]["steps"] == 9
+
+
+def resume_for(tmp_path, max_steps: int = 0):
+    from continual.training import loop
+    from model import ModelConfig, NextItNet
+    run = SimpleNamespace(savepath=str(tmp_path / "stage"), stage=2, resume=True, patience=3, epochs=4,
+                          max_steps=max_steps)
+    model = NextItNet(ModelConfig(n_items=10, task_classes=[10], channels=8))
+    optimizer = torch.optim.Adam(model.parameters())
+    return loop.Resume(run, model, optimizer, np.random.default_rng(0), None, 0, [0])
+
+
+def test_a_resume_within_an_epoch_gives_each_rank_its_own_rows(tmp_path, monkeypatch):
+    """Under torchrun each rank's rows of the stopped epoch are saved, and each rank resumes with its own; on another
+    number of processes the file is refused in one line."""
+    from continual.training import distributed
+    parts = [{"batch": 3, "shards": [(np.array([rank, rank + 2]), 0.5, 4)], "stats": {"loss": float(rank)}}
+             for rank in (0, 1)]
+    resume_for(tmp_path).save(1, 0.5, 0, parts)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    best, misses, epoch, within = resume_for(tmp_path).restore()
+    assert (best, misses, epoch, within["batch"], within["stats"]) == (0.5, 0, 1, 3, {"loss": 1.0})
+    assert within["shards"][0][0].tolist() == [1, 3]
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    with pytest.raises(DataError, match=r"stage.resume.t7: stopped within an epoch on 2 process\(es\)"):
+        resume_for(tmp_path).restore()
+
+
+def test_a_resume_after_the_budget_ran_out_finishes_without_training(tmp_path):
+    resume = resume_for(tmp_path, max_steps=5)
+    resume.steps[0] = 5
+    resume.save(2, 0.25, 1)
+    restored = resume_for(tmp_path, max_steps=5)
+    assert restored.restore() == (0.25, 3, 4, None) and restored.steps == [5]   # misses = patience, start = epochs
+
+
+def test_a_sigterm_noted_after_the_loops_last_look_is_not_dropped():
+    import utils
+    with pytest.raises(KeyboardInterrupt):
+        with utils.stop_at_a_step():
+            utils._SIGTERM["received"] = True
+    with utils.stop_at_a_step():
+        pass
+
+
+def test_compare_names_its_log_when_the_disk_is_full(tmp_path, monkeypatch):
+    import compare
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(compare, "open", full, raising=False)
+    with pytest.raises(DataError, match=r"s/task2\.log: could not be written: No space left on device"):
+        compare.run_stage([sys.executable, "-c", "pass"], str(tmp_path / "s" / "task2"), "seed 0 stage 2")

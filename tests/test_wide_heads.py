@@ -51,6 +51,19 @@ def test_chunked_cross_entropy_is_the_whole_one():
 
 
 @pytest.mark.parametrize("distance", ["mse", "kl"])
+def test_a_trainable_bias_on_a_frozen_weight_gets_its_gradient_in_chunks(distance):
+    torch.manual_seed(2)
+    head, teacher_head = torch.nn.Linear(8, 60), torch.nn.Linear(8, 60).requires_grad_(False)
+    head.weight.requires_grad_(False)
+    hidden, teacher_hidden = torch.randn(23, 8, requires_grad=True), torch.randn(23, 8)
+    wanted = gradients(head_distance(hidden, head, teacher_hidden, teacher_head, distance, 0), [hidden, head.bias])
+    got = gradients(head_distance(hidden, head, teacher_hidden, teacher_head, distance, 4), [hidden, head.bias])
+    assert wanted[1].abs().sum() > 0
+    for g, w in zip(got, wanted):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("distance", ["mse", "kl"])
 def test_chunked_distance_is_the_whole_one(distance):
     torch.manual_seed(1)
     head, teacher_head = torch.nn.Linear(8, 60), torch.nn.Linear(8, 60).requires_grad_(False)

@@ -278,6 +278,7 @@ class WideHeadDistance(torch.autograd.Function):
                 grad_hidden[rows] = gradient @ weight
                 if grad_weight is not None:
                     grad_weight.addmm_(gradient.t(), hidden[rows])
+                if grad_bias is not None:
                     grad_bias += gradient.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)     # what autograd keeps for this term
         return (total * scale).float()

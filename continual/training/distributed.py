@@ -159,6 +159,15 @@ def broadcast_object(value: Any) -> Any:
     return holder[0]
 
 
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every rank's (picklable) `value` in rank order on rank 0, None on the others; [value] in a single process."""
+    if not active():
+        return [value]
+    gathered = [None] * world_size() if is_main() else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def from_main(compute: Callable[[], Any]) -> Any:
     """`compute()` run on rank 0 only, its (picklable) result handed to every rank."""
     if not active():

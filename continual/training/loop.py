@@ -246,13 +246,20 @@ def examples_of(inputs: StageInputs, run: RunConfig) -> Callable[[int], tuple[Ta
 # ---------------------------------------------------------------------- checkpoints, resume, early stopping
 
 def checkpoint_dict(run: RunConfig, model: NextItNet, method_state: dict, tasks: list[dict], epoch: int,
-                    valid: dict[str, float], extra: dict | None = None, finished: bool = True) -> dict:
+                    valid: dict[str, float], extra: dict | None = None, *, finished: bool) -> dict:
     """A stage's checkpoint: the model with its config, the run config, the method's state, the tasks' records, and
     whether it is the stage's final model (`finished`: the best so far, written while the stage trains, is not)."""
     return {"format_version": CHECKPOINT_FORMAT, "stage": run.stage, "model_config": model.config_dict(),
             "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "tasks": tasks, "index_path": run.datapath_index, "run_config": run.to_dict(),
             "method_state": method_state, "epoch": epoch, "valid": valid, "finished": finished, **(extra or {})}
+
+
+def continuing(run: RunConfig) -> str:
+    """How a stopped stage goes on: --resume, which --streams authors refuses (its global generators are not saved)."""
+    if run.streams == "authors":
+        return "--streams authors cannot resume: the same command with --overwrite trains the stage again"
+    return "the same command with --resume continues it"
 
 
 class StopAtStep(Exception):
@@ -281,11 +288,12 @@ def fit(run: RunConfig, train_epoch: Callable[[int, dict | None], dict], validat
         try:
             stats = distributed.average_stats(train_epoch(epoch, within if epoch == start else None))
         except StopAtStep as stop:
+            every_rank = distributed.gather_to_main(stop.within)        # each rank's rows and sums of the epoch
             if distributed.is_main():
-                resume.save(epoch, best, misses, stop.within)
+                resume.save(epoch, best, misses, every_rank)
+            distributed.barrier()                                       # no rank exits before the file is written
             raise Preempted(f"SIGTERM: stage {run.stage} stopped after step {stop.within['batch']} of epoch {epoch}, "
-                            f"its state written to {resume.path}; the same command with --resume continues it "
-                            "there") from None
+                            f"its state written to {resume.path}; {continuing(run)} there") from None
         trained = time.time()
         valid = distributed.from_main(validate)  # rank 0's scores: every rank takes the same decisions
         value = valid[run.select_on if run.select_on in valid else "acc"]  # cls tasks only report acc
@@ -302,11 +310,13 @@ def fit(run: RunConfig, train_epoch: Callable[[int, dict | None], dict], validat
                 on_best(epoch, valid)
         else:
             misses += 1
-        if distributed.is_main() and not stats.get("budget_spent"):   # --max_steps: nothing is left to resume
+        stopping = distributed.any_rank(sigterm_received())           # noted while validating
+        if distributed.is_main() and (stopping or not stats.get("budget_spent")):  # spent: only when stopped here
             resume.save(epoch, best, misses)
-        if distributed.any_rank(sigterm_received()):                   # noted while validating
+        if stopping:
+            distributed.barrier()
             raise Preempted(f"SIGTERM: stage {run.stage} stopped after epoch {epoch}, its state written to "
-                            f"{resume.path}; the same command with --resume continues it")
+                            f"{resume.path}; {continuing(run)}")
         if misses >= run.patience:
             print(f"early stop: no better validation {run.select_on} for {run.patience} epochs")
             break
@@ -317,24 +327,27 @@ def fit(run: RunConfig, train_epoch: Callable[[int, dict | None], dict], validat
 
 class Resume:
     """The state `--resume` needs, saved atomically after each epoch (and at the step where a SIGTERM stopped the
-    run) to `<savepath>.resume.t7`."""
+    run) to `<savepath>.resume.t7`. `steps` is the stage's count of optimiser steps per phase (--max_steps), saved
+    and restored with it."""
 
     def __init__(self, run: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 rng: np.random.Generator, method: Method | None = None, phase: int = 0):
+                 rng: np.random.Generator, method: Method | None = None, phase: int = 0,
+                 steps: list[int] | None = None):
         self.path = run.savepath + ".resume.t7"
         self.run, self.model, self.optimizer, self.rng, self.method = run, model, optimizer, rng, method
-        self.phase = phase
+        self.phase, self.steps = phase, steps if steps is not None else [0]
 
-    def save(self, epoch: int, best: float, misses: int, within: dict | None = None) -> None:
-        """After epoch `epoch`, or within it (`within`: the next batch, the epoch's batches, its sums so far)."""
+    def save(self, epoch: int, best: float, misses: int, within: list[dict] | None = None) -> None:
+        """After epoch `epoch`, or within it (`within`: each rank's next batch, its rows of the epoch's batches and
+        its sums so far, in rank order)."""
         if within is not None:
-            within = {**within, "shards": [[torch.from_numpy(np.ascontiguousarray(rows)), share, size]
-                                           for rows, share, size in within["shards"]]}
+            within = [{**part, "shards": [[torch.from_numpy(np.ascontiguousarray(rows)), share, size]
+                                          for rows, share, size in part["shards"]]} for part in within]
         atomic_torch_save({"stage": self.run.stage, "phase": self.phase, "epoch": epoch, "best": best, "misses": misses,
                            "model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict(),
                            "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                           "method_state": self.method.state_dict() if self.method else {}, "within": within},
-                          self.path)
+                           "method_state": self.method.state_dict() if self.method else {}, "within": within,
+                           "steps": list(self.steps)}, self.path)
 
     def restore(self) -> tuple[float | None, int, int, dict | None]:
         """(best, misses, first epoch to run, where within it to continue or None); a fresh start unless --resume."""
@@ -360,8 +373,16 @@ class Resume:
         torch.set_rng_state(state["torch_rng"])
         if self.method:
             self.method.load_state_dict(state.get("method_state", state.get("extra", {})))
+        self.steps[:] = state.get("steps", self.steps)
+        if self.run.max_steps and self.steps[self.phase] >= self.run.max_steps:   # stopped after the budget ran out
+            print(f"resume: --max_steps {self.run.max_steps} already done in phase {self.phase}")
+            return state["best"], self.run.patience, self.run.epochs, None
         within = state.get("within")
         if within is not None:
+            if len(within) != distributed.world_size():
+                raise DataError(f"{self.path}: stopped within an epoch on {len(within)} process(es); resume it on "
+                                f"as many, not {distributed.world_size()}")
+            within = within[distributed.rank()]
             within["shards"] = [(rows.numpy(), share, size) for rows, share, size in within["shards"]]
             print(f"resuming stage {self.run.stage} in epoch {state['epoch']} at step {within['batch']}")
             return state["best"], state["misses"], state["epoch"], within
@@ -370,28 +391,28 @@ class Resume:
 
 
 def finish(run: RunConfig, model: NextItNet, method: Method, stage: Stage, checkpoint_path: str,
-           inputs: StageInputs, device: torch.device, extra: dict, resources: Resources) -> dict:
+           inputs: StageInputs, device: torch.device, extra: dict, resources: Resources, steps: list[int]) -> dict:
     """Reload the best checkpoint, let the method end its stage on it (saved again), and score every task 1..K
-    on its own test split (rank 0 only); metrics.json records --max_steps and --eval_users when given, and
-    resources.json what the stage cost."""
+    on its own test split (rank 0 only), then mark the checkpoint finished; metrics.json records --max_steps (and
+    the optimiser steps taken, `steps` summed over phases) and --eval_users when given, resources.json what the
+    stage cost."""
     if not distributed.is_main():
         return {}
     checkpoint = load_checkpoint(checkpoint_path, "this stage's checkpoint")
     model.load_state_dict(checkpoint["model_state"], strict=True)
     method.end_stage(model, stage)
     saved = checkpoint_dict(run, model, method.state_dict(), checkpoint["tasks"], checkpoint["epoch"],
-                            checkpoint["valid"], extra)
+                            checkpoint["valid"], extra, finished=True)
     del checkpoint
-    started = time.perf_counter()
+    tasks = evaluate_tasks(model, saved["tasks"], inputs.index, run.smax, run.eval_batch, device, run.top_k,
+                           {run.stage: inputs.data}, run.eval_users, resources.evaluation)
+    started = time.perf_counter()               # marked finished only once every task is scored
     atomic_torch_save(saved, checkpoint_path)
     resources.checkpoint_write_seconds = time.perf_counter() - started
     resources.checkpoint_mib = os.path.getsize(checkpoint_path) / 2**20
-    tasks = evaluate_tasks(model, saved["tasks"], inputs.index, run.smax, run.eval_batch, device, run.top_k,
-                           {run.stage: inputs.data}, run.eval_users, resources.evaluation)
     metrics = {"stage": run.stage, "method": run.method, "parameters": parameter_count(model), "tasks": tasks}
     if run.max_steps or run.eval_users:
-        metrics["limits"] = {"max_steps": run.max_steps, "steps": len(resources.step_seconds),
-                             "eval_users": run.eval_users}
+        metrics["limits"] = {"max_steps": run.max_steps, "steps": sum(steps), "eval_users": run.eval_users}
     write_json(run.savepath + ".metrics.json", metrics)
     write_json(run.savepath + ".resources.json", resources.summary())
     print(format_table(run.stage, tasks))
@@ -450,7 +471,7 @@ def run_stage(run: RunConfig) -> dict:
     batches_per_epoch = train_rows.size / run.batch
     task, kind, extra = run.stage - 1, inputs.record["kind"], sampler.checkpoint_extra()
 
-    steps_in_phase = [0]                    # --max_steps counts the optimiser steps of each phase
+    steps = [0] * method.phases             # optimiser steps of each phase: --max_steps bounds each
 
     def train_epoch(epoch: int, within: dict | None = None) -> dict:
         """One epoch (from `within`'s step on, when resumed there); a SIGTERM noted on any rank ends it after the
@@ -460,10 +481,10 @@ def run_stage(run: RunConfig) -> dict:
         shards = sampler.epoch_batches(train_rows.size, run.batch) if within is None else within["shards"]
         first = 0 if within is None else within["batch"]             # shards: (this rank's rows, share, batch rows)
         if within is not None:
-            stats, steps_in_phase[0] = dict(within["stats"]), within["steps_in_phase"]
+            stats = dict(within["stats"])
         for b in tqdm(range(first, len(shards)), desc=f"task {run.stage} epoch {epoch}", leave=False, disable=None):
             rows, _, size = shards[b]
-            if run.max_steps and steps_in_phase[0] >= run.max_steps:
+            if run.max_steps and steps[phase[0]] >= run.max_steps:
                 stats["budget_spent"] = True
                 break
             started = time.perf_counter()
@@ -474,14 +495,13 @@ def run_stage(run: RunConfig) -> dict:
             loss, kept, stepped = train_step(model, method, optimizer, step, run.amp, saved)
             stats["retention"] += float(kept)
             account(stats, loss, stepped)
-            steps_in_phase[0] += 1
+            steps[phase[0]] += 1
             resources.step_done(started)
             if saved:
                 resources.saved_bytes, resources.held = saved.largest, method.held_bytes()
             if distributed.any_rank(sigterm_received()):
-                raise StopAtStep({"batch": b + 1, "shards": shards, "stats": stats,
-                                  "steps_in_phase": steps_in_phase[0]})
-        if run.max_steps and steps_in_phase[0] >= run.max_steps:
+                raise StopAtStep({"batch": b + 1, "shards": shards, "stats": stats})
+        if run.max_steps and steps[phase[0]] >= run.max_steps:
             stats["budget_spent"] = True
         stats["loss"] /= max(stats["finite_steps"], 1)
         stats["retention"] /= max(stats["finite_steps"] + stats["skipped"], 1)
@@ -492,26 +512,30 @@ def run_stage(run: RunConfig) -> dict:
         rows = limit_users(rows, inputs.data.rows(rows), run.eval_users, run.seed)
         return score(model, task, inputs.data, rows, kind, run.smax, run.eval_batch, device, run.top_k)
 
+    phase = [0]                             # the phase under way
+
     def on_best(epoch: int, valid: dict) -> None:
         test = scored(test_rows)
         print("  test at best validation: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
         atomic_torch_save(checkpoint_dict(run, model, method.state_dict(), inputs.tasks, epoch, valid, extra,
                                           finished=False), checkpoint_path)
+        for stale in (".metrics.json", ".resources.json"):   # an earlier run's (--overwrite): of another model
+            if os.path.exists(run.savepath + stale):
+                os.remove(run.savepath + stale)
 
     with stop_at_a_step():                  # a SIGTERM while training: stop after the step, resumably
-        for phase in range(method.phases):
-            if phase:                       # the next phase starts from the best model so far (e.g. after a pruning)
+        for phase[0] in range(method.phases):
+            if phase[0]:                       # the next phase starts from the best model so far (e.g. after a pruning)
                 best = distributed.from_main(lambda: load_checkpoint(checkpoint_path, "this stage's checkpoint"))
                 model.load_state_dict(best["model_state"], strict=True)
                 method.load_state_dict(best.get("method_state") or {})
-                method.begin_phase(model, phase)
+                method.begin_phase(model, phase[0])
                 optimizer = sampler.optimizer(model.parameters(), run.lr)
-                steps_in_phase[0] = 0
-                print(f"phase {phase} of {method.phases}: from the best model of the phase before", flush=True)
+                print(f"phase {phase[0]} of {method.phases}: from the best model of the phase before", flush=True)
             fit(run, train_epoch, lambda: scored(valid_rows), on_best,
-                Resume(run, model, optimizer, rng, method, phase))
+                Resume(run, model, optimizer, rng, method, phase[0], steps))
     optimizer = None                        # its state (two copies of the model) is not needed to score
-    return finish(run, model, method, stage, checkpoint_path, inputs, device, extra, resources)
+    return finish(run, model, method, stage, checkpoint_path, inputs, device, extra, resources, steps)
 
 
 def method_for(name: str, options, number: int, previous: NextItNet | None, rng: np.random.Generator,
