@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -282,3 +283,33 @@ def test_task2_two_ranks_match_single_process(setting, repo_root, retention):
     difference = max_param_difference(reference / "task2.t7", out / "task2.t7")
     assert difference <= PARAM_TOL, f"2-rank parameters differ from 1 process by {difference:.3g}"
     check_metrics_close(reference / "task2.metrics.json", out / "task2.metrics.json")
+
+
+def test_a_sigterm_under_torchrun_resumes_every_rank_on_its_own_rows(setting, repo_root):
+    """Two ranks, batch 4 (about 27 steps an epoch): SIGTERM sent to torchrun once epoch 0's resume file exists stops
+    both ranks at one step (or after the epoch, if it lands in validation) with exit 143; --resume on two ranks
+    reaches the uninterrupted two-rank run's training losses, parameters and metrics (each rank continues on its own
+    rows)."""
+    import signal
+    import time
+    args = [*setting["task2"], "--preset", "no_retention", "--batch", 4, "--patience", 9]
+    args[args.index("--epochs") + 1] = 3
+    whole, cut = setting["root"] / "sigterm_whole", setting["root"] / "sigterm_cut"
+    uninterrupted = torchrun(repo_root, setting["env"], "train_teracon_t2.py", *args, "--savepath", whole / "task2")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(repo_root / "train_teracon_t2.py"), *map(str, args), "--savepath", str(cut / "task2")]
+    process = subprocess.Popen(command, cwd=repo_root, env=setting["env"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (cut / "task2.resume.t7").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert "stopped: SIGTERM: stage 2 stopped after" in stderr and "Traceback" not in stderr.split("stopped:")[0], \
+        stderr[-3000:]
+    resumed = torchrun(repo_root, setting["env"], "train_teracon_t2.py", *args, "--savepath", cut / "task2", "--resume")
+    losses = [re.findall(r"epoch ([12]): loss (\S+) ", done.stdout) for done in (uninterrupted, resumed)]
+    assert len(losses[0]) == 2 and losses[1] == losses[0], losses        # the epochs after the stop, as trained
+    difference = max_param_difference(whole / "task2.t7", cut / "task2.t7")
+    assert difference <= PARAM_TOL, f"resumed 2-rank parameters differ from the uninterrupted run by {difference:.3g}"
+    check_metrics_close(whole / "task2.metrics.json", cut / "task2.metrics.json")
