@@ -50,8 +50,11 @@ from datetime import datetime
 
 from continual import flags
 from continual.checkpoints import load_checkpoint
+from continual.comparison import (chains_first, known_name, method_names, read_records, records_csv,
+                                  resolve, split_overrides)
 from continual.datasets import DATASETS, preset_paths
 from continual.evaluation.reports import headline_metric
+from continual.evaluation.stats import mean_sd, paired_difference, t_interval
 from continual.methods import METHODS, method_class
 from continual.training.config import DEFAULT_METHOD, check_stage_flags
 from continual.training.loop import parameter_count as model_parameters
@@ -60,54 +63,7 @@ from utils import DataError, atomic_write_text, cli, write_failure
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
-RERUN = re.compile(r"(.+)_rerun([1-9][0-9]*)")  # NAME_rerunN: NAME's chain again with --rerun N (run-to-run spread)
-OVERRIDE = re.compile(r"[a-z][a-z0-9_]*(=[A-Za-z0-9._-]+)?")  # NAME+flag=value: one flag of that chain's stages
 DEFAULT_METHODS = ["teracon", "finetune", "no_relation", "no_retention", "uniform_sampling"]
-
-
-def method_names() -> dict[str, tuple[str, str | None]]:
-    """The names --methods takes: every registered method (continual/methods/), and every preset of one (e.g.
-    TERACON's no_relation or recommended) → (method, preset or None)."""
-    names: dict[str, tuple[str, str | None]] = {name: (name, None) for name in METHODS}
-    for name in METHODS:
-        for preset in method_class(name).presets:
-            names.setdefault(preset, (name, preset))
-    return names
-
-
-def split_overrides(name: str) -> tuple[str, list[str]]:
-    """NAME+flag=value+flag… → (NAME, ["--flag", "value", "--flag"]): a method with flags of its own in the
-    comparison (e.g. `recommended+alpha=0`, `finetune+lr=1e-4`), its chain in a folder of that name."""
-    base, *parts = name.split("+")
-    flags_of_name: list[str] = []
-    for part in parts:
-        flag, _, value = part.partition("=")
-        flags_of_name += [f"--{flag}", value] if value else [f"--{flag}"]
-    return base, flags_of_name
-
-
-def resolve(name: str) -> tuple[str, str | None, int]:
-    """A --methods name → (method, preset or None, rerun)."""
-    name = split_overrides(name)[0]
-    match = RERUN.fullmatch(name)
-    base, rerun = (match.group(1), int(match.group(2))) if match and match.group(1) in method_names() else (name, 0)
-    method, preset = method_names()[base]
-    return method, preset, rerun
-
-
-def known_name(text: str) -> bool:
-    base, *parts = text.split("+")
-    if not all(OVERRIDE.fullmatch(part) for part in parts):
-        return False
-    match = RERUN.fullmatch(base)
-    return base in method_names() or bool(match and match.group(1) in method_names())
-
-
-def chains_first(name: str) -> dict[str, str]:
-    """{flag: chain}: the flags whose value is another chain's checkpoint of the same seed and stage (e.g. the
-    recommended rule's --expert, fine-tuning's), which chain must run first."""
-    method, preset, _ = resolve(name)
-    return method_class(method).chains_needed(preset)
 
 
 # run_all.sh's per-dataset flags: (stage 1, stages >= 2). Keep the two in step.
@@ -137,7 +93,7 @@ def later_flags(dataset: str, settings: str = "dataset", later_epochs: int = 0) 
 
 
 def prepare_synth(synth_seed: int = 0) -> None:
-    from tools import synth
+    from continual.generators import synth
     synth.main(["--out", DATASETS["synth"]["folder"], "--seed", str(synth_seed)])
 
 
@@ -152,7 +108,7 @@ def prepare_ttl_shaped(synth_seed: int = 0) -> None:
                 return
     except (OSError, ValueError):
         pass
-    from tools import ttl_shaped
+    from continual.generators import ttl_shaped
     ttl_shaped.main(["--out", folder])
 
 
@@ -306,28 +262,6 @@ def headline(task: dict) -> float:
     return task["test"][headline_metric(task)]
 
 
-# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96 is within 4 %).
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n − 1; 0 for one value, NaN for none)."""
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """95 % interval of the mean over seeds: mean ± t(0.975, n−1) · sd / √n (NaN for fewer than 2 values)."""
-    if len(values) < 2:
-        return math.nan, math.nan
-    mean, sd = mean_sd(values)
-    t = T975[len(values) - 2] if len(values) - 1 <= len(T975) else 1.96
-    half = t * sd / math.sqrt(len(values))
-    return mean - half, mean + half
-
-
 def final_values(by_seed: dict[int, dict[int, dict]], final_stage: int) -> dict[str, dict[int, float]]:
     """{"task1".."taskN", "retention": {seed: value}} of the seeds that finished `final_stage`; retention =
     task 1's headline after `final_stage` / after stage 1 (needs that seed's stage 1, non-zero)."""
@@ -361,12 +295,6 @@ def summary_rows(results: Results, final_stage: int) -> list[dict]:
             row[name + "_ci"] = t_interval(list(per_seed.values()))
         rows.append(row)
     return rows
-
-
-def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
-    """a − b over the seeds both have: (mean, 95 % t-interval low, high, number of seeds)."""
-    differences = [a[seed] - b[seed] for seed in sorted(set(a) & set(b))]
-    return (mean_sd(differences)[0], *t_interval(differences), len(differences))
 
 
 def paired_rows(results: Results, final_stage: int) -> list[dict]:
@@ -583,7 +511,6 @@ def recorded_chains(paths: list[str], seeds: list[int], methods: list[str], stag
     """The records of the (seed, method) chains that the results.csv files `paths` hold whole (every task after
     every stage 1..stages), for `seeds` and `methods`; a chain another unrecorded chain reads first (e.g.
     fine-tuning, the recommended rule's --expert) is left out, so that it runs again for its checkpoints."""
-    from tools.paper_table import read_records
     records = [r for r in read_records(paths) if r["seed"] in seeds and r["method"] in methods]
     scored: dict[tuple[int, str], set[tuple[int, int]]] = {}
     for r in records:
@@ -594,10 +521,6 @@ def recorded_chains(paths: list[str], seeds: list[int], methods: list[str], stag
               for first in chains_first(method).values()}
     kept = done - needed
     return [{k: v for k, v in r.items() if k != "draw"} for r in records if (r["seed"], r["method"]) in kept]
-
-
-RESULT_COLUMNS = ["seed", "method", "stage", "task", "kind", "metric", "value", "baseline", "ceiling", "parameters",
-                  "stage1_parameters", "seconds_per_epoch"]
 
 
 def result_records(out: str, results: Results) -> list[dict]:
@@ -623,14 +546,6 @@ def result_records(out: str, results: Results) -> list[dict]:
                                     "parameters": parameter_count(save), "stage1_parameters": first,
                                     "seconds_per_epoch": seconds})
     return records
-
-
-def records_csv(records: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, RESULT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(records)
-    return buffer.getvalue()
 
 
 def csv_table(rows: list[dict], n_tasks: int) -> str:
@@ -721,7 +636,7 @@ def paper_tables(results: list[str], out: str, methods: list[str]) -> None:
     against = [name for name in ("teracon", "recommended") if name in methods]
     if "finetune" not in methods or not against:
         return
-    from tools import paper_table
+    from continual.evaluation import paper_table
     paper_table.main(["--results", *results, "--out", out, "--against", ",".join(against)])
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from continual import comparison
 import torch
 
 from continual import checkpoints
@@ -359,7 +360,7 @@ def test_compare_records_every_stage_and_task_for_the_paper_table(chains, tmp_pa
         assert record["parameters"] == results["fineall"][record["stage"]]["parameters"]
         assert record["stage1_parameters"] == results["fineall"][1]["parameters"]
     header = compare.records_csv(records).splitlines()[0]
-    assert header.split(",") == compare.RESULT_COLUMNS
+    assert header.split(",") == comparison.RESULT_COLUMNS
 
 
 def planted_markers(folder: Path, n_users: int = 2000, n_items: int = 40_000, seed: int = 0) -> tuple[Path, Path]:

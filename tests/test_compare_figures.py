@@ -282,7 +282,7 @@ def test_data_draw_marker_keeps_two_draws_apart(tmp_path):
 
 def test_prepare_synth_draws_with_the_seed(tmp_path, monkeypatch):
     """--synth_seed reaches synth.py's generator: two seeds give two different task files, one seed the same."""
-    from tools import synth
+    from continual.generators import synth
     real_main, folders = synth.main, {}
     monkeypatch.setattr(synth, "main", lambda argv: real_main(argv + ["--users", "40", "--items", "30"]))
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import compare
+from continual import comparison
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
@@ -184,7 +185,7 @@ def test_every_command_names_a_script_and_its_flags(page):
             problems.append(f"{command}: {', '.join(unknown)} not in {script} --help")
         names = [] if historical and "--methods" in arguments else named_methods(arguments)
         problems += [f"{command}: method or preset {name!r} is not registered" for name in names
-                     if not compare.known_name(name) and name not in own_methods]
+                     if not comparison.known_name(name) and name not in own_methods]
     assert not problems, "\n".join(problems)
 
 
@@ -224,6 +225,6 @@ def test_a_broken_command_or_link_is_caught(tmp_path):
     assert not (ROOT / script_of(shlex.split(commands[0]))[0]).is_file()
     own, _ = flag_names(script_of(shlex.split(commands[1]))[1])
     assert "--no_such_flag" in own and "--no_such_flag" not in help_flags("compare.py")
-    assert [name for name in named_methods(shlex.split(commands[2])) if not compare.known_name(name)] == ["not_a_method"]
+    assert [name for name in named_methods(shlex.split(commands[2])) if not comparison.known_name(name)] == ["not_a_method"]
     _, prose = fenced_and_prose(page.read_text())
     assert LINK.findall(prose) == ["missing.md"] and not (tmp_path / "missing.md").exists()

@@ -11,7 +11,7 @@ import torch
 from continual.evaluation import metrics, reports, scoring, stats
 from continual.training import loop
 from data_loader import ItemIndex, TaskData
-from tools import synth
+from continual.generators import synth
 
 
 def test_rank_values_equal_ranking_values_from_logits():

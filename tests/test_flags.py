@@ -25,7 +25,8 @@ import utils
 from continual import flags
 from continual.training import config, loop
 from model import ModelConfig, NextItNet
-from tools import bench, figures, synth
+from continual.generators import synth
+from tools import bench, figures
 
 REPO = Path(__file__).resolve().parent.parent
 NO_CUDA = not torch.cuda.is_available()

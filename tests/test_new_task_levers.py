@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import compare
+from continual import comparison
 from continual.methods.base import Step
 from continual.methods.teracon import Teracon, distillation_kl, own_tensors
 from continual.training import loop, samplers
@@ -187,11 +188,11 @@ def test_paper_settings_use_the_stage_defaults_lr_and_batch_1024():
 
 
 def test_candidate_names(tmp_path):
-    assert compare.split_overrides("recommended+alpha=0+no_relation") == (
+    assert comparison.split_overrides("recommended+alpha=0+no_relation") == (
         "recommended", ["--alpha", "0", "--no_relation"])
-    assert compare.resolve("recommended_rerun1+alpha=0") == ("teracon", "recommended", 1)
-    assert compare.known_name("finetune+lr=1e-4") and not compare.known_name("finetune+lr=/tmp/x")
-    assert not compare.known_name("nothing+alpha=0")
+    assert comparison.resolve("recommended_rerun1+alpha=0") == ("teracon", "recommended", 1)
+    assert comparison.known_name("finetune+lr=1e-4") and not comparison.known_name("finetune+lr=/tmp/x")
+    assert not comparison.known_name("nothing+alpha=0")
     assert compare.chains_first("recommended+alpha=0") == {"--expert": "finetune"}
 
 

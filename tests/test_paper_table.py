@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import compare
-from tools import paper_table
+from continual import comparison
+from continual.evaluation import paper_table
 
 # (method, draw, seed) → {(stage, task): value}; three stages; "fineall" forgets nothing and is three times the size
 SCORES = {
@@ -23,7 +24,7 @@ SHIFT = {(0, 0): 0.0, (0, 1): 0.01, (1, 0): -0.02, (1, 1): 0.03}      # each uni
 def write_results(folder, draw: int) -> str:
     path = folder / f"results{draw}.csv"
     with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, compare.RESULT_COLUMNS)
+        writer = csv.DictWriter(handle, comparison.RESULT_COLUMNS)
         writer.writeheader()
         for method, scores in SCORES.items():
             for seed in (0, 1):

@@ -12,7 +12,8 @@ import pytest
 
 from continual.datasets import DATASETS
 from data_loader import limit_users, load_sequences, load_task
-from tools import scale_report, ttl_shaped
+from continual.generators import ttl_shaped
+from tools import scale_report
 
 SMALL = ["--users", "300", "--items", "500", "--length", "12", "--classes", "40,30,9,3,7"]
 

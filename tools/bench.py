@@ -95,7 +95,12 @@ def parse() -> argparse.Namespace:
     add("--phase", choices=PHASES, help="time this phase only, in this process, and print its row as JSON")
     add("--write_data", type=flags.output_dir,
         help="write the synthetic task-1 and task-2 files here (for running other code on them)")
-    return parser.parse_args()
+    add("--rule", choices=list(RULES), help="the taskK phase's flags of one of --rules' rules (given after the "
+                                             "command's own flags, so they win)")
+    args = parser.parse_args()
+    if args.rule:
+        args = parser.parse_args([*sys.argv[1:], *RULES[args.rule]])
+    return args
 
 
 def stage_models(args: argparse.Namespace, device: torch.device) -> tuple[NextItNet, NextItNet]:

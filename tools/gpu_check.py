@@ -46,7 +46,6 @@ if __package__ in (None, ""):  # run as a file (python tools/…): import the su
 
 from continual import flags
 from continual.datasets import DATASETS
-from tools.bench import RULES
 from utils import atomic_write_text, cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +90,7 @@ def bench_steps(dry_run: bool) -> dict[str, list[str]]:
     for precision, extra in (("fp32", []), ("amp", ["--amp"])):
         rows[f"bench_task1_{precision}"] = [*base, *extra, "--phase", "task1"]
         for rule in ("paper", "recommended"):
-            rows[f"bench_stage6_{rule}_{precision}"] = [*base, *extra, "--stage", "6", *RULES[rule], "--phase", "taskK"]
+            rows[f"bench_stage6_{rule}_{precision}"] = [*base, *extra, "--stage", "6", "--rule", rule, "--phase", "taskK"]
     rows["bench_eval_amp"] = [*base, "--amp", "--phase", "eval"]
     return rows
 

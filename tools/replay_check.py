@@ -98,7 +98,7 @@ def patched_copy(authors: str, target: str, variant: str) -> None:
 def make_data(work: str, later_users: int) -> dict[int, str]:
     """Task 1 for 12,000 users (the authors' stage 1 needs more than 512 validation users) and tasks 2 and 3
     for `later_users` users, every line keeping its last 5..30 items, left-padded with item 0 as TTL's files."""
-    from tools import synth
+    from continual.generators import synth
     folder = os.path.join(work, f"data_{later_users}")
     paths = {k: os.path.join(folder, f"task{k}.csv") for k in (1, 2, 3)}
     if all(os.path.isfile(path) for path in paths.values()):

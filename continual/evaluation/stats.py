@@ -11,6 +11,9 @@ Pure functions over numpy arrays; the training and evaluation plumbing calls the
 """
 from __future__ import annotations
 
+import math
+import statistics
+
 import numpy as np
 
 BOOTSTRAP_SEED = 0
@@ -136,3 +139,31 @@ def evidence(model: np.ndarray, baselines: dict[str, np.ndarray], names: list[st
                     "above": bool(named(len(baselines) + 1)[name][0] > 0)} for i, name in enumerate(names)}
     result["vs_baseline"] = {"baseline": strongest, "metric": headline, **every[headline], "all": every}
     return result
+
+
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96 is within 4 %).
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1; 0 for one value, NaN for none)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """95 % interval of the mean over seeds: mean ± t(0.975, n−1) · sd / √n (NaN for fewer than 2 values)."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    mean, sd = mean_sd(values)
+    t = T975[len(values) - 2] if len(values) - 1 <= len(T975) else 1.96
+    half = t * sd / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
+    """a − b over the seeds both have: (mean, 95 % t-interval low, high, number of seeds)."""
+    differences = [a[seed] - b[seed] for seed in sorted(set(a) & set(b))]
+    return (mean_sd(differences)[0], *t_interval(differences), len(differences))

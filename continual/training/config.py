@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 from continual import flags
 from continual.datasets import DATASETS, VARIANTS, preset_paths, stage_defaults
@@ -160,17 +160,19 @@ def chosen_method(argv: list[str] | None) -> str:
     return known.method if known.method in METHODS else DEFAULT_METHOD
 
 
-def parse_args(stage: int | None, argv: list[str] | None = None) -> RunConfig:
+def parse_args(stage: int | None, argv: list[str] | None = None,
+               stage_of: Callable[[str], int] | None = None) -> RunConfig:
     """The stage's RunConfig from the command line: explicit flags, then the stage's and the variant's defaults,
-    then --dataset's paths. Every domain is checked here, before any file is read or written."""
+    then --dataset's paths. Every domain is checked here, before any file is read or written. With `stage` None
+    (train_teracon.py): --stage, or the stage after `stage_of(--paths)` (the caller reads the checkpoint; this
+    layer sits below continual.checkpoints)."""
     method = chosen_method(argv)
     parser = build_parser(stage, method)
     args = parser.parse_args(argv)
     if stage is None:
-        from continual.checkpoints import load_checkpoint  # checkpoints.py reads legacy_run_config from here
         stage = args.stage
-        if stage is None and args.paths:
-            stage = int(load_checkpoint(args.paths)["stage"]) + 1
+        if stage is None and args.paths and stage_of is not None:
+            stage = stage_of(args.paths) + 1
         if stage is None or stage < 2:
             raise DataError("give --stage K (K ≥ 2) or --paths of the previous stage's checkpoint")
     args.stage = stage

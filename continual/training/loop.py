@@ -568,7 +568,7 @@ def account(stats: dict, loss: torch.Tensor, finite: bool) -> None:
 
 
 def main(stage: int | None = None, argv: list[str] | None = None) -> dict:
-    run = parse_args(stage, argv)
+    run = parse_args(stage, argv, stage_of=lambda path: int(load_checkpoint(path)["stage"]))
     flags.require_files(run, ["datapath"] if run.stage == 1 else ["datapath", "datapath_index", "paths"],
                         {"datapath_index": " (train_task1.py writes it)"})
     keep_freed_memory()
