@@ -378,6 +378,8 @@ class Resume:
             print(f"resume: --max_steps {self.run.max_steps} already done in phase {self.phase}")
             return state["best"], self.run.patience, self.run.epochs, None
         within = state.get("within")
+        if isinstance(within, dict):        # written before 2026-12-07's per-rank list: one process's
+            within = [within]
         if within is not None:
             if len(within) != distributed.world_size():
                 raise DataError(f"{self.path}: stopped within an epoch on {len(within)} process(es); resume it on "
