@@ -9,6 +9,11 @@ def metric_names(top_k: int) -> list[str]:
     return [f"mrr@{top_k}", f"hit@{top_k}", f"ndcg@{top_k}", f"mrr@{long_k}", f"hit@{long_k}", f"ndcg@{long_k}", "acc"]
 
 
+def headline_name(kind: str, top_k: int = 5) -> str:
+    """The metric a task is judged on: MRR at top_k for rec tasks, accuracy for cls tasks."""
+    return f"mrr@{top_k}" if kind == "rec" else "acc"
+
+
 def ranking_values(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> torch.Tensor:
     """Per-example MRR, HR, NDCG at top_k and top_k+15 and hit@1, as the authors' accuracy_test.
 

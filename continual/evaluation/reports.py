@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from continual.evaluation.metrics import headline_name
 from utils import DataError
 
 
@@ -34,10 +35,8 @@ def format_limits(limits: dict | None) -> str:
 def headline_metric(task: dict) -> str:
     """The metric a task entry of metrics.json is judged on: MRR at its smallest cut-off (MRR@5 by default)
     for rec tasks, accuracy for cls tasks."""
-    names = [name for name in task["test"] if name.startswith("mrr@")]
-    if task["kind"] != "rec" or not names:
-        return "acc"
-    return min(names, key=lambda name: int(name[4:]))
+    cutoffs = [int(name[4:]) for name in task["test"] if name.startswith("mrr@")]
+    return headline_name(task["kind"], min(cutoffs)) if cutoffs else "acc"
 
 
 def _ci(bounds: list[float]) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from continual.evaluation.metrics import metric_names, ranking_values
+from continual.evaluation.metrics import headline_name, metric_names, ranking_values
 from continual.evaluation.stats import class_counts, evidence, kept_share, popularity_ranks, rank_values
 from data_loader import (ItemIndex, Staging, TaskData, check_split, limit_users, load_sequences_with_index, load_task,
                          split_indices)
@@ -156,11 +156,6 @@ def kept_report(earlier: NextItNet, later: NextItNet, number: int, record: dict,
     users = data.rows(rows)                                                  # [n_rows] user of each example
     return {"metric": name, "split": split, **kept_share(values[0][:, column], values[1][:, column], users),
             f"n_{split}_users": int(np.unique(users).size)}
-
-
-def headline_name(kind: str, top_k: int = 5) -> str:
-    """The metric a task is judged on: MRR at top_k for rec tasks, accuracy for cls tasks."""
-    return f"mrr@{top_k}" if kind == "rec" else "acc"
 
 
 def evaluate_tasks(model: NextItNet, checkpoint_tasks: list[dict], index: ItemIndex, s: float,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from continual.training.distributed import Shard
 from model import NextItNet
+from utils import DataError
 
 if TYPE_CHECKING:
     from continual.training.config import RunConfig
@@ -123,6 +124,14 @@ class Method:
     def begin_stage(self, stage: Stage) -> None:
         """Before the stage's model is built: load what the method needs (stage.previous is the frozen model)."""
         self.stage = stage
+
+    def require_own_chain(self, stage: Stage, fits: bool, where: str) -> None:
+        """Refuse in one line a previous checkpoint that another method wrote, or that lacks what this method's own
+        model has (`fits`); `where` says where this method's chain starts."""
+        written_by = (stage.previous_checkpoint.get("run_config") or {}).get("method")
+        if written_by != self.name or not fits:
+            raise DataError(f"{stage.run.paths}: is a checkpoint of --method {written_by}; --method {self.name} "
+                            f"continues only its own chain{where}")
 
     def model_config(self) -> dict:
         """Stage 1: the ModelConfig fields this method sets on the new model."""

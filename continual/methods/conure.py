@@ -28,7 +28,6 @@ from continual import flags
 from continual.methods.base import Stage
 from continual.methods.finetune import FineTune
 from model import NextItNet
-from utils import DataError
 
 
 @dataclass(frozen=True)
@@ -55,10 +54,8 @@ class Conure(FineTune):
         super().begin_stage(stage)
         self.phase = 0
         if stage.number >= 2:
-            written_by = (stage.previous_checkpoint.get("run_config") or {}).get("method")
-            if written_by != self.name or not stage.previous_checkpoint["model_config"].get("weight_owners"):
-                raise DataError(f"{stage.run.paths}: is a checkpoint of --method {written_by}; --method conure "
-                                f"continues only its own chain, from its own stage 1 (train_task1.py --method conure)")
+            self.require_own_chain(stage, bool(stage.previous_checkpoint["model_config"].get("weight_owners")),
+                                   ", from its own stage 1 (train_task1.py --method conure)")
 
     def model_config(self) -> dict:
         return {"use_masks": False, "weight_owners": True, "open_task": 0}

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from continual import flags
 from continual.methods.base import Method, Stage, Step, next_item_loss
 from model import NextItNet
-from utils import DataError
 
 THRES_COSH = 50.0   # the official clamp of s·e inside the embedding compensation's cosh
 THRES_EMB = 6.0     # the official clamp of the task embeddings after each step
@@ -68,11 +67,9 @@ class HAT(Method):
         self.s, self.used = 1.0, None
         if stage.number == 1:
             return
-        written_by = (stage.previous_checkpoint.get("run_config") or {}).get("method")
         config = stage.previous_checkpoint["model_config"]
-        if written_by != self.name or not config.get("use_masks") or config.get("relation"):
-            raise DataError(f"{stage.run.paths}: is a checkpoint of --method {written_by}; --method hat continues "
-                            f"only its own chain, from its own stage 1 (train_task1.py --method hat)")
+        self.require_own_chain(stage, config.get("use_masks") and not config.get("relation"),
+                               ", from its own stage 1 (train_task1.py --method hat)")
         self.used = used_units(stage.previous, stage.task, stage.run.smax)          # [n_layers, C]
 
     def model_config(self) -> dict:

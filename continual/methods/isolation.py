@@ -30,9 +30,8 @@ class Isolation(FineTune):
         super().begin_stage(stage)
         checkpoint = stage.previous_checkpoint or {}
         written_by = (checkpoint.get("run_config") or {}).get("method")
-        if stage.number >= 3 and written_by != self.name:
-            raise DataError(f"{stage.run.paths}: is a checkpoint of --method {written_by}; --method {self.name} "
-                            f"continues only its own chain from stage 2 on")
+        if stage.number >= 3:
+            self.require_own_chain(stage, True, " from stage 2 on")
         if stage.number == 2 and checkpoint.get("model_config", {}).get("use_masks", False):
             raise DataError(f"{stage.run.paths}: is a stage 1 with task masks (--method {written_by}); --method "
                             f"{self.name} keeps task 1 exactly only from a stage 1 without them: python train_task1.py "
