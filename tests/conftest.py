@@ -30,6 +30,8 @@ torch.set_num_threads(1)
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (tools/gpu_check.py runs them)")
+    config.addinivalue_line("markers", "slow: 2 s or more on the 2-core CPU machine (pytest --durations); "
+                                       "`-m \"not slow\"` leaves them out")
 
 
 @dataclass

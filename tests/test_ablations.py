@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -15,6 +16,7 @@ def run(repo_root, env, script, *args):
     return done
 
 
+@pytest.mark.slow
 def test_ablation_flags_and_finetune(tmp_path, data_writer, subprocess_env, repo_root):
     data = data_writer(tmp_path / "data", n_users=200, seed=3)
     common = ["--epochs", 1, "--channels", 8, "--device", "cpu", "--datapath_index", tmp_path / "index.csv"]

@@ -85,6 +85,7 @@ def chains(tmp_path_factory, data_writer):
     return root, data, results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ISOLATION)
 def test_parameter_isolation_forgets_nothing(chains, method):
     """After stage 6, every earlier task's test metrics and intervals equal those at its own stage, exactly."""
@@ -379,6 +380,7 @@ def planted_markers(folder: Path, n_users: int = 2000, n_items: int = 40_000, se
     return task1, task2
 
 
+@pytest.mark.slow
 def test_peterrec_learns_where_a_linear_probe_on_the_frozen_stage1_does(tmp_path):
     """On a task that a logistic regression on the frozen stage-1 features learns (0.89 against the majority's
     0.32), PeterRec's patches and head learn it too, at the benchmark's settings, whatever the draw of its patches

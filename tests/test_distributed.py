@@ -253,6 +253,7 @@ def setting(tmp_path_factory, data_writer, subprocess_env, repo_root):
     return {"root": root, "env": env, "task1": task1, "task2": task2, "single1": out}
 
 
+@pytest.mark.slow
 def test_worker_checks_on_two_ranks(tmp_path, repo_root, subprocess_env):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
@@ -260,6 +261,7 @@ def test_worker_checks_on_two_ranks(tmp_path, repo_root, subprocess_env):
     assert "rank 0: worker checks passed" in done.stdout
 
 
+@pytest.mark.slow
 def test_task1_two_ranks_match_single_process(setting, repo_root):
     out, reference = setting["root"] / "ddp1", setting["single1"]
     done = torchrun(repo_root, setting["env"], "train_task1.py", *setting["task1"], "--savepath", out / "task1",
@@ -271,6 +273,7 @@ def test_task1_two_ranks_match_single_process(setting, repo_root):
     check_metrics_close(reference / "task1.metrics.json", out / "task1.metrics.json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("retention", [False, True], ids=["no_retention", "retention"])
 def test_task2_two_ranks_match_single_process(setting, repo_root, retention):
     extra = [] if retention else ["--preset", "no_retention"]
@@ -285,6 +288,7 @@ def test_task2_two_ranks_match_single_process(setting, repo_root, retention):
     check_metrics_close(reference / "task2.metrics.json", out / "task2.metrics.json")
 
 
+@pytest.mark.slow
 def test_a_sigterm_under_torchrun_resumes_every_rank_on_its_own_rows(setting, repo_root):
     """Two ranks, batch 4 (about 27 steps an epoch): SIGTERM sent to torchrun once epoch 0's resume file exists stops
     both ranks at one step (or after the epoch, if it lands in validation) with exit 143; --resume on two ranks

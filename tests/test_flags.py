@@ -484,6 +484,7 @@ def test_shell(stage1, tmp_path, subprocess_env, script, argv, flag):
     assert result.stdout == "" and files_under(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["bench", "figures", "replay_check", "synth"])
 def test_tools_run_as_files_and_as_modules(repo_root, subprocess_env, tool):
     """tools/ sits apart from the library: `python tools/X.py` and `python -m tools.X` both find the suite."""

@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tools import gpu_check
 
 
+@pytest.mark.slow
 def test_the_dry_run_runs_every_step_and_writes_its_report(repo_root, subprocess_env, tmp_path):
     out = tmp_path / "check"
     done = subprocess.run(["bash", "tools/gpu_check.sh", str(out), "--cpu-dry-run"], cwd=repo_root,
@@ -52,6 +55,7 @@ def test_the_real_check_asks_for_ttl_sizes():
     assert "--dataset" in stages["stages_gpu_2"] and "demo" in stages["stages_gpu_2"]
 
 
+@pytest.mark.slow
 def test_bench_rules_times_the_recommended_step_beside_the_paper_rules(repo_root, subprocess_env):
     """bench.py --rules --profile: both stage-K steps, the paper rule at its saturated ratio (no retention row at
     batch 32), their ratio, and where each step's time goes: one term for the paper rule, the new task's and one

@@ -103,6 +103,7 @@ def test_without_layernorm_and_with_binary_gates_nothing_is_forgotten():
     assert task1_drift(start, uncompensated) > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_leak_of_soft_gates_and_of_layernorm_is_measured_and_bounded(seed):
     """Task 1's drift after 40 Adam steps of stage 2 at lr 1e-3 (64 channels), measured 2026-12-02 (seeds 0–2):

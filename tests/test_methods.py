@@ -275,6 +275,7 @@ def test_the_previous_formats_retention_rules_become_options(monkeypatch):
     assert checkpoints.load_checkpoint("task2.t7")["run_config"]["options"]["rows"] == "sampled"
 
 
+@pytest.mark.slow
 def test_a_chain_continues_from_a_checkpoint_of_the_previous_format(tmp_path, subprocess_env, repo_root):
     """Stage 3 from the old stage-2 checkpoint, through the real script and evaluate.py."""
     folder = tmp_path / "legacy"

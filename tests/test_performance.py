@@ -186,6 +186,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_stops_page_faults(repo_root, subprocess_env):
     def faults(system_malloc: str) -> int:
@@ -199,6 +200,7 @@ def test_keep_freed_memory_stops_page_faults(repo_root, subprocess_env):
     assert kept < default / 4               # a few blocks' worth at most, not one per allocation
 
 
+@pytest.mark.slow
 def test_compile_gives_the_eager_results(data_writer, repo_root, subprocess_env, tmp_path):
     """train_teracon_t2.py --compile (student and teacher compiled) scores what the eager run scores."""
     data = data_writer(tmp_path / "data", n_users=300, seed=1)

@@ -237,6 +237,7 @@ def test_malformed_line_one_error_nothing_written(chain, capsys, tmp_path, conte
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "bad.csv"]            # no temporary left
 
 
+@pytest.mark.slow
 def test_cli_subprocess_error_and_probe(chain, loaded, repo_root, subprocess_env, tmp_path):
     """As a user runs it: a malformed line is one `error:` line, exit 2, nothing written; then the probe."""
     from continual.evaluation.scoring import score

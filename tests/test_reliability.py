@@ -103,6 +103,7 @@ def test_bad_task1_file(tmp_path, content, fragments):
     (["1,2,3,,4", "1,2,3,,"], ["bad.csv:2", "no target"]),
     (["1,2,3,,4", ",,4"], ["bad.csv:2", "no source"]),
 ])
+@pytest.mark.slow
 def test_bad_task_file(trained, tmp_path, lines, fragments):
     bad = write_lines(str(tmp_path / "bad.csv"), lines * 1)
     before = digest(trained["folder"])
@@ -119,6 +120,7 @@ def test_task_file_too_small_to_split(trained, tmp_path):
     assert_clean_error(result, "small.csv", "too few")
 
 
+@pytest.mark.slow
 def test_unknown_items_warn_once_and_run(trained, tmp_path):
     rows = open(trained["t2"]).read().splitlines()
     rows[0] = "999," + rows[0]
@@ -155,6 +157,7 @@ def test_wrong_stage_checkpoint(trained, tmp_path):
     assert_clean_error(result, "task1.t7", "task 2's checkpoint", "train_teracon_t2.py")
 
 
+@pytest.mark.slow
 def test_checkpoint_from_other_data(trained, tmp_path):
     other = synthetic(str(tmp_path), users=40, seed=5)
     write_lines(other["t1"], [",".join(str(v) for v in range(100 + u, 110 + u)) for u in range(40)])
@@ -196,6 +199,7 @@ def test_checkpoints_load_weights_only(trained):
 
 # ------------------------------------------------------------------ interruption and resume
 
+@pytest.mark.slow
 def test_kill_midway_keeps_earlier_and_partial_checkpoints(trained, tmp_path):
     """A kill during stage 2 leaves stage 1 intact and stage 2's best-so-far loadable; --resume continues."""
     from continual.checkpoints import load_checkpoint
@@ -234,6 +238,7 @@ def test_kill_midway_keeps_earlier_and_partial_checkpoints(trained, tmp_path):
 
 # ------------------------------------------------------------------ determinism
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics(tmp_path):
     outputs = []
     for name in ("a", "b"):
@@ -247,6 +252,7 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     assert outputs[0] == outputs[1]
 
 
+@pytest.mark.slow
 def test_stage_without_finite_loss_fails_and_saves_nothing(tmp_path):
     files = synthetic(str(tmp_path))
     result = stage1(files, "--L2", "1e300")  # finite, but L2 · mean mask overflows float32: every loss is inf
@@ -366,6 +372,7 @@ def test_a_stage_stopped_while_it_scores_is_not_marked_finished(trained, tmp_pat
     assert load_checkpoint(save + ".t7")["finished"] is False and not os.path.exists(save + ".metrics.json")
 
 
+@pytest.mark.slow
 def test_a_finished_stage_is_not_trained_again_without_overwrite(trained, tmp_path):
     save = str(tmp_path / "task2")
     assert stage2({**trained, "folder": str(tmp_path)}, trained["task1"]).returncode == 0
@@ -378,6 +385,7 @@ def test_a_finished_stage_is_not_trained_again_without_overwrite(trained, tmp_pa
     assert open(save + ".t7", "rb").read() != before["task2.t7"]
 
 
+@pytest.mark.slow
 def test_the_next_stage_refuses_an_unfinished_stage_naming_resume(trained, tmp_path):
     """The best model so far, written while a stage trains, is marked unfinished: the next stage (and --expert)
     refuse it in one line naming --resume; evaluate.py still reads it."""
@@ -447,6 +455,7 @@ def test_sigterm_stops_at_a_step_and_resume_reaches_the_uninterrupted_metrics(tr
     assert resumed == whole
 
 
+@pytest.mark.slow
 def test_sigterm_resume_with_kept_frozen_outputs_is_the_run_to_float_rounding(trained, tmp_path, monkeypatch,
                                                                              capsys):
     """The recommended rule's frozen outputs (--frozen_cache_mib) are rebuilt after a resume, from other batches:

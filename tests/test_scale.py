@@ -100,6 +100,7 @@ def limited_stages(tmp_path_factory, data_writer, subprocess_env, repo_root):
     return folder, outputs
 
 
+@pytest.mark.slow
 def test_max_steps_trains_that_many_steps_then_selects_scores_and_saves(limited_stages):
     folder, outputs = limited_stages
     for stage, output in zip((1, 2), outputs):

@@ -89,6 +89,7 @@ def _check_metrics_file(metrics, stage, expected_kinds):
             assert test["hit@5"] <= test["hit@20"] + 1e-9 and test["mrr@5"] <= test["mrr@20"] + 1e-9
 
 
+@pytest.mark.slow
 def test_three_stages_one_epoch_each(smoke_run):
     from continual.checkpoints import load_checkpoint
     from data_loader import read_index
@@ -126,6 +127,7 @@ def _test_rows(n, seed=10):
     return perm[int(dev * 0.75):]
 
 
+@pytest.mark.slow
 def test_every_task_learns_above_chance(long_run):
     data, _, metrics = long_run
     sizes = _class_counts(data)
