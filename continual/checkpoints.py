@@ -40,3 +40,10 @@ def is_finished(checkpoint: dict, savepath: str | None = None) -> bool:
     if "finished" in checkpoint:
         return bool(checkpoint["finished"])
     return savepath is None or os.path.isfile(savepath + ".metrics.json")
+
+
+def require_finished(checkpoint: dict, path: str, what: str) -> None:
+    """Refuse in one line a checkpoint whose stage did not finish (`what` names what reads it, e.g. "--expert")."""
+    if not is_finished(checkpoint):
+        raise DataError(f"{path}: {what}: stage {checkpoint.get('stage')} did not finish there (its run ended before "
+                        "it scored and saved its final model); finish it first: its command again with --resume")

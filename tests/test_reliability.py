@@ -400,6 +400,9 @@ def test_the_next_stage_refuses_an_unfinished_stage_naming_resume(trained, tmp_p
     assert not os.path.exists(tmp_path / "task2.t7")
     scored = run("evaluate.py", "--paths", partial, "--task", "1", "--datapath_index", trained["index"])
     assert scored.returncode == 0, scored.stderr
+    from continual.methods.teracon import load_expert
+    with pytest.raises(DataError, match=r"partial1\.t7: --expert: stage 1 did not finish there .* --resume"):
+        load_expert(partial, None)                                      # refused before the stage is looked at
 
 
 def test_a_stage_checkpoint_is_final_only_when_the_stage_is(trained, tmp_path):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from continual import flags
-from continual.checkpoints import is_finished, load_checkpoint
+from continual.checkpoints import load_checkpoint, require_finished
 from continual.methods.base import (DISTANCE_BUFFERS, Method, Stage, Step, chunk_rows, distillation_kl, head_distance,
                                     next_item_loss, retention_inputs, tensor_bytes)
 from model import NextItNet
@@ -460,8 +460,7 @@ def load_expert(path: str, stage: Stage) -> NextItNet:
     """--expert: a frozen model of this stage trained on the same task and split (so its soft labels carry no
     test user's label); one line naming the file otherwise."""
     checkpoint = load_checkpoint(path, "--expert")
-    if not is_finished(checkpoint):
-        raise DataError(f"{path}: --expert's stage did not finish there; finish it first (its command with --resume)")
+    require_finished(checkpoint, path, "--expert")
     task = checkpoint["tasks"][-1] if checkpoint.get("tasks") else {}
     theirs = (checkpoint.get("stage"), task.get("name"), task.get("n_classes"), task.get("seed"),
               task.get("split_percentage"), checkpoint["model_config"]["n_items"])

@@ -134,8 +134,9 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
              "exactly, so that the [rows, classes] outputs never exist whole; 0 = all at once; default: all at once "
              "while the outputs fit in 1 GiB (the demo's and the benchmark's always do), else 1 GiB at a time "
              "(TTL's task 1: 415 rows)")
-    add("--resume", action="store_true", help="continue an interrupted stage where it stopped: after its last finished epoch, or at the step "
-                                            "where a SIGTERM stopped it")
+    add("--resume", action="store_true",
+        help="continue an interrupted stage where it stopped: after its last finished epoch, or at the step where a "
+             "SIGTERM stopped it")
     add("--overwrite", action="store_true",
         help="train the stage again where its finished checkpoint is (--savepath): without it that is refused, as a "
              "later stage may have been built from it")

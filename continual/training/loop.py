@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from continual import flags
-from continual.checkpoints import is_finished, load_checkpoint
+from continual.checkpoints import is_finished, load_checkpoint, require_finished
 from continual.datasets import preset_kind, preset_paths, stage_script, task_name
 from continual.evaluation.reports import format_evidence, format_limits, format_table
 from continual.evaluation.scoring import evaluate_tasks, load_task_data, score
@@ -173,9 +173,7 @@ def load_previous(run: RunConfig) -> tuple[dict, ItemIndex]:
     """The stage-(K−1) checkpoint and the index, checked against each other and this script."""
     checkpoint = load_checkpoint(run.paths)
     previous = checkpoint.get("stage")
-    if not is_finished(checkpoint):
-        raise DataError(f"{run.paths}: stage {previous} did not finish there (its run ended before it scored and "
-                        f"saved its final model); finish it first: its command again with --resume")
+    require_finished(checkpoint, run.paths, "--paths")
     if previous != run.stage - 1:
         maker = stage_script(run.stage - 1)
         raise DataError(f"{run.paths}: is stage {previous}'s checkpoint; stage {run.stage} needs task "
