@@ -56,7 +56,8 @@ from continual.datasets import DATASETS, preset_paths
 from continual.evaluation.reports import headline_metric
 from continual.evaluation.stats import mean_sd, paired_difference, t_interval
 from continual.methods import METHODS, method_class
-from continual.training.config import DEFAULT_METHOD, check_stage_flags
+from continual.methods import DEFAULT_METHOD
+from continual.training.config import check_stage_flags
 from continual.training.loop import parameter_count as model_parameters
 from model import NextItNet
 from utils import DataError, atomic_write_text, cli, write_failure

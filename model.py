@@ -296,18 +296,10 @@ class NextItNet(nn.Module):
         self.relation_weight = nn.Parameter(torch.empty(n_tasks, n_layers, 2 * n_tasks - 1, device=device).normal_(0.0, 0.01))
         self.relation_bias = nn.Parameter(torch.full((n_tasks, n_layers), 0.1, device=device))
 
-    def add_task(self, n_classes: int, relation: bool = True, carry_relation: bool = False,
-                 carry_plain: bool = False, own_blocks: int = 0, own_embedding: bool = False,
+    def add_task(self, n_classes: int, relation: bool = True, own_blocks: int = 0, own_embedding: bool = False,
                  part: str = "") -> None:
-        """Grow by one task: a new head, a new task-embedding row, fresh relation layers.
-
-        With `carry_relation` (and relation layers before and after: stage ≥ 3, as stage 1 has plain masks,
-        Eq. 11), every earlier task keeps its trained relation layer, with weight 0 on the two new inputs
-        (+e_new, −e_new, the last two of Eq. 13's context), so its masks, and its outputs, are unchanged by
-        the growth; only the new task's layer is fresh. The authors re-initialise them all, which moves
-        every earlier task's masks at each stage. With `carry_plain`, growing from plain masks (stage 2)
-        gives every earlier task a relation layer with weight 1 on its own embedding and 0 elsewhere, bias
-        0: m = σ(s·tanh(s·e)), which equals its plain σ(s·e) at s = smax wherever |e| ≫ 1/smax. With
+        """Grow by one task: a new head, a new task-embedding row, fresh relation layers for every task (as the
+        authors: every earlier task's masks move at each stage; docs/retention.md has the study that kept them). With
         `own_blocks` = k > 0 (not in the paper), the new task reads its own copies of the top k residual blocks,
         copied from the shared ones now: only its own terms train them, so the retention that holds the shared
         blocks for the earlier tasks never pulls on them.
@@ -315,9 +307,6 @@ class NextItNet(nn.Module):
         if not 0 <= own_blocks <= len(self.blocks):
             raise ValueError(f"own_blocks must be in 0..{len(self.blocks)} (got {own_blocks})")
         device = self.task_embedding.device
-        carried = ((self.relation_weight.data, self.relation_bias.data)
-                   if carry_relation and relation and self.config.relation else None)
-        from_plain = carry_plain and relation and not self.config.relation and self.config.use_masks
         if own_blocks or self.config.own_blocks:  # configs without own blocks stay as they were
             self.config.own_blocks = [self.config.own_block_count(t) for t in range(self.config.n_tasks)] + [own_blocks]
             if own_blocks:
@@ -337,17 +326,6 @@ class NextItNet(nn.Module):
         self.config.relation = relation
         if relation:
             self._reset_relation()
-            if from_plain:
-                with torch.no_grad():
-                    self.relation_weight[:-1] = 0.0
-                    self.relation_weight[:-1, :, 0] = 1.0                   # its own e_j, first in Eq. 13's context
-                    self.relation_bias[:-1] = 0.0
-            if carried is not None:
-                weight, bias = carried                                    # [N−1, n_layers, 2N−3], [N−1, n_layers]
-                with torch.no_grad():
-                    self.relation_weight[:-1] = 0.0
-                    self.relation_weight[:-1, :, :weight.shape[2]] = weight
-                    self.relation_bias[:-1] = bias
         else:
             for name in ("relation_weight", "relation_bias"):
                 if hasattr(self, name):

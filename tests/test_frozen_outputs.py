@@ -12,7 +12,7 @@ from continual.methods.base import Step
 from continual.methods.teracon import FrozenOutputs, plan_frozen_outputs
 from continual.training import loop, samplers
 from continual.training.distributed import Shard
-from teracon_helpers import stage4_models, teracon_options
+from teracon_helpers import KL_EVERY_ROW, stage4_models, teracon_options
 
 N_TRAIN, BATCH = 24, 8
 
@@ -20,7 +20,8 @@ N_TRAIN, BATCH = 24, 8
 def recommended_like(**changes):
     """The recommended rule's terms (KL at smax, mean weights, α 2, the new task at smax, the expert) over every
     row of each earlier task; rows="share" gives the preset's B // (K−1) rows of each."""
-    return teracon_options("per_task_smax_kl", **{"alpha": 2.0, "expert_weight": 1.0, "new_task_at": "smax", **changes})
+    return teracon_options("paper", **{**KL_EVERY_ROW, "alpha": 2.0, "expert_weight": 1.0, "new_task_at": "smax",
+                                       **changes})
 
 
 def train_epochs(options, epochs: int = 2) -> tuple[list[float], dict[str, torch.Tensor], dict[str, int]]:

@@ -270,8 +270,10 @@ def test_the_previous_formats_retention_rules_become_options(monkeypatch):
     assert (third["rows"], third["weights"], third["retention_at"], third["distance"], third["carry_masks"],
             third["alpha"], third["own_blocks"]) == ("all", "mean", "smax", "kl", "off", 2.0, 1)
     carry = checkpoints.load_checkpoint("carry2.t7")["run_config"]["options"]  # per_task_smax_kl_carry_plain
-    assert carry["carry_masks"] == "all" and carry["mask_capacity"] == 0.1 and carry["no_relation"]
-    assert carry["preset"] == "legacy --retention per_task_smax_kl_carry_plain"
+    assert carry["carry_masks"] == "all" and carry["mask_capacity"] == 0.1 and carry["no_relation"]  # retired: kept
+    assert carry["preset"] == "legacy --retention per_task_smax_kl_carry_plain"                     # as recorded
+    options = config.RunConfig.from_dict(checkpoints.load_checkpoint("carry2.t7")["run_config"]).options
+    assert options.no_relation and not hasattr(options, "carry_masks") and not hasattr(options, "mask_capacity")
     assert checkpoints.load_checkpoint("task2.t7")["run_config"]["options"]["rows"] == "sampled"
 
 

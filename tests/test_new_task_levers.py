@@ -1,5 +1,5 @@
-"""The levers of the study of how fast TERACON learns a new task (issue 30): --own_lr, --new_task_at,
---retention_ramp, and compare.py's --settings paper, --later_epochs and NAME+flag=value candidates."""
+"""The levers of the study of how fast TERACON learns a new task (issue 30): --own_lr (a parameter group),
+--new_task_at, and compare.py's --settings paper, --later_epochs and NAME+flag=value candidates."""
 from __future__ import annotations
 
 import copy
@@ -13,12 +13,12 @@ import torch.nn.functional as F
 import compare
 from continual import comparison
 from continual.methods.base import Step
-from continual.methods.teracon import Teracon, distillation_kl, own_tensors
+from continual.methods.teracon import Teracon, distillation_kl, own_parameters
 from continual.training import loop, samplers
 from continual.training.config import parse_args
 from continual.training.distributed import Shard
 from model import NextItNet
-from teracon_helpers import stage4_models, teracon_method, teracon_options
+from teracon_helpers import KL_EVERY_ROW, stage4_models, teracon_method, teracon_options
 
 
 def one_step(model: NextItNet, teacher: NextItNet, lr: float, **changes) -> dict[str, torch.Tensor]:
@@ -26,9 +26,10 @@ def one_step(model: NextItNet, teacher: NextItNet, lr: float, **changes) -> dict
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     x, y = torch.randint(1, 40, (12, 9), generator=torch.Generator().manual_seed(3)), torch.arange(12) % 6
     method = teracon_method(teacher, 3, [0.9, 0.5, 0.3], np.random.default_rng(1),
-                            teracon_options("per_task_smax_kl", embedding_clamp="off", **changes))
+                            teracon_options("paper", **KL_EVERY_ROW, embedding_clamp="off", **changes))
     method.run.lr = lr
-    _, _, stepped = loop.train_step(model, method, samplers.adam(model.parameters(), lr), Step(x, y, 7.0, Shard(12)))
+    optimizer = samplers.adam(method.param_groups(model, lr), lr)
+    _, _, stepped = loop.train_step(model, method, optimizer, Step(x, y, 7.0, Shard(12)))
     assert stepped
     return {name: p.detach() - before[name] for name, p in model.named_parameters()}
 
@@ -63,20 +64,39 @@ def test_own_lr_equal_to_lr_is_the_plain_step_bit_for_bit():
     assert all(torch.equal(plain[name], same[name]) for name in plain)
     assert not torch.equal(plain["heads.3.weight"], faster["heads.3.weight"])
     method = teracon_method(teacher, 3, [0.9] * 3, np.random.default_rng(0), teracon_options("paper", own_lr=1e-3))
-    method.run.lr = 1e-3
-    assert not method.scales_own_update()       # not even rescaled by 1, which can round
-    method.run.lr = 1e-4
-    assert method.scales_own_update()
+    assert len(method.param_groups(model, 1e-3)) == 1       # one group: not even a second group at the same rate
+    assert [group["lr"] for group in method.param_groups(model, 1e-4)] == [1e-4, 1e-3]
 
 
-def test_own_tensors_are_views_that_nothing_else_reads():
+def test_own_lr_steps_the_new_tasks_rows_exactly_as_adam_at_own_lr():
+    """The new task's rows of the shared tables step as Adam at --own_lr would step them alone, to the last digit,
+    over several steps (the moments carried), and the earlier tasks' rows as Adam at --lr alone."""
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(4, 3, 5))
+    alone = [torch.nn.Parameter(table.data[row].clone()) for row in range(4)]
+    optimizer = samplers.adam([{"params": [table], "lr": 1e-4}, {"params": [samplers.Rows(table, 3)], "lr": 1e-3}],
+                              1e-4)
+    references = [samplers.adam([parameter], 1e-3 if row == 3 else 1e-4) for row, parameter in enumerate(alone)]
+    for step in range(3):
+        gradient = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(step))
+        table.grad = gradient.clone()
+        optimizer.step()
+        for row, (parameter, reference) in enumerate(zip(alone, references)):
+            parameter.grad = gradient[row].clone()
+            reference.step()
+    for row in range(4):
+        assert torch.equal(table.data[row], alone[row].data), row
+
+
+def test_own_parameters_are_the_new_tasks_and_nothing_else_reads_them():
     model, _ = stage4_models(own_blocks=1)
-    tensors = own_tensors(model, 3)
-    assert tensors[2].data_ptr() == model.task_embedding.data[3].data_ptr()
-    assert sum(t.numel() for t in tensors) == (sum(p.numel() for p in model.heads[3].parameters())
-                                               + model.task_embedding[3].numel() + model.relation_weight[3].numel()
-                                               + model.relation_bias[3].numel()
-                                               + sum(p.numel() for p in model.task_blocks["3"].parameters()))
+    own = own_parameters(model, 3)
+    rows = [entry for entry in own if isinstance(entry, samplers.Rows)]
+    assert [(entry.parameter, entry.index) for entry in rows] == [(model.task_embedding, 3), (model.relation_weight, 3),
+                                                                 (model.relation_bias, 3)]
+    whole = [entry for entry in own if not isinstance(entry, samplers.Rows)]
+    assert sum(p.numel() for p in whole) == (sum(p.numel() for p in model.heads[3].parameters())
+                                             + sum(p.numel() for p in model.task_blocks["3"].parameters()))
 
 
 def test_new_task_at_smax_scores_the_cross_entropy_where_the_task_is_scored():
@@ -115,30 +135,16 @@ def test_new_task_at_smax_shares_one_student_pass_with_the_expert_term():
         torch.testing.assert_close(first.detach(), by_hand)
 
 
-def test_retention_ramp_scales_alpha_by_the_epochs_done():
-    model, teacher = stage4_models(own_blocks=1)
-    x, y = torch.randint(1, 40, (10, 9)), torch.arange(10) % 6
-
-    def retention(epoch: float, ramp: float) -> float:
-        method = teracon_method(teacher, 3, [0.9, 0.5, 0.3], np.random.default_rng(4),
-                                teracon_options("per_task_smax_kl", alpha=2.0, retention_ramp=ramp))
-        _, *kept = method.terms(model, Step(x, y, 7.0, Shard(10), epoch))
-        return float(sum(term.detach() for term in kept))
-
-    full = retention(0.0, 0.0)
-    assert full > 0
-    assert retention(0.25, 2.0) == pytest.approx(full / 8, rel=1e-5)
-    assert retention(3.0, 2.0) == pytest.approx(full, rel=1e-6)
-
-
 def test_levers_are_not_the_authors_rule():
-    for change in ({"own_lr": 1e-3}, {"new_task_at": "smax"}, {"retention_ramp": 1.0}):
-        assert not Teracon.replayable(teracon_options("paper", **change)), change
-    assert Teracon.replayable(teracon_options("paper"))
+    for change in ({"own_lr": 1e-3}, {"new_task_at": "smax"}, {"rows": "share"}, {"own_blocks": 1},
+                   {"no_relation": True}):
+        assert Teracon.replay_refusal(teracon_options("paper", **change)) is not None, change
+    assert Teracon.replay_refusal(teracon_options("paper", expert="task2.t7")) == "--expert"
+    assert Teracon.replay_refusal(teracon_options("paper", alpha=2.0, L2=0.75)) is None
 
 
 def test_one_run_with_every_lever_sees_the_epochs_done(tmp_path, data_writer, monkeypatch):
-    """A real stage 1 and two stages with --own_lr, --new_task_at smax and --retention_ramp: the loop hands the
+    """A real stage 1 and two stages with --own_lr, --new_task_at smax and --own_blocks: the loop hands the
     method Step.epoch = epoch + batch / batches per epoch, and the checkpoint carries the options."""
     data = data_writer(tmp_path / "data", n_users=120, seed=2)
     seen: list[float] = []
@@ -155,14 +161,14 @@ def test_one_run_with_every_lever_sees_the_epochs_done(tmp_path, data_writer, mo
         seen.clear()
         loop.main(stage, ["--datapath", str(path), "--paths", str(previous), "--savepath", str(tmp_path / f"t{stage}"),
                           "--epochs", "2", "--patience", "2", "--own_lr", "1e-2", "--new_task_at", "smax",
-                          "--retention_ramp", "1", "--own_blocks", "1", *common])
+                          "--own_blocks", "1", *common])
         previous = tmp_path / f"t{stage}.t7"
         batches = len(seen) // 2
         assert batches >= 2 and len(seen) == 2 * batches
         assert seen[0] == 0.0 and 0 < seen[1] < 1 and seen[batches] == 1.0
         assert all(b > a for a, b in zip(seen, seen[1:]))
     options = torch.load(previous, weights_only=True)["run_config"]["options"]
-    assert (options["own_lr"], options["new_task_at"], options["retention_ramp"]) == (1e-2, "smax", 1.0)
+    assert (options["own_lr"], options["new_task_at"], options["own_blocks"]) == (1e-2, "smax", 1)
 
 
 def test_paper_settings_use_the_stage_defaults_lr_and_batch_1024():

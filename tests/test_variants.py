@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from continual.methods import teracon
 from continual.training import config, loop, samplers
 from model import NextItNet
-from teracon_helpers import rule_flags, teracon_loss, teracon_options, teracon_terms
+from teracon_helpers import KL_EVERY_ROW, option_flags, teracon_loss, teracon_options, teracon_terms
 from utils import DataError
 
 BEHAVIOURS = ["seed", "L2", "lr", "select_on", "ties", "embedding_clamp", "nested_samples", "ratio_weights"]
@@ -60,7 +60,7 @@ def test_retention_weights_from_previous_or_this_batch(tiny_model, current):
     model.add_task(4, relation=True)
     x, y, s = torch.randint(1, 30, (9, 6)), torch.randint(0, 4, (9,)), 3.0
     previous = [0.9, 0.2, 0.5]
-    options = teracon_options("all_rows", alpha=0.7, ratio_weights="current" if current else "previous")
+    options = teracon_options("paper", rows="all", alpha=0.7, ratio_weights="current" if current else "previous")
     loss, kept, fresh = teracon_loss(model, teacher, x, y, 3, s, previous, np.random.default_rng(0), options)
     task_masks = model.task_masks(3, s)
     assert fresh == pytest.approx([teracon.sampling_ratio(teacher.task_masks(j, s), task_masks) for j in range(3)])
@@ -113,12 +113,12 @@ def test_per_task_smax_is_per_task_at_smax(tiny_model):
     ratios (Eq. 15) stay at the annealed s."""
     teacher, model, x, y, ratios = grown_stage3(tiny_model)
 
-    def loss(rule: str, s: float):
-        return teracon_loss(model, teacher, x, y, 2, s, ratios, np.random.default_rng(0), teracon_options(rule),
-                            smax=7.0)
-    anchored_loss, anchored_kept, anchored_ratios = loss("per_task_smax", 3.0)
-    at_smax_loss, at_smax_kept, _ = loss("per_task", 7.0)
-    annealed_loss, annealed_kept, annealed_ratios = loss("per_task", 3.0)
+    def loss(retention_at: str, s: float):
+        options = teracon_options("paper", rows="all", weights="mean", retention_at=retention_at)
+        return teracon_loss(model, teacher, x, y, 2, s, ratios, np.random.default_rng(0), options, smax=7.0)
+    anchored_loss, anchored_kept, anchored_ratios = loss("smax", 3.0)
+    at_smax_loss, at_smax_kept, _ = loss("annealed", 7.0)
+    annealed_loss, annealed_kept, annealed_ratios = loss("annealed", 3.0)
     assert float(anchored_kept) == pytest.approx(float(at_smax_kept), rel=1e-6)
     assert float(anchored_kept) != pytest.approx(float(annealed_kept), rel=1e-3)
     assert anchored_ratios == annealed_ratios
@@ -130,7 +130,7 @@ def test_per_task_smax_kl_is_per_task_smax_with_kl_terms(tiny_model):
     """per_task_smax_kl: the same rows, weights and s as per_task_smax; each term is the KL of the softmaxes."""
     teacher, model, x, y, ratios = grown_stage3(tiny_model)
     total, kept, _ = teracon_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
-                                  teracon_options("per_task_smax_kl"), smax=7.0)
+                                  teracon_options("paper", **KL_EVERY_ROW), smax=7.0)
     assert float(kept) == pytest.approx(hand_kl_retention(teacher, model, x), rel=1e-5)
 
 
@@ -138,112 +138,14 @@ def test_sum_smax_kl_is_per_task_smax_kl_with_weights_summing_to_one(tiny_model)
     """sum_smax_kl: per_task_smax_kl's rows, s and KL terms with the paper's weights ratio_j / Σ_k ratio_k, so its
     retention is per_task_smax_kl's divided by the number of earlier tasks; the cross-entropy is the same."""
     teacher, model, x, y, ratios = grown_stage3(tiny_model)
-    runs = {rule: teracon_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0), teracon_options(rule),
-                               smax=7.0)
-            for rule in ("per_task_smax_kl", "sum_smax_kl")}
+    runs = {rule: teracon_loss(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0),
+                               teracon_options("paper", **{**KL_EVERY_ROW, "weights": weights}), smax=7.0)
+            for rule, weights in (("per_task_smax_kl", "mean"), ("sum_smax_kl", "sum"))}
     (per_task, per_task_kept, _), (summed, summed_kept, _) = runs["per_task_smax_kl"], runs["sum_smax_kl"]
     assert float(summed_kept) == pytest.approx(float(per_task_kept) / 2, rel=1e-6)
     assert float((summed - summed_kept).detach()) == pytest.approx(float((per_task - per_task_kept).detach()), rel=1e-6)
-    plan = teracon.retention_plan(teracon_options("sum_smax_kl"), ratios, 8)
+    plan = teracon.retention_plan(teracon_options("paper", rows="all", retention_at="smax", distance="kl"), ratios, 8)
     assert [count for count, _ in plan] == [8, 8] and [weight for _, weight in plan] == pytest.approx([1 / 3, 2 / 3])
-
-
-@pytest.mark.parametrize("rule", ["per_task_smax_kl", "per_task_smax_kl_carry"])
-def test_stage_starts_from_the_teachers_masks_only_with_carry(tmp_path, synthetic_data, monkeypatch, rule):
-    """train_teracon with --carry_masks relation (the old per_task_smax_kl_carry) grows a model that has relation
-    layers (stage ≥ 3; stage 1 has plain masks) so that at the first step the student's earlier-task masks and
-    outputs are the teacher's; the authors' growth (every other rule) moves them."""
-    data = synthetic_data(n_users=120, seed=6)
-    common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1"]
-    loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
-    loop.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), "--savepath",
-                     str(tmp_path / "task2"), "--batch", "64", *common])
-    first = {}
-    original = loop.train_step
-
-    def spy(model, method, *args, **kwargs):
-        teacher = method.teacher
-        if not first:
-            items = torch.randint(1, 30, (4, 9), generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                first["same"] = all(torch.equal(model.task_masks(j, 50.0), teacher.task_masks(j, 50.0))
-                                    and torch.equal(model(items, j, 50.0)[0], teacher(items, j, 50.0)[0])
-                                    for j in range(2))
-        return original(model, method, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", spy)
-    loop.main(3, ["--datapath", str(data.task3), "--paths", str(tmp_path / "task2.t7"), "--savepath",
-                  str(tmp_path / "task3"), *rule_flags(rule), "--batch", "64", *common])
-    assert first["same"] == (rule == "per_task_smax_kl_carry")
-
-
-@pytest.mark.parametrize("rule", ["per_task_smax_kl_carry", "per_task_smax_kl_carry_plain"])
-def test_stage2_carries_plain_masks_only_with_carry_plain(tmp_path, synthetic_data, monkeypatch, rule):
-    """At stage 2's first step, `per_task_smax_kl_carry_plain` (--carry_masks all) gives task 1 the mask
-    σ(s·tanh(s·e_1)) of its stage-1 embedding (plain σ(s·e_1) at s = smax); `per_task_smax_kl_carry` grows from
-    plain masks as the authors do (a fresh relation layer)."""
-    data = synthetic_data(n_users=120, seed=6)
-    common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1"]
-    loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "task1"), *common])
-    first = {}
-    original = loop.train_step
-
-    def spy(model, method, *args, **kwargs):
-        teacher = method.teacher
-        if not first:
-            with torch.no_grad():
-                by_hand = torch.sigmoid(3.0 * torch.tanh(3.0 * teacher.task_embedding[0]))
-                first["plain"] = torch.allclose(model.task_masks(0, 3.0), by_hand)
-        return original(model, method, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", spy)
-    loop.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "task1.t7"), "--savepath",
-                  str(tmp_path / "task2"), *rule_flags(rule), "--batch", "64", *common])
-    assert first["plain"] == (rule == "per_task_smax_kl_carry_plain")
-
-
-def test_capacity_penalty_by_hand():
-    """HAT's Eq. 5: Σ m·(1 − used) / Σ (1 − used), a loop by hand; with nothing used, the mean mask (--L2)."""
-    torch.manual_seed(3)
-    masks, used = torch.rand(4, 6), torch.rand(4, 6)
-    numerator = sum(float(masks[l, c]) * (1 - float(used[l, c])) for l in range(4) for c in range(6))
-    denominator = sum(1 - float(used[l, c]) for l in range(4) for c in range(6))
-    assert float(teracon.capacity_penalty(masks, used)) == pytest.approx(numerator / denominator, rel=1e-6)
-    assert float(teracon.capacity_penalty(masks, torch.zeros(4, 6))) == pytest.approx(float(masks.mean()), rel=1e-6)
-    opened = masks.clone().requires_grad_(True)
-    fully_used = torch.zeros(4, 6)
-    fully_used[:, :3] = 1.0                               # channels 0-2 used by an earlier task: free to reuse
-    teracon.capacity_penalty(opened, fully_used).backward()
-    assert torch.all(opened.grad[:, :3] == 0)
-    assert opened.grad[:, 3:].flatten().tolist() == pytest.approx([1 / 12] * 12)
-
-
-def test_mask_capacity_adds_the_penalty_to_the_new_task_term(tiny_model):
-    """--mask_capacity λ: the first term is CE + λ · capacity_penalty(new task's masks at s, max of the teacher's
-    earlier masks at smax); the retention terms are unchanged; λ = 0 leaves the stage exactly as before."""
-    teacher, model, x, y, ratios = grown_stage3(tiny_model)
-
-    def terms(capacity: float) -> list[float]:
-        options = teracon_options("per_task_smax_kl", alpha=0.7, mask_capacity=capacity)
-        terms, _ = teracon_terms(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0), options, smax=7.0)
-        return [float(t.detach()) for t in terms]
-    plain, regularised = terms(0.0), terms(0.5)
-    with torch.no_grad():
-        ce = float(F.cross_entropy(model(x, 2, 3.0)[0], y))
-        used = torch.maximum(teacher.task_masks(0, 7.0), teacher.task_masks(1, 7.0))
-        masks = model.task_masks(2, 3.0)
-        penalty = float(((masks * (1 - used)).sum() / (1 - used).sum()))
-    assert plain[0] == pytest.approx(ce, rel=1e-5)
-    assert regularised[0] == pytest.approx(ce + 0.5 * penalty, rel=1e-5) and penalty > 0
-    assert regularised[1:] == pytest.approx(plain[1:], rel=1e-6)
-    assert sum(plain[1:]) == pytest.approx(hand_kl_retention(teacher, model, x), rel=1e-4)
-
-
-def test_mask_capacity_refused_without_masks():
-    with pytest.raises(SystemExit):
-        parsed(2, "--mask_capacity", "0.5", "--method", "finetune")    # a flag of --method teracon only
-    with pytest.raises(SystemExit):
-        parsed(2, "--mask_capacity", "-1")
 
 
 def test_rerun_redraws_training_but_keeps_the_split(tmp_path, synthetic_data, monkeypatch):
@@ -274,7 +176,7 @@ def test_expert_adds_the_distillation_of_the_new_task_to_its_term(tiny_model):
     expert = tiny_model(task_classes=(30, 7, 4), relation=True, seed=5).eval().requires_grad_(False)
 
     def terms(weight: float, given) -> list[float]:
-        options = teracon_options("per_task_smax_kl", alpha=0.7, expert_weight=weight)
+        options = teracon_options("paper", **KL_EVERY_ROW, alpha=0.7, expert_weight=weight)
         terms, _ = teracon_terms(model, teacher, x, y, 2, 3.0, ratios, np.random.default_rng(0), options, smax=7.0,
                                  expert=given)
         return [float(t.detach()) for t in terms]
@@ -305,7 +207,7 @@ def test_stage_distils_from_the_expert_and_refuses_another_split(tmp_path, synth
     monkeypatch.setattr(loop, "train_step", lambda model, method, *a, **k: given.append(method.expert)
                         or original(model, method, *a, **k))
     loop.main(2, [*stage2, "--savepath", str(tmp_path / "kd2"), "--expert", str(tmp_path / "ft2.t7"),
-                     *rule_flags("per_task_smax_kl")])
+                     *option_flags(**KL_EVERY_ROW)])
     assert given and all(isinstance(e, NextItNet) and not e.config.use_masks for e in given)
     with pytest.raises(DataError, match=r"ft2_seed1\.t7: --expert must be a stage-2 checkpoint of this task on the same split"):
         loop.main(2, [*stage2, "--savepath", str(tmp_path / "kd2b"), "--expert", str(tmp_path / "ft2_seed1.t7")])
@@ -330,7 +232,7 @@ def test_own_blocks_start_as_the_shared_ones_and_only_their_task_trains_them(tin
         assert torch.equal(owned(x, task, 3.0)[0], plain(x, task, 3.0)[0])
     teacher = tiny_model(task_classes=(30, 7), relation=True, seed=2).eval().requires_grad_(False)
     terms, _ = teracon_terms(owned, teacher, x, torch.randint(0, 4, (8,)), 2, 3.0, [0.3, 0.6],
-                             np.random.default_rng(0), teracon_options("per_task_smax_kl", alpha=0.7), smax=7.0)
+                             np.random.default_rng(0), teracon_options("paper", **KL_EVERY_ROW, alpha=0.7), smax=7.0)
     new_task, *kept = terms
     copies, shared_top = list(owned.task_blocks["2"].parameters()), list(owned.blocks[-2:].parameters())
     assert all(g is None for g in torch.autograd.grad(sum(kept), copies, allow_unused=True, retain_graph=True))

@@ -14,12 +14,10 @@ from typing import Any, Callable
 
 from continual import flags
 from continual.datasets import DATASETS, VARIANTS, preset_paths, stage_defaults
-from continual.methods import METHODS, method_class
+from continual.methods import DEFAULT_METHOD, METHODS, method_class
 from continual.training import distributed
 from continual.training.samplers import STREAMS
 from utils import DataError
-
-DEFAULT_METHOD = "teracon"
 
 
 @dataclass
@@ -178,7 +176,8 @@ def parse_args(stage: int | None, argv: list[str] | None = None,
             raise DataError("give --stage K (K ≥ 2) or --paths of the previous stage's checkpoint")
     args.stage = stage
     cls = method_class(method)
-    loop_defaults = {"smax": RunConfig.smax, **stage_defaults(stage, args.variant), **cls.loop_defaults}
+    loop_defaults = {"smax": RunConfig.smax, **stage_defaults(stage, args.variant),
+                     **cls.variant_defaults.get(args.variant, {}), **cls.loop_defaults}
     for key, value in loop_defaults.items():
         if getattr(args, key, value) is None:  # explicit flags win; a default of a flag the method lacks is skipped
             setattr(args, key, value)
@@ -221,12 +220,11 @@ def unknown_flags_message(unknown: list[str], stage: int | None, method: str) ->
 
 
 def check_authors_streams(run: RunConfig) -> None:
-    """What --streams authors replays: stages ≥ 2 of TERACON's paper rule, in one process, from the start."""
-    options = run.options
+    """What --streams authors replays: stages ≥ 2 of what the method says it can replay (Method.replay_refusal), in
+    one process, from the start."""
+    refusal = method_class(run.method).replay_refusal(run.options)
     unsupported = [(run.stage == 1, "stage 1"), (run.resume, "--resume"), (distributed.launched(), "torchrun"),
-                   (run.rerun > 0, "--rerun"), (getattr(options, "expert", None) is not None, "--expert"),
-                   (not method_class(run.method).replayable(options), "an ablation or an option beyond the paper's "
-                                                                       "rule")]
+                   (run.rerun > 0, "--rerun"), (refusal is not None, refusal)]
     found = [what for bad, what in unsupported if bad]
     if found:
         raise DataError(f"--streams authors replays the authors' stages >= 2 in one process; not with "
@@ -235,31 +233,10 @@ def check_authors_streams(run: RunConfig) -> None:
 
 # ---------------------------------------------------------------- checkpoints written before RunConfig
 
-# The --retention rules of format-1 checkpoints, as TERACON's options (rows, weights, retention_at, distance,
-# carry_masks); README, "Retention rules", names the commit at which they last ran.
-LEGACY_RULES: dict[str, tuple[str, str, str, str, str]] = {
-    "paper": ("sampled", "sum", "annealed", "mse", "off"),
-    "all_rows": ("all", "sum", "annealed", "mse", "off"),
-    "per_task": ("all", "mean", "annealed", "mse", "off"),
-    "per_task_smax": ("all", "mean", "smax", "mse", "off"),
-    "per_task_smax_kl": ("all", "mean", "smax", "kl", "off"),
-    "sum_smax_kl": ("all", "sum", "smax", "kl", "off"),
-    "per_task_smax_kl_carry": ("all", "mean", "smax", "kl", "relation"),
-    "per_task_smax_kl_carry_plain": ("all", "mean", "smax", "kl", "all"),
-}
-
-
 def legacy_run_config(args: dict) -> dict:
-    """A format-1 checkpoint's parsed command line (`vars(args)`) → RunConfig.to_dict()'s layout."""
+    """A format-1 checkpoint's parsed command line (`vars(args)`) → RunConfig.to_dict()'s layout (the method's options
+    from its legacy_options)."""
     run = {name: args[name] for name in ["stage", *LOOP_FLAGS] if name in args}
     run["method"] = args.get("method", DEFAULT_METHOD)
-    run["options"] = {}
-    if run["method"] == "teracon":
-        rule = args.get("retention", "paper")
-        rows, weights, retention_at, distance, carry = LEGACY_RULES.get(rule, LEGACY_RULES["paper"])
-        copied = ["alpha", "no_relation", "uniform_sampling", "mask_capacity", "own_blocks", "expert", "expert_weight",
-                  "L2", "embedding_clamp", "nested_samples", "ratio_weights"]
-        run["options"] = {"preset": f"legacy --retention {rule}", "rows": rows, "weights": weights,
-                          "retention_at": retention_at, "distance": distance, "carry_masks": carry,
-                          **{name: args[name] for name in copied if name in args}}
+    run["options"] = method_class(run["method"]).legacy_options(args)
     return run

@@ -466,7 +466,7 @@ def run_stage(run: RunConfig) -> dict:
     resources.options = run.to_dict()["options"]
     resources.data_bytes = sum(array.nbytes for array in (inputs.data.sources, inputs.data.targets,
                                                           inputs.data.source_row) if array is not None)
-    optimizer = sampler.optimizer(model.parameters(), run.lr)
+    optimizer = sampler.optimizer(method.param_groups(model, run.lr), run.lr)
     train_rows, valid_rows, test_rows = inputs.parts
     batches_per_epoch = train_rows.size / run.batch
     task, kind, extra = run.stage - 1, inputs.record["kind"], sampler.checkpoint_extra()
@@ -530,7 +530,7 @@ def run_stage(run: RunConfig) -> dict:
                 model.load_state_dict(best["model_state"], strict=True)
                 method.load_state_dict(best.get("method_state") or {})
                 method.begin_phase(model, phase[0])
-                optimizer = sampler.optimizer(model.parameters(), run.lr)
+                optimizer = sampler.optimizer(method.param_groups(model, run.lr), run.lr)
                 print(f"phase {phase[0]} of {method.phases}: from the best model of the phase before", flush=True)
             fit(run, train_epoch, lambda: scored(valid_rows), on_best,
                 Resume(run, model, optimizer, rng, method, phase[0], steps))
