@@ -245,6 +245,10 @@ def _init_head(head: nn.Linear) -> nn.Linear:
     return head
 
 
+TASK_EMBEDDING_CLAMP = 6.0  # HAT's thres_emb: task embeddings are clamped to ±6 after each step (HAT's code, and
+                            # TERACON's revised code, which keeps it), where σ(s·e) is saturated at any s ≥ 1
+
+
 class NextItNet(nn.Module):
     """The backbone with per-task masks and heads. forward(items, task, s) → (logits, masks)."""
 
@@ -332,6 +336,12 @@ class NextItNet(nn.Module):
                     delattr(self, name)
 
     # ------------------------------------------------------------ masks
+
+    def clamp_task_embedding(self, task: int | None = None) -> None:
+        """Clamp the task embeddings (one task's row, or every row with `task` None) to ±TASK_EMBEDDING_CLAMP."""
+        with torch.no_grad():
+            rows = self.task_embedding if task is None else self.task_embedding[task]
+            rows.clamp_(-TASK_EMBEDDING_CLAMP, TASK_EMBEDDING_CLAMP)
 
     def task_masks(self, task: int, s: float) -> torch.Tensor:
         """Masks of every masked layer for `task` at scale s → [n_layers, C]."""

@@ -64,6 +64,31 @@ VARIANT_STAGES: dict[str, dict[int, dict[str, Any]]] = {
 }
 
 
+# The small-data runs' flags of each stage (run_all.sh and compare.py read them here: `stage_flags`), by dataset:
+# (stage 1's, every later stage's).
+# - demo: the last 100 interactions instead of 50 (users have 106 on average: prepare_data's --seq_len); 60/10/30
+#   splits (--split_percentage 0.4: 95 validation and 282 test users instead of 47 and 141); 64 channels; model
+#   selection on NDCG@20 (MRR@5 on 95 users jumps between epochs) with patience 15 / 5; batch 256 and lr 1e-3 after
+#   stage 1 (943 users make few batches of 1024). README, "The demo".
+# - synth (the controlled benchmark): demo-sized settings, 64 channels, at most 10 epochs a stage, batch 256 and lr
+#   1e-3 after stage 1.
+# Other datasets (ttl, movielens, ttl_shaped) run at the paper's settings: no flags.
+SMALL_RUN_FLAGS: dict[str, tuple[list[str], list[str]]] = {
+    "synth": (["--channels", "64", "--epochs", "10", "--patience", "3", "--select_on", "mrr@5"],
+              ["--epochs", "10", "--patience", "3", "--select_on", "mrr@5", "--batch", "256", "--lr", "1e-3"]),
+    "demo": (["--channels", "64", "--epochs", "80", "--patience", "15", "--select_on", "ndcg@20",
+              "--split_percentage", "0.4"],
+             ["--epochs", "20", "--patience", "5", "--select_on", "ndcg@20", "--batch", "256", "--lr", "1e-3",
+              "--split_percentage", "0.4"]),
+}
+
+
+def stage_flags(dataset: str, stage: int) -> list[str]:
+    """The flags run_all.sh and compare.py give stage `stage` of `dataset` (SMALL_RUN_FLAGS; none elsewhere)."""
+    first, later = SMALL_RUN_FLAGS.get(dataset, ([], []))
+    return list(first if stage == 1 else later)
+
+
 def stage_defaults(stage: int, variant: str = "revised") -> dict[str, Any]:
     """Every flag default of `stage` under `variant` that is not the flag's own default."""
     return {**STAGE_DEFAULTS.get(stage, LATER_STAGE_DEFAULTS), **VARIANTS[variant],
@@ -103,3 +128,8 @@ def preset_paths(dataset: str, stage: int, check: bool = True) -> dict[str, str]
     if stage > 1:
         paths["paths"] = os.path.join(save_folder, f"task{stage - 1}.t7")
     return paths
+
+
+if __name__ == "__main__":  # run_all.sh: `python -m continual.datasets DATASET STAGE` prints the stage's flags
+    import sys
+    print(" ".join(stage_flags(sys.argv[1], int(sys.argv[2]))))

@@ -8,7 +8,8 @@ import importlib.util
 import json
 import math
 import os
-import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 import compare
 import utils
+from continual import datasets
 from continual.training import config, loop
 from model import ModelConfig, NextItNet
 from tools import figures
@@ -222,13 +224,20 @@ def test_expert_method_distils_from_the_finetune_chain_which_runs_first(monkeypa
         assert os.path.join("seed0", "finetune", f"task{stage}") in names[:expert]
 
 
-def test_stage_flags_match_run_all(repo_root):
-    """compare.py runs each dataset with run_all.sh's flags, so its tables describe run_all.sh's runs."""
+def test_run_all_and_compare_read_one_declaration_of_the_stage_flags(repo_root, subprocess_env):
+    """run_all.sh reads each stage's flags from `python -m continual.datasets DATASET STAGE` and compare.py from
+    datasets.stage_flags, so compare.py's tables describe run_all.sh's runs."""
     script = (repo_root / "run_all.sh").read_text()
-    for dataset, (first, later) in compare.STAGE_FLAGS.items():
-        block = re.search(rf"^    {dataset}\)\n(.*?);;", script, re.S | re.M).group(1)
-        assert re.search(r"stage1=\((.*?)\)", block).group(1).split() == first, dataset
-        assert re.search(r"later=\((.*?)\)", block).group(1).split() == later, dataset
+    assert 'read -ra stage1 <<< "$($python -m continual.datasets "$dataset" 1)"' in script
+    assert 'read -ra later <<< "$($python -m continual.datasets "$dataset" 2)"' in script
+    for dataset in ("demo", "synth", "ttl"):
+        for stage in (1, 2):
+            printed = subprocess.run([sys.executable, "-m", "continual.datasets", dataset, str(stage)], cwd=repo_root,
+                                     env=subprocess_env, capture_output=True, text=True, check=True).stdout.split()
+            assert printed == datasets.stage_flags(dataset, stage), (dataset, stage)
+            command = compare.stage_command(dataset, "runs/c", 0, "finetune", stage, [])
+            assert command[-len(printed):] == printed or not printed, (dataset, stage)
+    assert "--split_percentage" in datasets.stage_flags("demo", 2) and datasets.stage_flags("ttl", 1) == []
 
 
 def test_kept_shares_and_new_task_differences_by_seed(tmp_path):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import compare
-from continual import comparison
+from continual import comparison, datasets
 from continual.methods.base import Step
 from continual.methods.teracon import Teracon, distillation_kl, own_parameters
 from continual.training import loop, samplers
@@ -190,7 +190,7 @@ def test_paper_settings_use_the_stage_defaults_lr_and_batch_1024():
     stage1 = compare.stage_command("synth", "runs/c", 0, "recommended+own_lr=1e-3", 1, [],
                                    compare.later_flags("synth", "paper", 2))
     assert "--own_lr" not in stage1 and "1024" not in stage1
-    assert compare.later_flags("synth") == compare.STAGE_FLAGS["synth"][1]
+    assert compare.later_flags("synth") == datasets.stage_flags("synth", 2)
 
 
 def test_candidate_names(tmp_path):

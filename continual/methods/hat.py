@@ -36,7 +36,6 @@ from continual.methods.base import Method, Stage, Step, next_item_loss
 from model import NextItNet
 
 THRES_COSH = 50.0   # the official clamp of s·e inside the embedding compensation's cosh
-THRES_EMB = 6.0     # the official clamp of the task embeddings after each step
 
 
 @dataclass(frozen=True)
@@ -90,8 +89,7 @@ class HAT(Method):
                                        self.options.hat_clipgrad)
 
     def after_step(self, model: NextItNet) -> None:
-        with torch.no_grad():
-            model.task_embedding[self.stage.task].clamp_(-THRES_EMB, THRES_EMB)
+        model.clamp_task_embedding(self.stage.task)          # the official thres_emb
 
 
 def used_units(model: NextItNet, n_earlier: int, smax: float) -> torch.Tensor:

@@ -26,7 +26,6 @@ from model import NextItNet
 from utils import DataError
 
 INITIAL_RATIO = 0.9     # every earlier task's sampling ratio before the first batch (authors' code)
-EMBEDDING_CLAMP = 6.0   # stages ≥ 2 clamp the task embeddings to [−6, 6] after each step (revised code)
 
 
 # --preset: what each combination sets (explicit flags win). The paper's rule, its three ablations (Sec. 5.4),
@@ -304,7 +303,7 @@ class Teracon(Method):
 
     def after_step(self, model: NextItNet) -> None:
         if self.stage.number == 1 or self.options.embedding_clamp == "on":
-            clamp_task_embedding(model)
+            model.clamp_task_embedding()              # every row (the revised code; stage 1 too)
 
     def held_bytes(self) -> dict[str, int]:
         held = super().held_bytes()
@@ -405,11 +404,6 @@ def own_parameters(model: NextItNet, task: int) -> list[torch.nn.Parameter | Row
         own += [*model.task_blocks[str(task)].parameters()]
     tables = [model.task_embedding] + ([model.relation_weight, model.relation_bias] if model.config.relation else [])
     return own + [Rows(table, task) for table in tables]
-
-
-def clamp_task_embedding(model: NextItNet) -> None:
-    with torch.no_grad():
-        model.task_embedding.clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
 
 
 def load_expert(path: str, stage: Stage) -> NextItNet:
