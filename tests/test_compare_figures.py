@@ -17,10 +17,13 @@ import torch
 
 import compare
 import utils
-from continual import datasets
+from continual import comparison, datasets
 from continual.training import config, loop
+from continual.training.config import parse_args
 from model import ModelConfig, NextItNet
 from tools import figures
+
+
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
                                       reason="matplotlib is not installed (pip install matplotlib): figures untested")
@@ -312,3 +315,49 @@ def test_another_draw_is_refused_before_the_data_is_rewritten(tmp_path, monkeypa
         utils.cli(lambda: compare.main(["--dataset", "synth", "--synth_seed", "1", "--out", str(out)]))
     assert stopped.value.code != 0 and prepared == []
     assert "holds runs on synth synth_seed 0, not synth synth_seed 1" in capsys.readouterr().err
+
+
+def test_paper_settings_use_the_stage_defaults_lr_and_batch_1024():
+    for stage, lr in ((2, 1e-3), (3, 1e-4)):
+        command = compare.stage_command("synth", "runs/c", 0, "recommended+own_lr=1e-3", stage, [],
+                                        compare.later_flags("synth", "paper", 2))
+        assert "--lr" not in command[:command.index("--own_lr")]
+        assert command[command.index("--batch") + 1] == "1024" and command[-2:] == ["--own_lr", "1e-3"]
+        assert command[command.index("--savepath") + 1] == os.path.join("runs/c", "seed0", "recommended+own_lr=1e-3",
+                                                                        f"task{stage}")
+        assert command[command.index("--expert") + 1] == os.path.join("runs/c", "seed0", "finetune", f"task{stage}.t7")
+        epochs = [command[i + 1] for i, word in enumerate(command) if word == "--epochs"]
+        assert epochs[-1] == "2"
+        args = command[command.index("--paths") + 2:]          # what follows the preset's paths
+        args[args.index("--expert") + 1] = __file__             # the flag's file check only
+        run = parse_args(stage, ["--datapath", "d.csv", "--datapath_index", "i.csv", "--paths", "p.t7",
+                                 "--savepath", "s", *args])
+        assert (run.lr, run.batch, run.epochs, run.options.own_lr) == (lr, 1024, 2, 1e-3)
+    stage1 = compare.stage_command("synth", "runs/c", 0, "recommended+own_lr=1e-3", 1, [],
+                                   compare.later_flags("synth", "paper", 2))
+    assert "--own_lr" not in stage1 and "1024" not in stage1
+    assert compare.later_flags("synth") == datasets.stage_flags("synth", 2)
+
+
+def test_candidate_names(tmp_path):
+    assert comparison.split_overrides("recommended+alpha=0+no_relation") == (
+        "recommended", ["--alpha", "0", "--no_relation"])
+    assert comparison.resolve("recommended_rerun1+alpha=0") == ("teracon", "recommended", 1)
+    assert comparison.known_name("finetune+lr=1e-4") and not comparison.known_name("finetune+lr=/tmp/x")
+    assert not comparison.known_name("nothing+alpha=0")
+    assert compare.chains_first("recommended+alpha=0") == {"--expert": "finetune"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "finetune,recommended+bogus=1"], "unrecognized arguments: --bogus 1"),
+    (["--methods", "finetune,recommended+own_lr=-1"], "--own_lr"),
+    (["--settings", "paper", "--recorded", "docs/experiments/data"], "--recorded"),
+    (["--later_epochs", "0"], "--later_epochs"),
+])
+def test_refused_before_anything_runs(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        compare.main(["--dataset", "synth", "--out", str(tmp_path / "c"), *argv])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0] and "Traceback" not in error[0]
+    assert not (tmp_path / "c").exists()
