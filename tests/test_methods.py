@@ -126,7 +126,7 @@ def test_presets_fill_options_and_explicit_flags_win():
             options.own_blocks, options.own_lr) == ("share", "mean", "smax", "kl", 2.0, "smax", 2, 1e-3)
     assert config.parse_args(3, [*paths, "--preset", "recommended", "--own_blocks", "0", "--expert",
                                  str(FIXTURES / "task2.t7")]).options.own_blocks == 0
-    round_trip = config.RunConfig.from_dict(run.to_dict())
+    round_trip = config.run_config_from_dict(run.to_dict())
     assert round_trip == run and round_trip.options == options
 
 
@@ -301,7 +301,7 @@ def test_checkpoints_of_the_previous_format_evaluate_to_their_metrics(monkeypatc
     monkeypatch.chdir(FIXTURES)                                           # their records name data/taskK.csv
     saved = checkpoints.load_checkpoint(f"{name}.t7")
     assert saved["format_version"] == 2 and "args" not in saved
-    run = config.RunConfig.from_dict(saved["run_config"])
+    run = config.run_config_from_dict(saved["run_config"])
     assert run.method == ("finetune" if name == "finetune2" else "teracon") and run.smax == 50
     model = NextItNet.from_checkpoint(saved).eval()
     tasks = scoring.evaluate_tasks(model, saved["tasks"], read_index("index.csv"), run.smax, 256,
@@ -322,7 +322,7 @@ def test_the_previous_formats_retention_rules_become_options(monkeypatch):
     carry = checkpoints.load_checkpoint("carry2.t7")["run_config"]["options"]  # per_task_smax_kl_carry_plain
     assert carry["carry_masks"] == "all" and carry["mask_capacity"] == 0.1 and carry["no_relation"]  # retired: kept
     assert carry["preset"] == "legacy --retention per_task_smax_kl_carry_plain"                     # as recorded
-    options = config.RunConfig.from_dict(checkpoints.load_checkpoint("carry2.t7")["run_config"]).options
+    options = config.run_config_from_dict(checkpoints.load_checkpoint("carry2.t7")["run_config"]).options
     assert options.no_relation and not hasattr(options, "carry_masks") and not hasattr(options, "mask_capacity")
     assert checkpoints.load_checkpoint("task2.t7")["run_config"]["options"]["rows"] == "sampled"
 

@@ -36,7 +36,7 @@ from model import NextItNet
 from utils import DataError
 
 if TYPE_CHECKING:
-    from continual.training.config import RunConfig
+    from continual.training.run_config import RunConfig
     from data_loader import TaskData
 
 

@@ -132,7 +132,7 @@ LEGACY_RULES: dict[str, tuple[str, str, str, str, str]] = {
     "per_task_smax_kl_carry_plain": ("all", "mean", "smax", "kl", "all"),
 }
 # Options retired on 2026-12-07 (their studies ended negative; docs/retention.md keeps the results and the commit
-# at which to rerun them): a checkpoint's run config still records them, RunConfig.from_dict leaves them out.
+# at which to rerun them): a checkpoint's run config still records them, config.run_config_from_dict leaves them out.
 RETIRED_OPTIONS = ("carry_masks", "mask_capacity", "retention_ramp")
 
 

@@ -1,4 +1,5 @@
-"""The typed run config of a stage, the command line that fills it, and the config a checkpoint carries.
+"""The command line that fills a stage's typed run config (continual/training/run_config.py), and the config a
+checkpoint carries.
 
 `parse_args` reads the loop's flags (every method has them) and the chosen method's own flags (its
 `add_arguments`), fills the per-stage and per-variant defaults and the --dataset paths, and returns a
@@ -9,67 +10,27 @@ through `legacy_run_config`.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from dataclasses import fields
+from typing import Callable
 
 from continual import flags
 from continual.datasets import DATASETS, VARIANTS, preset_paths, stage_defaults
 from continual.methods import DEFAULT_METHOD, METHODS, method_class
 from continual.training import distributed
+from continual.training.run_config import RunConfig
 from continual.training.samplers import STREAMS
 from utils import DataError
 
 
-@dataclass
-class RunConfig:
-    """Everything the loop needs to run one stage; `options` is the method's own typed config."""
-    stage: int
-    datapath: str
-    datapath_index: str
-    savepath: str
-    paths: str | None = None              # the previous stage's checkpoint (stage ≥ 2)
-    dataset: str | None = None
-    method: str = DEFAULT_METHOD
-    options: Any = None
-    epochs: int = 10
-    lr: float = 1e-3
-    batch: int = 32
-    eval_batch: int = 256
-    smax: float = 50.0
-    variant: str = "revised"
-    seed: int = 0
-    rerun: int = 0
-    top_k: int = 5
-    split_percentage: float = 0.2
-    gpu_num: str | None = None
-    device: str | None = None
-    channels: int = 256
-    patience: int = 5
-    task_kind: str | None = None
-    select_on: str = "acc"
-    ties: str = "off"
-    streams: str = "ours"
-    amp: bool = False
-    compile: bool = False
-    ce_chunk: int | None = None           # rows a wide head's loss computes at a time; None: by size (base.chunk_rows)
-    resume: bool = False
-    overwrite: bool = False               # train again over this stage's finished checkpoint
-    max_steps: int | None = None          # at most this many optimiser steps a phase (a dry run); None: no limit
-    eval_users: int | None = None         # every scoring pass reads at most this many users a task; None: all
-
-    def to_dict(self) -> dict:
-        """Plain values only (the checkpoint is loaded with weights_only): the options as a dict."""
-        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"},
-                "options": asdict(self.options) if self.options is not None else {}}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        config = cls(**{key: value for key, value in values.items() if key in known and key != "options"})
-        options_class = method_class(config.method).Options
-        names = {f.name for f in fields(options_class)}
-        config.options = options_class(**{k: v for k, v in (values.get("options") or {}).items() if k in names})
-        return config
+def run_config_from_dict(values: dict) -> RunConfig:
+    """A checkpoint's `RunConfig.to_dict()` → RunConfig, its options typed by the method's Options (options the method
+    no longer has, e.g. retired ones, are left out)."""
+    known = {f.name for f in fields(RunConfig)}
+    config = RunConfig(**{key: value for key, value in values.items() if key in known and key != "options"})
+    options_class = method_class(config.method).Options
+    names = {f.name for f in fields(options_class)}
+    config.options = options_class(**{k: v for k, v in (values.get("options") or {}).items() if k in names})
+    return config
 
 
 LOOP_FLAGS = [f.name for f in fields(RunConfig) if f.name not in ("options", "method", "stage")]
