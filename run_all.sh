@@ -48,14 +48,17 @@ esac
 
 # Each stage's flags for this dataset (demo and synth: small-data settings, explained beside them in
 # continual/datasets.py's SMALL_RUN_FLAGS, which compare.py reads too; ttl and movielens: none, the paper's).
-read -ra stage1 <<< "$($python -m continual.datasets "$dataset" 1)"
-read -ra later <<< "$($python -m continual.datasets "$dataset" 2)"
+# (assigned first, so that `set -e` stops the run if the lookup fails rather than train with no flags)
+stage1_flags=$($python -m continual.datasets "$dataset" 1)
+later_flags=$($python -m continual.datasets "$dataset" 2)
+read -ra stage1 <<< "$stage1_flags"
+read -ra later <<< "$later_flags"
 
 out="saved_models/$dataset"
 mkdir -p "$out"
-$python train_task1.py --dataset "$dataset" --overwrite "${stage1[@]}" "$@"
+$python train_task1.py --dataset "$dataset" --overwrite ${stage1[@]+"${stage1[@]}"} "$@"
 for k in 2 3 4 5 6; do
-    $python "train_teracon_t$k.py" --dataset "$dataset" --overwrite "${later[@]}" "$@"
+    $python "train_teracon_t$k.py" --dataset "$dataset" --overwrite ${later[@]+"${later[@]}"} "$@"
 done
 $python evaluate.py --matrix "$out"/task[1-6].metrics.json --csv "$out/forgetting_matrix.csv"
 echo "forgetting matrix saved to $out/forgetting_matrix.csv"

@@ -29,6 +29,7 @@ def test_the_dry_run_runs_every_step_and_writes_its_report(repo_root, subprocess
     checks = report["agreement"]
     assert set(checks) == {"checkpoint_scored_on_gpu", "stage1_trained_on_gpu", "stage2_trained_on_gpu"}
     assert all(check["passed"] for check in checks.values())  # what they compare: test_agreement_flags_a_gap
+    assert checks["checkpoint_scored_on_gpu"]["max_abs_difference"] == 0.0  # the CPU twice here: scoring deterministic
     log = (out / "gpu_check.log").read_text()
     assert all(f"=== {name}:" in log for name in expected)
     ttl = report["ttl_resources"]                       # stage 1, fine-tuning's and the recommended chain, then --amp

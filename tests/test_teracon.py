@@ -27,14 +27,15 @@ from utils import DataError
 N_TRAIN, BATCH = 24, 8   # --frozen_cache_mib's runs: training rows, batch
 
 
-def one_step(model: NextItNet, teacher: NextItNet, lr: float, **changes) -> dict[str, torch.Tensor]:
-    """One train_step of stage 4 at s = 7 → every parameter's change."""
+def one_step(model: NextItNet, teacher: NextItNet, lr: float, plain: bool = False, **changes) -> dict[str, torch.Tensor]:
+    """One train_step of stage 4 at s = 7 → every parameter's change; Adam from the method's parameter groups, or
+    with `plain` from model.parameters() at lr, as the loop built it before the groups existed."""
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     x, y = torch.randint(1, 40, (12, 9), generator=torch.Generator().manual_seed(3)), torch.arange(12) % 6
     method = teracon_method(teacher, 3, [0.9, 0.5, 0.3], np.random.default_rng(1),
                             teracon_options("paper", **KL_EVERY_ROW, embedding_clamp="off", **changes))
     method.run.lr = lr
-    optimizer = samplers.adam(method.param_groups(model, lr), lr)
+    optimizer = samplers.adam(model.parameters() if plain else method.param_groups(model, lr), lr)
     _, _, stepped = loop.train_step(model, method, optimizer, Step(x, y, 7.0, Shard(12)))
     assert stepped
     return {name: p.detach() - before[name] for name, p in model.named_parameters()}
@@ -64,14 +65,49 @@ def test_own_lr_equal_to_lr_is_the_plain_step_bit_for_bit():
     """--own_lr 1e-3 at a stage run at --lr 1e-3 changes nothing (so the configuration fixes one rate for the
     new task's own parameters whatever the stage's lr), while 1e-2 there does change them."""
     model, teacher = stage4_models(own_blocks=1)
-    plain = one_step(copy.deepcopy(model), teacher, 1e-3)
+    plain = one_step(copy.deepcopy(model), teacher, 1e-3, plain=True)
     same = one_step(copy.deepcopy(model), teacher, 1e-3, own_lr=1e-3)
+    assert all(torch.equal(plain[name], change) for name, change in one_step(copy.deepcopy(model), teacher, 1e-3).items())
     faster = one_step(copy.deepcopy(model), teacher, 1e-3, own_lr=1e-2)
     assert all(torch.equal(plain[name], same[name]) for name in plain)
     assert not torch.equal(plain["heads.3.weight"], faster["heads.3.weight"])
     method = teracon_method(teacher, 3, [0.9] * 3, np.random.default_rng(0), teracon_options("paper", own_lr=1e-3))
     assert len(method.param_groups(model, 1e-3)) == 1       # one group: not even a second group at the same rate
     assert [group["lr"] for group in method.param_groups(model, 1e-4)] == [1e-4, 1e-3]
+
+
+def test_own_lr_groups_resume_as_the_uninterrupted_steps():
+    """The optimiser with --own_lr's groups (Rows aliases included) saved after a step and rebuilt from the method's
+    groups on a reloaded model (--resume) takes the next steps exactly as the uninterrupted one; a group that holds
+    a table and Rows of it is refused."""
+    model, teacher = stage4_models(own_blocks=1)
+    x, y = torch.randint(1, 40, (12, 9), generator=torch.Generator().manual_seed(3)), torch.arange(12) % 6
+
+    def method_on(model: NextItNet):
+        method = teracon_method(teacher, 3, [0.9, 0.5, 0.3], np.random.default_rng(1),
+                                teracon_options("paper", **KL_EVERY_ROW, own_lr=1e-2))
+        method.run.lr = 1e-3
+        return method, samplers.adam(method.param_groups(model, 1e-3), 1e-3)
+
+    def steps(model, method, optimizer, n):
+        for _ in range(n):
+            loop.train_step(model, method, optimizer, Step(x, y, 7.0, Shard(12)))
+    whole = copy.deepcopy(model)
+    method, optimizer = method_on(whole)
+    steps(whole, method, optimizer, 3)
+    first = copy.deepcopy(model)
+    method, optimizer = method_on(first)                   # the method (its ratios, its generator) carries on
+    steps(first, method, optimizer, 1)
+    saved = copy.deepcopy({"model": first.state_dict(), "optimizer": optimizer.state_dict()})
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(saved["model"], strict=True)
+    optimizer = samplers.adam(method.param_groups(resumed, 1e-3), 1e-3)
+    optimizer.load_state_dict(saved["optimizer"])
+    steps(resumed, method, optimizer, 2)
+    for (name, parameter), (_, expected) in zip(resumed.named_parameters(), whole.named_parameters()):
+        assert torch.equal(parameter, expected), name
+    with pytest.raises(ValueError, match="Rows"):
+        samplers.adam([{"params": [model.task_embedding, samplers.Rows(model.task_embedding, 3)], "lr": 1e-3}], 1e-3)
 
 
 def test_own_lr_steps_the_new_tasks_rows_exactly_as_adam_at_own_lr():

@@ -31,8 +31,10 @@ def rank_metrics(rank: torch.Tensor, top_k: int, n_classes: int, first: torch.Te
     (float64; inf: not ranked): MRR = 1/(r+1), NDCG = 1/log2(r+2), HR = 1 inside the top k, 0 outside; hit@1 is
     `first` [n] (argmax's verdict, which breaks ties otherwise than topk) or r == 0."""
     short, long_k = min(top_k, n_classes), min(top_k + 15, n_classes)
-    ranked = torch.where(torch.isinf(rank), torch.zeros_like(rank), rank)             # finite, for the formulas
-    reciprocal, gain = 1.0 / (ranked + 1.0), 1.0 / torch.log2(ranked + 2.0)        # [n]
+    positions = torch.arange(long_k, dtype=torch.float64, device=rank.device)
+    reciprocals, gains = 1.0 / (positions + 1.0), 1.0 / torch.log2(positions + 2.0)  # [long_k], per rank
+    index = torch.where(rank < long_k, rank, torch.zeros_like(rank)).long()       # [n]: a rank inside the table
+    reciprocal, gain = reciprocals[index], gains[index]                          # [n]
     inside_short, inside_long = (rank < short).to(torch.float64), (rank < long_k).to(torch.float64)
     first = rank == 0 if first is None else first
     columns = [reciprocal * inside_short, inside_short, gain * inside_short,

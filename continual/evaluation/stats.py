@@ -1,6 +1,7 @@
 """Evidence for a score: trivial baselines on the same split and bootstrap intervals over test users.
 
-Pure functions over numpy arrays; the training and evaluation plumbing calls them (scoring.evaluate_tasks).
+Pure functions over numpy arrays (the rank metrics through metrics.rank_metrics, the one definition the model's
+scores use); the training and evaluation plumbing calls them (scoring.evaluate_tasks).
 
 - Baselines, fitted on the task's TRAINING split only:
   rec tasks: every item ranked by its training popularity (`popularity`), and the same ranking with the
@@ -34,7 +35,7 @@ def class_counts(labels: np.ndarray, n_classes: int, exclude: tuple[int, ...] = 
 def rank_values(ranks: np.ndarray, top_k: int, n_classes: int) -> np.ndarray:
     """Per-example metrics [n, 7] (order of metrics.metric_names) from the target's 0-based rank in a ranking
     (np.inf: not ranked): metrics.rank_metrics, the one definition the model's scores use too."""
-    return rank_metrics(torch.from_numpy(np.asarray(ranks, dtype=np.float64)), top_k, n_classes).numpy()
+    return rank_metrics(torch.from_numpy(np.ascontiguousarray(ranks, dtype=np.float64)), top_k, n_classes).numpy()
 
 
 def popularity_ranks(scores: np.ndarray, targets: np.ndarray, source_classes: np.ndarray | None) -> np.ndarray:

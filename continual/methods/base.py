@@ -90,6 +90,7 @@ class Method:
     loop_defaults: ClassVar[dict] = {}           # the loop's flags this method defaults otherwise (HAT: smax 400);
                                                  # explicit flags win
     variant_defaults: ClassVar[dict[str, dict]] = {}  # --variant NAME → option defaults where the authors' codes differ
+    retired: ClassVar[dict[str, str]] = {}       # a flag the method no longer has → why, said when one is given
     stage1_method: ClassVar[str] = ""            # compare.py: the method whose stage 1 a chain starts from ("" = the
                                                  # default stage 1 that every other chain of the seed shares)
 

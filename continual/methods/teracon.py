@@ -2,7 +2,8 @@
 
 The masks (Eqs. 11–13) are in model.NextItNet.task_masks and the annealing of s (Eq. 19) is the loop's; this
 file holds the rest: the task-1 loss with its mask regulariser, the stage-K loss (Eqs. 14–18) with its
-sampling ratio (Eq. 15), retention rows and terms (Eq. 16), and the clamp of the task embeddings.
+sampling ratio (Eq. 15), retention rows and terms (Eq. 16), when the task embeddings are clamped, and the new
+task's own parameters (--own_lr's optimiser group).
 
 Its options are orthogonal: each changes one thing, and `paper` (every option at the authors' value) is the
 default. `--preset` names the combinations a reader needs (PRESETS); explicit flags win over a preset.
@@ -143,6 +144,8 @@ class Teracon(Method):
     Options = TeraconOptions
     presets = PRESETS
     variant_defaults = VARIANT_DEFAULTS
+    retired = {f"--{name}": "retired on 2026-12-07 (docs/retention.md, Retired options: its results, and `git "
+               "checkout 01ce4a5` to rerun it)" for name in RETIRED_OPTIONS}
 
     @classmethod
     def check(cls, options: TeraconOptions, run, fail: Callable[[str], None]) -> None:
@@ -158,9 +161,9 @@ class Teracon(Method):
 
     @classmethod
     def replay_refusal(cls, options: TeraconOptions) -> str | None:
-        if options.expert is not None:
-            return "--expert"
-        return None if options.is_paper_rule else "an ablation or an option beyond the paper's rule"
+        reasons = [reason for refused, reason in ((options.expert is not None, "--expert"), (
+            not options.is_paper_rule, "an ablation or an option beyond the paper's rule")) if refused]
+        return ", ".join(reasons) or None
 
     @classmethod
     def legacy_options(cls, args: dict) -> dict:
@@ -202,8 +205,7 @@ class Teracon(Method):
         yield from self.stage_terms(model, step)
 
     def stage_terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
-        """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K) (+ λ · the capacity penalty on its masks,
-        + β · KL(softmax(expert_K) ‖ softmax(student_K)) over the batch at s = smax when an --expert of task K
+        """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K) (+ β · KL(softmax(expert_K) ‖ softmax(student_K)) over the batch at s = smax when an --expert of task K
         is given: the new task distilled from a model trained on it without retention, as Progress & Compress,
         Schwarz et al. 2018), then α · c_j · MSE_j (or KL_j) for each earlier task j.
 
@@ -228,7 +230,6 @@ class Teracon(Method):
         yield new_task
         if options.alpha <= 0 or task == 0:
             return
-        alpha = options.alpha
         with torch.no_grad():
             teacher_masks = [teacher.task_masks(j, s) for j in range(task)]  # task × [n_layers, C]
         fresh = [ratios[j] if options.uniform_sampling else sampling_ratio(teacher_masks[j], task_masks)
@@ -252,12 +253,12 @@ class Teracon(Method):
                 with torch.no_grad():
                     teacher_hidden = teacher.hidden(x_j, teacher_masks[j], True, j)             # [n, C]
                 student_hidden = model.hidden(x_j, model.task_masks(j, s), True, j)              # [n, C]
-                yield alpha * scale * weight * head_distance(student_hidden, model.heads[j], teacher_hidden,
+                yield options.alpha * scale * weight * head_distance(student_hidden, model.heads[j], teacher_hidden,
                                                              teacher.heads[j], options.distance, chunk)
                 continue
             pseudo = self.frozen_outputs(f"task{j + 1}", step, batch_rows, lambda rows, j=j: teacher(  # [n, classes_j]
                 retention_inputs(x, rows, j), j, s, masks=teacher_masks[j])[0].float())
-            yield alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight, options.distance)
+            yield options.alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight, options.distance)
 
     def keeps(self, key: str, step: Step) -> bool:
         """Whether --frozen_cache_mib keeps the outputs `key` ("taskJ", "expert") for this step's rows."""

@@ -27,6 +27,7 @@ def run_config_from_dict(values: dict) -> RunConfig:
     no longer has, e.g. retired ones, are left out)."""
     known = {f.name for f in fields(RunConfig)}
     config = RunConfig(**{key: value for key, value in values.items() if key in known and key != "options"})
+    config.method = config.method or DEFAULT_METHOD
     options_class = method_class(config.method).Options
     names = {f.name for f in fields(options_class)}
     config.options = options_class(**{k: v for k, v in (values.get("options") or {}).items() if k in names})
@@ -174,6 +175,8 @@ def method_flags(method: str) -> set[str]:
 def unknown_flags_message(unknown: list[str], stage: int | None, method: str) -> str:
     """An unknown flag that is another method's says whose it is; any other is argparse's own complaint."""
     flag = next((word.split("=")[0] for word in unknown if word.startswith("--")), None)
+    if flag in method_class(method).retired:
+        return f"{flag} of --method {method} was {method_class(method).retired[flag]}"
     for other in METHODS:
         if flag and other != method and flag in method_flags(other):
             return f"{flag} is a flag of --method {other}, not of --method {method}"

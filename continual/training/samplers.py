@@ -75,6 +75,9 @@ def adam(groups: Iterable[torch.nn.Parameter] | ParamGroups, lr: float) -> torch
     routed: list[tuple[torch.nn.Parameter, int, torch.nn.Parameter]] = []
     built = []
     for group in groups:
+        tables = {id(entry.parameter) for entry in group["params"] if isinstance(entry, Rows)}
+        if any(id(entry) in tables for entry in group["params"]):   # one kernel launch would write the row twice
+            raise ValueError("a parameter group holds a table and Rows of it: give the Rows a group of their own")
         params = []
         for parameter in group["params"]:
             if isinstance(parameter, Rows):
