@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from continual.methods import teracon
 from continual.methods.base import Step, distillation_kl
 from continual.methods.teracon import FrozenOutputs, Teracon, own_parameters, plan_frozen_outputs
-from continual.training import loop, samplers
+from continual.training import config, loop, samplers
 from continual.training.distributed import Shard
 from model import NextItNet
 from teracon_helpers import (KL_EVERY_ROW, option_flags, stage4_models, teracon_loss, teracon_method, teracon_options,
@@ -661,3 +661,14 @@ def test_a_teracon_step_with_chunked_retention_is_the_whole_one(rule):
             assert got is None
         else:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("flag", ["--carry_masks", "--mask_capacity", "--retention_ramp"])
+def test_a_retired_flag_says_so_in_one_line(capsys, flag):
+    argv = ["--datapath", "d.csv", "--datapath_index", "i.csv", "--savepath", "o", "--paths", "p.t7", flag, "1"]
+    with pytest.raises(SystemExit) as stopped:
+        config.parse_args(2, argv)
+    assert stopped.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert line == f"error: {flag} of --method teracon was retired on 2026-12-07 (docs/retention.md, Retired options: "\
+                   "its results, and `git checkout 01ce4a5` to rerun it)", line
