@@ -39,6 +39,13 @@ class ModelConfig:
     task_parts: list[str] = field(default_factory=list)      # per task: the BLOCK_PARTS kind its blocks add, or ""
     weight_owners: bool = False                   # CONURE: each convolution weight belongs to one task, or is free
     open_task: int = -1                           # the task that also reads the free weights (-1: none)
+    item_counts: list[int] = field(default_factory=list)  # --protocol time: n_items as each stage left it (task 1's
+                                                  # first); empty: never grown. Row r was created at the first stage
+                                                  # k (1-based) with r < item_counts[k − 1]
+
+    def item_stage(self, row: int) -> int:
+        """The stage that created item row `row` (1 for every row of a model that never grew)."""
+        return next((k for k, count in enumerate(self.item_counts, 1) if row < count), 1)
 
     def own_block_count(self, task: int) -> int:
         return self.own_blocks[task] if task < len(self.own_blocks) else 0
@@ -334,6 +341,31 @@ class NextItNet(nn.Module):
             for name in ("relation_weight", "relation_bias"):
                 if hasattr(self, name):
                     delattr(self, name)
+
+    def add_items(self, n_new: int) -> None:
+        """Grow the item index by `n_new` items at the stage being built (--protocol time; called before add_task, so
+        the model holds the earlier stages' tasks): new rows at the end of the item embedding (and of every task's own
+        copy of it) and of task 1's head, drawn as a fresh model of the grown size draws them (embedding
+        U(±sqrt(1/n_items)), head N(0, 0.01) with bias 0.1); every existing row stays bit-identical.
+        config.item_counts records the size each stage left, this one's last."""
+        if n_new < 0:
+            raise ValueError(f"n_new must be >= 0 (got {n_new})")
+        config = self.config
+        counts = config.item_counts + [config.n_items] * (config.n_tasks - len(config.item_counts))  # stages before
+        n_items = config.n_items + n_new
+        bound = math.sqrt(1.0 / n_items)
+        device = self.item_embedding.weight.device
+        rows = torch.empty(n_new, config.channels, device=device).uniform_(-bound, bound)   # [n_new, C]
+        for embedding in [self.item_embedding, *self.task_item_embeddings.values()]:
+            embedding.weight = nn.Parameter(torch.cat([embedding.weight.data, rows]))
+            embedding.num_embeddings = n_items
+        head = self.heads[0]
+        weight = torch.empty(n_new, config.channels, device=device).normal_(0.0, 0.01)      # [n_new, C]
+        head.weight = nn.Parameter(torch.cat([head.weight.data, weight]))
+        head.bias = nn.Parameter(torch.cat([head.bias.data, torch.full((n_new,), 0.1, device=device)]))
+        head.out_features = n_items
+        config.n_items, config.task_classes = n_items, [n_items, *config.task_classes[1:]]
+        config.item_counts = [*counts, n_items]
 
     # ------------------------------------------------------------ masks
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data_loader
+from utils import DataError
 
 
 @pytest.mark.parametrize("n", [20, 101, 1000])
@@ -196,3 +197,40 @@ def test_staging_gathers_rows_of_a_strided_array():
     staged = data_loader.Staging(matrix, torch.device("cpu"))(np.array([4, 0, 4]))
     assert staged.dtype == torch.int64 and staged.is_contiguous()
     np.testing.assert_array_equal(staged.numpy(), matrix[[4, 0, 4]])
+
+
+# ------------------------------------------------------------------ an index that grows (--protocol time)
+
+def test_a_grown_index_keeps_every_earlier_index_and_says_which_stage_added_each(tmp_path):
+    index = data_loader.build_index(np.array([[0, 5, 3], [9, 3, 5]]))          # stage 1: 0, 3, 5, 9 → 1..4
+    grown = index.grow(np.array([[7, 3, -1], [1, 12, 7]]), 2).grow(np.array([2, 12, 40]), 4)
+    assert grown.keys.tolist() == [0, 3, 5, 9, 1, 7, 12, 2, 40] and grown.stages.tolist() == [1] * 4 + [2] * 3 + [4] * 2
+    raw = np.array([0, 3, 5, 9, 1, 7, 12, 2, 40, 4, 10**9])
+    assert grown.positions(raw).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, -1, -1]
+    assert np.array_equal(grown.positions(raw[:4]), index.positions(raw[:4]))   # earlier indices unchanged
+    assert [grown.size_at(stage) for stage in (1, 2, 3, 4)] == [5, 8, 8, 10] and grown.size == 10
+    big = data_loader.ItemIndex(grown.keys + 2**40, 1, grown.stages)             # the binary-search path
+    assert big.positions(raw + 2**40).tolist() == grown.positions(raw).tolist()
+    with pytest.raises(ValueError, match="stage 3 cannot add items after stage 4"):
+        grown.grow(np.array([99]), 3)
+    data_loader.write_index(grown, str(tmp_path / "index.csv"))
+    lines = (tmp_path / "index.csv").read_text().splitlines()
+    assert lines[:3] == ["item,index,stage", "<UNK>,0,1", "0,1,1"] and lines[6:8] == ["1,5,2", "7,6,2"]
+    again = data_loader.read_index(str(tmp_path / "index.csv"))
+    assert np.array_equal(again.keys, grown.keys) and np.array_equal(again.stages, grown.stages)
+    data_loader.write_index(index, str(tmp_path / "static.csv"))                  # one stage: the format of before
+    assert (tmp_path / "static.csv").read_text() == "item,index\n<UNK>,0\n0,1\n3,2\n5,3\n9,4\n"
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("item,index,stage\n<UNK>,0,1\n3,1,1\n2,2,1\n", "ascending"),       # not ascending within a stage
+    ("item,index,stage\n<UNK>,0,1\n3,1,2\n4,2,1\n", "never decrease"),  # a stage before the one above it
+    ("item,index,stage\n<UNK>,0,1\n3,1,1\n3,2,2\n", "distinct"),        # an item added twice
+    ("item,index,stage\n<UNK>,0,1\n3,2,1\n", "0, 1, 2"),               # an index skipped
+    ("item,index,stage\n<UNK>,0,1\n3,1\n", "item,index,stage rows"),
+])
+def test_a_grown_index_that_breaks_its_rules_is_refused(tmp_path, rows, message):
+    path = tmp_path / "index.csv"
+    path.write_text(rows)
+    with pytest.raises(DataError, match=message):
+        data_loader.read_index(str(path))

@@ -2,6 +2,7 @@
 recomputed blocks), the task masks (Eqs. 11-13, by hand), growing by a task, and checkpoint round trips."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -304,3 +305,50 @@ def test_recomputed_blocks_give_the_same_loss_and_gradients(tiny_model, monkeypa
     for got, want in zip(recomputed_grads, whole_grads):
         assert torch.equal(got, want)
     assert kept_inputs < kept_all / 2
+
+
+# ------------------------------------------------------------------ items that arrive over time (--protocol time)
+
+def test_growing_the_items_keeps_every_existing_row_and_round_trips(tiny_model, tmp_path):
+    """add_items appends rows to the item embedding (and a task's own copy of it) and to task 1's head; every
+    existing row and every other parameter stays bit-identical, earlier items score as before, new items can be
+    read and scored, and the grown checkpoint loads strictly with each row's stage."""
+    model = tiny_model(task_classes=[30, 6], relation=True, seed=4)
+    model.add_task(5, relation=True, own_embedding=True)                        # stage 3 with its own embedding
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    old_items = torch.randint(1, 30, (4, 9), generator=torch.Generator().manual_seed(1))
+    model.add_items(7)                                                           # stage 4 brings 7 new items
+    model.add_task(4, relation=True)
+    state = model.state_dict()
+    for name, tensor in before.items():
+        if name in ("item_embedding.weight", "task_item_embeddings.2.weight", "heads.0.weight", "heads.0.bias"):
+            assert state[name].shape[0] == tensor.shape[0] + 7 and torch.equal(state[name][:30], tensor), name
+        elif not name.startswith(("relation_", "task_embedding")):              # redrawn / grown by add_task
+            assert torch.equal(state[name], tensor), name
+    assert model.config.n_items == 37 and model.config.task_classes == [37, 6, 5, 4]
+    assert model.config.item_counts == [30, 30, 30, 37]
+    assert [model.config.item_stage(row) for row in (0, 29, 30, 36)] == [1, 1, 4, 4]
+    with torch.no_grad():
+        task1 = model(old_items, 0, 50.0)[0]
+        new_items = torch.randint(30, 37, (4, 9), generator=torch.Generator().manual_seed(2))
+        assert model(new_items, 0, 50.0)[0].shape == (4, 37)
+    assert task1.shape == (4, 37)
+    path = tmp_path / "grown.t7"
+    torch.save({"model_config": dataclasses.asdict(model.config), "model_state": model.state_dict()}, path)
+    loaded = NextItNet.from_checkpoint(torch.load(path, weights_only=True)).eval()
+    assert loaded.config.item_counts == [30, 30, 30, 37]
+    with torch.no_grad():
+        assert torch.equal(loaded(new_items, 0, 50.0)[0], model(new_items, 0, 50.0)[0])
+
+
+def test_growing_the_items_before_any_relation_keeps_the_scores_of_earlier_items(tiny_model):
+    """With plain masks (no relation layers to redraw) the scores of every earlier task on earlier items are the
+    same after the growth, bit for bit, over the earlier items' columns of task 1."""
+    model = tiny_model(task_classes=[30, 6], relation=False, seed=5)
+    items = torch.randint(1, 30, (4, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = [model(items, task, 50.0)[0] for task in range(2)]
+        model.add_items(3)
+        after = [model(items, task, 50.0)[0] for task in range(2)]
+    assert torch.equal(after[0][:, :30], before[0]) and torch.equal(after[1], before[1])
+    assert model.config.item_counts == [30, 30, 33]
