@@ -462,6 +462,15 @@ def load_task(path: str, index: ItemIndex) -> TaskData:
     return TaskData(sources, target_ids + index.offset, int(target_keys.size) + index.offset, source_row, target_keys)
 
 
+def task_source_ids(path: str) -> np.ndarray:
+    """The distinct raw item ids of a task file's sources (`source,,targets` lines), ascending; the raw 0 left-pads
+    short sources and is no item it brings."""
+    tokens = tokenize(path, fields=2)
+    raw = segments(tokens.values, tokens.line_start[:-1], tokens.split, pad_value=-1)   # [n_lines, L], -1 = none
+    ids = dense_unique(raw[raw > 0])[0] if raw.size else np.zeros(0, np.int64)
+    return ids
+
+
 def split_indices(n: int, seed: int, split_percentage: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The authors' split: permutation under np.random.seed(seed), then 80/5/15 (train/valid/test)."""
     rng = np.random.RandomState(seed)  # identical stream to np.random.seed(seed); np.random.permutation

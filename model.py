@@ -342,12 +342,14 @@ class NextItNet(nn.Module):
                 if hasattr(self, name):
                     delattr(self, name)
 
-    def add_items(self, n_new: int) -> None:
+    def add_items(self, n_new: int, rows_from: "NextItNet | None" = None) -> None:
         """Grow the item index by `n_new` items at the stage being built (--protocol time; called before add_task, so
         the model holds the earlier stages' tasks): new rows at the end of the item embedding (and of every task's own
         copy of it) and of task 1's head, drawn as a fresh model of the grown size draws them (embedding
         U(±sqrt(1/n_items)), head N(0, 0.01) with bias 0.1); every existing row stays bit-identical.
-        config.item_counts records the size each stage left, this one's last."""
+        config.item_counts records the size each stage left, this one's last. With `rows_from` (a model already grown
+        to the same size: the frozen previous model takes the student's new rows, as DITTO's teacher) the new rows
+        are copies of its last rows, and a frozen model's stay frozen."""
         if n_new < 0:
             raise ValueError(f"n_new must be >= 0 (got {n_new})")
         config = self.config
@@ -355,14 +357,22 @@ class NextItNet(nn.Module):
         n_items = config.n_items + n_new
         bound = math.sqrt(1.0 / n_items)
         device = self.item_embedding.weight.device
-        rows = torch.empty(n_new, config.channels, device=device).uniform_(-bound, bound)   # [n_new, C]
+        frozen = not self.item_embedding.weight.requires_grad
+        if rows_from is None:
+            rows = torch.empty(n_new, config.channels, device=device).uniform_(-bound, bound)   # [n_new, C]
+            weight = torch.empty(n_new, config.channels, device=device).normal_(0.0, 0.01)      # [n_new, C]
+            bias = torch.full((n_new,), 0.1, device=device)                                    # [n_new]
+        else:
+            if rows_from.config.n_items != n_items:
+                raise ValueError(f"rows_from has {rows_from.config.n_items} items, not {n_items}")
+            rows, weight, bias = (tensor.detach()[config.n_items:].to(device) for tensor in (
+                rows_from.item_embedding.weight, rows_from.heads[0].weight, rows_from.heads[0].bias))
         for embedding in [self.item_embedding, *self.task_item_embeddings.values()]:
-            embedding.weight = nn.Parameter(torch.cat([embedding.weight.data, rows]))
+            embedding.weight = nn.Parameter(torch.cat([embedding.weight.data, rows]), requires_grad=not frozen)
             embedding.num_embeddings = n_items
         head = self.heads[0]
-        weight = torch.empty(n_new, config.channels, device=device).normal_(0.0, 0.01)      # [n_new, C]
-        head.weight = nn.Parameter(torch.cat([head.weight.data, weight]))
-        head.bias = nn.Parameter(torch.cat([head.bias.data, torch.full((n_new,), 0.1, device=device)]))
+        head.weight = nn.Parameter(torch.cat([head.weight.data, weight]), requires_grad=not frozen)
+        head.bias = nn.Parameter(torch.cat([head.bias.data, bias]), requires_grad=not frozen)
         head.out_features = n_items
         config.n_items, config.task_classes = n_items, [n_items, *config.task_classes[1:]]
         config.item_counts = [*counts, n_items]

@@ -4,8 +4,10 @@ non-finite step skipped), Adam against the reference loop, retention-row draws, 
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from continual import checkpoints
 from continual.methods.base import Step
 from continual.training import config, loop, samplers
 from continual.training.distributed import Shard
+from data_loader import read_index
 from model import ModelConfig, NextItNet
 from teracon_helpers import stage4_models, task1_loss, teracon_loss, teracon_method, teracon_options
 
@@ -198,3 +201,59 @@ def test_rerun_redraws_training_but_keeps_the_split(tmp_path, synthetic_data, mo
     assert splits == [3, 3, 3]
     assert all(torch.equal(states["default"][k], states["rerun0"][k]) for k in states["default"])
     assert not torch.equal(states["default"]["heads.1.weight"], states["rerun1"]["heads.1.weight"])
+
+
+# ------------------------------------------------------------------ --protocol time: items that arrive with a task
+
+def with_new_items(path: Path, first_new: int, every: int) -> set[int]:
+    """Rewrite a task file so that every `every`-th line's last source item is a new id (first_new, first_new + 1,
+    ...); → the new ids."""
+    lines, new = path.read_text().splitlines(), set()
+    for number in range(0, len(lines), every):
+        source, targets = lines[number].split(",,")
+        items = source.split(",")
+        items[-1] = str(first_new + number // every)
+        new.add(int(items[-1]))
+        lines[number] = ",".join(items) + ",," + targets
+    path.write_text("\n".join(lines) + "\n")
+    return new
+
+
+@pytest.mark.parametrize("method", ["teracon", "lwf", "mtl"])
+def test_time_protocol_grows_the_index_and_the_model_stage_by_stage(tmp_path, data_writer, method):
+    """Under --protocol time each stage's new source items join the index after the earlier ones (written beside its
+    checkpoint, read by the next stage) and the model's item rows grow with them; every task is scored at the end.
+    Under static the same file's new items are <UNK> and nothing grows."""
+    data = data_writer(tmp_path / "data", n_users=120, seed=3)
+    new2, new3 = with_new_items(data.task2, 500, 5), with_new_items(data.task3, 700, 4)
+    common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1",
+              "--batch", "32"]
+    loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "t1"),
+                  *(["--method", "finetune"] if method != "teracon" else []), *common])
+    stage1 = read_index(str(tmp_path / "index.csv"))
+    for stage, path in ((2, data.task2), (3, data.task3)):
+        loop.main(stage, ["--datapath", str(path), "--paths", str(tmp_path / f"t{stage - 1}.t7"), "--savepath",
+                          str(tmp_path / f"t{stage}"), "--protocol", "time", "--method", method, *common])
+    grown2, grown3 = (read_index(str(tmp_path / f"t{stage}.index.csv")) for stage in (2, 3))
+    assert np.array_equal(grown2.keys[:stage1.keys.size], stage1.keys)
+    assert set(grown2.keys[grown2.stages == 2].tolist()) == new2 and set(grown3.keys[grown3.stages == 3]) == new3
+    assert np.array_equal(grown3.keys[:grown2.keys.size], grown2.keys)
+    saved = torch.load(tmp_path / "t3.t7", weights_only=True)
+    assert saved["model_config"]["n_items"] == grown3.size == stage1.size + len(new2) + len(new3)
+    assert saved["model_config"]["item_counts"] == [stage1.size, grown2.size, grown3.size]
+    assert saved["run_config"]["datapath_index"] == str(tmp_path / "t3.index.csv")
+    assert set(json.loads((tmp_path / "t3.metrics.json").read_text())["tasks"]) == {"1", "2", "3"}
+    with pytest.warns(UserWarning, match=f"{len(new2)} item token"):
+        loop.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "t1.t7"), "--savepath",
+                      str(tmp_path / "static2"), "--method", method, *common])
+    assert torch.load(tmp_path / "static2.t7", weights_only=True)["model_config"]["n_items"] == stage1.size
+    assert not (tmp_path / "static2.index.csv").exists()
+
+
+def test_time_protocol_is_refused_where_a_method_has_no_rule_for_new_rows(capsys):
+    argv = ["--datapath", "d.csv", "--datapath_index", "i.csv", "--savepath", "o", "--paths", "p.t7",
+            "--protocol", "time", "--method", "ewc"]
+    with pytest.raises(SystemExit) as stopped:
+        config.parse_args(2, argv)
+    assert stopped.value.code == 2
+    assert "--protocol time: --method ewc does not say yet" in capsys.readouterr().err

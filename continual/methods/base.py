@@ -91,6 +91,9 @@ class Method:
                                                  # explicit flags win
     variant_defaults: ClassVar[dict[str, dict]] = {}  # --variant NAME → option defaults where the authors' codes differ
     retired: ClassVar[dict[str, str]] = {}       # a flag the method no longer has → why, said when one is given
+    grows_items: ClassVar[bool] = False          # --protocol time: the method trains the new items' rows as any other
+                                                 # shared row (the loop grows the model, and the frozen previous model
+                                                 # with the new rows copied from the student's)
     stage1_method: ClassVar[str] = ""            # compare.py: the method whose stage 1 a chain starts from ("" = the
                                                  # default stage 1 that every other chain of the seed shares)
 

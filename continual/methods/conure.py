@@ -40,6 +40,7 @@ class Conure(FineTune):
     """Prune, retrain and freeze a share of the free convolution weights per task."""
     name = "conure"
     Options = ConureOptions
+    grows_items = False                 # --protocol time: new rows' owners and freezing (not yet)
     phases = 2
     stage1_method = "conure"              # compare.py: its own stage 1, pruned as every later task
 

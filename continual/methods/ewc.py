@@ -45,6 +45,7 @@ class EWC(FineTune):
     """Fine-tuning plus the quadratic penalty of every earlier task's Fisher information."""
     name = "ewc"
     Options = EWCOptions
+    grows_items = False                 # --protocol time: the Fisher must grow with the rows (not yet)
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)

@@ -19,6 +19,8 @@ from continual.methods import DEFAULT_METHOD, METHODS, method_class
 from continual.training import distributed
 from continual.training.run_config import RunConfig
 from continual.training.samplers import STREAMS
+
+PROTOCOLS = ("static", "time")
 from utils import DataError
 
 
@@ -86,6 +88,10 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
         help="stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
              "parameters as the authors' code does (drops partial batches; with --variant original, from an "
              "authors' checkpoint), to replay it step for step (tools/replay_check.py); ours = this suite's draws")
+    add("--protocol", choices=PROTOCOLS, default="static",
+        help="stages >= 2: static = every item is task 1's (the paper's protocol); time = time passes between tasks: "
+             "a task's sources may hold items no earlier stage saw, which grow the item index (written beside the "
+             "checkpoint as <savepath>.index.csv, read by the next stage) and the model's item rows")
     add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
     add("--compile", action="store_true", help="torch.compile the residual stack of the model (and of the frozen "
         "models); the first steps of each shape are slower while it compiles")
@@ -155,6 +161,9 @@ def parse_args(stage: int | None, argv: list[str] | None = None,
     run = RunConfig(stage=stage, method=method, options=cls.options_from(args),
                     **{name: getattr(args, name) for name in LOOP_FLAGS})
     cls.check(run.options, run, parser.error)
+    if run.protocol == "time" and not cls.grows_items:
+        parser.error(f"--protocol time: --method {method} does not say yet what it does with new items' rows "
+                     "(Method.grows_items)")
     if run.streams == "authors":
         check_authors_streams(run)
     return run
@@ -188,7 +197,8 @@ def check_authors_streams(run: RunConfig) -> None:
     one process, from the start."""
     refusal = method_class(run.method).replay_refusal(run.options)
     unsupported = [(run.stage == 1, "stage 1"), (run.resume, "--resume"), (distributed.launched(), "torchrun"),
-                   (run.rerun > 0, "--rerun"), (refusal is not None, refusal)]
+                   (run.rerun > 0, "--rerun"), (run.protocol == "time", "--protocol time"),
+                   (refusal is not None, refusal)]
     found = [what for bad, what in unsupported if bad]
     if found:
         raise DataError(f"--streams authors replays the authors' stages >= 2 in one process; not with "

@@ -35,6 +35,7 @@ class RunConfig:
     select_on: str = "acc"
     ties: str = "off"
     streams: str = "ours"
+    protocol: str = "static"              # static: the item world stays task 1's; time: a stage's task may bring items
     amp: bool = False
     compile: bool = False
     ce_chunk: int | None = None           # rows a wide head's loss computes at a time; None: by size (base.chunk_rows)
