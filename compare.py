@@ -52,11 +52,12 @@ from continual import flags
 from continual.checkpoints import load_checkpoint
 from continual.comparison import (chains_first, known_name, method_names, read_records, records_csv,
                                   resolve, split_overrides)
-from continual.datasets import DATASETS, preset_paths
+from continual.datasets import DATASETS, preset_paths, stage_flags
 from continual.evaluation.reports import headline_metric
 from continual.evaluation.stats import mean_sd, paired_difference, t_interval
 from continual.methods import METHODS, method_class
-from continual.training.config import DEFAULT_METHOD, check_stage_flags
+from continual.methods import DEFAULT_METHOD
+from continual.training.config import check_stage_flags
 from continual.training.loop import parameter_count as model_parameters
 from model import NextItNet
 from utils import DataError, atomic_write_text, cli, write_failure
@@ -66,15 +67,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_METHODS = ["teracon", "finetune", "no_relation", "no_retention", "uniform_sampling"]
 
 
-# run_all.sh's per-dataset flags: (stage 1, stages >= 2). Keep the two in step.
-STAGE_FLAGS: dict[str, tuple[list[str], list[str]]] = {
-    "synth": (["--channels", "64", "--epochs", "10", "--patience", "3", "--select_on", "mrr@5"],
-              ["--epochs", "10", "--patience", "3", "--select_on", "mrr@5", "--batch", "256", "--lr", "1e-3"]),
-    "demo": (["--channels", "64", "--epochs", "80", "--patience", "15", "--select_on", "ndcg@20",
-              "--split_percentage", "0.4"],
-             ["--epochs", "20", "--patience", "5", "--select_on", "ndcg@20", "--batch", "256", "--lr", "1e-3",
-              "--split_percentage", "0.4"]),
-}
+# The per-dataset flags are continual/datasets.py's SMALL_RUN_FLAGS, which run_all.sh reads too.
 # --settings paper: the paper's stages >= 2 (batch 1024, up to 100 epochs, patience 5) with the stage defaults'
 # lr (1e-3 at stage 2, 1e-4 after: continual/datasets.py); the dataset's other flags (selection, split) kept.
 PAPER_LATER = ["--batch", "1024", "--epochs", "100", "--patience", "5"]
@@ -84,7 +77,7 @@ SETTINGS = ("dataset", "paper")
 def later_flags(dataset: str, settings: str = "dataset", later_epochs: int = 0) -> list[str]:
     """The flags of stages >= 2 under --settings (the dataset's, as run_all.sh, or the paper's), then
     --later_epochs (a fixed budget of epochs a stage, when given)."""
-    later = STAGE_FLAGS.get(dataset, ([], []))[1]
+    later = stage_flags(dataset, 2)
     if settings == "paper":
         replaced = {"--batch", "--lr", "--epochs", "--patience"}
         pairs = [later[i:i + 2] for i in range(0, len(later), 2)]  # the dataset's flags are flag-value pairs
@@ -160,7 +153,7 @@ def stage_command(dataset: str, out: str, seed: int, method: str, stage: int, ex
     """The command line of one stage (paths under `out`, the preset's data files via --dataset, or those in the
     folder `data`): the dataset's flags (stages >= 2: `later`, default the dataset's own), `extra`, then the flags in
     the method's name."""
-    first = STAGE_FLAGS.get(dataset, ([], []))[0]
+    first = stage_flags(dataset, 1)
     later = later_flags(dataset) if later is None else later
     script = ["train_task1.py"] if stage == 1 else ["train_teracon.py", "--stage", str(stage)]
     command = [sys.executable, *script, "--dataset", dataset, "--seed", str(seed),

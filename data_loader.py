@@ -243,12 +243,17 @@ _DENSE_LIMIT = 1 << 25  # ids below this are looked up in a table (≤ 256 MiB),
 
 @dataclass
 class ItemIndex:
-    """Sorted raw item ids; raw id `keys[i]` has index i + offset. offset 1 (ours and the original's): 0 is
+    """Raw item ids in index order; raw id `keys[i]` has index i + offset. offset 1 (ours and the original's): 0 is
     `<UNK>`, and a task's classes count from 1 too; offset 0 (the revised code's index, read for
-    `--streams authors`): no `<UNK>`, items and classes count from 0."""
+    `--streams authors`): no `<UNK>`, items and classes count from 0.
 
-    keys: np.ndarray  # [n_items - offset] int64, ascending
+    An index that grew over stages (--protocol time) holds each stage's new ids after the earlier ones, ascending
+    within the stage's block: `stages[i]` is the stage that added keys[i] (None: one stage, every key ascending),
+    so the indices of earlier stages never change."""
+
+    keys: np.ndarray  # [n_items - offset] int64: ascending, or ascending within each stage's block
     offset: int = 1
+    stages: np.ndarray | None = None  # [n_items - offset] int64, non-decreasing: the stage that added each key
 
     @property
     def size(self) -> int:
@@ -256,22 +261,41 @@ class ItemIndex:
 
     @property
     def has_zero(self) -> bool:
-        return bool(self.keys.size and self.keys[0] == 0)
+        return bool(self.keys.size) and bool(np.any(self.keys == 0))
+
+    def size_at(self, stage: int) -> int:
+        """The index's size as stage `stage` left it (every item added by then, <UNK> included)."""
+        if self.stages is None:
+            return self.size
+        return int(np.searchsorted(self.stages, stage, side="right")) + self.offset
+
+    def grow(self, raw: np.ndarray, stage: int) -> "ItemIndex":
+        """This index with the ids of `raw` (any shape; negative values are no token) that it lacks appended, in
+        ascending order, as added by `stage` (> every stage so far); the indices it had are unchanged."""
+        stages = np.ones(self.keys.size, dtype=np.int64) if self.stages is None else self.stages
+        if stages.size and stage <= int(stages[-1]):
+            raise ValueError(f"stage {stage} cannot add items after stage {int(stages[-1])} did")
+        ids = dense_unique(raw[raw >= 0].reshape(-1))[0] if raw.size else np.zeros(0, np.int64)
+        new = ids[self.positions(ids) < 0]
+        return ItemIndex(np.concatenate([self.keys, new]), self.offset,
+                         np.concatenate([stages, np.full(new.size, stage, dtype=np.int64)]))
 
     def positions(self, raw: np.ndarray) -> np.ndarray:
         """Indices of raw ids; −1 for ids not in the index."""
-        if self.keys.size and 0 <= self.keys[0] and self.keys[-1] < _DENSE_LIMIT and raw.size:
+        if self.keys.size and 0 <= self.keys.min() and self.keys.max() < _DENSE_LIMIT and raw.size:
             return np.take(self._table(), raw, mode="clip")                    # ids beyond the last item → −1
-        position = np.searchsorted(self.keys, raw)
+        order = np.arange(self.keys.size) if self.stages is None else np.argsort(self.keys, kind="stable")
+        ordered = self.keys[order]
+        position = np.searchsorted(ordered, raw)
         clipped = np.minimum(position, max(self.keys.size - 1, 0))
-        known = self.keys[clipped] == raw if self.keys.size else np.zeros(raw.shape, bool)
-        return np.where(known, clipped + self.offset, -1).astype(np.int64)
+        known = ordered[clipped] == raw if self.keys.size else np.zeros(raw.shape, bool)
+        return np.where(known, order[clipped] + self.offset, -1).astype(np.int64)
 
     def _table(self) -> np.ndarray:
         """raw id → index (−1 unless an item) for ids below _DENSE_LIMIT, built once."""
         table = getattr(self, "_dense", None)
         if table is None:
-            table = np.full(int(self.keys[-1]) + 2, -1, dtype=np.int64)
+            table = np.full(int(self.keys.max()) + 2, -1, dtype=np.int64)
             table[self.keys] = np.arange(self.offset, self.size)
             self._dense = table
         return table
@@ -317,10 +341,16 @@ def build_index(raw: np.ndarray) -> ItemIndex:
 
 
 def write_index(index: ItemIndex, path: str) -> None:
-    """Write `item,index` rows (`<UNK>,0` first) atomically."""
+    """Write `item,index` rows (`<UNK>,0` first) atomically; a grown index as `item,index,stage` rows, each item with
+    the stage that added it (<UNK>: stage 1)."""
     ids = np.arange(1, index.size)
-    body = "\n".join(np.char.add(np.char.add(index.keys.astype(str), ","), ids.astype(str)))
-    atomic_write_text(path, "item,index\n<UNK>,0\n" + body + ("\n" if body else ""))
+    rows = np.char.add(np.char.add(index.keys.astype(str), ","), ids.astype(str))
+    header, first = "item,index\n", "<UNK>,0\n"
+    if index.stages is not None:
+        rows = np.char.add(np.char.add(rows, ","), index.stages.astype(str))
+        header, first = "item,index,stage\n", "<UNK>,0,1\n"
+    body = "\n".join(rows)
+    atomic_write_text(path, header + first + body + ("\n" if body else ""))
 
 
 _ORIGINAL_ENTRY = re.compile(r"'((?:[^'\\]|\\.)*)'\s*:\s*(-?\d+)")
@@ -333,6 +363,8 @@ def read_index(path: str) -> ItemIndex:
     with open(path, "r", encoding="utf-8", errors="replace") as handle:
         text = handle.read()
     stripped = text.lstrip()
+    if stripped.startswith("item,index,stage"):
+        return _read_grown_index(path, stripped)
     if stripped.startswith("{"):
         pairs = _ORIGINAL_ENTRY.findall(stripped)
     elif stripped.startswith("item,index"):
@@ -352,6 +384,24 @@ def read_index(path: str) -> ItemIndex:
     if not np.array_equal(ids, np.arange(ids.size)) or np.any(np.diff(keys) <= 0):
         raise DataError(f"{path}: not an item index (indices must run 0, 1, 2, ... over ascending item ids)")
     return ItemIndex(keys, offset)
+
+
+def _read_grown_index(path: str, text: str) -> ItemIndex:
+    """`item,index,stage` rows (write_index of a grown index): <UNK> first, indices 0, 1, 2, ..., stages
+    non-decreasing, ids distinct and ascending within each stage's block."""
+    rows = [row.split(",") for row in text.splitlines()[1:] if row]
+    if not rows or rows[0][:2] != ["<UNK>", "0"] or any(len(row) != 3 for row in rows):
+        raise DataError(f"{path}: not an item index (item,index,stage rows, <UNK>,0,1 first)")
+    try:
+        keys, ids, stages = (np.array([int(row[column]) for row in rows[1:]], dtype=np.int64) for column in range(3))
+    except ValueError:
+        raise DataError(f"{path}: not an item index (non-integer item, index or stage)") from None
+    same_stage = np.diff(stages) == 0
+    if (not np.array_equal(ids, np.arange(1, ids.size + 1)) or np.any(np.diff(stages) < 0) or stages.size and
+            stages[0] < 1 or np.any(np.diff(keys)[same_stage] <= 0) or np.unique(keys).size != keys.size):
+        raise DataError(f"{path}: not an item index (indices must run 0, 1, 2, ...; stages never decrease; each "
+                        "stage's items distinct and ascending)")
+    return ItemIndex(keys, 1, stages)
 
 
 @dataclass
@@ -410,6 +460,15 @@ def load_task(path: str, index: ItemIndex) -> TaskData:
     target_keys, target_ids = dense_unique(target_raw)
     source_row = None if np.all(targets_per_line == 1) else np.repeat(np.arange(tokens.n_lines), targets_per_line)
     return TaskData(sources, target_ids + index.offset, int(target_keys.size) + index.offset, source_row, target_keys)
+
+
+def task_source_ids(path: str) -> np.ndarray:
+    """The distinct raw item ids of a task file's sources (`source,,targets` lines), ascending; the raw 0 left-pads
+    short sources and is no item it brings."""
+    tokens = tokenize(path, fields=2)
+    raw = segments(tokens.values, tokens.line_start[:-1], tokens.split, pad_value=-1)   # [n_lines, L], -1 = none
+    ids = dense_unique(raw[raw > 0])[0] if raw.size else np.zeros(0, np.int64)
+    return ids
 
 
 def split_indices(n: int, seed: int, split_percentage: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

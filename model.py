@@ -39,6 +39,13 @@ class ModelConfig:
     task_parts: list[str] = field(default_factory=list)      # per task: the BLOCK_PARTS kind its blocks add, or ""
     weight_owners: bool = False                   # CONURE: each convolution weight belongs to one task, or is free
     open_task: int = -1                           # the task that also reads the free weights (-1: none)
+    item_counts: list[int] = field(default_factory=list)  # --protocol time: n_items as each stage left it (task 1's
+                                                  # first); empty: never grown. Row r was created at the first stage
+                                                  # k (1-based) with r < item_counts[k − 1]
+
+    def item_stage(self, row: int) -> int:
+        """The stage that created item row `row` (1 for every row of a model that never grew)."""
+        return next((k for k, count in enumerate(self.item_counts, 1) if row < count), 1)
 
     def own_block_count(self, task: int) -> int:
         return self.own_blocks[task] if task < len(self.own_blocks) else 0
@@ -245,6 +252,10 @@ def _init_head(head: nn.Linear) -> nn.Linear:
     return head
 
 
+TASK_EMBEDDING_CLAMP = 6.0  # HAT's thres_emb: task embeddings are clamped to ±6 after each step (HAT's code, and
+                            # TERACON's revised code, which keeps it), where σ(s·e) is saturated at any s ≥ 1
+
+
 class NextItNet(nn.Module):
     """The backbone with per-task masks and heads. forward(items, task, s) → (logits, masks)."""
 
@@ -296,18 +307,10 @@ class NextItNet(nn.Module):
         self.relation_weight = nn.Parameter(torch.empty(n_tasks, n_layers, 2 * n_tasks - 1, device=device).normal_(0.0, 0.01))
         self.relation_bias = nn.Parameter(torch.full((n_tasks, n_layers), 0.1, device=device))
 
-    def add_task(self, n_classes: int, relation: bool = True, carry_relation: bool = False,
-                 carry_plain: bool = False, own_blocks: int = 0, own_embedding: bool = False,
+    def add_task(self, n_classes: int, relation: bool = True, own_blocks: int = 0, own_embedding: bool = False,
                  part: str = "") -> None:
-        """Grow by one task: a new head, a new task-embedding row, fresh relation layers.
-
-        With `carry_relation` (and relation layers before and after: stage ≥ 3, as stage 1 has plain masks,
-        Eq. 11), every earlier task keeps its trained relation layer, with weight 0 on the two new inputs
-        (+e_new, −e_new, the last two of Eq. 13's context), so its masks, and its outputs, are unchanged by
-        the growth; only the new task's layer is fresh. The authors re-initialise them all, which moves
-        every earlier task's masks at each stage. With `carry_plain`, growing from plain masks (stage 2)
-        gives every earlier task a relation layer with weight 1 on its own embedding and 0 elsewhere, bias
-        0: m = σ(s·tanh(s·e)), which equals its plain σ(s·e) at s = smax wherever |e| ≫ 1/smax. With
+        """Grow by one task: a new head, a new task-embedding row, fresh relation layers for every task (as the
+        authors: every earlier task's masks move at each stage; docs/retention.md has the study that kept them). With
         `own_blocks` = k > 0 (not in the paper), the new task reads its own copies of the top k residual blocks,
         copied from the shared ones now: only its own terms train them, so the retention that holds the shared
         blocks for the earlier tasks never pulls on them.
@@ -315,9 +318,6 @@ class NextItNet(nn.Module):
         if not 0 <= own_blocks <= len(self.blocks):
             raise ValueError(f"own_blocks must be in 0..{len(self.blocks)} (got {own_blocks})")
         device = self.task_embedding.device
-        carried = ((self.relation_weight.data, self.relation_bias.data)
-                   if carry_relation and relation and self.config.relation else None)
-        from_plain = carry_plain and relation and not self.config.relation and self.config.use_masks
         if own_blocks or self.config.own_blocks:  # configs without own blocks stay as they were
             self.config.own_blocks = [self.config.own_block_count(t) for t in range(self.config.n_tasks)] + [own_blocks]
             if own_blocks:
@@ -337,23 +337,53 @@ class NextItNet(nn.Module):
         self.config.relation = relation
         if relation:
             self._reset_relation()
-            if from_plain:
-                with torch.no_grad():
-                    self.relation_weight[:-1] = 0.0
-                    self.relation_weight[:-1, :, 0] = 1.0                   # its own e_j, first in Eq. 13's context
-                    self.relation_bias[:-1] = 0.0
-            if carried is not None:
-                weight, bias = carried                                    # [N−1, n_layers, 2N−3], [N−1, n_layers]
-                with torch.no_grad():
-                    self.relation_weight[:-1] = 0.0
-                    self.relation_weight[:-1, :, :weight.shape[2]] = weight
-                    self.relation_bias[:-1] = bias
         else:
             for name in ("relation_weight", "relation_bias"):
                 if hasattr(self, name):
                     delattr(self, name)
 
+    def add_items(self, n_new: int, rows_from: "NextItNet | None" = None) -> None:
+        """Grow the item index by `n_new` items at the stage being built (--protocol time; called before add_task, so
+        the model holds the earlier stages' tasks): new rows at the end of the item embedding (and of every task's own
+        copy of it) and of task 1's head, drawn as a fresh model of the grown size draws them (embedding
+        U(±sqrt(1/n_items)), head N(0, 0.01) with bias 0.1); every existing row stays bit-identical.
+        config.item_counts records the size each stage left, this one's last. With `rows_from` (a model already grown
+        to the same size: the frozen previous model takes the student's new rows, as DITTO's teacher) the new rows
+        are copies of its last rows, and a frozen model's stay frozen."""
+        if n_new < 0:
+            raise ValueError(f"n_new must be >= 0 (got {n_new})")
+        config = self.config
+        counts = config.item_counts + [config.n_items] * (config.n_tasks - len(config.item_counts))  # stages before
+        n_items = config.n_items + n_new
+        bound = math.sqrt(1.0 / n_items)
+        device = self.item_embedding.weight.device
+        frozen = not self.item_embedding.weight.requires_grad
+        if rows_from is None:
+            rows = torch.empty(n_new, config.channels, device=device).uniform_(-bound, bound)   # [n_new, C]
+            weight = torch.empty(n_new, config.channels, device=device).normal_(0.0, 0.01)      # [n_new, C]
+            bias = torch.full((n_new,), 0.1, device=device)                                    # [n_new]
+        else:
+            if rows_from.config.n_items != n_items:
+                raise ValueError(f"rows_from has {rows_from.config.n_items} items, not {n_items}")
+            rows, weight, bias = (tensor.detach()[config.n_items:].to(device) for tensor in (
+                rows_from.item_embedding.weight, rows_from.heads[0].weight, rows_from.heads[0].bias))
+        for embedding in [self.item_embedding, *self.task_item_embeddings.values()]:
+            embedding.weight = nn.Parameter(torch.cat([embedding.weight.data, rows]), requires_grad=not frozen)
+            embedding.num_embeddings = n_items
+        head = self.heads[0]
+        head.weight = nn.Parameter(torch.cat([head.weight.data, weight]), requires_grad=not frozen)
+        head.bias = nn.Parameter(torch.cat([head.bias.data, bias]), requires_grad=not frozen)
+        head.out_features = n_items
+        config.n_items, config.task_classes = n_items, [n_items, *config.task_classes[1:]]
+        config.item_counts = [*counts, n_items]
+
     # ------------------------------------------------------------ masks
+
+    def clamp_task_embedding(self, task: int | None = None) -> None:
+        """Clamp the task embeddings (one task's row, or every row with `task` None) to ±TASK_EMBEDDING_CLAMP."""
+        with torch.no_grad():
+            rows = self.task_embedding if task is None else self.task_embedding[task]
+            rows.clamp_(-TASK_EMBEDDING_CLAMP, TASK_EMBEDDING_CLAMP)
 
     def task_masks(self, task: int, s: float) -> torch.Tensor:
         """Masks of every masked layer for `task` at scale s → [n_layers, C]."""

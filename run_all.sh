@@ -33,24 +33,12 @@ case "$dataset" in
             || $python -m pip install --quiet --no-deps recbole==1.2.1
         # Regenerated each time (deterministic, a second), so the files always match these settings.
         $python prepare_data.py --source recbole --out Data/demo --seq_len 100
-        # Demo-only choices (README, "The demo"): the last 100 interactions instead of 50 (users have 106
-        # on average); 60/10/30 splits (--split_percentage 0.4: 95 validation and 282 test users instead
-        # of 47 and 141); 64 channels; model selection on NDCG@20 (MRR@5 on 95 users jumps between
-        # epochs) with patience 15 / 5; batch 256 and lr 1e-3 after stage 1 (943 users make few batches
-        # of 1024).
-        stage1=(--channels 64 --epochs 80 --patience 15 --select_on ndcg@20 --split_percentage 0.4)
-        later=(--epochs 20 --patience 5 --select_on ndcg@20 --batch 256 --lr 1e-3 --split_percentage 0.4)
         ;;
     synth)
-        # The controlled benchmark (tools/synth.py; regenerated each time: deterministic, a few seconds), with
-        # demo-sized settings: 64 channels, at most 10 epochs a stage, batch 256 and lr 1e-3 after stage 1.
+        # The controlled benchmark (tools/synth.py; regenerated each time: deterministic, a few seconds).
         $python tools/synth.py --out Data/synth
-        stage1=(--channels 64 --epochs 10 --patience 3 --select_on mrr@5)
-        later=(--epochs 10 --patience 3 --select_on mrr@5 --batch 256 --lr 1e-3)
         ;;
     ttl|movielens)
-        stage1=()
-        later=()
         ;;
     *)
         echo "usage: bash run_all.sh demo|synth|ttl|movielens [flags for every stage]" >&2
@@ -58,11 +46,19 @@ case "$dataset" in
         ;;
 esac
 
+# Each stage's flags for this dataset (demo and synth: small-data settings, explained beside them in
+# continual/datasets.py's SMALL_RUN_FLAGS, which compare.py reads too; ttl and movielens: none, the paper's).
+# (assigned first, so that `set -e` stops the run if the lookup fails rather than train with no flags)
+stage1_flags=$($python -m continual.datasets "$dataset" 1)
+later_flags=$($python -m continual.datasets "$dataset" 2)
+read -ra stage1 <<< "$stage1_flags"
+read -ra later <<< "$later_flags"
+
 out="saved_models/$dataset"
 mkdir -p "$out"
-$python train_task1.py --dataset "$dataset" --overwrite "${stage1[@]}" "$@"
+$python train_task1.py --dataset "$dataset" --overwrite ${stage1[@]+"${stage1[@]}"} "$@"
 for k in 2 3 4 5 6; do
-    $python "train_teracon_t$k.py" --dataset "$dataset" --overwrite "${later[@]}" "$@"
+    $python "train_teracon_t$k.py" --dataset "$dataset" --overwrite ${later[@]+"${later[@]}"} "$@"
 done
 $python evaluate.py --matrix "$out"/task[1-6].metrics.json --csv "$out/forgetting_matrix.csv"
 echo "forgetting matrix saved to $out/forgetting_matrix.csv"

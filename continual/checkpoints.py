@@ -23,7 +23,7 @@ def load_checkpoint(path: str, what: str = "--paths") -> dict:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"{path}: not a readable checkpoint ({reason[:120]})") from None
     if not isinstance(checkpoint, dict):
-        raise DataError(f"{path}: not a TERACON checkpoint")
+        raise DataError(f"{path}: not a checkpoint of this suite or of the authors' code (not a dict)")
     if "model_config" not in checkpoint:
         return convert_original(checkpoint, path)  # the authors' layout, converted in memory
     if checkpoint.get("format_version") == LEGACY_FORMAT:  # written before the typed run config: converted

@@ -51,18 +51,42 @@ STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
 LATER_STAGE_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "batch": 1024, "epochs": 100}
 
 
-# --variant: every behaviour in which the authors' two codes differ, as the defaults of its own flag (README,
-# "Faithfulness" has the file and lines of both codes). A flag given on the command line wins.
+# --variant: the loop's flags in which the authors' two codes differ, as the defaults of those flags (README,
+# "Faithfulness" has the file and lines of both codes; the method's options that differ are its variant_defaults,
+# e.g. TERACON's in methods/teracon.py). A flag given on the command line wins.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "revised": {"seed": 0, "L2": 0.0, "ratio_weights": "previous", "ties": "off", "nested_samples": "off",
-                "embedding_clamp": "on", "select_on": "acc"},
-    "original": {"seed": 10, "L2": 0.75, "ratio_weights": "current", "ties": "off", "nested_samples": "on",
-                 "embedding_clamp": "off", "select_on": "acc"},
+    "revised": {"seed": 0, "ties": "off", "select_on": "acc"},
+    "original": {"seed": 10, "ties": "off", "select_on": "acc"},
 }
 VARIANT_STAGES: dict[str, dict[int, dict[str, Any]]] = {
     "revised": {},
     "original": {2: {"lr": 1e-4, "select_on": "mrr@5", "ties": "on"}, 3: {"select_on": "mrr@5", "ties": "on"}},
 }
+
+
+# The small-data runs' flags of each stage (run_all.sh and compare.py read them here: `stage_flags`), by dataset:
+# (stage 1's, every later stage's).
+# - demo: the last 100 interactions instead of 50 (users have 106 on average: prepare_data's --seq_len); 60/10/30
+#   splits (--split_percentage 0.4: 95 validation and 282 test users instead of 47 and 141); 64 channels; model
+#   selection on NDCG@20 (MRR@5 on 95 users jumps between epochs) with patience 15 / 5; batch 256 and lr 1e-3 after
+#   stage 1 (943 users make few batches of 1024). README, "The demo".
+# - synth (the controlled benchmark): demo-sized settings, 64 channels, at most 10 epochs a stage, batch 256 and lr
+#   1e-3 after stage 1.
+# Other datasets (ttl, movielens, ttl_shaped) run at the paper's settings: no flags.
+SMALL_RUN_FLAGS: dict[str, tuple[list[str], list[str]]] = {
+    "synth": (["--channels", "64", "--epochs", "10", "--patience", "3", "--select_on", "mrr@5"],
+              ["--epochs", "10", "--patience", "3", "--select_on", "mrr@5", "--batch", "256", "--lr", "1e-3"]),
+    "demo": (["--channels", "64", "--epochs", "80", "--patience", "15", "--select_on", "ndcg@20",
+              "--split_percentage", "0.4"],
+             ["--epochs", "20", "--patience", "5", "--select_on", "ndcg@20", "--batch", "256", "--lr", "1e-3",
+              "--split_percentage", "0.4"]),
+}
+
+
+def stage_flags(dataset: str, stage: int) -> list[str]:
+    """The flags run_all.sh and compare.py give stage `stage` of `dataset` (SMALL_RUN_FLAGS; none elsewhere)."""
+    first, later = SMALL_RUN_FLAGS.get(dataset, ([], []))
+    return list(first if stage == 1 else later)
 
 
 def stage_defaults(stage: int, variant: str = "revised") -> dict[str, Any]:
@@ -104,3 +128,8 @@ def preset_paths(dataset: str, stage: int, check: bool = True) -> dict[str, str]
     if stage > 1:
         paths["paths"] = os.path.join(save_folder, f"task{stage - 1}.t7")
     return paths
+
+
+if __name__ == "__main__":  # run_all.sh: `python -m continual.datasets DATASET STAGE` prints the stage's flags
+    import sys
+    print(" ".join(stage_flags(sys.argv[1], int(sys.argv[2]))))

@@ -17,7 +17,8 @@ import argparse
 import math
 import os
 import re
-from typing import Callable
+from dataclasses import field, fields
+from typing import Any, Callable
 
 SEED_MAX = 2**32 - 1  # numpy's np.random.seed / RandomState accept [0, 2**32 - 1]
 LONG_K = 15           # the metrics report top_k and top_k + 15 (metrics.metric_names)
@@ -112,6 +113,48 @@ def on_off(text: str) -> str:
     if text not in ("on", "off"):
         _fail(f"must be on or off (got {text!r})")
     return text
+
+
+def on_off_bool(text: str) -> bool:
+    """on → True, off → False (a boolean option given as on/off)."""
+    return on_off(text) == "on"
+
+
+# ---------------------------------------------------------------- a method's options: field and flag, one declaration
+
+NOT_ARGPARSE = ("rule", "aliases", "recorded")  # option() metadata that is not argparse's
+
+
+def option(value: Any, help: str, **flag: Any) -> Any:
+    """A method's option and its flag --NAME in one declaration: a dataclass field whose metadata is the flag's
+    argparse keywords (type, choices, action, ...; `default` when the flag's differs from the field's `value`),
+    plus
+    `rule=True` for an option of a retention rule (the rule is the authors' when every such option is at its
+    default), `aliases`, [(flag, argparse keywords)] of further flags setting it, and `recorded=True` for an option
+    whose recorded value may lie outside its flag's choices (a checkpoint's label)."""
+    return field(default=value, metadata={"help": help, **flag})
+
+
+def add_options(parser: argparse.ArgumentParser, options_class: type, unset: bool = False) -> None:
+    """--NAME for every option() field of `options_class`; its default the field's, or None with `unset` (a preset
+    fills what no flag gave: Method.options_from)."""
+    for declared in fields(options_class):
+        if "help" not in declared.metadata:
+            continue
+        keywords = {key: value for key, value in declared.metadata.items() if key not in NOT_ARGPARSE}
+        keywords.setdefault("default", None if unset else declared.default)
+        parser.add_argument(f"--{declared.name}", **keywords)
+        for alias, alias_keywords in declared.metadata.get("aliases", []):
+            parser.add_argument(alias, dest=declared.name, **alias_keywords)
+
+
+def check_choices(options: Any) -> None:
+    """Every option() field with choices holds one of them (ValueError naming it otherwise)."""
+    for declared in fields(options):
+        allowed = None if declared.metadata.get("recorded") else declared.metadata.get("choices")
+        if allowed and getattr(options, declared.name) not in allowed:
+            raise ValueError(f"option {declared.name} must be one of {', '.join(map(str, allowed))} "
+                             f"(got {getattr(options, declared.name)!r})")
 
 
 def metric(text: str) -> str:

@@ -1,5 +1,5 @@
 """TERACON's loss outside a run, for tests that check it by hand: the method begun on a stage with a given
-teacher, ratios and generator (continual.training.loop.method_for), and the old --retention rules' options."""
+teacher, ratios and generator (continual.training.loop.method_for), and options built from today's presets."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -10,25 +10,25 @@ import numpy as np
 import torch
 
 from continual.methods.base import Step
-from continual.methods.teracon import Teracon, TeraconOptions
-from continual.training.config import LEGACY_RULES
+from continual.methods.teracon import PRESETS, Teracon, TeraconOptions
 from continual.training.distributed import Shard
 from continual.training.loop import method_for
 from model import ModelConfig, NextItNet
 
 
-def teracon_options(rule: str = "paper", **changes) -> TeraconOptions:
-    """The options of one of the old --retention rules (config.LEGACY_RULES), with `changes` on top."""
-    rows, weights, retention_at, distance, carry = LEGACY_RULES[rule]
-    return TeraconOptions(**{"rows": rows, "weights": weights, "retention_at": retention_at, "distance": distance,
-                             "carry_masks": carry, **changes})
+# The recommended preset's retention terms (mean weights, KL at smax) over every row of each earlier task: the rule
+# most loss tests check by hand, as it makes every retention row count.
+KL_EVERY_ROW = {"rows": "all", "weights": "mean", "retention_at": "smax", "distance": "kl"}
 
 
-def rule_flags(rule: str) -> list[str]:
-    """The command-line flags of one of the old --retention rules."""
-    rows, weights, retention_at, distance, carry = LEGACY_RULES[rule]
-    return ["--rows", rows, "--weights", weights, "--retention_at", retention_at, "--distance", distance,
-            "--carry_masks", carry]
+def teracon_options(preset: str = "paper", **changes) -> TeraconOptions:
+    """The options of --preset `preset` with `changes` on top (as the flags would set them)."""
+    return TeraconOptions(**{**PRESETS[preset], "preset": preset, **changes})
+
+
+def option_flags(**options) -> list[str]:
+    """The command-line flags that set `options`."""
+    return [word for name, value in options.items() for word in (f"--{name}", str(value))]
 
 
 def teracon_method(teacher: NextItNet | None, task: int, ratios: list[float], rng: np.random.Generator,

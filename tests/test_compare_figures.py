@@ -8,7 +8,8 @@ import importlib.util
 import json
 import math
 import os
-import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,9 +17,13 @@ import torch
 
 import compare
 import utils
+from continual import comparison, datasets
 from continual.training import config, loop
+from continual.training.config import parse_args
 from model import ModelConfig, NextItNet
 from tools import figures
+
+
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
                                       reason="matplotlib is not installed (pip install matplotlib): figures untested")
@@ -222,13 +227,17 @@ def test_expert_method_distils_from_the_finetune_chain_which_runs_first(monkeypa
         assert os.path.join("seed0", "finetune", f"task{stage}") in names[:expert]
 
 
-def test_stage_flags_match_run_all(repo_root):
-    """compare.py runs each dataset with run_all.sh's flags, so its tables describe run_all.sh's runs."""
-    script = (repo_root / "run_all.sh").read_text()
-    for dataset, (first, later) in compare.STAGE_FLAGS.items():
-        block = re.search(rf"^    {dataset}\)\n(.*?);;", script, re.S | re.M).group(1)
-        assert re.search(r"stage1=\((.*?)\)", block).group(1).split() == first, dataset
-        assert re.search(r"later=\((.*?)\)", block).group(1).split() == later, dataset
+def test_run_all_and_compare_read_one_declaration_of_the_stage_flags(repo_root, subprocess_env):
+    """`python -m continual.datasets DATASET STAGE` prints datasets.stage_flags, which compare.py gives its stages, so
+    compare.py's tables describe run_all.sh's runs (test_scripts.py runs run_all.sh on what that command prints)."""
+    for dataset in ("demo", "synth", "ttl"):
+        for stage in (1, 2):
+            printed = subprocess.run([sys.executable, "-m", "continual.datasets", dataset, str(stage)], cwd=repo_root,
+                                     env=subprocess_env, capture_output=True, text=True, check=True).stdout.split()
+            assert printed == datasets.stage_flags(dataset, stage), (dataset, stage)
+            command = compare.stage_command(dataset, "runs/c", 0, "finetune", stage, [])
+            assert command[-len(printed):] == printed or not printed, (dataset, stage)
+    assert "--split_percentage" in datasets.stage_flags("demo", 2) and datasets.stage_flags("ttl", 1) == []
 
 
 def test_kept_shares_and_new_task_differences_by_seed(tmp_path):
@@ -303,3 +312,49 @@ def test_another_draw_is_refused_before_the_data_is_rewritten(tmp_path, monkeypa
         utils.cli(lambda: compare.main(["--dataset", "synth", "--synth_seed", "1", "--out", str(out)]))
     assert stopped.value.code != 0 and prepared == []
     assert "holds runs on synth synth_seed 0, not synth synth_seed 1" in capsys.readouterr().err
+
+
+def test_paper_settings_use_the_stage_defaults_lr_and_batch_1024():
+    for stage, lr in ((2, 1e-3), (3, 1e-4)):
+        command = compare.stage_command("synth", "runs/c", 0, "recommended+own_lr=1e-3", stage, [],
+                                        compare.later_flags("synth", "paper", 2))
+        assert "--lr" not in command[:command.index("--own_lr")]
+        assert command[command.index("--batch") + 1] == "1024" and command[-2:] == ["--own_lr", "1e-3"]
+        assert command[command.index("--savepath") + 1] == os.path.join("runs/c", "seed0", "recommended+own_lr=1e-3",
+                                                                        f"task{stage}")
+        assert command[command.index("--expert") + 1] == os.path.join("runs/c", "seed0", "finetune", f"task{stage}.t7")
+        epochs = [command[i + 1] for i, word in enumerate(command) if word == "--epochs"]
+        assert epochs[-1] == "2"
+        args = command[command.index("--paths") + 2:]          # what follows the preset's paths
+        args[args.index("--expert") + 1] = __file__             # the flag's file check only
+        run = parse_args(stage, ["--datapath", "d.csv", "--datapath_index", "i.csv", "--paths", "p.t7",
+                                 "--savepath", "s", *args])
+        assert (run.lr, run.batch, run.epochs, run.options.own_lr) == (lr, 1024, 2, 1e-3)
+    stage1 = compare.stage_command("synth", "runs/c", 0, "recommended+own_lr=1e-3", 1, [],
+                                   compare.later_flags("synth", "paper", 2))
+    assert "--own_lr" not in stage1 and "1024" not in stage1
+    assert compare.later_flags("synth") == datasets.stage_flags("synth", 2)
+
+
+def test_candidate_names(tmp_path):
+    assert comparison.split_overrides("recommended+alpha=0+no_relation") == (
+        "recommended", ["--alpha", "0", "--no_relation"])
+    assert comparison.resolve("recommended_rerun1+alpha=0") == ("teracon", "recommended", 1)
+    assert comparison.known_name("finetune+lr=1e-4") and not comparison.known_name("finetune+lr=/tmp/x")
+    assert not comparison.known_name("nothing+alpha=0")
+    assert compare.chains_first("recommended+alpha=0") == {"--expert": "finetune"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "finetune,recommended+bogus=1"], "unrecognized arguments: --bogus 1"),
+    (["--methods", "finetune,recommended+own_lr=-1"], "--own_lr"),
+    (["--settings", "paper", "--recorded", "docs/experiments/data"], "--recorded"),
+    (["--later_epochs", "0"], "--later_epochs"),
+])
+def test_refused_before_anything_runs(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        compare.main(["--dataset", "synth", "--out", str(tmp_path / "c"), *argv])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0] and "Traceback" not in error[0]
+    assert not (tmp_path / "c").exists()

@@ -145,10 +145,11 @@ def test_the_docs_show_commands():
 
 def defined_on_page(text: str) -> tuple[set[str], set[str]]:
     """(method names, flags) that a page's own ```python blocks define: a worked example's `name = "..."` and its
-    `add_argument("--...")`, which the page's commands then use."""
+    options (`NAME: type = flags.option(...)`, the flag --NAME), which the page's commands then use."""
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     code = "\n".join(blocks)
-    return set(re.findall(r'^\s+name = "(\w+)"', code, flags=re.M)), set(re.findall(r'add_argument\("(--\w+)"', code))
+    options = {f"--{name}" for name in re.findall(r"^\s+(\w+): [^=]+= flags\.option\(", code, flags=re.M)}
+    return set(re.findall(r'^\s+name = "(\w+)"', code, flags=re.M)), options
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))

@@ -176,7 +176,8 @@ BAD_TRAINING = [
     ("--device", "gpu"), ("--gpu_num", "-1"), ("--gpu_num", "x"), ("--select_on", "auc"), ("--select_on", "mrr@7"),
     ("--task_kind", "both"), ("--method", "other"), ("--dataset", "nowhere"),
     ("--rows", "every"), ("--weights", "median"), ("--retention_at", "end"), ("--distance", "l1"),
-    ("--carry_masks", "yes"), ("--preset", "best"), ("--mask_capacity", "-1"), ("--own_blocks", "-1"),
+    ("--embedding_clamp", "yes"), ("--nested_samples", "1"), ("--preset", "best"), ("--own_lr", "0"),
+    ("--own_blocks", "-1"),
     ("--expert_weight", "nan"), ("--frozen_cache_mib", "-1"), ("--frozen_cache_mib", "1.5"),
     ("--lwf_weight", "1"),  # --lwf_weight: a flag of --method lwf only
     ("--datapath", "{dir}"), ("--datapath", "{dir}/missing.csv"), ("--datapath_index", "{dir}"),
@@ -404,14 +405,14 @@ def test_bench(stage1, tmp_path, capsys, monkeypatch, flag, value):
 @pytest.mark.parametrize("rule, capacity, own_blocks", [("paper", "0", "0"), ("recommended", "0.1", "2")])
 def test_bench_task_k_phase_runs(monkeypatch, rule, capacity, own_blocks):
     """bench.py's stage-K phase begins TERACON on a stage with its options and times train_step on the chosen
-    preset, with the capacity regulariser, the expert's distillation and the tasks' own blocks when asked."""
+    preset, with the expert's distillation and the tasks' own blocks when asked."""
     monkeypatch.setattr(sys, "argv", ["bench.py", "--phase", "taskK", "--stage", "3", "--items", "40", "--users",
                                       "32", "--length", "8", "--channels", "8", "--batch", "16", "--classes", "3",
-                                      "--steps", "1", "--preset", rule, "--mask_capacity", capacity,
+                                      "--steps", "1", "--preset", rule,
                                       "--expert_weight", capacity, "--own_blocks", own_blocks])
     row = bench.run_phase(bench.parse())
     assert row["seconds"] > 0 and row["batch"] == 16
-    assert ("capacity 0.1" in row["phase"]) == (capacity != "0") and rule in row["phase"]
+    assert rule in row["phase"]
     assert ("expert 0.1" in row["phase"]) == (capacity != "0")
     assert ("own blocks 2" in row["phase"]) == (own_blocks != "0")
 

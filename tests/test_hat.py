@@ -16,7 +16,7 @@ from continual.methods import hat
 from continual.methods.base import Step
 from continual.training import config, loop
 from continual.training.distributed import Shard
-from model import ModelConfig, NextItNet
+from model import TASK_EMBEDDING_CLAMP, ModelConfig, NextItNet
 from utils import DataError
 
 SMAX, ITEMS, CLASSES = 400.0, 50, 7
@@ -173,4 +173,4 @@ def test_the_stage1_checkpoint_keeps_hats_gates(tmp_path, synthetic_data):
     assert saved["model_config"]["use_masks"] and not saved["model_config"]["relation"]
     assert saved["model_config"]["task_emb_dist"] == "normal"
     assert saved["run_config"]["smax"] == 400.0 and saved["run_config"]["options"]["hat_lambda"] == 0.75
-    assert saved["model_state"]["task_embedding"].abs().max() <= hat.THRES_EMB
+    assert saved["model_state"]["task_embedding"].abs().max() <= TASK_EMBEDDING_CLAMP

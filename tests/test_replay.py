@@ -289,7 +289,7 @@ def test_stage2_under_the_revised_streams(tmp_path, revised_stage1):
     (["--rows", "all"], "an option beyond the paper's rule"),
     (["--no_relation"], "an ablation"),
     (["--preset", "uniform_sampling", "--own_blocks", "1"], "an ablation or an option beyond"),
-    (["--method", "finetune"], "an ablation or an option beyond"),
+    (["--method", "finetune"], "not with --method finetune"),
     (["--resume"], "--resume"),
 ])
 def test_authors_streams_refuse_what_they_do_not_replay(extra, message):

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from continual import datasets
+
 REC_METRICS = {"mrr@5", "hit@5", "ndcg@5", "mrr@20", "hit@20", "ndcg@20", "acc"}
 
 
@@ -242,3 +244,30 @@ def test_run_all_installs_unless_every_pin_is_met(tmp_path, repo_root, subproces
         done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=subprocess_env,
                               capture_output=True, text=True)
         assert done.returncode == expected, (name, done.stderr[-500:])
+
+
+@pytest.mark.parametrize("dataset, lookup_fails", [("synth", False), ("ttl", False), ("synth", True)])
+def test_run_all_gives_each_stage_the_datasets_flags_or_stops(tmp_path, repo_root, subprocess_env, dataset,
+                                                              lookup_fails):
+    """run_all.sh under a stand-in python that only records its commands (the flag lookup runs for real): every stage
+    gets `python -m continual.datasets DATASET STAGE`'s flags (none for ttl), and a failed lookup stops the run
+    before any stage rather than training with no flags."""
+    log = tmp_path / "commands.log"
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/usr/bin/env bash\necho "$*" >> "$COMMANDS"\n'
+                        'if [ "$1" = -m ]; then [ "$FAIL_LOOKUP" = 1 ] && exit 3; exec "$REAL_PYTHON" "$@"; fi\n')
+    stand_in.chmod(0o755)
+    env = {**subprocess_env, "PYTHON": str(stand_in), "COMMANDS": str(log), "REAL_PYTHON": sys.executable,
+           "FAIL_LOOKUP": "1" if lookup_fails else "0"}
+    done = subprocess.run(["bash", str(repo_root / "run_all.sh"), dataset, "--seed", "3"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    commands = log.read_text().splitlines()
+    stages = [line for line in commands if line.startswith(("train_task1.py", "train_teracon_t"))]
+    if lookup_fails:
+        assert done.returncode != 0 and stages == []
+        return
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert len(stages) == 6
+    for stage, line in enumerate(stages, 1):
+        expected = datasets.stage_flags(dataset, stage)
+        assert line.split() == [line.split()[0], "--dataset", dataset, "--overwrite", *expected, "--seed", "3"], line

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ if __package__ in (None, ""):  # run as a file (python tools/…): import the su
 from continual import flags
 from continual.evaluation.scoring import score
 from continual.methods.base import Step
-from continual.methods.teracon import CHOICES, INITIAL_RATIO, PRESETS, TeraconOptions, retention_plan, sampling_ratio
+from continual.methods.teracon import INITIAL_RATIO, PRESETS, TeraconOptions, retention_plan, sampling_ratio
 from continual.training.distributed import Shard
 from continual.training.loop import autocast, compile_backbone, method_for, train_step
 from continual.training.resources import peak_memory_mib, synchronize
@@ -59,12 +60,11 @@ def parse() -> argparse.Namespace:
     add("--stage", type=flags.integer(2), default=2, help="K >= 2: task-K step with retention over K−1 earlier tasks")
     add("--classes", type=flags.integer(2), default=100, help="class count of tasks ≥ 2, >= 2")
     add("--preset", choices=list(PRESETS), default="paper", help="task-K step: TERACON's preset (train_teracon's flag)")
-    add("--rows", choices=CHOICES["rows"], default=None,
+    choices = {declared.name: declared.metadata.get("choices") for declared in fields(TeraconOptions)}
+    add("--rows", choices=choices["rows"], default=None,
         help="task-K step: TERACON's retention rows (train_teracon's flag); default the preset's")
-    add("--new_task_at", choices=CHOICES["new_task_at"], default=None,
+    add("--new_task_at", choices=choices["new_task_at"], default=None,
         help="task-K step: the s of the new task's cross-entropy (train_teracon's flag); default the preset's")
-    add("--mask_capacity", type=flags.nonnegative_float, default=0.0,
-        help="task-K step: weight of HAT's capacity regulariser on the new task's masks (train_teracon's flag)")
     add("--expert_weight", type=flags.nonnegative_float, default=0.0,
         help="task-K step: β of train_teracon's --expert, distilling the new task from a frozen model (here a copy "
              "of the student); 0 = off")
@@ -203,15 +203,15 @@ def run_phase(args: argparse.Namespace) -> dict:
         compile_backbone(model)
         compile_backbone(teacher)
     if args.phase == "taskK":
-        optimizer = adam(model.parameters(), 1e-4)
         targets = torch.from_numpy(rng.integers(1, args.classes, size=args.users))
         options = TeraconOptions(**{**PRESETS[args.preset], "alpha": 0.7, "uniform_sampling": True,
-                                    "mask_capacity": args.mask_capacity, "expert_weight": args.expert_weight,
+                                    "expert_weight": args.expert_weight,
                                     "own_blocks": args.own_blocks, "embedding_clamp": "on",
                                     "frozen_cache_mib": args.frozen_cache_mib,
                                     **({"rows": args.rows} if args.rows else {}),
                                     **({"new_task_at": args.new_task_at} if args.new_task_at else {})})
         method = method_for("teracon", options, args.stage, teacher, rng, device=device, n_train=args.users)
+        optimizer = adam(method.param_groups(model, 1e-4), 1e-4)   # the paper's lr from stage 3 (--own_lr's group)
         method.expert = copy.deepcopy(model).eval().requires_grad_(False) if args.expert_weight else None
         method.ratios = [args.ratio] * (args.stage - 1)
         method.kept = method.plan_kept(device)
@@ -229,7 +229,7 @@ def run_phase(args: argparse.Namespace) -> dict:
             clock = TermClock(method, device)
             profile = {"profile": clock.report(timed(step, args.steps, device))}
         rows = retention_plan(options, method.ratios, args.batch)[0][0]
-        extra_terms = (f", capacity {args.mask_capacity:g}" if args.mask_capacity else "") + (
+        extra_terms = (
             f", expert {args.expert_weight:g}" if args.expert_weight else "") + (
             f", own blocks {args.own_blocks}" if args.own_blocks else "") + (
             ", new task at smax" if options.new_task_at == "smax" else "") + (

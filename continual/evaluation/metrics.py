@@ -15,28 +15,30 @@ def headline_name(kind: str, top_k: int = 5) -> str:
 
 
 def ranking_values(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Per-example MRR, HR, NDCG at top_k and top_k+15 and hit@1, as the authors' accuracy_test.
-
-    The rank r (from 0) is the target's position in torch.topk's sorted list; MRR = 1/(r+1),
-    NDCG = 1/log2(r+2), HR = 1, all 0 when the target is outside the top k.
-    logits [B, n], targets [B] → [B, 7] float64 (columns in the order of `metric_names`).
-    """
+    """Per-example MRR, HR, NDCG at top_k and top_k+15 and hit@1, as the authors' accuracy_test: the target's rank r
+    (from 0) is its position in torch.topk's sorted list of the top top_k+15 (not ranked beyond), hit@1 is argmax's.
+    logits [B, n], targets [B] → [B, 7] float64 (columns in the order of `metric_names`; rank_metrics)."""
     n_classes = logits.shape[1]
-    long_k = min(top_k + 15, n_classes)
-    top = torch.topk(logits, k=long_k, sorted=True).indices  # [B, long_k]
-    hit = (top == targets[:, None]).to(torch.float64)        # [B, long_k]
-    rank = torch.arange(long_k, device=logits.device, dtype=torch.float64)
-    reciprocal, gain = 1.0 / (rank + 1.0), 1.0 / torch.log2(rank + 2.0)   # [long_k]
-    short = min(top_k, n_classes)
-    columns = [
-        (hit[:, :short] * reciprocal[:short]).sum(1),
-        hit[:, :short].sum(1),
-        (hit[:, :short] * gain[:short]).sum(1),
-        (hit * reciprocal).sum(1),
-        hit.sum(1),
-        (hit * gain).sum(1),
-        (logits.argmax(1) == targets).to(torch.float64),
-    ]
+    top = torch.topk(logits, k=min(top_k + 15, n_classes), sorted=True).indices    # [B, long_k]
+    hit = top == targets[:, None]                                                  # [B, long_k]
+    rank = torch.where(hit.any(1), hit.to(torch.int8).argmax(1).to(torch.float64),
+                       torch.tensor(float("inf"), dtype=torch.float64, device=logits.device))  # [B]
+    return rank_metrics(rank, top_k, n_classes, logits.argmax(1) == targets)
+
+
+def rank_metrics(rank: torch.Tensor, top_k: int, n_classes: int, first: torch.Tensor | None = None) -> torch.Tensor:
+    """The seven metrics of each example [n, 7] (order of `metric_names`) from the target's 0-based rank [n]
+    (float64; inf: not ranked): MRR = 1/(r+1), NDCG = 1/log2(r+2), HR = 1 inside the top k, 0 outside; hit@1 is
+    `first` [n] (argmax's verdict, which breaks ties otherwise than topk) or r == 0."""
+    short, long_k = min(top_k, n_classes), min(top_k + 15, n_classes)
+    positions = torch.arange(long_k, dtype=torch.float64, device=rank.device)
+    reciprocals, gains = 1.0 / (positions + 1.0), 1.0 / torch.log2(positions + 2.0)  # [long_k], per rank
+    index = torch.where(rank < long_k, rank, torch.zeros_like(rank)).long()       # [n]: a rank inside the table
+    reciprocal, gain = reciprocals[index], gains[index]                          # [n]
+    inside_short, inside_long = (rank < short).to(torch.float64), (rank < long_k).to(torch.float64)
+    first = rank == 0 if first is None else first
+    columns = [reciprocal * inside_short, inside_short, gain * inside_short,
+               reciprocal * inside_long, inside_long, gain * inside_long, first.to(torch.float64)]
     return torch.stack(columns, dim=1)
 
 

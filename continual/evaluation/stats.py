@@ -1,6 +1,7 @@
 """Evidence for a score: trivial baselines on the same split and bootstrap intervals over test users.
 
-Pure functions over numpy arrays; the training and evaluation plumbing calls them (scoring.evaluate_tasks).
+Pure functions over numpy arrays (the rank metrics through metrics.rank_metrics, the one definition the model's
+scores use); the training and evaluation plumbing calls them (scoring.evaluate_tasks).
 
 - Baselines, fitted on the task's TRAINING split only:
   rec tasks: every item ranked by its training popularity (`popularity`), and the same ranking with the
@@ -15,6 +16,9 @@ import math
 import statistics
 
 import numpy as np
+import torch
+
+from continual.evaluation.metrics import rank_metrics
 
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 1000
@@ -30,16 +34,8 @@ def class_counts(labels: np.ndarray, n_classes: int, exclude: tuple[int, ...] = 
 
 def rank_values(ranks: np.ndarray, top_k: int, n_classes: int) -> np.ndarray:
     """Per-example metrics [n, 7] (order of metrics.metric_names) from the target's 0-based rank in a ranking
-    (np.inf: not ranked), as metrics.ranking_values computes them from logits."""
-    long_k = min(top_k + 15, n_classes)
-    short = min(top_k, n_classes)
-    r = ranks.astype(np.float64)
-    with np.errstate(divide="ignore"):
-        reciprocal, gain = 1.0 / (r + 1.0), 1.0 / np.log2(r + 2.0)
-    columns = [np.where(r < short, reciprocal, 0.0), (r < short) * 1.0, np.where(r < short, gain, 0.0),
-               np.where(r < long_k, reciprocal, 0.0), (r < long_k) * 1.0, np.where(r < long_k, gain, 0.0),
-               (r == 0) * 1.0]
-    return np.stack(columns, axis=1)
+    (np.inf: not ranked): metrics.rank_metrics, the one definition the model's scores use too."""
+    return rank_metrics(torch.from_numpy(np.ascontiguousarray(ranks, dtype=np.float64)), top_k, n_classes).numpy()
 
 
 def popularity_ranks(scores: np.ndarray, targets: np.ndarray, source_classes: np.ndarray | None) -> np.ndarray:

@@ -5,6 +5,7 @@ import importlib
 
 from continual.methods.base import Method
 
+DEFAULT_METHOD = "teracon"            # --method when none is given
 METHODS: dict[str, str] = {            # name → "module:Class", imported when asked for
     "teracon": "continual.methods.teracon:Teracon",
     "finetune": "continual.methods.finetune:FineTune",

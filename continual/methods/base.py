@@ -8,6 +8,7 @@ of `Method`, which the loop calls in this order:
     add_arguments (its flags, parse time) → options_from / check
     begin_stage(stage)          before the stage's model is built (frozen models it needs, earlier state)
     model_config() / grow(...)  stage 1: the new model's ModelConfig fields; stage ≥ 2: add the new task
+    param_groups(model, lr)     the optimiser's parameter groups (the loop builds Adam from them; each phase)
     terms(model, step)          every step: the loss terms, one at a time (each back-propagated at once)
     after_backward(model)       every step, after the last term's backward (e.g. HAT's compensation)
     after_step(model)           every step, after the optimiser step, skipped or not (TERACON's clamp)
@@ -29,12 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from continual import flags
 from continual.training.distributed import Shard
 from model import NextItNet
 from utils import DataError
 
 if TYPE_CHECKING:
-    from continual.training.config import RunConfig
+    from continual.training.run_config import RunConfig
     from data_loader import TaskData
 
 
@@ -87,6 +89,11 @@ class Method:
     phases: ClassVar[int] = 1                    # training phases of a stage, each fitted with early stopping
     loop_defaults: ClassVar[dict] = {}           # the loop's flags this method defaults otherwise (HAT: smax 400);
                                                  # explicit flags win
+    variant_defaults: ClassVar[dict[str, dict]] = {}  # --variant NAME → option defaults where the authors' codes differ
+    retired: ClassVar[dict[str, str]] = {}       # a flag the method no longer has → why, said when one is given
+    grows_items: ClassVar[bool] = False          # --protocol time: the method trains the new items' rows as any other
+                                                 # shared row (the loop grows the model, and the frozen previous model
+                                                 # with the new rows copied from the student's)
     stage1_method: ClassVar[str] = ""            # compare.py: the method whose stage 1 a chain starts from ("" = the
                                                  # default stage 1 that every other chain of the seed shares)
 
@@ -97,12 +104,20 @@ class Method:
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """The method's own flags, each with its domain (flags.py validators); defaults from `Options`."""
+        """The method's own flags: --NAME for every field of `Options` declared with flags.option (its domain, help and
+        default in that one declaration; None where presets fill the defaults, options_from)."""
+        flags.add_options(parser, cls.Options, unset=bool(cls.presets))
 
     @classmethod
     def options_from(cls, args: argparse.Namespace) -> Any:
-        """The typed options from the parsed flags (every field of `Options` is a flag of the same name)."""
-        return cls.Options(**{field.name: getattr(args, field.name) for field in fields(cls.Options)})
+        """The typed options from the parsed flags: explicit flags, else --preset's value (methods with presets),
+        else the option's default (--variant's are filled before)."""
+        preset, defaults = cls.presets.get(getattr(args, "preset", None), {}), cls.Options()
+        values = {}
+        for field in fields(cls.Options):
+            given = getattr(args, field.name)
+            values[field.name] = given if given is not None else preset.get(field.name, getattr(defaults, field.name))
+        return cls.Options(**values)
 
     @classmethod
     def check(cls, options: Any, run: "RunConfig", fail: Callable[[str], None]) -> None:
@@ -115,9 +130,15 @@ class Method:
         return {}
 
     @classmethod
-    def replayable(cls, options: Any) -> bool:
-        """Whether --streams authors can replay the method with these options (only TERACON's paper rule)."""
-        return False
+    def replay_refusal(cls, options: Any) -> str | None:
+        """Why --streams authors cannot replay the method with these options, or None where it can (only TERACON's
+        paper rule)."""
+        return f"--method {cls.name}"
+
+    @classmethod
+    def legacy_options(cls, args: dict) -> dict:
+        """A format-1 checkpoint's parsed command line (before RunConfig) → this method's options, as a dict."""
+        return {}
 
     # ------------------------------------------------------------------ hooks
 
@@ -140,6 +161,12 @@ class Method:
     def grow(self, model: NextItNet, n_classes: int) -> None:
         """Stage ≥ 2: add the new task (its head, and whatever the method adds) to the reloaded model."""
         raise NotImplementedError(f"{type(self).__name__} does not say how the model grows")
+
+    def param_groups(self, model: NextItNet, lr: float) -> list[dict]:
+        """The optimiser's parameter groups, as torch's dicts ("params", "lr"; a group's params may name
+        samplers.Rows, a row of a table): every parameter at the stage's --lr by default. The loop builds Adam from
+        them (--streams authors: its one group)."""
+        return [{"params": list(model.parameters()), "lr": lr}]
 
     def terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
         """The step's loss terms, one at a time: first the new task's own loss, then any retention terms.

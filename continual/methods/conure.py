@@ -19,7 +19,6 @@ optimiser's var_list. Here:
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -32,23 +31,18 @@ from model import NextItNet
 
 @dataclass(frozen=True)
 class ConureOptions:
-    conure_keep: float = 0.3    # share of each convolution's still-free weights a task keeps (official 1 − 0.7)
+    conure_keep: float = flags.option(0.3, "share of each convolution's still-free weights a task keeps and freezes "
+                                      "(CONURE's maskp 0.7: keep 0.3)",
+                                      type=flags.real(0.0, 1.0, low_open=True, high_open=True, what="a share in (0, 1)"))
 
 
 class Conure(FineTune):
     """Prune, retrain and freeze a share of the free convolution weights per task."""
     name = "conure"
     Options = ConureOptions
+    grows_items = False                 # --protocol time: new rows' owners and freezing (not yet)
     phases = 2
     stage1_method = "conure"              # compare.py: its own stage 1, pruned as every later task
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--conure_keep", type=flags.real(0.0, 1.0, low_open=True, high_open=True,
-                                                             what="a share in (0, 1)"),
-                            default=ConureOptions().conure_keep,
-                            help="share of each convolution's still-free weights a task keeps and freezes "
-                                 "(CONURE's maskp 0.7: keep 0.3)")
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)

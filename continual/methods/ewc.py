@@ -17,7 +17,6 @@ which for task K−1 is exactly what the end of its stage would have computed.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -34,24 +33,19 @@ SHARED = ("item_embedding.", "blocks.")  # the parameters every task reads: the 
 
 @dataclass(frozen=True)
 class EWCOptions:
-    ewc_lambda: float = 1e4     # λ of the penalty: chosen on a draw of the benchmark no reported number uses (README)
-    ewc_samples: int = 1000     # training examples the Fisher is estimated from (one backward pass each); 0 = all
+    ewc_lambda: float = flags.option(1e4, "λ: weight of the penalty (λ/2) Σ_j F_j (θ − θ*_j)² (default 1e4, chosen on a "
+                                     "draw of the benchmark that no reported number uses; README, Methods)",
+                                     type=flags.nonnegative_float)
+    ewc_samples: int = flags.option(1000, "training examples per task the Fisher is estimated from, one backward pass "
+                                    "each, the first of the split's random order (default 1000); 0 = all",
+                                    type=flags.nonnegative_int)
 
 
 class EWC(FineTune):
     """Fine-tuning plus the quadratic penalty of every earlier task's Fisher information."""
     name = "ewc"
     Options = EWCOptions
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        defaults = EWCOptions()
-        parser.add_argument("--ewc_lambda", type=flags.nonnegative_float, default=defaults.ewc_lambda,
-                            help="λ: weight of the penalty (λ/2) Σ_j F_j (θ − θ*_j)² (default 1e4, chosen on a "
-                                 "draw of the benchmark that no reported number uses; README, Methods)")
-        parser.add_argument("--ewc_samples", type=flags.nonnegative_int, default=defaults.ewc_samples,
-                            help="training examples per task the Fisher is estimated from, one backward pass "
-                                 "each, the first of the split's random order (default 1000); 0 = all")
+    grows_items = False                 # --protocol time: the Fisher must grow with the rows (not yet)
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)

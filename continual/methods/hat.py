@@ -25,7 +25,6 @@ layer's mean and variance. tests/test_baselines.py measures the leak and bounds 
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -37,13 +36,13 @@ from continual.methods.base import Method, Stage, Step, next_item_loss
 from model import NextItNet
 
 THRES_COSH = 50.0   # the official clamp of s·e inside the embedding compensation's cosh
-THRES_EMB = 6.0     # the official clamp of the task embeddings after each step
 
 
 @dataclass(frozen=True)
 class HATOptions:
-    hat_lambda: float = 0.75        # λ of the capacity regulariser (official grid chose 0.75)
-    hat_clipgrad: float = 10000.0   # gradient-norm clip (official 10,000)
+    hat_lambda: float = flags.option(0.75, "weight of HAT's capacity regulariser (official 0.75)",
+                                     type=flags.nonnegative_float)
+    hat_clipgrad: float = flags.option(10000.0, "gradient-norm clip (official 10000)", type=flags.positive_float)
 
 
 class HAT(Method):
@@ -53,14 +52,6 @@ class HAT(Method):
     Options = HATOptions
     loop_defaults = {"smax": 400.0}
     stage1_method = "hat"               # compare.py: its own stage 1 (gates and the capacity term from task 1 on)
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        add = parser.add_argument
-        add("--hat_lambda", type=flags.nonnegative_float, default=HATOptions().hat_lambda,
-            help="weight of HAT's capacity regulariser (official 0.75)")
-        add("--hat_clipgrad", type=flags.positive_float, default=HATOptions().hat_clipgrad,
-            help="gradient-norm clip (official 10000)")
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
@@ -98,8 +89,7 @@ class HAT(Method):
                                        self.options.hat_clipgrad)
 
     def after_step(self, model: NextItNet) -> None:
-        with torch.no_grad():
-            model.task_embedding[self.stage.task].clamp_(-THRES_EMB, THRES_EMB)
+        model.clamp_task_embedding(self.stage.task)          # the official thres_emb
 
 
 def used_units(model: NextItNet, n_earlier: int, smax: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ class Isolation(FineTune):
     """Fine-tuning's losses; every task from the second on gets parameters of its own."""
     stage1_method = "finetune"              # compare.py: a stage 1 without masks, so task 1 reads as trained
     freeze_backbone: ClassVar[bool] = False
+    grows_items: ClassVar[bool] = False  # --protocol time: new rows of a frozen embedding (not yet)
 
     def task_options(self, model: NextItNet) -> dict:
         """The options of `model.add_task` that give the new task its own parameters."""

@@ -10,7 +10,6 @@ Task 1's head reads the source without its last item, the item it predicts (meth
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -24,22 +23,16 @@ from model import NextItNet
 
 @dataclass(frozen=True)
 class LwFOptions:
-    lwf_weight: float = 1.0        # λ_o, the weight of the old tasks' distillation (the paper's 1)
-    lwf_temperature: float = 2.0   # T of the softened outputs (the paper's 2)
+    lwf_weight: float = flags.option(1.0, "λ_o: weight of the earlier heads' distillation (Li & Hoiem: 1)",
+                                     type=flags.nonnegative_float)
+    lwf_temperature: float = flags.option(2.0, "T: the outputs are compared as softmax(logits / T) (Li & Hoiem: 2)",
+                                          type=flags.positive_float)
 
 
 class LwF(FineTune):
     """Fine-tuning plus the distillation of every earlier head's outputs on the new task's users."""
     name = "lwf"
     Options = LwFOptions
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        defaults = LwFOptions()
-        parser.add_argument("--lwf_weight", type=flags.nonnegative_float, default=defaults.lwf_weight,
-                            help="λ_o: weight of the earlier heads' distillation (Li & Hoiem: 1)")
-        parser.add_argument("--lwf_temperature", type=flags.positive_float, default=defaults.lwf_temperature,
-                            help="T: the outputs are compared as softmax(logits / T) (Li & Hoiem: 2)")
 
     def terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
         """CE of the new task, then λ_o · KL_T(teacher_j ‖ student_j) for each earlier task j, one term each."""

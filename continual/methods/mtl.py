@@ -9,7 +9,6 @@ equally (a sum of per-task means). Validation, early stopping and scoring are th
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -24,19 +23,14 @@ from model import NextItNet
 
 @dataclass(frozen=True)
 class MTLOptions:
-    mtl_batch: int = 0          # rows per earlier task and step; 0 = the stage's --batch
+    mtl_batch: int = flags.option(0, "rows of each earlier task's training split per step, drawn with replacement "
+                                  "(default 0: the stage's --batch)", type=flags.nonnegative_int)
 
 
 class MTL(FineTune):
     """Fine-tuning's model, trained at stage K on the training rows of every task 1..K at once."""
     name = "mtl"
     Options = MTLOptions
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--mtl_batch", type=flags.nonnegative_int, default=MTLOptions().mtl_batch,
-                            help="rows of each earlier task's training split per step, drawn with replacement "
-                                 "(default 0: the stage's --batch)")
 
     def terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
         """The new task's CE, then one term per earlier task j: its loss on a draw of its training rows."""

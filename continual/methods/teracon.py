@@ -2,14 +2,14 @@
 
 The masks (Eqs. 11–13) are in model.NextItNet.task_masks and the annealing of s (Eq. 19) is the loop's; this
 file holds the rest: the task-1 loss with its mask regulariser, the stage-K loss (Eqs. 14–18) with its
-sampling ratio (Eq. 15), retention rows and terms (Eq. 16), and the clamp of the task embeddings.
+sampling ratio (Eq. 15), retention rows and terms (Eq. 16), when the task embeddings are clamped, and the new
+task's own parameters (--own_lr's optimiser group).
 
 Its options are orthogonal: each changes one thing, and `paper` (every option at the authors' value) is the
 default. `--preset` names the combinations a reader needs (PRESETS); explicit flags win over a preset.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, fields
 from typing import Callable, Iterator
@@ -22,57 +22,11 @@ from continual import flags
 from continual.checkpoints import load_checkpoint, require_finished
 from continual.methods.base import (DISTANCE_BUFFERS, Method, Stage, Step, chunk_rows, distillation_kl, head_distance,
                                     next_item_loss, retention_inputs, tensor_bytes)
+from continual.training.samplers import Rows
 from model import NextItNet
 from utils import DataError
 
 INITIAL_RATIO = 0.9     # every earlier task's sampling ratio before the first batch (authors' code)
-EMBEDDING_CLAMP = 6.0   # stages ≥ 2 clamp the task embeddings to [−6, 6] after each step (revised code)
-
-
-CHOICES = {"rows": ("sampled", "all", "share"), "weights": ("sum", "mean"), "retention_at": ("annealed", "smax"),
-           "distance": ("mse", "kl"), "carry_masks": ("off", "relation", "all"), "embedding_clamp": ("on", "off"),
-           "ratio_weights": ("previous", "current"),
-           "new_task_at": ("annealed", "smax")}
-
-
-@dataclass(frozen=True)
-class TeraconOptions:
-    """TERACON's flags (README, "Retention rules"); the defaults are the paper's rule, `--preset paper`."""
-    preset: str = "paper"
-    alpha: float = 0.7                  # weight of the knowledge-retention loss (Eq. 18); 0 = no retention
-    no_relation: bool = False           # ablation: plain σ(s·e) masks for every task (Eq. 11 only)
-    uniform_sampling: bool = False      # ablation: every sampling ratio stays at INITIAL_RATIO (no Eq. 15)
-    rows: str = "sampled"               # sampled: int(B · ratio_j) rows for earlier task j (Eq. 16); all: every row;
-                                        # share: B // (K−1) rows each (B retention rows in all, whatever the stage)
-    weights: str = "sum"                # c_j = ratio_j / Σ_k ratio_k (sum, the paper's) or / mean_k ratio_k (mean)
-    retention_at: str = "annealed"      # retention terms at the annealed s, or at smax (where tasks are scored)
-    distance: str = "mse"               # mse of the logits (Eq. 16), or kl: KL(softmax(teacher) ‖ softmax(student))
-    carry_masks: str = "off"            # off; relation: earlier tasks keep their relation layers; all: + plain masks
-    mask_capacity: float = 0.0          # λ of HAT's capacity regulariser on the new task's masks; 0 = off
-    own_blocks: int = 0                 # the new task's own copies of the top K residual blocks; 0 = all shared
-    expert: str | None = None           # a checkpoint of this stage trained without retention, distilled from
-    expert_weight: float = 1.0          # β of the distillation from --expert
-    L2: float = 0.0                     # stage 1: weight of the mean-mask regulariser (original 0.75, revised 0)
-    embedding_clamp: str = "on"         # stages ≥ 2: clamp the task embeddings to [−6, 6] after each step
-    nested_samples: bool = False        # retention rows as prefixes of one shuffle (original) or a shuffle each
-    ratio_weights: str = "previous"     # c_j from the previous batch's ratios (revised) or this batch's (original)
-    new_task_at: str = "annealed"       # the new task's CE at the annealed s (the paper's) or at smax (where it is scored)
-    own_lr: float | None = None         # Adam's lr for the new task's own parameters; None = the stage's --lr
-    retention_ramp: float = 0.0         # α grows linearly from 0 over this many epochs of the stage; 0 = α from the start
-    frozen_cache_mib: int = 1024        # MiB for the frozen models' outputs at smax, kept per training row (speed only)
-
-    def __post_init__(self) -> None:
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"TERACON option {name} must be one of {', '.join(allowed)} "
-                                 f"(got {getattr(self, name)!r})")
-
-    @property
-    def is_paper_rule(self) -> bool:
-        """Every retention option at the authors' value (what --streams authors can replay)."""
-        return (not self.no_relation and (self.rows, self.weights, self.retention_at, self.distance, self.carry_masks)
-                == ("sampled", "sum", "annealed", "mse", "off") and not self.mask_capacity and not self.own_blocks
-                and self.new_task_at == "annealed" and self.own_lr is None and not self.retention_ramp)
 
 
 # --preset: what each combination sets (explicit flags win). The paper's rule, its three ablations (Sec. 5.4),
@@ -92,89 +46,107 @@ PRESETS: dict[str, dict] = {
                     "new_task_at": "smax", "own_blocks": 2, "own_lr": 1e-3},
 }
 EXPERT_PRESETS = {"recommended"}  # presets that distil from the fine-tuning chain's checkpoint (--expert)
-VARIANT_OPTIONS = ("L2", "embedding_clamp", "nested_samples", "ratio_weights")  # defaults set by --variant
+
+# --variant: the options in which the authors' two codes differ (README, "Faithfulness" has the file and lines of
+# both); the loop's flags that differ (seed, select_on, ties) are in continual/datasets.py. A flag given wins.
+VARIANT_DEFAULTS: dict[str, dict] = {
+    "revised": {"L2": 0.0, "ratio_weights": "previous", "nested_samples": False, "embedding_clamp": "on"},
+    "original": {"L2": 0.75, "ratio_weights": "current", "nested_samples": True, "embedding_clamp": "off"},
+}
+option = flags.option
+
+
+@dataclass(frozen=True)
+class TeraconOptions:
+    """TERACON's options, each with its flag (README, "Retention rules"); the defaults are the paper's rule,
+    `--preset paper`, and the options marked rule=True make the retention rule (is_paper_rule)."""
+    preset: str = option("paper", "a named combination of the options below (explicit flags win): paper (the authors' "
+                         "rule), its ablations no_relation, no_retention, uniform_sampling, and recommended (README, "
+                         "Retention rules; needs --expert)", choices=list(PRESETS), default="paper",
+                         recorded=True)
+    alpha: float = option(0.7, "weight of the knowledge-retention loss (Eq. 18; default 0.7); 0 = no retention",
+                          type=flags.nonnegative_float)
+    no_relation: bool = option(False, "ablation: plain σ(s·e) masks for every task (Eq. 11 only)",
+                               action="store_const", const=True, rule=True)
+    uniform_sampling: bool = option(False, "ablation: fixed sampling ratio 0.9 (no Eq. 15)", action="store_const",
+                                    const=True)
+    rows: str = option("sampled", "retention rows of earlier task j: sampled = int(B · ratio_j) (the paper's), all = "
+                       "every row, share = B // (K-1) rows of each of the K-1 earlier tasks (one batch of retention "
+                       "rows in all)", choices=["sampled", "all", "share"], rule=True)
+    weights: str = option("sum", "retention weights c_j = ratio_j / Σ_k ratio_k (sum, the paper's) or ratio_j / mean_k "
+                          "ratio_k (mean: near 1 for each earlier task however many there are)",
+                          choices=["sum", "mean"], rule=True)
+    retention_at: str = option("annealed", "the teacher's pseudo-labels and the student's outputs at the annealed s "
+                               "(the paper's) or at smax", choices=["annealed", "smax"], rule=True)
+    distance: str = option("mse", "retention term: mse of the logits (the paper's, Eq. 16) or kl = "
+                           "KL(softmax(teacher) ‖ softmax(student))", choices=["mse", "kl"], rule=True)
+    own_blocks: int = option(0, "stages >= 2: the new task reads its own copies of the top K residual blocks, copied "
+                             "from the shared ones at the start of the stage and trained only by its own terms (not in "
+                             "the paper); 0 = all shared", type=flags.nonnegative_int, rule=True)
+    expert: str | None = option(None, "stages >= 2: a checkpoint of this stage trained on the same task and split "
+                                "without retention (e.g. the fine-tuning chain's); the new task is also distilled from "
+                                "it, β · KL(expert ‖ model) at smax", type=flags.input_file)
+    expert_weight: float = option(1.0, "β of --expert (default 1)", type=flags.nonnegative_float)
+    L2: float = option(0.0, "task 1: weight of the mean-mask regulariser (original 0.75, revised 0)",
+                       type=flags.nonnegative_float)
+    embedding_clamp: str = option("on", "stages ≥ 2: clamp task embeddings to [-6, 6] after each step (revised: on; "
+                                  "the original t2–t6 scripts' clamp never fires: off)", type=flags.on_off,
+                                  choices=["on", "off"], nargs="?", const="on",
+                                  aliases=[("--no_embedding_clamp", {"action": "store_const", "const": "off",
+                                                                     "help": "the same as --embedding_clamp off"})])
+    nested_samples: bool = option(False, "on: earlier tasks' retention rows are prefixes of one shuffle (original); "
+                                  "off: a shuffle each (revised)", type=flags.on_off_bool, nargs="?", const=True)
+    ratio_weights: str = option("previous", "retention weights c_j from the previous batch's ratios (revised) or this "
+                                "batch's (original)", choices=["previous", "current"])
+    new_task_at: str = option("annealed", "stages >= 2: the new task's cross-entropy at the annealed s (the paper's) "
+                              "or at smax, where it is scored (the sampling ratios stay at the annealed s)",
+                              choices=["annealed", "smax"], rule=True)
+    own_lr: float | None = option(None, "stages >= 2: Adam's learning rate for the new task's own parameters (its "
+                                  "head, task-embedding row, relation layer and --own_blocks), a parameter group of "
+                                  "their own; default the stage's --lr", type=flags.positive_float, rule=True)
+    frozen_cache_mib: int = option(1024, "stages >= 2: MiB of memory (on the device) for the frozen teacher's and "
+                                   "expert's outputs at s = smax, kept per training row from the first use on instead "
+                                   "of recomputed every epoch (the same values: speed only); the cheapest tasks' "
+                                   "outputs first, a task that does not fit is recomputed; 0 = keep nothing "
+                                   "(default 1024)", type=flags.nonnegative_int)
+
+    def __post_init__(self) -> None:
+        flags.check_choices(self)
+
+    @property
+    def is_paper_rule(self) -> bool:
+        """Every option of the retention rule (rule=True) at the authors' value (what --streams authors replays)."""
+        return all(getattr(self, declared.name) == declared.default for declared in fields(self)
+                   if declared.metadata.get("rule"))
+
+
+# Format-1 checkpoints' --retention rules (before RunConfig) as these options: (rows, weights, retention_at,
+# distance, carry_masks); docs/retention.md names the commit at which they last ran.
+LEGACY_RULES: dict[str, tuple[str, str, str, str, str]] = {
+    "paper": ("sampled", "sum", "annealed", "mse", "off"),
+    "all_rows": ("all", "sum", "annealed", "mse", "off"),
+    "per_task": ("all", "mean", "annealed", "mse", "off"),
+    "per_task_smax": ("all", "mean", "smax", "mse", "off"),
+    "per_task_smax_kl": ("all", "mean", "smax", "kl", "off"),
+    "sum_smax_kl": ("all", "sum", "smax", "kl", "off"),
+    "per_task_smax_kl_carry": ("all", "mean", "smax", "kl", "relation"),
+    "per_task_smax_kl_carry_plain": ("all", "mean", "smax", "kl", "all"),
+}
+# Options retired on 2026-12-07 (their studies ended negative; docs/retention.md keeps the results and the commit
+# at which to rerun them): a checkpoint's run config still records them, config.run_config_from_dict leaves them out.
+RETIRED_OPTIONS = ("carry_masks", "mask_capacity", "retention_ramp")
 
 
 class Teracon(Method):
     """TERACON: relation-aware task masks, and retention of every earlier task from ONE frozen copy of the
     stage-(K−1) model that pseudo-labels the batch's users for each of them (Eqs. 14–18)."""
     name = "teracon"
+    grows_items = True                  # --protocol time: new items' rows train under every term, as the rest
     Options = TeraconOptions
     presets = PRESETS
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        add = parser.add_argument
-        add("--preset", choices=list(PRESETS), default="paper",
-            help="a named combination of the options below (explicit flags win): paper (the authors' rule), its "
-                 "ablations no_relation, no_retention, uniform_sampling, and recommended (README, Retention rules; "
-                 "needs --expert)")
-        add("--alpha", type=flags.nonnegative_float, help="weight of the knowledge-retention loss (default 0.7)")
-        add("--no_relation", action="store_const", const=True, help="ablation: plain σ(s·e) masks for every task")
-        add("--uniform_sampling", action="store_const", const=True, help="ablation: fixed sampling ratio 0.9")
-        add("--rows", choices=CHOICES["rows"],
-            help="retention rows of earlier task j: sampled = int(B · ratio_j) (the paper's), all = every row, "
-                 "share = B // (K-1) rows of each of the K-1 earlier tasks (one batch of retention rows in all)")
-        add("--weights", choices=["sum", "mean"],
-            help="retention weights c_j = ratio_j / Σ_k ratio_k (sum, the paper's) or ratio_j / mean_k ratio_k (mean: "
-                 "near 1 for each earlier task however many there are)")
-        add("--retention_at", choices=["annealed", "smax"],
-            help="the teacher's pseudo-labels and the student's outputs at the annealed s (the paper's) or at smax")
-        add("--distance", choices=["mse", "kl"],
-            help="retention term: mse of the logits (the paper's) or kl = KL(softmax(teacher) ‖ softmax(student))")
-        add("--carry_masks", choices=["off", "relation", "all"],
-            help="when the model grows: off (the paper's: every relation layer fresh); relation = earlier tasks keep "
-                 "their relation layers (stage ≥ 3); all = also, at stage 2, task 1's plain mask becomes a relation "
-                 "layer that matches it at smax")
-        add("--mask_capacity", type=flags.nonnegative_float,
-            help="stages >= 2: weight of HAT's capacity regulariser on the new task's masks, Σ m·(1 − m_<K) / "
-                 "Σ (1 − m_<K) with m_<K the earlier tasks' masks (stage 1's --L2 is the same term with nothing "
-                 "used); 0 = off")
-        add("--own_blocks", type=flags.nonnegative_int,
-            help="stages >= 2: the new task reads its own copies of the top K residual blocks, copied from the shared "
-                 "ones at the start of the stage and trained only by its own terms (not in the paper); 0 = all shared")
-        add("--expert", type=flags.input_file,
-            help="stages >= 2: a checkpoint of this stage trained on the same task and split without retention (e.g. "
-                 "the fine-tuning chain's); the new task is also distilled from it, β · KL(expert ‖ model) at smax")
-        add("--expert_weight", type=flags.nonnegative_float, help="β of --expert (default 1)")
-        add("--L2", type=flags.nonnegative_float, help="task 1: weight of the mean-mask regulariser (original 0.75, "
-            "revised 0)")
-        add("--embedding_clamp", type=flags.on_off, nargs="?", const="on",
-            help="stages ≥ 2: clamp task embeddings to [-6, 6] after each step (revised: on; the original t2–t6 "
-                 "scripts' clamp never fires: off)")
-        add("--no_embedding_clamp", dest="embedding_clamp", action="store_const", const="off",
-            help="the same as --embedding_clamp off")
-        add("--nested_samples", type=flags.on_off, nargs="?", const="on",
-            help="on: earlier tasks' retention rows are prefixes of one shuffle (original); off: a shuffle each "
-                 "(revised)")
-        add("--ratio_weights", choices=["previous", "current"],
-            help="retention weights c_j from the previous batch's ratios (revised) or this batch's (original)")
-        add("--new_task_at", choices=["annealed", "smax"],
-            help="stages >= 2: the new task's cross-entropy at the annealed s (the paper's) or at smax, where it is "
-                 "scored (the sampling ratios stay at the annealed s)")
-        add("--retention_ramp", type=flags.nonnegative_float,
-            help="stages >= 2: the retention weight α grows linearly from 0 to α over the first E epochs of the stage "
-                 "(the new task starts alone); 0 = α from the first step (the paper's)")
-        add("--frozen_cache_mib", type=flags.nonnegative_int,
-            help="stages >= 2: MiB of memory (on the device) for the frozen teacher's and expert's outputs at "
-                 "s = smax, kept per training row from the first use on instead of recomputed every epoch (the same values: "
-                 "speed only); the cheapest tasks' outputs first, a task that does not fit is recomputed; 0 = keep "
-                 "nothing (default 1024)")
-        add("--own_lr", type=flags.positive_float,
-            help="stages >= 2: Adam's learning rate for the new task's own parameters (its head, task-embedding "
-                 "row, relation layer and --own_blocks); default the stage's --lr")
-
-    @classmethod
-    def options_from(cls, args: argparse.Namespace) -> TeraconOptions:
-        """Explicit flags, else the preset's value, else the option's default (--variant's are filled before)."""
-        preset, defaults = PRESETS[args.preset], TeraconOptions()
-        values = {}
-        for field in fields(TeraconOptions):
-            given = getattr(args, field.name)
-            values[field.name] = given if given is not None else preset.get(field.name, getattr(defaults, field.name))
-        if isinstance(values["nested_samples"], str):
-            values["nested_samples"] = values["nested_samples"] == "on"
-        return TeraconOptions(**values)
+    variant_defaults = VARIANT_DEFAULTS
+    retired = {f"--{name}": "retired on 2026-12-07 (docs/retention.md, Retired options: its results, and `git "
+               "checkout 01ce4a5` to rerun it)" for name in RETIRED_OPTIONS}
 
     @classmethod
     def check(cls, options: TeraconOptions, run, fail: Callable[[str], None]) -> None:
@@ -189,8 +161,20 @@ class Teracon(Method):
         return {"--expert": "finetune"} if preset in EXPERT_PRESETS else {}
 
     @classmethod
-    def replayable(cls, options: TeraconOptions) -> bool:
-        return options.is_paper_rule
+    def replay_refusal(cls, options: TeraconOptions) -> str | None:
+        reasons = [reason for refused, reason in ((options.expert is not None, "--expert"), (
+            not options.is_paper_rule, "an ablation or an option beyond the paper's rule")) if refused]
+        return ", ".join(reasons) or None
+
+    @classmethod
+    def legacy_options(cls, args: dict) -> dict:
+        """A format-1 checkpoint's --retention rule and TERACON flags (its parsed command line) as these options."""
+        rule = args.get("retention", "paper")
+        rows, weights, retention_at, distance, carry = LEGACY_RULES.get(rule, LEGACY_RULES["paper"])
+        names = [declared.name for declared in fields(TeraconOptions) if declared.name != "preset"]
+        copied = {name: args[name] for name in [*names, *RETIRED_OPTIONS] if name in args}
+        return {"preset": f"legacy --retention {rule}", "rows": rows, "weights": weights, "retention_at": retention_at,
+                "distance": distance, "carry_masks": carry, **copied}
 
     # ------------------------------------------------------------------ hooks
 
@@ -212,9 +196,7 @@ class Teracon(Method):
         return {"use_masks": True}
 
     def grow(self, model: NextItNet, n_classes: int) -> None:
-        carry = self.options.carry_masks
-        model.add_task(n_classes, relation=not self.options.no_relation, carry_relation=carry in ("relation", "all"),
-                       carry_plain=carry == "all", own_blocks=self.options.own_blocks)
+        model.add_task(n_classes, relation=not self.options.no_relation, own_blocks=self.options.own_blocks)
 
     def terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
         if self.stage.number == 1:
@@ -224,8 +206,7 @@ class Teracon(Method):
         yield from self.stage_terms(model, step)
 
     def stage_terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
-        """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K) (+ λ · the capacity penalty on its masks,
-        + β · KL(softmax(expert_K) ‖ softmax(student_K)) over the batch at s = smax when an --expert of task K
+        """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K) (+ β · KL(softmax(expert_K) ‖ softmax(student_K)) over the batch at s = smax when an --expert of task K
         is given: the new task distilled from a model trained on it without retention, as Progress & Compress,
         Schwarz et al. 2018), then α · c_j · MSE_j (or KL_j) for each earlier task j.
 
@@ -241,10 +222,6 @@ class Teracon(Method):
         new_masks = task_masks if s_new == s else model.task_masks(task, s_new)
         new_logits = model(x, task, s_new, masks=new_masks)[0].float()       # [B, n_classes of task K]
         new_task = F.cross_entropy(new_logits, y)
-        if options.mask_capacity > 0 and task > 0:
-            with torch.no_grad():                                           # earlier tasks' masks where scored
-                used = torch.stack([teacher.task_masks(j, smax) for j in range(task)]).amax(0)
-            new_task = new_task + options.mask_capacity * capacity_penalty(task_masks, used)
         if self.expert is not None and options.expert_weight > 0:
             everything = np.arange(x.shape[0])
             expert_logits = self.frozen_outputs("expert", step, everything,      # [B, n_classes of task K]
@@ -254,7 +231,6 @@ class Teracon(Method):
         yield new_task
         if options.alpha <= 0 or task == 0:
             return
-        alpha = options.alpha * (min(1.0, step.epoch / options.retention_ramp) if options.retention_ramp else 1.0)
         with torch.no_grad():
             teacher_masks = [teacher.task_masks(j, s) for j in range(task)]  # task × [n_layers, C]
         fresh = [ratios[j] if options.uniform_sampling else sampling_ratio(teacher_masks[j], task_masks)
@@ -278,12 +254,12 @@ class Teracon(Method):
                 with torch.no_grad():
                     teacher_hidden = teacher.hidden(x_j, teacher_masks[j], True, j)             # [n, C]
                 student_hidden = model.hidden(x_j, model.task_masks(j, s), True, j)              # [n, C]
-                yield alpha * scale * weight * head_distance(student_hidden, model.heads[j], teacher_hidden,
+                yield options.alpha * scale * weight * head_distance(student_hidden, model.heads[j], teacher_hidden,
                                                              teacher.heads[j], options.distance, chunk)
                 continue
             pseudo = self.frozen_outputs(f"task{j + 1}", step, batch_rows, lambda rows, j=j: teacher(  # [n, classes_j]
                 retention_inputs(x, rows, j), j, s, masks=teacher_masks[j])[0].float())
-            yield alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight, options.distance)
+            yield options.alpha * scale * retention_term(model(x_j, j, s)[0].float(), pseudo, weight, options.distance)
 
     def keeps(self, key: str, step: Step) -> bool:
         """Whether --frozen_cache_mib keeps the outputs `key` ("taskJ", "expert") for this step's rows."""
@@ -315,20 +291,21 @@ class Teracon(Method):
         chosen = plan_frozen_outputs(stage.n_train, classes, options.frozen_cache_mib)
         return {key: FrozenOutputs(stage.n_train, classes[key], device) for key in chosen}
 
-    def scales_own_update(self) -> bool:
-        """--own_lr at a stage ≥ 2 where it differs from --lr; equal to it, the step is Adam's own, untouched (the
-        rescaling old + 1 · (new − old) can round away from new)."""
-        return self.stage.number > 1 and self.options.own_lr not in (None, self.run.lr)
-
-    def after_backward(self, model: NextItNet) -> None:
-        if self.scales_own_update():
-            self.own_before = [tensor.clone() for tensor in own_tensors(model, self.stage.task)]
+    def param_groups(self, model: NextItNet, lr: float) -> list[dict]:
+        """--own_lr at a stage ≥ 2 where it differs from --lr: the new task's own parameters (own_parameters) in a
+        group of their own at own_lr, the rest at lr; equal to it (the benchmark's, the demo's), the one default
+        group, so the step is bit for bit the plain one."""
+        own_lr = self.options.own_lr
+        if self.stage.number == 1 or own_lr in (None, lr):
+            return super().param_groups(model, lr)
+        own = own_parameters(model, self.stage.task)
+        own_ids = {id(parameter) for parameter in own if isinstance(parameter, torch.nn.Parameter)}
+        return [{"params": [p for p in model.parameters() if id(p) not in own_ids], "lr": lr},
+                {"params": own, "lr": own_lr}]
 
     def after_step(self, model: NextItNet) -> None:
-        if self.scales_own_update():
-            scale_own_update(model, self.stage.task, self.own_before, self.options.own_lr / self.run.lr)
         if self.stage.number == 1 or self.options.embedding_clamp == "on":
-            clamp_task_embedding(model)
+            model.clamp_task_embedding()              # every row (the revised code; stage 1 too)
 
     def held_bytes(self) -> dict[str, int]:
         held = super().held_bytes()
@@ -400,15 +377,6 @@ def retention_term(student: torch.Tensor, teacher: torch.Tensor, weight: float, 
     return weight * F.mse_loss(student, teacher)
 
 
-def capacity_penalty(task_masks: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-    """HAT's capacity regulariser (Serrà et al., ICML 2018, Eq. 5) on the new task's masks [n_layers, C]:
-    Σ m · (1 − m_<K) / Σ (1 − m_<K), where `used` [n_layers, C] = m_<K is the element-wise max of the earlier
-    tasks' masks. Reusing a channel an earlier task uses costs nothing; opening a fresh one costs, so fresh
-    channels stay free for later tasks. With nothing used before (stage 1) it is the mean mask, the `--L2` term."""
-    free = 1.0 - used                                                       # [n_layers, C]
-    return (task_masks * free).sum() / free.sum().clamp_min(1e-12)
-
-
 def retention_plan(options: TeraconOptions, ratios: list[float], size: int,
                    weight_ratios: list[float] | None = None) -> list[tuple[int, float]]:
     """(rows to pseudo-label, loss weight c_j) of every earlier task j for a global batch of `size` rows.
@@ -430,30 +398,14 @@ def retention_plan(options: TeraconOptions, ratios: list[float], size: int,
     return [(count, scale * ratio / total) for count, ratio in zip(counts, weight_ratios)]
 
 
-def own_tensors(model: NextItNet, task: int) -> list[torch.Tensor]:
-    """The new task's own parameters as views of the model's: its head, its task-embedding row, its relation
-    layer (Eq. 13) and its own top blocks (--own_blocks); nothing else reads them."""
-    tensors = [parameter.data for parameter in model.heads[task].parameters()]
-    tensors.append(model.task_embedding.data[task])                         # [n_layers, C]
-    if model.config.relation:
-        tensors += [model.relation_weight.data[task], model.relation_bias.data[task]]
+def own_parameters(model: NextItNet, task: int) -> list[torch.nn.Parameter | Rows]:
+    """The new task's own parameters, which nothing else reads: its head, its own top blocks (--own_blocks), and its
+    rows of the shared tables: the task embedding and the relation layer (Eq. 13)."""
+    own: list[torch.nn.Parameter | Rows] = [*model.heads[task].parameters()]
     if str(task) in model.task_blocks:
-        tensors += [parameter.data for parameter in model.task_blocks[str(task)].parameters()]
-    return tensors
-
-
-def scale_own_update(model: NextItNet, task: int, before: list[torch.Tensor], factor: float) -> None:
-    """--own_lr: the optimiser's update of the new task's own parameters times `factor` = own_lr / lr. Adam's
-    update is lr · m̂ / (√v̂ + ε) with m̂, v̂ independent of lr (no weight decay), so this is Adam at own_lr for
-    them, exactly, and at --lr for the rest."""
-    with torch.no_grad():
-        for tensor, old in zip(own_tensors(model, task), before):
-            tensor.copy_(old + factor * (tensor - old))
-
-
-def clamp_task_embedding(model: NextItNet) -> None:
-    with torch.no_grad():
-        model.task_embedding.clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
+        own += [*model.task_blocks[str(task)].parameters()]
+    tables = [model.task_embedding] + ([model.relation_weight, model.relation_bias] if model.config.relation else [])
+    return own + [Rows(table, task) for table in tables]
 
 
 def load_expert(path: str, stage: Stage) -> NextItNet:

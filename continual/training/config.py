@@ -1,4 +1,5 @@
-"""The typed run config of a stage, the command line that fills it, and the config a checkpoint carries.
+"""The command line that fills a stage's typed run config (continual/training/run_config.py), and the config a
+checkpoint carries.
 
 `parse_args` reads the loop's flags (every method has them) and the chosen method's own flags (its
 `add_arguments`), fills the per-stage and per-variant defaults and the --dataset paths, and returns a
@@ -9,69 +10,30 @@ through `legacy_run_config`.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from dataclasses import fields
+from typing import Callable
 
 from continual import flags
 from continual.datasets import DATASETS, VARIANTS, preset_paths, stage_defaults
-from continual.methods import METHODS, method_class
+from continual.methods import DEFAULT_METHOD, METHODS, method_class
 from continual.training import distributed
+from continual.training.run_config import RunConfig
 from continual.training.samplers import STREAMS
+
+PROTOCOLS = ("static", "time")
 from utils import DataError
 
-DEFAULT_METHOD = "teracon"
 
-
-@dataclass
-class RunConfig:
-    """Everything the loop needs to run one stage; `options` is the method's own typed config."""
-    stage: int
-    datapath: str
-    datapath_index: str
-    savepath: str
-    paths: str | None = None              # the previous stage's checkpoint (stage ≥ 2)
-    dataset: str | None = None
-    method: str = DEFAULT_METHOD
-    options: Any = None
-    epochs: int = 10
-    lr: float = 1e-3
-    batch: int = 32
-    eval_batch: int = 256
-    smax: float = 50.0
-    variant: str = "revised"
-    seed: int = 0
-    rerun: int = 0
-    top_k: int = 5
-    split_percentage: float = 0.2
-    gpu_num: str | None = None
-    device: str | None = None
-    channels: int = 256
-    patience: int = 5
-    task_kind: str | None = None
-    select_on: str = "acc"
-    ties: str = "off"
-    streams: str = "ours"
-    amp: bool = False
-    compile: bool = False
-    ce_chunk: int | None = None           # rows a wide head's loss computes at a time; None: by size (base.chunk_rows)
-    resume: bool = False
-    overwrite: bool = False               # train again over this stage's finished checkpoint
-    max_steps: int | None = None          # at most this many optimiser steps a phase (a dry run); None: no limit
-    eval_users: int | None = None         # every scoring pass reads at most this many users a task; None: all
-
-    def to_dict(self) -> dict:
-        """Plain values only (the checkpoint is loaded with weights_only): the options as a dict."""
-        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"},
-                "options": asdict(self.options) if self.options is not None else {}}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        config = cls(**{key: value for key, value in values.items() if key in known and key != "options"})
-        options_class = method_class(config.method).Options
-        names = {f.name for f in fields(options_class)}
-        config.options = options_class(**{k: v for k, v in (values.get("options") or {}).items() if k in names})
-        return config
+def run_config_from_dict(values: dict) -> RunConfig:
+    """A checkpoint's `RunConfig.to_dict()` → RunConfig, its options typed by the method's Options (options the method
+    no longer has, e.g. retired ones, are left out)."""
+    known = {f.name for f in fields(RunConfig)}
+    config = RunConfig(**{key: value for key, value in values.items() if key in known and key != "options"})
+    config.method = config.method or DEFAULT_METHOD
+    options_class = method_class(config.method).Options
+    names = {f.name for f in fields(options_class)}
+    config.options = options_class(**{k: v for k, v in (values.get("options") or {}).items() if k in names})
+    return config
 
 
 LOOP_FLAGS = [f.name for f in fields(RunConfig) if f.name not in ("options", "method", "stage")]
@@ -126,6 +88,10 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
         help="stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
              "parameters as the authors' code does (drops partial batches; with --variant original, from an "
              "authors' checkpoint), to replay it step for step (tools/replay_check.py); ours = this suite's draws")
+    add("--protocol", choices=PROTOCOLS, default="static",
+        help="stages >= 2: static = every item is task 1's (the paper's protocol); time = time passes between tasks: "
+             "a task's sources may hold items no earlier stage saw, which grow the item index (written beside the "
+             "checkpoint as <savepath>.index.csv, read by the next stage) and the model's item rows")
     add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
     add("--compile", action="store_true", help="torch.compile the residual stack of the model (and of the frozen "
         "models); the first steps of each shape are slower while it compiles")
@@ -178,7 +144,8 @@ def parse_args(stage: int | None, argv: list[str] | None = None,
             raise DataError("give --stage K (K ≥ 2) or --paths of the previous stage's checkpoint")
     args.stage = stage
     cls = method_class(method)
-    loop_defaults = {"smax": RunConfig.smax, **stage_defaults(stage, args.variant), **cls.loop_defaults}
+    loop_defaults = {"smax": RunConfig.smax, **stage_defaults(stage, args.variant),
+                     **cls.variant_defaults.get(args.variant, {}), **cls.loop_defaults}
     for key, value in loop_defaults.items():
         if getattr(args, key, value) is None:  # explicit flags win; a default of a flag the method lacks is skipped
             setattr(args, key, value)
@@ -194,6 +161,9 @@ def parse_args(stage: int | None, argv: list[str] | None = None,
     run = RunConfig(stage=stage, method=method, options=cls.options_from(args),
                     **{name: getattr(args, name) for name in LOOP_FLAGS})
     cls.check(run.options, run, parser.error)
+    if run.protocol == "time" and not cls.grows_items:
+        parser.error(f"--protocol time: --method {method} does not say yet what it does with new items' rows "
+                     "(Method.grows_items)")
     if run.streams == "authors":
         check_authors_streams(run)
     return run
@@ -214,6 +184,8 @@ def method_flags(method: str) -> set[str]:
 def unknown_flags_message(unknown: list[str], stage: int | None, method: str) -> str:
     """An unknown flag that is another method's says whose it is; any other is argparse's own complaint."""
     flag = next((word.split("=")[0] for word in unknown if word.startswith("--")), None)
+    if flag in method_class(method).retired:
+        return f"{flag} of --method {method} was {method_class(method).retired[flag]}"
     for other in METHODS:
         if flag and other != method and flag in method_flags(other):
             return f"{flag} is a flag of --method {other}, not of --method {method}"
@@ -221,12 +193,12 @@ def unknown_flags_message(unknown: list[str], stage: int | None, method: str) ->
 
 
 def check_authors_streams(run: RunConfig) -> None:
-    """What --streams authors replays: stages ≥ 2 of TERACON's paper rule, in one process, from the start."""
-    options = run.options
+    """What --streams authors replays: stages ≥ 2 of what the method says it can replay (Method.replay_refusal), in
+    one process, from the start."""
+    refusal = method_class(run.method).replay_refusal(run.options)
     unsupported = [(run.stage == 1, "stage 1"), (run.resume, "--resume"), (distributed.launched(), "torchrun"),
-                   (run.rerun > 0, "--rerun"), (getattr(options, "expert", None) is not None, "--expert"),
-                   (not method_class(run.method).replayable(options), "an ablation or an option beyond the paper's "
-                                                                       "rule")]
+                   (run.rerun > 0, "--rerun"), (run.protocol == "time", "--protocol time"),
+                   (refusal is not None, refusal)]
     found = [what for bad, what in unsupported if bad]
     if found:
         raise DataError(f"--streams authors replays the authors' stages >= 2 in one process; not with "
@@ -235,31 +207,10 @@ def check_authors_streams(run: RunConfig) -> None:
 
 # ---------------------------------------------------------------- checkpoints written before RunConfig
 
-# The --retention rules of format-1 checkpoints, as TERACON's options (rows, weights, retention_at, distance,
-# carry_masks); README, "Retention rules", names the commit at which they last ran.
-LEGACY_RULES: dict[str, tuple[str, str, str, str, str]] = {
-    "paper": ("sampled", "sum", "annealed", "mse", "off"),
-    "all_rows": ("all", "sum", "annealed", "mse", "off"),
-    "per_task": ("all", "mean", "annealed", "mse", "off"),
-    "per_task_smax": ("all", "mean", "smax", "mse", "off"),
-    "per_task_smax_kl": ("all", "mean", "smax", "kl", "off"),
-    "sum_smax_kl": ("all", "sum", "smax", "kl", "off"),
-    "per_task_smax_kl_carry": ("all", "mean", "smax", "kl", "relation"),
-    "per_task_smax_kl_carry_plain": ("all", "mean", "smax", "kl", "all"),
-}
-
-
 def legacy_run_config(args: dict) -> dict:
-    """A format-1 checkpoint's parsed command line (`vars(args)`) → RunConfig.to_dict()'s layout."""
+    """A format-1 checkpoint's parsed command line (`vars(args)`) → RunConfig.to_dict()'s layout (the method's options
+    from its legacy_options)."""
     run = {name: args[name] for name in ["stage", *LOOP_FLAGS] if name in args}
     run["method"] = args.get("method", DEFAULT_METHOD)
-    run["options"] = {}
-    if run["method"] == "teracon":
-        rule = args.get("retention", "paper")
-        rows, weights, retention_at, distance, carry = LEGACY_RULES.get(rule, LEGACY_RULES["paper"])
-        copied = ["alpha", "no_relation", "uniform_sampling", "mask_capacity", "own_blocks", "expert", "expert_weight",
-                  "L2", "embedding_clamp", "nested_samples", "ratio_weights"]
-        run["options"] = {"preset": f"legacy --retention {rule}", "rows": rows, "weights": weights,
-                          "retention_at": retention_at, "distance": distance, "carry_masks": carry,
-                          **{name: args[name] for name in copied if name in args}}
+    run["options"] = method_class(run["method"]).legacy_options(args)
     return run

@@ -31,7 +31,7 @@ from continual.training.distributed import Shard
 from continual.training.resources import Resources, SavedForBackward
 from continual.training.samplers import AuthorsSampler, OurSampler, make_sampler
 from data_loader import (ItemIndex, Staging, TaskData, check_split, limit_users, load_sequences, load_task,
-                         read_index, split_indices, write_index)
+                         read_index, split_indices, task_source_ids, write_index)
 from model import CHECKPOINT_FORMAT, ModelConfig, NextItNet
 from utils import (DataError, Preempted, atomic_torch_save, keep_freed_memory, resolve_device, set_seed,
                    sigterm_received, stop_at_a_step, write_json)
@@ -151,6 +151,10 @@ def later_inputs(run: RunConfig, sampler: OurSampler | AuthorsSampler, device: t
     """Stage K ≥ 2: the previous checkpoint and the index, checked against each other; task K's data and split."""
     checkpoint, index = load_previous(run)
     run.channels = checkpoint["model_config"]["channels"]  # the model's shape comes from the checkpoint
+    if run.protocol == "time":                              # this task's new source items join the index
+        index = index.grow(task_source_ids(run.datapath), run.stage)
+        print(f"task {run.stage}: {index.size - checkpoint['model_config']['n_items']} new items "
+              f"({index.size} in all)")
     data = load_task(run.datapath, index)
     sampler.start(checkpoint, index, data.n_classes)  # before anything else draws from torch
     parts = sampler.split(len(data.targets), run.seed, run.split_percentage)
@@ -178,12 +182,25 @@ def load_previous(run: RunConfig) -> tuple[dict, ItemIndex]:
         maker = stage_script(run.stage - 1)
         raise DataError(f"{run.paths}: is stage {previous}'s checkpoint; stage {run.stage} needs task "
                         f"{run.stage - 1}'s checkpoint, made by {maker}")
-    index = read_index(run.datapath_index)
+    index_path = previous_index_path(run)
+    index = read_index(index_path)
     n_items = checkpoint["model_config"]["n_items"]
     if index.size != n_items:
-        raise DataError(f"{run.datapath_index}: index has {index.size} items but {run.paths} was trained on "
+        raise DataError(f"{index_path}: index has {index.size} items but {run.paths} was trained on "
                         f"{n_items} (made from other data)")
     return checkpoint, index
+
+
+def previous_index_path(run: RunConfig) -> str:
+    """The index the previous stage trained with: --protocol time reads the one written beside its checkpoint
+    (<paths without .t7>.index.csv; stage 1's is --datapath_index), else --datapath_index."""
+    beside = os.path.splitext(run.paths)[0] + ".index.csv"
+    return beside if run.protocol == "time" and os.path.isfile(beside) else run.datapath_index
+
+
+def grown_index_path(run: RunConfig) -> str:
+    """Where --protocol time writes the index a stage trained with, beside its checkpoint."""
+    return run.savepath + ".index.csv"
 
 
 def fill_datapath(run: RunConfig, number: int, record: dict) -> dict:
@@ -453,9 +470,16 @@ def run_stage(run: RunConfig) -> dict:
                                       channels=run.channels, **method.model_config()))
     else:
         model = NextItNet.from_checkpoint(inputs.checkpoint)
+        if run.protocol == "time":                          # the new items' rows, before the new task's
+            model.add_items(inputs.index.size - model.config.n_items)
         method.grow(model, inputs.data.n_classes)
         sampler.after_grow(model)
     model = model.to(device)
+    if run.protocol == "time" and previous is not None:     # the frozen previous model reads the new items through
+        previous.add_items(model.config.n_items - previous.config.n_items, rows_from=model)  # the student's rows
+        if distributed.is_main():
+            write_index(inputs.index, grown_index_path(run))
+        run.datapath_index = grown_index_path(run)          # what the checkpoint records it was trained with
     if run.compile:
         compile_backbone(model)
     resources.build_seconds = time.perf_counter() - resources.started - resources.load_seconds
@@ -466,7 +490,7 @@ def run_stage(run: RunConfig) -> dict:
     resources.options = run.to_dict()["options"]
     resources.data_bytes = sum(array.nbytes for array in (inputs.data.sources, inputs.data.targets,
                                                           inputs.data.source_row) if array is not None)
-    optimizer = sampler.optimizer(model.parameters(), run.lr)
+    optimizer = sampler.optimizer(method.param_groups(model, run.lr), run.lr)
     train_rows, valid_rows, test_rows = inputs.parts
     batches_per_epoch = train_rows.size / run.batch
     task, kind, extra = run.stage - 1, inputs.record["kind"], sampler.checkpoint_extra()
@@ -530,7 +554,7 @@ def run_stage(run: RunConfig) -> dict:
                 model.load_state_dict(best["model_state"], strict=True)
                 method.load_state_dict(best.get("method_state") or {})
                 method.begin_phase(model, phase[0])
-                optimizer = sampler.optimizer(model.parameters(), run.lr)
+                optimizer = sampler.optimizer(method.param_groups(model, run.lr), run.lr)
                 print(f"phase {phase[0]} of {method.phases}: from the best model of the phase before", flush=True)
             fit(run, train_epoch, lambda: scored(valid_rows), on_best,
                 Resume(run, model, optimizer, rng, method, phase[0], steps))

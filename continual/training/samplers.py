@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -49,14 +50,60 @@ STREAMS = ("ours", "authors")
 Shards = list[tuple[np.ndarray, float, int]]  # per batch: (this rank's rows, its share, the global batch's rows)
 
 
-def adam(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
-    """Adam (β = 0.9, 0.999, eps 1e-8, no weight decay), as the authors; the fused kernel where torch has one
-    for the device (one pass over all parameters instead of a dozen small ops per tensor)."""
-    params = list(params)
+@dataclass(frozen=True)
+class Rows:
+    """Row `index` of `parameter` (a table with a row per task, e.g. the task embeddings) named in a parameter group
+    of its own, so that it steps at that group's learning rate while the table's other rows step at theirs."""
+    parameter: torch.nn.Parameter
+    index: int
+
+
+ParamGroups = list[dict]  # torch's parameter groups ("params", "lr"); a group's params may hold Rows
+
+
+def adam(groups: Iterable[torch.nn.Parameter] | ParamGroups, lr: float) -> torch.optim.Adam:
+    """Adam (β = 0.9, 0.999, eps 1e-8, no weight decay), as the authors, over `groups` (parameters, or parameter
+    groups whose params may name Rows); the fused kernel where torch has one for the device (one pass over all
+    parameters instead of a dozen small ops per tensor).
+
+    A Rows entry steps through a parameter that aliases the row's memory: before each step its table's gradient row
+    moves to it (and is zeroed in the table, whose Adam moments for that row then stay 0, so its own step leaves the
+    row unchanged), so the row is Adam at its group's lr exactly."""
+    groups = list(groups)
+    if not groups or not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    routed: list[tuple[torch.nn.Parameter, int, torch.nn.Parameter]] = []
+    built = []
+    for group in groups:
+        tables = {id(entry.parameter) for entry in group["params"] if isinstance(entry, Rows)}
+        if any(id(entry) in tables for entry in group["params"]):   # one kernel launch would write the row twice
+            raise ValueError("a parameter group holds a table and Rows of it: give the Rows a group of their own")
+        params = []
+        for parameter in group["params"]:
+            if isinstance(parameter, Rows):
+                alias = torch.nn.Parameter(parameter.parameter.data[parameter.index])   # shares the row's memory
+                routed.append((parameter.parameter, parameter.index, alias))
+                parameter = alias
+            params.append(parameter)
+        built.append({**group, "params": params})
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        optimizer = torch.optim.Adam(built, lr=lr, fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
+        optimizer = torch.optim.Adam(built, lr=lr)
+    if routed:
+        optimizer.register_step_pre_hook(lambda *_: route_row_gradients(routed))
+    return optimizer
+
+
+def route_row_gradients(routed: list[tuple[torch.nn.Parameter, int, torch.nn.Parameter]]) -> None:
+    """Each Rows alias takes its table's gradient row (after torchrun's averaging: the step's pre-hook), which the
+    table then holds as 0."""
+    for table, index, alias in routed:
+        if table.grad is None:
+            alias.grad = None
+            continue
+        alias.grad = table.grad[index].clone()
+        table.grad[index] = 0
 
 
 class OurSampler:
@@ -79,15 +126,17 @@ class OurSampler:
         """The validation or test rows scored: all of them."""
         return rows
 
-    def retention_rows(self, counts: list[int], size: int, nested: bool) -> list[np.ndarray]:
-        """Global positions of each earlier task's retention rows, drawn from the GLOBAL batch of `size` rows,
-        so N ranks use the rows one process would (every rank draws the same permutations: their generators are
-        in step). With `nested` (the original), every task takes a prefix of one shuffle; otherwise one each."""
+    def retention_rows(self, counts: list[int], size: int, one_shuffle: bool) -> list[np.ndarray]:
+        """Global positions of `counts` rows each (a method's retention rows of each earlier task), drawn from the
+        GLOBAL batch of `size` rows, so N ranks use the rows one process would (every rank draws the same
+        permutations: their generators are in step). With `one_shuffle`, each takes a prefix of one shuffle;
+        otherwise a shuffle each (after the shared one, which is drawn either way)."""
         shared = self.rng.permutation(size)
-        return [(shared if nested else self.rng.permutation(size))[:count] for count in counts]
+        return [(shared if one_shuffle else self.rng.permutation(size))[:count] for count in counts]
 
-    def optimizer(self, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        return adam(params, lr)
+    def optimizer(self, groups: ParamGroups, lr: float) -> torch.optim.Optimizer:
+        """Adam over the method's parameter groups (Method.param_groups)."""
+        return adam(groups, lr)
 
     def after_grow(self, model: NextItNet) -> None:
         """Stage ≥ 2, after the method grew the model (the authors' fresh values are set here)."""
@@ -132,9 +181,9 @@ class AuthorsSampler:
         batches = full_batches(order, batch)
         return np.concatenate(batches) if batches else order[:0]
 
-    def retention_rows(self, counts: list[int], size: int, nested: bool) -> list[np.ndarray]:
-        """Batch positions of each earlier task's retention rows, from Python's `random`."""
-        if nested:                              # original: one shuffle, nested prefixes
+    def retention_rows(self, counts: list[int], size: int, one_shuffle: bool) -> list[np.ndarray]:
+        """Batch positions of `counts` rows each, from Python's `random`: prefixes of one shuffle, or a shuffle each."""
+        if one_shuffle:                         # original: one shuffle, nested prefixes
             buffer = list(range(size))
             random.shuffle(buffer)
             return [np.array(buffer[:count], dtype=np.int64) for count in counts]
@@ -143,8 +192,12 @@ class AuthorsSampler:
             random.shuffle(buffer)
         return [np.array(buffer[:count], dtype=np.int64) for buffer, count in zip(buffers, counts)]
 
-    def optimizer(self, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        """The authors' Adam: its per-parameter loop; a parameter without a gradient gets zeros before each step."""
+    def optimizer(self, groups: ParamGroups, lr: float) -> torch.optim.Optimizer:
+        """The authors' Adam over the whole model: its per-parameter loop; a parameter without a gradient gets zeros
+        before each step. Only TERACON's paper rule replays, whose groups are the default one."""
+        params = [parameter for group in groups for parameter in group["params"]]
+        if any(isinstance(parameter, Rows) for parameter in params) or len({group.get("lr", lr) for group in groups}) > 1:
+            raise DataError("--streams authors replays the authors' Adam: one learning rate for every parameter")
         optimizer = torch.optim.Adam(params, lr=lr, foreach=False)
         optimizer.register_step_pre_hook(zero_missing_grads)
         return optimizer

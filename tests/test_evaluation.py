@@ -1,4 +1,5 @@
-"""Baselines, bootstrap intervals and the synthetic benchmark, against hand computations."""
+"""continual/evaluation (metrics, scoring, stats): the ranking metrics and scoring by hand, baselines, bootstrap
+intervals and the synthetic benchmark, against hand computations."""
 from __future__ import annotations
 
 import json
@@ -8,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+import data_loader
 from continual.evaluation import metrics, reports, scoring, stats
+from continual.generators import synth
 from continual.training import loop
 from data_loader import ItemIndex, TaskData
-from continual.generators import synth
 
 
 def test_rank_values_equal_ranking_values_from_logits():
@@ -236,3 +238,49 @@ def test_stage_table_marks_tasks_not_above_their_baseline():
     assert lines[0].startswith("stage 4:") and len(lines) == 4
     assert "NOT above" not in lines[2] and "(above on hit@5, ndcg@5, mrr@20, hit@20, ndcg@20, acc)" in lines[2]
     assert lines[3].rstrip().endswith("0.9000  NOT above baseline")
+
+
+def _hand_metrics(rank):
+    """SPEC: rank r from 0, MRR = 1/(r+1), NDCG = 1/log2(r+2), HR = 1, 0 outside the top k."""
+    out = []
+    for k in (5, 20):
+        inside = rank < k
+        out += [1.0 / (rank + 1) if inside else 0.0, 1.0 if inside else 0.0,
+                1.0 / math.log2(rank + 2) if inside else 0.0]
+    return out + [1.0 if rank == 0 else 0.0]
+
+
+def test_ranking_sums_against_hand_computation():
+    assert metrics.metric_names(5) == ["mrr@5", "hit@5", "ndcg@5", "mrr@20", "hit@20", "ndcg@20", "acc"]
+    n_classes = 40
+    gen = torch.Generator().manual_seed(5)
+    ranks = [0, 3, 10, 25, 4, 5, 19, 20]
+    logits = torch.zeros(len(ranks), n_classes)
+    targets = torch.zeros(len(ranks), dtype=torch.long)
+    for row, rank in enumerate(ranks):
+        order = torch.randperm(n_classes, generator=gen)              # order[i] = class ranked i
+        logits[row, order] = torch.linspace(10.0, -10.0, n_classes)   # distinct scores, descending
+        targets[row] = order[rank]
+    expected_rows = np.array([_hand_metrics(r) for r in ranks])
+    for row in range(len(ranks)):
+        got = metrics.ranking_sums(logits[row:row + 1], targets[row:row + 1], 5).numpy()
+        np.testing.assert_allclose(got, expected_rows[row], rtol=1e-9, atol=1e-12,
+                                   err_msg=f"target ranked {ranks[row]}")
+    total = metrics.ranking_sums(logits, targets, 5).numpy()
+    np.testing.assert_allclose(total, expected_rows.sum(0), rtol=1e-9)
+
+
+def test_score_averages_every_row_including_partial_batch(tiny_model):
+    model = tiny_model(task_classes=[30], seed=6)
+    gen = torch.Generator().manual_seed(2)
+    data = data_loader.TaskData(torch.randint(0, 30, (23, 9), generator=gen).numpy(),
+                                torch.randint(0, 30, (23,), generator=gen).numpy(), 30)
+    rows = np.arange(3, 20)                                           # 17 rows, batches of 5 → partial last
+    got = scoring.score(model, 0, data, rows, "rec", 50.0, 5, torch.device("cpu"), 5)
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(data.inputs[rows]), 0, 50.0)
+    expected = metrics.ranking_sums(logits, torch.from_numpy(data.targets[rows]), 5) / rows.size
+    assert list(got) == metrics.metric_names(5)
+    np.testing.assert_allclose([got[k] for k in metrics.metric_names(5)], expected.numpy(), rtol=1e-6, atol=1e-9)
+    cls = scoring.score(model, 0, data, rows, "cls", 50.0, 5, torch.device("cpu"), 5)
+    assert list(cls) == ["acc"] and cls["acc"] == pytest.approx(got["acc"])

@@ -1,17 +1,15 @@
-"""Losses over heads too wide to hold their outputs (TTL's task 1: 645,974 items): computed a chunk of rows at a time,
+"""continual/methods/base.py's losses: distillation with a temperature by hand, and losses over heads too wide to hold their outputs (TTL's task 1: 645,974 items): computed a chunk of rows at a time,
 they must give the loss and the gradients of the whole-output computation, and engage only above a size the demo
 and the benchmark never reach (issue 49)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from continual.methods.base import DISTANCE_BUFFERS, WIDE_OUTPUT_BYTES, chunk_rows, head_cross_entropy, head_distance, next_item_loss
-from teracon_helpers import stage4_models, teracon_method, teracon_options
-from continual.methods.base import Step
-from continual.training.distributed import Shard
+from continual.methods import teracon
+from continual.methods.base import (DISTANCE_BUFFERS, WIDE_OUTPUT_BYTES, chunk_rows, distillation_kl, head_cross_entropy,
+                                    head_distance, next_item_loss)
 
 
 def gradients(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -95,47 +93,19 @@ def test_the_stage_one_loss_in_chunks_is_the_whole_one(tiny_model):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("rule", ["paper", "per_task_smax_kl"])
-def test_a_teracon_step_with_chunked_retention_is_the_whole_one(rule):
-    """Every retention term (task 1's 40 items and the others) in chunks of 3 rows: the same terms and gradients. The
-    teacher is the student before it grew, so the KL terms are small (about 1e-6): compared to 1e-7 absolute."""
-    results = []
-    for ce_chunk in (0, 3):
-        model, teacher = stage4_models(own_blocks=1)
-        method = teracon_method(teacher, 3, [0.9, 0.6, 0.4], np.random.default_rng(3), teracon_options(rule),
-                                ce_chunk=ce_chunk)
-        x, y = torch.randint(1, 40, (16, 9), generator=torch.Generator().manual_seed(4)), torch.arange(16) % 6
-        terms = list(method.terms(model, Step(x, y, 7.0, Shard(16))))
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        results.append((torch.stack([t.detach() for t in terms]),
-                        torch.autograd.grad(torch.stack(terms).sum(), parameters, allow_unused=True)))
-    (whole_terms, whole_grads), (chunked_terms, chunked_grads) = results
-    assert whole_terms.numel() == 4                                           # the new task and three earlier
-    torch.testing.assert_close(chunked_terms, whole_terms, rtol=1e-5, atol=1e-7)
-    for got, want in zip(chunked_grads, whole_grads):
-        if want is None:
-            assert got is None
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
-
-
-def test_recomputed_blocks_give_the_same_loss_and_gradients(tiny_model, monkeypatch):
-    """Above model.RECOMPUTE_BYTES a pass keeps only each block's input and recomputes the block in backward: the
-    same loss and the same gradients, bit for bit; the bytes kept for backward fall."""
-    import model as model_module
-    from continual.training.resources import SavedForBackward
-    results = []
-    for limit in (2**40, 0):                                          # never, always
-        monkeypatch.setattr(model_module, "RECOMPUTE_BYTES", limit)
-        model = tiny_model(task_classes=(30,), channels=8)
-        saved = SavedForBackward(list(model.parameters()))
-        with saved.term():
-            loss = next_item_loss(model, torch.randint(1, 30, (6, 9), generator=torch.Generator().manual_seed(0)),
-                                  model.task_masks(0, 3.0), ce_chunk=0)
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        results.append((loss.detach(), gradients(loss, parameters), saved.largest))
-    (whole, whole_grads, kept_all), (recomputed, recomputed_grads, kept_inputs) = results
-    assert torch.equal(whole, recomputed)
-    for got, want in zip(recomputed_grads, whole_grads):
-        assert torch.equal(got, want)
-    assert kept_inputs < kept_all / 2
+def test_distillation_kl_with_a_temperature_by_hand_and_gradient():
+    """base.distillation_kl at T ≠ 1 (LwF's T = 2): KL(softmax(teacher / T) ‖ softmax(student / T)), not scaled."""
+    gen = torch.Generator().manual_seed(14)
+    student = torch.randn(5, 9, generator=gen, requires_grad=True)
+    teacher = torch.randn(5, 9, generator=gen)
+    temperature = 0.5
+    loss = distillation_kl(student, teacher, temperature)
+    p, q = torch.softmax(teacher / temperature, 1), torch.softmax(student.detach() / temperature, 1)
+    kl = float((p * (p.log() - q.log())).sum(1).mean())
+    assert float(loss.detach()) == pytest.approx(kl, rel=1e-5)
+    loss.backward()
+    torch.testing.assert_close(student.grad, (q - p) / temperature / 5)   # (q_T − p_T) / T per row
+    plain = distillation_kl(student.detach(), teacher)
+    assert float(plain) != pytest.approx(float(loss.detach()), rel=1e-3)    # the temperature changes the term
+    assert float(distillation_kl(student.detach(), teacher, 1.0)) == float(plain)
+    assert float(teracon.retention_term(student.detach(), teacher, 0.4, "kl")) == pytest.approx(0.4 * float(plain))
