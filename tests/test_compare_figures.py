@@ -227,6 +227,7 @@ def test_expert_method_distils_from_the_finetune_chain_which_runs_first(monkeypa
         assert os.path.join("seed0", "finetune", f"task{stage}") in names[:expert]
 
 
+@pytest.mark.slow
 def test_run_all_and_compare_read_one_declaration_of_the_stage_flags(repo_root, subprocess_env):
     """`python -m continual.datasets DATASET STAGE` prints datasets.stage_flags, which compare.py gives its stages, so
     compare.py's tables describe run_all.sh's runs (test_scripts.py runs run_all.sh on what that command prints)."""

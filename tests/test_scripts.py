@@ -246,6 +246,7 @@ def test_run_all_installs_unless_every_pin_is_met(tmp_path, repo_root, subproces
         assert done.returncode == expected, (name, done.stderr[-500:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset, lookup_fails", [("synth", False), ("ttl", False), ("synth", True)])
 def test_run_all_gives_each_stage_the_datasets_flags_or_stops(tmp_path, repo_root, subprocess_env, dataset,
                                                               lookup_fails):
