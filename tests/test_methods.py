@@ -23,6 +23,7 @@ from continual import checkpoints
 from continual.evaluation import scoring
 from continual.methods import METHODS, method_class
 from continual.methods.base import Step
+from continual.methods import ewc
 from continual.methods.ewc import EWC, shared_parameters
 from continual.training import config, loop
 from continual.training.distributed import Shard
@@ -391,3 +392,23 @@ def test_the_worked_example_runs_as_a_method(repo_root, tmp_path, monkeypatch, d
                             str(tmp_path / "l2"), "--method", name, "--l2_lambda", "10", *common])
     assert set(metrics["tasks"]) == {"1", "2"} and penalties[0] == 0.0 and max(penalties) > 0
     assert os.path.isfile(tmp_path / "l2.t7")
+
+
+def test_ewc_leaves_the_rows_of_new_items_free():
+    """--protocol time: a table that grew since the Fisher was taken (new items' rows) is penalised on its earlier
+    rows only, as before the growth: the new rows have Fisher 0."""
+    torch.manual_seed(0)
+    fisher, anchor = torch.rand(5, 3), torch.randn(5, 3)
+    assert torch.equal(ewc.grown(fisher, 5), fisher)
+    wide = ewc.grown(fisher, 8)
+    assert wide.shape == (8, 3) and torch.equal(wide[:5], fisher) and not wide[5:].any()
+    method = object.__new__(EWC)
+    method.fisher, method.anchor = {"item_embedding.weight": fisher}, {"item_embedding.weight": anchor}
+    model = torch.nn.Module()
+    model.item_embedding = torch.nn.Embedding(8, 3)
+    weights = model.item_embedding.weight
+    expected = float((fisher * (weights.detach()[:5] - anchor) ** 2).sum())
+    assert float(method.penalty(model).detach()) == pytest.approx(expected, rel=1e-6)
+    with torch.no_grad():
+        weights[5:] += 100.0                                               # the new rows cost nothing
+    assert float(method.penalty(model).detach()) == pytest.approx(expected, rel=1e-6)

@@ -219,7 +219,7 @@ def with_new_items(path: Path, first_new: int, every: int) -> set[int]:
     return new
 
 
-@pytest.mark.parametrize("method", ["teracon", "lwf", "mtl"])
+@pytest.mark.parametrize("method", ["teracon", "lwf", "mtl", "ewc"])
 def test_time_protocol_grows_the_index_and_the_model_stage_by_stage(tmp_path, data_writer, method):
     """Under --protocol time each stage's new source items join the index after the earlier ones (written beside its
     checkpoint, read by the next stage) and the model's item rows grow with them; every task is scored at the end.
@@ -252,8 +252,8 @@ def test_time_protocol_grows_the_index_and_the_model_stage_by_stage(tmp_path, da
 
 def test_time_protocol_is_refused_where_a_method_has_no_rule_for_new_rows(capsys):
     argv = ["--datapath", "d.csv", "--datapath_index", "i.csv", "--savepath", "o", "--paths", "p.t7",
-            "--protocol", "time", "--method", "ewc"]
+            "--protocol", "time", "--method", "conure"]
     with pytest.raises(SystemExit) as stopped:
         config.parse_args(2, argv)
     assert stopped.value.code == 2
-    assert "--protocol time: --method ewc does not say yet" in capsys.readouterr().err
+    assert "--protocol time: --method conure does not say yet" in capsys.readouterr().err

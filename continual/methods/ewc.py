@@ -45,7 +45,7 @@ class EWC(FineTune):
     """Fine-tuning plus the quadratic penalty of every earlier task's Fisher information."""
     name = "ewc"
     Options = EWCOptions
-    grows_items = False                 # --protocol time: the Fisher must grow with the rows (not yet)
+    grows_items = True                  # --protocol time: new items' rows get Fisher 0 (no earlier task read them)
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
@@ -71,8 +71,9 @@ class EWC(FineTune):
         """Σ_i F_i (θ_i − θ̄_i)² over the shared parameters (the earlier tasks' penalties, up to a constant)."""
         total = None
         for name, parameter in shared_parameters(model):
-            fisher = self.fisher[name].to(parameter.device)
-            term = (fisher * (parameter - self.anchor[name].to(parameter.device)) ** 2).sum()
+            fisher = grown(self.fisher[name], parameter.shape[0]).to(parameter.device)
+            anchor = grown(self.anchor[name], parameter.shape[0]).to(parameter.device)
+            term = (fisher * (parameter - anchor) ** 2).sum()
             total = term if total is None else total + term
         return total
 
@@ -88,8 +89,9 @@ class EWC(FineTune):
             if name not in self.fisher:
                 self.fisher[name], self.anchor[name] = fisher[name], weights.clone()
                 continue
-            total = self.fisher[name] + fisher[name]
-            weighted = self.fisher[name] * self.anchor[name] + fisher[name] * weights
+            earlier, anchor = grown(self.fisher[name], weights.shape[0]), grown(self.anchor[name], weights.shape[0])
+            total = earlier + fisher[name]
+            weighted = earlier * anchor + fisher[name] * weights
             self.anchor[name] = torch.where(total > 0, weighted / total.clamp_min(1e-30), weights)
             self.fisher[name] = total
         self.tasks = number
@@ -117,6 +119,14 @@ class EWC(FineTune):
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.tasks, self.fisher, self.anchor = state["tasks"], dict(state["fisher"]), dict(state["anchor"])
+
+
+def grown(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """An earlier task's Fisher or anchor of a table that has since grown (--protocol time: new items' rows) with
+    zero rows appended up to `rows`: a Fisher of 0 leaves those rows free."""
+    if tensor.shape[0] >= rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))])
 
 
 def shared_parameters(model: NextItNet) -> list[tuple[str, torch.nn.Parameter]]:
