@@ -219,7 +219,7 @@ def with_new_items(path: Path, first_new: int, every: int) -> set[int]:
     return new
 
 
-@pytest.mark.parametrize("method", ["teracon", "lwf", "mtl", "ewc"])
+@pytest.mark.parametrize("method", ["teracon", "lwf", "mtl", "ewc", "hat"])
 def test_time_protocol_grows_the_index_and_the_model_stage_by_stage(tmp_path, data_writer, method):
     """Under --protocol time each stage's new source items join the index after the earlier ones (written beside its
     checkpoint, read by the next stage) and the model's item rows grow with them; every task is scored at the end.
@@ -229,7 +229,7 @@ def test_time_protocol_grows_the_index_and_the_model_stage_by_stage(tmp_path, da
     common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1",
               "--batch", "32"]
     loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "t1"),
-                  *(["--method", "finetune"] if method != "teracon" else []), *common])
+                  *({"teracon": [], "hat": ["--method", "hat"]}.get(method, ["--method", "finetune"])), *common])
     stage1 = read_index(str(tmp_path / "index.csv"))
     for stage, path in ((2, data.task2), (3, data.task3)):
         loop.main(stage, ["--datapath", str(path), "--paths", str(tmp_path / f"t{stage - 1}.t7"), "--savepath",
@@ -243,6 +243,11 @@ def test_time_protocol_grows_the_index_and_the_model_stage_by_stage(tmp_path, da
     assert saved["model_config"]["item_counts"] == [stage1.size, grown2.size, grown3.size]
     assert saved["run_config"]["datapath_index"] == str(tmp_path / "t3.index.csv")
     assert set(json.loads((tmp_path / "t3.metrics.json").read_text())["tasks"]) == {"1", "2", "3"}
+    if method == "hat":                       # HAT: an item's row never moves after the stage that brought it
+        before, after = (torch.load(tmp_path / f"t{stage}.t7", weights_only=True)["model_state"]["item_embedding.weight"]
+                         for stage in (2, 3))
+        first = torch.load(tmp_path / "t1.t7", weights_only=True)["model_state"]["item_embedding.weight"]
+        assert torch.equal(before[:stage1.size], first) and torch.equal(after[:grown2.size], before)
     with pytest.warns(UserWarning, match=f"{len(new2)} item token"):
         loop.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "t1.t7"), "--savepath",
                       str(tmp_path / "static2"), "--method", method, *common])

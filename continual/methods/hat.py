@@ -52,6 +52,7 @@ class HAT(Method):
     Options = HATOptions
     loop_defaults = {"smax": 400.0}
     stage1_method = "hat"               # compare.py: its own stage 1 (gates and the capacity term from task 1 on)
+    grows_items = True                  # --protocol time: the stage's new items' rows train, every earlier row stays
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
@@ -67,8 +68,12 @@ class HAT(Method):
         return {"use_masks": True, "relation": False, "task_emb_init": [0.0, 1.0], "task_emb_dist": "normal"}
 
     def grow(self, model: NextItNet, n_classes: int) -> None:
+        """The new task; the item embedding frozen, but for the rows of items new at this stage (--protocol time: the
+        loop grew them before), which train by this stage's terms and freeze from the next stage on."""
         model.add_task(n_classes, relation=False)
-        model.item_embedding.weight.requires_grad_(False)
+        counts = model.config.item_counts
+        self.first_new_item = counts[-2] if len(counts) >= 2 and counts[-1] > counts[-2] else None
+        model.item_embedding.weight.requires_grad_(self.first_new_item is not None)
 
     def terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
         """CE of the new task + λ · the capacity regulariser on its gates at the annealed s (Eq. 5)."""
@@ -82,6 +87,8 @@ class HAT(Method):
         yield loss + self.options.hat_lambda * capacity(masks, self.used)
 
     def after_backward(self, model: NextItNet) -> None:
+        if getattr(self, "first_new_item", None) is not None and model.item_embedding.weight.grad is not None:
+            model.item_embedding.weight.grad[:self.first_new_item] = 0     # earlier rows: Adam's moments stay 0
         if self.used is not None:
             compensate_units(model, self.used)
         compensate_embedding(model.task_embedding, self.stage.task, self.s, self.run.smax)
