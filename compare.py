@@ -55,8 +55,7 @@ from continual.comparison import (chains_first, known_name, method_names, read_r
 from continual.datasets import DATASETS, preset_paths, stage_flags
 from continual.evaluation.reports import headline_metric
 from continual.evaluation.stats import mean_sd, paired_difference, t_interval
-from continual.methods import METHODS, method_class
-from continual.methods import DEFAULT_METHOD
+from continual.methods import DEFAULT_METHOD, METHODS, method_class
 from continual.training.config import check_stage_flags
 from continual.training.loop import parameter_count as model_parameters
 from model import NextItNet

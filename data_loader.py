@@ -450,8 +450,26 @@ def _task1_rows(path: str) -> np.ndarray:
 
 def load_task(path: str, index: ItemIndex) -> TaskData:
     """Task k ≥ 2: `source,,targets` lines; a line with m targets becomes m examples (line order kept)."""
+    tokens, raw = _task_sources(path)
+    return _task_data(path, tokens, raw, index)
+
+
+def load_task_growing(path: str, index: ItemIndex, stage: int) -> tuple[TaskData, ItemIndex]:
+    """load_task for --protocol time: the file read once, its sources' items that `index` lacks added as `stage`'s
+    (ItemIndex.grow; the raw 0 left-pads short sources and is no item it brings) → (the task, the grown index)."""
+    tokens, raw = _task_sources(path)
+    grown = index.grow(raw[raw > 0], stage)
+    return _task_data(path, tokens, raw, grown), grown
+
+
+def _task_sources(path: str) -> tuple[Tokens, np.ndarray]:
+    """A task file's tokens and its raw sources [n_lines, L] (-1: no token)."""
     tokens = tokenize(path, fields=2)
-    raw = segments(tokens.values, tokens.line_start[:-1], tokens.split, pad_value=-1)  # [n_lines, L], -1 = none
+    return tokens, segments(tokens.values, tokens.line_start[:-1], tokens.split, pad_value=-1)
+
+
+def _task_data(path: str, tokens: Tokens, raw: np.ndarray, index: ItemIndex) -> TaskData:
+    """The task's examples from its tokens and raw sources, mapped through `index`."""
     # short sources are left-padded with the item "0" (index 0, <UNK>, when "0" is not an item)
     sources = index.lookup(raw, path, pad=index.lookup(np.zeros(1, np.int64), path)[0] if index.has_zero else 0)
     targets_per_line = tokens.line_start[1:] - tokens.split - 1         # [n_lines]
@@ -460,15 +478,6 @@ def load_task(path: str, index: ItemIndex) -> TaskData:
     target_keys, target_ids = dense_unique(target_raw)
     source_row = None if np.all(targets_per_line == 1) else np.repeat(np.arange(tokens.n_lines), targets_per_line)
     return TaskData(sources, target_ids + index.offset, int(target_keys.size) + index.offset, source_row, target_keys)
-
-
-def task_source_ids(path: str) -> np.ndarray:
-    """The distinct raw item ids of a task file's sources (`source,,targets` lines), ascending; the raw 0 left-pads
-    short sources and is no item it brings."""
-    tokens = tokenize(path, fields=2)
-    raw = segments(tokens.values, tokens.line_start[:-1], tokens.split, pad_value=-1)   # [n_lines, L], -1 = none
-    ids = dense_unique(raw[raw > 0])[0] if raw.size else np.zeros(0, np.int64)
-    return ids
 
 
 def split_indices(n: int, seed: int, split_percentage: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

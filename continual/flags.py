@@ -127,8 +127,7 @@ NOT_ARGPARSE = ("rule", "aliases", "recorded")  # option() metadata that is not 
 
 def option(value: Any, help: str, **flag: Any) -> Any:
     """A method's option and its flag --NAME in one declaration: a dataclass field whose metadata is the flag's
-    argparse keywords (type, choices, action, ...; `default` when the flag's differs from the field's `value`),
-    plus
+    argparse keywords (type, choices, action, ...; `default` when the flag's differs from the field's `value`), plus
     `rule=True` for an option of a retention rule (the rule is the authors' when every such option is at its
     default), `aliases`, [(flag, argparse keywords)] of further flags setting it, and `recorded=True` for an option
     whose recorded value may lie outside its flag's choices (a checkpoint's label)."""

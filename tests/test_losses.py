@@ -1,6 +1,7 @@
-"""continual/methods/base.py's losses: distillation with a temperature by hand, and losses over heads too wide to hold their outputs (TTL's task 1: 645,974 items): computed a chunk of rows at a time,
-they must give the loss and the gradients of the whole-output computation, and engage only above a size the demo
-and the benchmark never reach (issue 49)."""
+"""continual/methods/base.py's losses: distillation with a temperature by hand, and losses over heads too wide to
+hold their outputs (TTL's task 1: 645,974 items): computed a chunk of rows at a time, they must give the loss and the
+gradients of the whole-output computation, and engage only above a size the demo and the benchmark never reach
+(issue 49)."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from continual.methods import teracon
-from continual.methods.base import (DISTANCE_BUFFERS, WIDE_OUTPUT_BYTES, chunk_rows, distillation_kl, head_cross_entropy,
-                                    head_distance, next_item_loss)
+from continual.methods.base import (DISTANCE_BUFFERS, WIDE_OUTPUT_BYTES, chunk_rows, distillation_kl,
+                                    head_cross_entropy, head_distance, next_item_loss)
 
 
 def gradients(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

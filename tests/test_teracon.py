@@ -27,7 +27,8 @@ from utils import DataError
 N_TRAIN, BATCH = 24, 8   # --frozen_cache_mib's runs: training rows, batch
 
 
-def one_step(model: NextItNet, teacher: NextItNet, lr: float, plain: bool = False, **changes) -> dict[str, torch.Tensor]:
+def one_step(model: NextItNet, teacher: NextItNet, lr: float, plain: bool = False,
+             **changes) -> dict[str, torch.Tensor]:
     """One train_step of stage 4 at s = 7 → every parameter's change; Adam from the method's parameter groups, or
     with `plain` from model.parameters() at lr, as the loop built it before the groups existed."""
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -67,7 +68,8 @@ def test_own_lr_equal_to_lr_is_the_plain_step_bit_for_bit():
     model, teacher = stage4_models(own_blocks=1)
     plain = one_step(copy.deepcopy(model), teacher, 1e-3, plain=True)
     same = one_step(copy.deepcopy(model), teacher, 1e-3, own_lr=1e-3)
-    assert all(torch.equal(plain[name], change) for name, change in one_step(copy.deepcopy(model), teacher, 1e-3).items())
+    grouped = one_step(copy.deepcopy(model), teacher, 1e-3)                  # the method's one default group
+    assert all(torch.equal(plain[name], change) for name, change in grouped.items())
     faster = one_step(copy.deepcopy(model), teacher, 1e-3, own_lr=1e-2)
     assert all(torch.equal(plain[name], same[name]) for name in plain)
     assert not torch.equal(plain["heads.3.weight"], faster["heads.3.weight"])

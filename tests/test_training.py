@@ -244,9 +244,8 @@ def test_time_protocol_grows_the_index_and_the_model_stage_by_stage(tmp_path, da
     assert saved["run_config"]["datapath_index"] == str(tmp_path / "t3.index.csv")
     assert set(json.loads((tmp_path / "t3.metrics.json").read_text())["tasks"]) == {"1", "2", "3"}
     if method == "hat":                       # HAT: an item's row never moves after the stage that brought it
-        before, after = (torch.load(tmp_path / f"t{stage}.t7", weights_only=True)["model_state"]["item_embedding.weight"]
-                         for stage in (2, 3))
-        first = torch.load(tmp_path / "t1.t7", weights_only=True)["model_state"]["item_embedding.weight"]
+        first, before, after = (torch.load(tmp_path / f"t{stage}.t7", weights_only=True)["model_state"]
+                                ["item_embedding.weight"] for stage in (1, 2, 3))
         assert torch.equal(before[:stage1.size], first) and torch.equal(after[:grown2.size], before)
     with pytest.warns(UserWarning, match=f"{len(new2)} item token"):
         loop.main(2, ["--datapath", str(data.task2), "--paths", str(tmp_path / "t1.t7"), "--savepath",

@@ -89,7 +89,8 @@ class Method:
     phases: ClassVar[int] = 1                    # training phases of a stage, each fitted with early stopping
     loop_defaults: ClassVar[dict] = {}           # the loop's flags this method defaults otherwise (HAT: smax 400);
                                                  # explicit flags win
-    variant_defaults: ClassVar[dict[str, dict]] = {}  # --variant NAME → option defaults where the authors' codes differ
+    variant_defaults: ClassVar[dict[str, dict]] = {}  # --variant NAME → the option defaults where the authors'
+                                                 # codes differ
     retired: ClassVar[dict[str, str]] = {}       # a flag the method no longer has → why, said when one is given
     grows_items: ClassVar[bool] = False          # --protocol time: the method trains the new items' rows as any other
                                                  # shared row (the loop grows the model, and the frozen previous model

@@ -33,7 +33,8 @@ from model import NextItNet
 class ConureOptions:
     conure_keep: float = flags.option(0.3, "share of each convolution's still-free weights a task keeps and freezes "
                                       "(CONURE's maskp 0.7: keep 0.3)",
-                                      type=flags.real(0.0, 1.0, low_open=True, high_open=True, what="a share in (0, 1)"))
+                                      type=flags.real(0.0, 1.0, low_open=True, high_open=True,
+                                                      what="a share in (0, 1)"))
 
 
 class Conure(FineTune):

@@ -33,8 +33,8 @@ SHARED = ("item_embedding.", "blocks.")  # the parameters every task reads: the 
 
 @dataclass(frozen=True)
 class EWCOptions:
-    ewc_lambda: float = flags.option(1e4, "λ: weight of the penalty (λ/2) Σ_j F_j (θ − θ*_j)² (default 1e4, chosen on a "
-                                     "draw of the benchmark that no reported number uses; README, Methods)",
+    ewc_lambda: float = flags.option(1e4, "λ: weight of the penalty (λ/2) Σ_j F_j (θ − θ*_j)² (default 1e4, chosen "
+                                     "on a draw of the benchmark that no reported number uses; README, Methods)",
                                      type=flags.nonnegative_float)
     ewc_samples: int = flags.option(1000, "training examples per task the Fisher is estimated from, one backward pass "
                                     "each, the first of the split's random order (default 1000); 0 = all",
@@ -71,9 +71,11 @@ class EWC(FineTune):
         """Σ_i F_i (θ_i − θ̄_i)² over the shared parameters (the earlier tasks' penalties, up to a constant)."""
         total = None
         for name, parameter in shared_parameters(model):
-            fisher = grown(self.fisher[name], parameter.shape[0]).to(parameter.device)
-            anchor = grown(self.anchor[name], parameter.shape[0]).to(parameter.device)
-            term = (fisher * (parameter - anchor) ** 2).sum()
+            if self.fisher[name].shape[0] < parameter.shape[0]:              # grown once, not every step
+                self.fisher[name], self.anchor[name] = (grown(self.fisher[name], parameter.shape[0]),
+                                                        grown(self.anchor[name], parameter.shape[0]))
+            fisher = self.fisher[name].to(parameter.device)
+            term = (fisher * (parameter - self.anchor[name].to(parameter.device)) ** 2).sum()
             total = term if total is None else total + term
         return total
 

@@ -57,6 +57,7 @@ class HAT(Method):
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
         self.s, self.used = 1.0, None
+        self.first_new_item: int | None = None   # --protocol time: the first item row new at this stage (grow)
         if stage.number == 1:
             return
         config = stage.previous_checkpoint["model_config"]
@@ -87,7 +88,7 @@ class HAT(Method):
         yield loss + self.options.hat_lambda * capacity(masks, self.used)
 
     def after_backward(self, model: NextItNet) -> None:
-        if getattr(self, "first_new_item", None) is not None and model.item_embedding.weight.grad is not None:
+        if self.first_new_item is not None and model.item_embedding.weight.grad is not None:
             model.item_embedding.weight.grad[:self.first_new_item] = 0     # earlier rows: Adam's moments stay 0
         if self.used is not None:
             compensate_units(model, self.used)

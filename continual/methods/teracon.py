@@ -73,8 +73,8 @@ class TeraconOptions:
     rows: str = option("sampled", "retention rows of earlier task j: sampled = int(B · ratio_j) (the paper's), all = "
                        "every row, share = B // (K-1) rows of each of the K-1 earlier tasks (one batch of retention "
                        "rows in all)", choices=["sampled", "all", "share"], rule=True)
-    weights: str = option("sum", "retention weights c_j = ratio_j / Σ_k ratio_k (sum, the paper's) or ratio_j / mean_k "
-                          "ratio_k (mean: near 1 for each earlier task however many there are)",
+    weights: str = option("sum", "retention weights c_j = ratio_j / Σ_k ratio_k (sum, the paper's) or ratio_j / "
+                          "mean_k ratio_k (mean: near 1 for each earlier task however many there are)",
                           choices=["sum", "mean"], rule=True)
     retention_at: str = option("annealed", "the teacher's pseudo-labels and the student's outputs at the annealed s "
                                "(the paper's) or at smax", choices=["annealed", "smax"], rule=True)
@@ -206,9 +206,10 @@ class Teracon(Method):
         yield from self.stage_terms(model, step)
 
     def stage_terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
-        """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K) (+ β · KL(softmax(expert_K) ‖ softmax(student_K)) over the batch at s = smax when an --expert of task K
-        is given: the new task distilled from a model trained on it without retention, as Progress & Compress,
-        Schwarz et al. 2018), then α · c_j · MSE_j (or KL_j) for each earlier task j.
+        """Stage K's loss (Eqs. 14–18) one term at a time: CE(task K) (+ β · KL(softmax(expert_K) ‖
+        softmax(student_K)) over the batch at s = smax when an --expert of task K is given: the new task distilled
+        from a model trained on it without retention, as Progress & Compress, Schwarz et al. 2018), then
+        α · c_j · MSE_j (or KL_j) for each earlier task j.
 
         For every earlier task j the rows of `retention_plan` are pseudo-labelled by the ONE frozen teacher
         under its task-j mask; the student's head j under its own task-j mask is pulled towards them. The rows
@@ -254,8 +255,8 @@ class Teracon(Method):
                 with torch.no_grad():
                     teacher_hidden = teacher.hidden(x_j, teacher_masks[j], True, j)             # [n, C]
                 student_hidden = model.hidden(x_j, model.task_masks(j, s), True, j)              # [n, C]
-                yield options.alpha * scale * weight * head_distance(student_hidden, model.heads[j], teacher_hidden,
-                                                             teacher.heads[j], options.distance, chunk)
+                yield options.alpha * scale * weight * head_distance(
+                    student_hidden, model.heads[j], teacher_hidden, teacher.heads[j], options.distance, chunk)
                 continue
             pseudo = self.frozen_outputs(f"task{j + 1}", step, batch_rows, lambda rows, j=j: teacher(  # [n, classes_j]
                 retention_inputs(x, rows, j), j, s, masks=teacher_masks[j])[0].float())

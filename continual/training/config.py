@@ -19,9 +19,9 @@ from continual.methods import DEFAULT_METHOD, METHODS, method_class
 from continual.training import distributed
 from continual.training.run_config import RunConfig
 from continual.training.samplers import STREAMS
+from utils import DataError
 
 PROTOCOLS = ("static", "time")
-from utils import DataError
 
 
 def run_config_from_dict(values: dict) -> RunConfig:

@@ -31,7 +31,7 @@ from continual.training.distributed import Shard
 from continual.training.resources import Resources, SavedForBackward
 from continual.training.samplers import AuthorsSampler, OurSampler, make_sampler
 from data_loader import (ItemIndex, Staging, TaskData, check_split, limit_users, load_sequences, load_task,
-                         read_index, split_indices, task_source_ids, write_index)
+                         load_task_growing, read_index, split_indices, write_index)
 from model import CHECKPOINT_FORMAT, ModelConfig, NextItNet
 from utils import (DataError, Preempted, atomic_torch_save, keep_freed_memory, resolve_device, set_seed,
                    sigterm_received, stop_at_a_step, write_json)
@@ -152,10 +152,11 @@ def later_inputs(run: RunConfig, sampler: OurSampler | AuthorsSampler, device: t
     checkpoint, index = load_previous(run)
     run.channels = checkpoint["model_config"]["channels"]  # the model's shape comes from the checkpoint
     if run.protocol == "time":                              # this task's new source items join the index
-        index = index.grow(task_source_ids(run.datapath), run.stage)
+        data, index = load_task_growing(run.datapath, index, run.stage)
         print(f"task {run.stage}: {index.size - checkpoint['model_config']['n_items']} new items "
               f"({index.size} in all)")
-    data = load_task(run.datapath, index)
+    else:
+        data = load_task(run.datapath, index)
     sampler.start(checkpoint, index, data.n_classes)  # before anything else draws from torch
     parts = sampler.split(len(data.targets), run.seed, run.split_percentage)
     check_split(run.datapath, len(data.targets), parts, run.split_percentage)

@@ -196,7 +196,8 @@ class AuthorsSampler:
         """The authors' Adam over the whole model: its per-parameter loop; a parameter without a gradient gets zeros
         before each step. Only TERACON's paper rule replays, whose groups are the default one."""
         params = [parameter for group in groups for parameter in group["params"]]
-        if any(isinstance(parameter, Rows) for parameter in params) or len({group.get("lr", lr) for group in groups}) > 1:
+        rates = {group.get("lr", lr) for group in groups}
+        if any(isinstance(parameter, Rows) for parameter in params) or len(rates) > 1:
             raise DataError("--streams authors replays the authors' Adam: one learning rate for every parameter")
         optimizer = torch.optim.Adam(params, lr=lr, foreach=False)
         optimizer.register_step_pre_hook(zero_missing_grads)
