@@ -99,7 +99,7 @@ def main() -> None:
     if index.size != model.config.n_items:
         raise DataError(f"{args.datapath_index or checkpoint['index_path']}: index has {index.size} items, "
                         f"the checkpoint {model.config.n_items} (made from other data)")
-    data, _ = load_task_data(args.task, record["datapath"], index)
+    data, _ = load_task_data(args.task, record["datapath"], index, model.config.items_at(1))
     flags.check_top_k(args.top_k, record["kind"], data.n_classes, f"task {args.task}")
     if args.split_percentage is not None:  # a split too small for this data names the flag
         check_split(record["datapath"], len(data.targets),

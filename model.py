@@ -47,6 +47,16 @@ class ModelConfig:
         """The stage that created item row `row` (1 for every row of a model that never grew)."""
         return next((k for k, count in enumerate(self.item_counts, 1) if row < count), 1)
 
+    def items_at(self, stage: int) -> int:
+        """The items that existed when stage `stage` (1-based) was trained: the candidates its task ranks on its own
+        test users (n_items for a model that never grew)."""
+        return self.item_counts[stage - 1] if stage <= len(self.item_counts) else self.n_items
+
+    def first_new_item(self) -> int | None:
+        """The first item row that the last stage created (--protocol time), None when it created none."""
+        counts = self.item_counts
+        return counts[-2] if len(counts) >= 2 and counts[-1] > counts[-2] else None
+
     def own_block_count(self, task: int) -> int:
         return self.own_blocks[task] if task < len(self.own_blocks) else 0
 

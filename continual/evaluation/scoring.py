@@ -17,18 +17,21 @@ from data_loader import (ItemIndex, Staging, TaskData, check_split, limit_users,
 from model import NextItNet
 
 
-def load_task_data(stage: int, datapath: str, index: ItemIndex) -> tuple[TaskData, np.ndarray | None]:
-    """Task 1: (last-item examples, full sequences); task k ≥ 2: (examples, None)."""
+def load_task_data(stage: int, datapath: str, index: ItemIndex,
+                   n_items: int | None = None) -> tuple[TaskData, np.ndarray | None]:
+    """Task 1: (last-item examples, full sequences), ranked among the first `n_items` items (default: all of the
+    index; --protocol time: ModelConfig.items_at(1), the items task 1 knew); task k ≥ 2: (examples, None)."""
     if stage == 1:
         sequences = load_sequences_with_index(datapath, index)  # [n_users, L]
-        return TaskData(sequences[:, :-1], sequences[:, -1], index.size), sequences
+        return TaskData(sequences[:, :-1], sequences[:, -1], n_items or index.size), sequences
     return load_task(datapath, index), None
 
 
 @torch.no_grad()
 def score_values(model: NextItNet, task: int, data: TaskData, rows: np.ndarray, s: float, batch_size: int,
                  device: torch.device, top_k: int = 5, desc: str = "eval") -> np.ndarray:
-    """Per-example metrics [n_rows, 7] (order of `metric_names`) of head `task` on data rows; masks at scale s."""
+    """Per-example metrics [n_rows, 7] (order of `metric_names`) of head `task` on data rows, ranking its first
+    data.n_classes classes (task 1 of a grown model: the items of its own stage); masks at scale s."""
     model.eval()
     masks = model.task_masks(task, s)
     values = [torch.zeros((0, 7), dtype=torch.float64, device=device)]
@@ -37,8 +40,8 @@ def score_values(model: NextItNet, task: int, data: TaskData, rows: np.ndarray, 
     for start in tqdm(range(0, rows.size, batch_size), desc=desc, leave=False, disable=None):
         chunk = rows[start:start + batch_size]
         inputs, targets = stage_sources(data.rows(chunk)), stage_targets(chunk)   # [b, L], [b]
-        logits, _ = model(inputs, task, s, last_only=True, masks=masks)
-        values.append(ranking_values(logits.float(), targets, top_k))              # [b, 7], stays on the device
+        logits, _ = model(inputs, task, s, last_only=True, masks=masks)                  # [b, classes]
+        values.append(ranking_values(logits[:, :data.n_classes].float(), targets, top_k))              # [b, 7], stays on the device
     return torch.cat(values).cpu().numpy()
 
 
@@ -172,7 +175,7 @@ def evaluate_tasks(model: NextItNet, checkpoint_tasks: list[dict], index: ItemIn
         if cache is not None and number in cache:
             data = cache[number]
         else:
-            data, _ = load_task_data(number, record["datapath"], index)
+            data, _ = load_task_data(number, record["datapath"], index, model.config.items_at(1))
         started = time.perf_counter()
         results[str(number)] = task_report(model, number, record, data, index, s, batch_size, device, top_k,
                                            eval_users=eval_users)

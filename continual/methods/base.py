@@ -18,6 +18,11 @@ of `Method`, which the loop calls in this order:
     end_stage(model, stage)     once, on the stage's best model (e.g. EWC's Fisher)
     state_dict / load_state_dict  what it keeps in the checkpoint and the resume file
 
+Under --protocol time the loop has grown the model's item rows (model.add_items) before `grow`, and the frozen
+previous model reads them through copies of the student's. The rows created at stage K train by stage K's own terms
+under every method; a method whose item embedding is frozen opens only them (`open_new_item_rows` in `grow`,
+`keep_earlier_item_rows` in `after_backward`), so they freeze from stage K + 1 on as its earlier rows did.
+
 docs/adding_a_method.md shows a worked example.
 """
 from __future__ import annotations
@@ -92,9 +97,6 @@ class Method:
     variant_defaults: ClassVar[dict[str, dict]] = {}  # --variant NAME → the option defaults where the authors'
                                                  # codes differ
     retired: ClassVar[dict[str, str]] = {}       # a flag the method no longer has → why, said when one is given
-    grows_items: ClassVar[bool] = False          # --protocol time: the method trains the new items' rows as any other
-                                                 # shared row (the loop grows the model, and the frozen previous model
-                                                 # with the new rows copied from the student's)
     stage1_method: ClassVar[str] = ""            # compare.py: the method whose stage 1 a chain starts from ("" = the
                                                  # default stage 1 that every other chain of the seed shares)
 
@@ -205,6 +207,22 @@ class Method:
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's parameters and buffers."""
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def open_new_item_rows(model: NextItNet) -> int | None:
+    """--protocol time, a method that keeps the item embedding frozen: make it trainable when this stage created rows
+    (model.add_items), so that they learn; → the first of them (None: no new rows, the embedding stays frozen).
+    `keep_earlier_item_rows` then holds every earlier row where it was."""
+    first = model.config.first_new_item()
+    model.item_embedding.weight.requires_grad_(first is not None)
+    return first
+
+
+def keep_earlier_item_rows(model: NextItNet, first_new_item: int | None) -> None:
+    """After the backward pass: zero the gradient of every item row before `first_new_item`, so that Adam (no weight
+    decay) leaves them bit-identical: their moments stay 0 and so does their update."""
+    if first_new_item is not None and model.item_embedding.weight.grad is not None:
+        model.item_embedding.weight.grad[:first_new_item] = 0
 
 
 # ---------------------------------------------------------------------- losses every method builds on

@@ -15,7 +15,9 @@ optimiser's var_list. Here:
   --conure_keep of each convolution's free weights by |w| for the new task, and phase 1 retrains only those;
 - stage 1 is CONURE's own (task 1 is pruned too, as the official conure_tp_t1/conure_ret_t1 do), with every
   weight of task 1 trainable; after it, the item embedding, biases and LayerNorms are frozen;
-- no task reads a weight that a later task trains, so none is forgotten.
+- no task reads a weight that a later task trains, so none is forgotten;
+- --protocol time: the item rows a stage creates train in both of its phases, by its task's loss, and freeze from
+  the next stage on as every earlier row (base.open_new_item_rows); task 1's head keeps its new rows as drawn.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from continual import flags
-from continual.methods.base import Stage
+from continual.methods.base import Stage, keep_earlier_item_rows, open_new_item_rows
 from continual.methods.finetune import FineTune
 from model import NextItNet
 
@@ -41,13 +43,13 @@ class Conure(FineTune):
     """Prune, retrain and freeze a share of the free convolution weights per task."""
     name = "conure"
     Options = ConureOptions
-    grows_items = False                 # --protocol time: new rows' owners and freezing (not yet)
     phases = 2
     stage1_method = "conure"              # compare.py: its own stage 1, pruned as every later task
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
         self.phase = 0
+        self.first_new_item: int | None = None   # --protocol time: the first item row new at this stage (grow)
         if stage.number >= 2:
             self.require_own_chain(stage, bool(stage.previous_checkpoint["model_config"].get("weight_owners")),
                                    ", from its own stage 1 (train_task1.py --method conure)")
@@ -63,12 +65,14 @@ class Conure(FineTune):
                                                   *block.ln2.parameters())]
         for parameter in frozen:
             parameter.requires_grad_(False)
+        self.first_new_item = open_new_item_rows(model)
 
     def trainable(self, owners: torch.Tensor) -> torch.Tensor:
         """The convolution weights this phase trains: the free ones (phase 0), then the new task's own (phase 1)."""
         return owners == (0 if self.phase == 0 else self.stage.number)
 
     def after_backward(self, model: NextItNet) -> None:
+        keep_earlier_item_rows(model, self.first_new_item)
         for block, owners in zip(model.blocks, model.weight_owners):
             for conv, owned in ((block.conv1, owners.conv1), (block.conv2, owners.conv2)):
                 if conv.weight.grad is not None:

@@ -45,7 +45,6 @@ class EWC(FineTune):
     """Fine-tuning plus the quadratic penalty of every earlier task's Fisher information."""
     name = "ewc"
     Options = EWCOptions
-    grows_items = True                  # --protocol time: new items' rows get Fisher 0 (no earlier task read them)
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)

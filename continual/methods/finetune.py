@@ -14,7 +14,6 @@ from model import NextItNet
 class FineTune(Method):
     """Stage 1: next-item CE over every position. Stage K ≥ 2: CE of the new task's head, nothing else."""
     name = "finetune"
-    grows_items = True                  # --protocol time: new items' rows are shared rows like any other
 
     def model_config(self) -> dict:
         return {"use_masks": False}

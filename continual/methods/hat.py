@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from continual import flags
-from continual.methods.base import Method, Stage, Step, next_item_loss
+from continual.methods.base import Method, Stage, Step, keep_earlier_item_rows, next_item_loss, open_new_item_rows
 from model import NextItNet
 
 THRES_COSH = 50.0   # the official clamp of s·e inside the embedding compensation's cosh
@@ -52,7 +52,6 @@ class HAT(Method):
     Options = HATOptions
     loop_defaults = {"smax": 400.0}
     stage1_method = "hat"               # compare.py: its own stage 1 (gates and the capacity term from task 1 on)
-    grows_items = True                  # --protocol time: the stage's new items' rows train, every earlier row stays
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
@@ -72,9 +71,7 @@ class HAT(Method):
         """The new task; the item embedding frozen, but for the rows of items new at this stage (--protocol time: the
         loop grew them before), which train by this stage's terms and freeze from the next stage on."""
         model.add_task(n_classes, relation=False)
-        counts = model.config.item_counts
-        self.first_new_item = counts[-2] if len(counts) >= 2 and counts[-1] > counts[-2] else None
-        model.item_embedding.weight.requires_grad_(self.first_new_item is not None)
+        self.first_new_item = open_new_item_rows(model)
 
     def terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
         """CE of the new task + λ · the capacity regulariser on its gates at the annealed s (Eq. 5)."""
@@ -88,8 +85,7 @@ class HAT(Method):
         yield loss + self.options.hat_lambda * capacity(masks, self.used)
 
     def after_backward(self, model: NextItNet) -> None:
-        if self.first_new_item is not None and model.item_embedding.weight.grad is not None:
-            model.item_embedding.weight.grad[:self.first_new_item] = 0     # earlier rows: Adam's moments stay 0
+        keep_earlier_item_rows(model, self.first_new_item)
         if self.used is not None:
             compensate_units(model, self.used)
         compensate_embedding(model.task_embedding, self.stage.task, self.s, self.run.smax)

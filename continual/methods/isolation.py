@@ -6,12 +6,18 @@ blocks that no later task trains; its CE trains only its own parameters, so no e
 From stage 2 on a chain must be the method's own: a stage-(K−1) checkpoint of another method holds earlier
 tasks it did not keep apart; and its stage 1 must have no task masks (`train_task1.py --method finetune`): read
 without its masks, a TERACON stage 1 would score task 1 otherwise than it did, so it is refused.
+
+--protocol time: with `freeze_backbone` the shared item embedding trains only the rows that this stage created (by
+the new task's CE; base.open_new_item_rows), which freeze from the next stage on. A method whose task reads its own
+copy of the embedding trains the new rows there (FineAll says what its earlier tables read). Task 1's head keeps
+its new rows as drawn: no later stage trains it. The earlier tasks read none of this stage's rows on their own test
+users, so each still scores them exactly.
 """
 from __future__ import annotations
 
 from typing import ClassVar
 
-from continual.methods.base import Stage
+from continual.methods.base import Stage, keep_earlier_item_rows, open_new_item_rows
 from continual.methods.finetune import FineTune
 from model import NextItNet
 from utils import DataError
@@ -21,7 +27,6 @@ class Isolation(FineTune):
     """Fine-tuning's losses; every task from the second on gets parameters of its own."""
     stage1_method = "finetune"              # compare.py: a stage 1 without masks, so task 1 reads as trained
     freeze_backbone: ClassVar[bool] = False
-    grows_items: ClassVar[bool] = False  # --protocol time: new rows of a frozen embedding (not yet)
 
     def task_options(self, model: NextItNet) -> dict:
         """The options of `model.add_task` that give the new task its own parameters."""
@@ -29,6 +34,7 @@ class Isolation(FineTune):
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
+        self.first_new_item: int | None = None   # --protocol time, freeze_backbone: the first item row new here
         checkpoint = stage.previous_checkpoint or {}
         written_by = (checkpoint.get("run_config") or {}).get("method")
         if stage.number >= 3:
@@ -43,3 +49,7 @@ class Isolation(FineTune):
         if self.freeze_backbone:
             for parameter in [*model.item_embedding.parameters(), *model.blocks.parameters()]:
                 parameter.requires_grad_(False)
+            self.first_new_item = open_new_item_rows(model)
+
+    def after_backward(self, model: NextItNet) -> None:
+        keep_earlier_item_rows(model, self.first_new_item)

@@ -141,7 +141,6 @@ class Teracon(Method):
     """TERACON: relation-aware task masks, and retention of every earlier task from ONE frozen copy of the
     stage-(K−1) model that pseudo-labels the batch's users for each of them (Eqs. 14–18)."""
     name = "teracon"
-    grows_items = True                  # --protocol time: new items' rows train under every term, as the rest
     Options = TeraconOptions
     presets = PRESETS
     variant_defaults = VARIANT_DEFAULTS

@@ -161,9 +161,6 @@ def parse_args(stage: int | None, argv: list[str] | None = None,
     run = RunConfig(stage=stage, method=method, options=cls.options_from(args),
                     **{name: getattr(args, name) for name in LOOP_FLAGS})
     cls.check(run.options, run, parser.error)
-    if run.protocol == "time" and not cls.grows_items:
-        parser.error(f"--protocol time: --method {method} does not say yet what it does with new items' rows "
-                     "(Method.grows_items)")
     if run.streams == "authors":
         check_authors_streams(run)
     return run
