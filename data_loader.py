@@ -462,6 +462,29 @@ def load_task_growing(path: str, index: ItemIndex, stage: int) -> tuple[TaskData
     return _task_data(path, tokens, raw, grown), grown
 
 
+def retest_path(task_path: str, stage: int) -> str:
+    """--protocol time: where an earlier task's re-test file after stage `stage` lies: beside the task's file,
+    `<its name without .csv>.retest<stage>.csv` (task2.csv → task2.retest4.csv)."""
+    stem, _ = os.path.splitext(task_path)
+    return f"{stem}.retest{stage}.csv"
+
+
+def load_retest(path: str, index: ItemIndex, task: TaskData) -> tuple[TaskData, int]:
+    """An earlier task k ≥ 2's re-test file (its format) mapped through the grown `index`, its targets numbered as
+    the task's own classes (task.target_keys: the head's); examples whose target the head does not know are left
+    out → (the examples, how many were left out)."""
+    tokens, raw = _task_sources(path)
+    data = _task_data(path, tokens, raw, index)
+    labels = data.target_keys[data.targets - index.offset]                            # [n] raw label per example
+    position = np.minimum(np.searchsorted(task.target_keys, labels), task.target_keys.size - 1)
+    known = task.target_keys[position] == labels                                      # [n]
+    kept = np.flatnonzero(known)
+    rows = data.source_row if data.source_row is not None else np.arange(labels.size)
+    source_row = None if kept.size == labels.size and data.source_row is None else rows[kept]
+    return TaskData(data.sources, position[kept] + index.offset, task.n_classes, source_row,
+                    task.target_keys), int(labels.size - kept.size)
+
+
 def _task_sources(path: str) -> tuple[Tokens, np.ndarray]:
     """A task file's tokens and its raw sources [n_lines, L] (-1: no token)."""
     tokens = tokenize(path, fields=2)

@@ -10,6 +10,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import time
 
@@ -17,7 +18,7 @@ import torch
 
 from continual import flags
 from continual.checkpoints import load_checkpoint
-from continual.evaluation.reports import forgetting_matrix, matrix_lines
+from continual.evaluation.reports import forgetting_matrix, matrix_lines, retest_matrix
 from continual.evaluation.scoring import kept_report, load_task_data, task_report
 from continual.training.resources import peak_memory_mib
 from data_loader import check_split, read_index, split_indices
@@ -38,6 +39,13 @@ def check_kept_from(path: str, checkpoint: dict, task: int, record: dict, n_item
     if checkpoint["model_config"]["n_items"] != n_items:
         raise DataError(f"{path}: has {checkpoint['model_config']['n_items']} items, the index {n_items} "
                         "(made from other data)")
+
+
+def csv_text(header: list[str], rows: list[list[str]]) -> str:
+    """A table as CSV text."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([header] + rows)
+    return buffer.getvalue()
 
 
 def main() -> None:
@@ -65,16 +73,22 @@ def main() -> None:
     parser.add_argument("--json", type=flags.output_file, help="write {'kind': ..., 'test': {...}} here")
     parser.add_argument("--matrix", nargs="+", type=flags.existing_file,
                         help="metrics.json files of a run: print the forgetting matrix")
-    parser.add_argument("--csv", type=flags.output_file, help="with --matrix: also write it as CSV")
+    parser.add_argument("--csv", type=flags.output_file,
+                        help="with --matrix: also write it as CSV (and, where stages scored re-test files under "
+                             "--protocol time, their rows as <csv without .csv>.retest.csv)")
     args = parser.parse_args()
 
     if args.matrix:
         header, rows = forgetting_matrix(args.matrix)
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerows([header] + rows)
         if args.csv:
-            atomic_write_text(args.csv, buffer.getvalue())
+            atomic_write_text(args.csv, csv_text(header, rows))
         print("\n".join(matrix_lines(args.matrix)))
+        header, rows = retest_matrix(args.matrix)
+        if rows:
+            print("re-tests (--protocol time): each earlier task on its later users, beside its original test users")
+            print(csv_text(header, rows), end="")
+            if args.csv:
+                atomic_write_text(os.path.splitext(args.csv)[0] + ".retest.csv", csv_text(header, rows))
         return
     keep_freed_memory()
     if not args.paths or not args.task:

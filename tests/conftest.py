@@ -130,3 +130,11 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     return env
+
+
+@pytest.fixture(scope="session")
+def source_items():
+    """A task file → each line's source items, as ints (a task-1 line: all of it)."""
+    def read(path: Path) -> list[list[int]]:
+        return [[int(item) for item in line.split(",,")[0].split(",")] for line in path.read_text().splitlines()]
+    return read

@@ -234,3 +234,19 @@ def test_a_grown_index_that_breaks_its_rules_is_refused(tmp_path, rows, message)
     path.write_text(rows)
     with pytest.raises(DataError, match=message):
         data_loader.read_index(str(path))
+
+
+def test_a_retest_file_lies_beside_its_task_and_numbers_its_targets_as_the_tasks_classes(tmp_path):
+    """A re-test file's targets become the task's own classes (its head's), whatever classes the file itself holds;
+    an example whose target the head does not know is left out and counted; its new items map through the index."""
+    assert data_loader.retest_path(str(tmp_path / "task2.csv"), 4) == str(tmp_path / "task2.retest4.csv")
+    index = data_loader.build_index(np.array([[1, 2, 3, 4]])).grow(np.array([8, 9]), 2)   # 1..4 → 1..4, 8, 9 → 5, 6
+    (tmp_path / "task2.csv").write_text("1,2,,30,10\n3,4,,20\n")              # classes: 10 → 1, 20 → 2, 30 → 3
+    task = data_loader.load_task(str(tmp_path / "task2.csv"), index)
+    (tmp_path / "task2.retest3.csv").write_text("8,2,,30\n9,1,,99,10\n2,3,,20\n")
+    later, left_out = data_loader.load_retest(str(tmp_path / "task2.retest3.csv"), index, task)
+    assert left_out == 1 and later.n_classes == task.n_classes == 4
+    assert later.targets.tolist() == [3, 1, 2] and later.rows(np.arange(3)).tolist() == [0, 1, 2]
+    assert later.inputs.tolist() == [[5, 2], [6, 1], [2, 3]]
+    (tmp_path / "task2.retest4.csv").write_text("8,2,,30\n2,3,,20\n")
+    assert data_loader.load_retest(str(tmp_path / "task2.retest4.csv"), index, task)[0].source_row is None

@@ -153,6 +153,37 @@ def test_synth_is_deterministic_and_sized(tmp_path):
     assert scoring.known_ceiling(str(tmp_path / "a" / "task5.csv")) == meta["tasks"][4]["ceiling"]
 
 
+def test_synth_time_variant_brings_items_stage_by_stage_and_retests_every_earlier_task(tmp_path, source_items):
+    """--new_items N: task K holds only the items that arrived by stage K, N of them at each later stage (ids after the
+    earlier ones), some of its own stage's; taskU.retestK.csv holds items up to stage K, and the users it counts as
+    with new items are those whose input holds an item newer than stage U; the ceiling over all users is the
+    users-weighted mean of its two parts. Without --new_items nothing of this is written."""
+    items, new = 40, 6
+    shape = ["--users", "200", "--items", str(items), "--length", "10", "--clusters", "4"]
+    meta = synth.main(["--out", str(tmp_path / "time"), "--new_items", str(new), *shape])
+    for stage in range(1, 7):
+        seen = {item for line in source_items(tmp_path / "time" / f"task{stage}.csv") for item in line}
+        assert max(seen) <= items + (stage - 1) * new
+        assert stage == 1 or seen & set(range(items + (stage - 2) * new + 1, items + (stage - 1) * new + 1))
+    assert len(meta["retests"]) == 15
+    for entry in meta["retests"]:
+        task, stage = entry["task"], entry["stage"]
+        lines = source_items(tmp_path / "time" / entry["file"])
+        inputs = [line[:-1] if task == 1 else line for line in lines]
+        assert max(max(line) for line in lines) <= items + (stage - 1) * new
+        assert entry["users_with_new"] == sum(max(line) > items + (task - 1) * new for line in inputs) > 0
+        parts = [(entry["users_with_new"], entry.get("ceiling_with_new")),
+                 (entry["lines"] - entry["users_with_new"], entry.get("ceiling_without_new"))]
+        for metric, value in entry["ceiling"].items():
+            weighted = sum(count * part[metric] for count, part in parts if count)
+            assert weighted / entry["lines"] == pytest.approx(value)
+        assert scoring.known_ceiling(str(tmp_path / "time" / entry["file"]), "ceiling_with_new") == parts[0][1]
+    static = synth.main(["--out", str(tmp_path / "static"), *shape])
+    assert "retests" not in static and not list((tmp_path / "static").glob("*.retest*"))
+    with pytest.raises(SystemExit):
+        synth.main(["--out", str(tmp_path / "refused"), "--drift", "0.5", *shape])
+
+
 @pytest.fixture(scope="module")
 def world_and_users():
     return synth.generate(seed=5, n_users=3000, n_items=120, length=20, n_clusters=6)

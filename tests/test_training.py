@@ -17,6 +17,8 @@ import utils
 from continual import checkpoints
 from continual.methods.base import Step
 from continual.training import config, loop, samplers
+from continual.evaluation import reports, scoring
+from continual.generators import synth
 from continual.training.distributed import Shard
 from data_loader import read_index
 from model import ModelConfig, NextItNet
@@ -269,3 +271,44 @@ def test_time_protocol_grows_the_index_and_the_model_stage_by_stage(tmp_path, da
     assert torch.load(tmp_path / "static2.t7", weights_only=True)["model_config"]["n_items"] == stage1.size
     assert not (tmp_path / "static2.index.csv").exists()
 
+
+
+def test_time_protocol_scores_every_earlier_task_on_its_retest_file_split_by_new_items(tmp_path, source_items):
+    """After stage K under --protocol time each earlier task with a re-test file after K is scored on it over all its
+    users, those whose input holds an item newer than the task's stage and the others (counted here from the files
+    and the index); evaluate.py's matrix writes the rows beside the forgetting matrix. Static scores none."""
+    synth.main(["--out", str(tmp_path / "data"), "--users", "240", "--items", "40", "--length", "10", "--clusters",
+                "4", "--new_items", "6", "--retest_users", "40"])
+    data, out = tmp_path / "data", tmp_path / "runs"
+    common = ["--datapath_index", str(out / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1",
+              "--batch", "64", "--method", "finetune"]
+    out.mkdir()
+    loop.main(1, ["--datapath", str(data / "task1.csv"), "--savepath", str(out / "t1"), *common])
+    for stage in (2, 3):
+        loop.main(stage, ["--datapath", str(data / f"task{stage}.csv"), "--paths", str(out / f"t{stage - 1}.t7"),
+                          "--savepath", str(out / f"t{stage}"), "--protocol", "time", *common])
+    index = read_index(str(out / "t3.index.csv"))
+    tasks = json.loads((out / "t3.metrics.json").read_text())["tasks"]
+    assert "retest" not in tasks["3"]
+    for number in (1, 2):
+        retest = tasks[str(number)]["retest"]
+        lines = source_items(data / f"task{number}.retest3.csv")
+        inputs = [line[:-1] if number == 1 else line for line in lines]
+        with_new = sum(index.positions(np.array(line)).max() >= index.size_at(number) for line in inputs)
+        assert retest["file"] == str(data / f"task{number}.retest3.csv") and retest["left_out"] >= 0
+        assert retest["all"]["n_test_users"] == 40
+        assert retest["with_new"]["n_test_users"] == with_new
+        assert retest.get("without_new", {}).get("n_test_users", 0) == 40 - with_new
+        assert retest["all"]["ceiling"] == scoring.known_ceiling(retest["file"])
+    assert set(json.loads((out / "t2.metrics.json").read_text())["tasks"]["1"]["retest"]) >= {"all", "with_new"}
+    header, rows = reports.retest_matrix([str(out / f"t{stage}.metrics.json") for stage in (1, 2, 3)])
+    assert [row[:3] for row in rows if row[2] == "all"] == [["2", "1", "all"], ["3", "1", "all"], ["3", "2", "all"]]
+    assert rows[0][header.index("original")] == f"{tasks_at(out, 2)['1']['test']['mrr@5']:.4f}"
+    with pytest.warns(UserWarning, match="not in the index"):   # static: the new items are <UNK>
+        loop.main(2, ["--datapath", str(data / "task2.csv"), "--paths", str(out / "t1.t7"), "--savepath",
+                      str(out / "static2"), *common])
+    assert "retest" not in json.loads((out / "static2.metrics.json").read_text())["tasks"]["1"]
+
+
+def tasks_at(out: Path, stage: int) -> dict:
+    return json.loads((out / f"t{stage}.metrics.json").read_text())["tasks"]

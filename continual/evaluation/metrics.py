@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+RETEST_PARTS = ("all", "with_new", "without_new")  # --protocol time, a re-test file's users: every one, those whose
+                                                   # input holds an item newer than the task's stage, the others
+
 
 def metric_names(top_k: int) -> list[str]:
     long_k = top_k + 15

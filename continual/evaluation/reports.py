@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from continual.evaluation.metrics import headline_name
+from continual.evaluation.metrics import RETEST_PARTS, headline_name
 from utils import DataError
 
 
@@ -52,25 +52,42 @@ def _also_above(versus: dict) -> str:
 def format_evidence(stage: int, tasks: dict[str, dict]) -> str:
     """Each task's headline metric beside its 95 % interval, the strongest trivial baseline (with its
     interval), the paired difference and, where the data's generator knows it, the ceiling; tasks whose
-    difference interval does not lie above 0 are marked `NOT above baseline`."""
+    difference interval does not lie above 0 are marked `NOT above baseline`. Tasks scored on a re-test file
+    (--protocol time) follow, each over all its users, those with new items and those without."""
     lines = [f"stage {stage}: headline metric vs the strongest trivial baseline (95 % bootstrap intervals "
-             "over test users; difference paired on the same resamples)",
-             f"{'task':<5}{'kind':<5}{'metric':<7}{'users':>7}  {'score [95% CI]':<26}{'baseline':<19}"
-             f"{'its score [95% CI]':<26}{'difference [95% CI]':<28}{'ceiling':>8}"]
-    for key, entry in tasks.items():
-        if "vs_baseline" not in entry:
-            continue
-        versus = entry["vs_baseline"]
-        metric, name = versus["metric"], versus["baseline"]
-        baseline = entry["baseline"][name]
-        ceiling = entry.get("ceiling", {}).get(metric)
-        difference = f"{versus['difference']:+.4f} {_ci(versus['ci95'])}"
-        lines.append(f"{key:<5}{entry['kind']:<5}{metric:<7}{entry['n_test_users']:>7}  "
-                     f"{entry['test'][metric]:.4f} {_ci(entry['ci95'][metric]):<19}{name:<19}"
-                     f"{baseline['test'][metric]:.4f} {_ci(baseline['ci95'][metric]):<19}{difference:<28}"
-                     f"{'' if ceiling is None else f'{ceiling:.4f}':>8}"
-                     f"{'' if versus['above'] else '  NOT above baseline'}{_also_above(versus)}")
+             "over test users; difference paired on the same resamples)", _evidence_header(5)]
+    lines += [_evidence_line(key, entry) for key, entry in tasks.items() if "vs_baseline" in entry]
+    retests = [(key, entry["retest"]) for key, entry in tasks.items() if entry.get("retest")]
+    if retests:
+        lines += [f"stage {stage}: earlier tasks on their re-test files (later users, among the items known now; "
+                  "baselines fitted on each task's own training split; new = users whose input holds an item newer "
+                  "than the task)", _evidence_header(9)]
+        for key, retest in retests:
+            lines += [_evidence_line(f"{key} {RETEST_LABELS[part]}", retest[part], 9)
+                      for part in RETEST_PARTS if part in retest]
     return "\n".join(lines)
+
+
+RETEST_LABELS = {"all": "all", "with_new": "new", "without_new": "no new"}
+
+
+def _evidence_header(width: int) -> str:
+    return (f"{'task':<{width}}{'kind':<5}{'metric':<7}{'users':>7}  {'score [95% CI]':<26}{'baseline':<19}"
+            f"{'its score [95% CI]':<26}{'difference [95% CI]':<28}{'ceiling':>8}")
+
+
+def _evidence_line(key: str, entry: dict, width: int = 5) -> str:
+    """One row of format_evidence (the task's key in a column `width` wide)."""
+    versus = entry["vs_baseline"]
+    metric, name = versus["metric"], versus["baseline"]
+    baseline = entry["baseline"][name]
+    ceiling = entry.get("ceiling", {}).get(metric)
+    difference = f"{versus['difference']:+.4f} {_ci(versus['ci95'])}"
+    return (f"{key:<{width}}{entry['kind']:<5}{metric:<7}{entry['n_test_users']:>7}  "
+            f"{entry['test'][metric]:.4f} {_ci(entry['ci95'][metric]):<19}{name:<19}"
+            f"{baseline['test'][metric]:.4f} {_ci(baseline['ci95'][metric]):<19}{difference:<28}"
+            f"{'' if ceiling is None else f'{ceiling:.4f}':>8}"
+            f"{'' if versus['above'] else '  NOT above baseline'}{_also_above(versus)}")
 
 
 def load_stages(metric_files: list[str]) -> list[dict]:
@@ -159,3 +176,25 @@ def matrix_lines(metric_files: list[str]) -> list[str]:
             baseline_line += (reference + " ").rjust(width)
         lines += [value_line, interval_line, baseline_line]
     return lines
+
+
+def retest_matrix(metric_files: list[str]) -> tuple[list[str], list[list[str]]]:
+    """--protocol time: the re-test scores of a run as CSV rows, one per (stage, earlier task, part of its users:
+    all, with_new, without_new): users, the headline value with its 95 % interval, the strongest baseline, the
+    above-baseline flag and the ceiling, beside the task's score on its original test users after the same stage
+    (`original`), so that forgetting (original) and the shift of the item world (re-test) read side by side.
+    No rows when no stage scored a re-test file."""
+    header = ["stage", "task", "part", "users", "value", "lo", "hi", "baseline_name", "baseline", "above_baseline",
+              "ceiling", "original"]
+    rows = []
+    for entry in load_stages(metric_files):
+        for key, task in entry["tasks"].items():
+            retest = task.get("retest") or {}
+            for part in (name for name in RETEST_PARTS if name in retest):
+                cell = matrix_cell(retest[part])
+                low, high = cell["ci95"] or (None, None)
+                rows.append([str(entry["stage"]), key, part, str(retest[part]["n_test_users"]), _number(cell["value"]),
+                             _number(low), _number(high), cell["baseline"] or "", _number(cell["baseline_value"]),
+                             "" if cell["above"] is None else str(int(cell["above"])), _number(cell["ceiling"]),
+                             _number(matrix_cell(task)["value"])])
+    return header, rows

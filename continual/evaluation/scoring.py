@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from continual.evaluation.metrics import headline_name, metric_names, ranking_values
+from continual.evaluation.metrics import RETEST_PARTS, headline_name, metric_names, ranking_values
 from continual.evaluation.stats import class_counts, evidence, kept_share, popularity_ranks, rank_values
-from data_loader import (ItemIndex, Staging, TaskData, check_split, limit_users, load_sequences_with_index, load_task,
-                         split_indices)
+from data_loader import (ItemIndex, Staging, TaskData, check_split, limit_users, load_retest, load_sequences_with_index,
+                         load_task, retest_path, split_indices)
 from model import NextItNet
 
 
@@ -69,44 +69,66 @@ def item_classes(data: TaskData, index: ItemIndex) -> np.ndarray | None:
 
 
 def baseline_values(data: TaskData, kind: str, train_rows: np.ndarray, test_rows: np.ndarray, index: ItemIndex,
-                    top_k: int) -> dict[str, np.ndarray]:
-    """Per-example metrics [n_test, 7] of the trivial baselines, fitted on the training rows only.
+                    top_k: int, test_data: TaskData | None = None) -> dict[str, np.ndarray]:
+    """Per-example metrics [n_test, 7] of the trivial baselines, fitted on the training rows only, scored on the test
+    rows of `test_data` (default: `data`; a re-test file: the task's later examples, among its test_data.n_classes).
 
     rec: `popularity` (classes by training frequency; task 1 counts every item of the training users'
     sequences, padding excluded) and `popularity_unseen` (the same, minus the user's own source items);
     cls: `majority` (the training split's most frequent class).
     """
+    test_data = test_data or data
+    n_classes = test_data.n_classes
     unknown = (0,) if index.offset else ()                       # <UNK>, a class no example has
     if data.target_keys is None:                                 # task 1: the classes are the items
         padding = (index.offset,) if index.has_zero else ()      # the item "0"
         seen = np.concatenate([data.sources[data.rows(train_rows)].reshape(-1), data.targets[train_rows]])
-        counts = class_counts(seen, data.n_classes, exclude=unknown + padding)
+        counts = class_counts(seen, n_classes, exclude=unknown + padding)
     else:
-        counts = class_counts(data.targets[train_rows], data.n_classes, exclude=unknown)
-    targets = data.targets[test_rows]                            # [n_test]
+        counts = class_counts(data.targets[train_rows], n_classes, exclude=unknown)
+    targets = test_data.targets[test_rows]                       # [n_test]
     if kind != "rec":
-        return {"majority": rank_values(popularity_ranks(counts, targets, None), top_k, data.n_classes)}
-    mapping = item_classes(data, index)
-    sources = data.sources[data.rows(test_rows)]                 # [n_test, L] item indices
+        return {"majority": rank_values(popularity_ranks(counts, targets, None), top_k, n_classes)}
+    mapping = item_classes(test_data, index)
+    sources = test_data.sources[test_data.rows(test_rows)]       # [n_test, L] item indices
     source_classes = sources if mapping is None else mapping[sources]
-    return {"popularity": rank_values(popularity_ranks(counts, targets, None), top_k, data.n_classes),
-            "popularity_unseen": rank_values(popularity_ranks(counts, targets, source_classes), top_k,
-                                             data.n_classes)}
+    return {"popularity": rank_values(popularity_ranks(counts, targets, None), top_k, n_classes),
+            "popularity_unseen": rank_values(popularity_ranks(counts, targets, source_classes), top_k, n_classes)}
 
 
-def known_ceiling(datapath: str) -> dict[str, float] | None:
-    """The best achievable score of a task whose generator knows it: `ceiling` of the entry for this file
-    in the tasks.json beside it (synth.py writes one); None otherwise."""
+def known_ceiling(datapath: str, name: str = "ceiling") -> dict[str, float] | None:
+    """The best achievable score of a task whose generator knows it: `name` (ceiling; a re-test file's also
+    ceiling_with_new, ceiling_without_new) of the entry for this file among the tasks and re-tests of the tasks.json
+    beside it (synth.py writes one); None otherwise."""
     meta_path = os.path.join(os.path.dirname(os.path.abspath(datapath)), "tasks.json")
     try:
         with open(meta_path, encoding="utf-8") as handle:
-            entries = json.load(handle).get("tasks", [])
-    except (OSError, ValueError, AttributeError):
+            meta = json.load(handle)
+        entries = [*meta.get("tasks", []), *meta.get("retests", [])]
+    except (OSError, ValueError, AttributeError, TypeError):
         return None
     for entry in entries:
-        if isinstance(entry, dict) and entry.get("file") == os.path.basename(datapath) and "ceiling" in entry:
-            return entry["ceiling"]
+        if isinstance(entry, dict) and entry.get("file") == os.path.basename(datapath) and name in entry:
+            return entry[name]
     return None
+
+
+def evidence_report(kind: str, split: str, values: np.ndarray, baselines: dict[str, np.ndarray], users: np.ndarray,
+                    top_k: int) -> dict:
+    """A task's report from its per-example values [n, 7] and its baselines' on the same examples (users [n]: each
+    example's user, the bootstrap's unit): metrics, 95 % intervals, baselines and the paired difference against the
+    strongest (stats.evidence)."""
+    metrics = reported(values, kind, top_k)
+    names = list(metrics)
+    columns = [metric_names(top_k).index(name) for name in names]
+    report = {"kind": kind, split: metrics, f"n_{split}": int(values.shape[0]),
+              f"n_{split}_users": int(np.unique(users).size)}
+    report.update(evidence(values[:, columns], {b: v[:, columns] for b, v in baselines.items()}, names,
+                           headline_name(kind, top_k), users))
+    if split != "test":  # stats.evidence names the baselines' scores on the rows it was given "test"
+        report["baseline"] = {name: {(split if key == "test" else key): value for key, value in entry.items()}
+                              for name, entry in report["baseline"].items()}
+    return report
 
 
 def task_report(model: NextItNet, number: int, record: dict, data: TaskData, index: ItemIndex, s: float,
@@ -126,21 +148,43 @@ def task_report(model: NextItNet, number: int, record: dict, data: TaskData, ind
     rows = limit_users(rows, data.rows(rows), eval_users, record["seed"])
     kind = record["kind"]
     values = score_values(model, number - 1, data, rows, s, batch_size, device, top_k, desc=f"{split} task {number}")
-    metrics = reported(values, kind, top_k)
-    names = list(metrics)
-    columns = [metric_names(top_k).index(name) for name in names]
-    baselines = baseline_values(data, kind, train_rows, rows, index, top_k)
-    groups = data.rows(rows)
-    report = {"kind": kind, split: metrics, f"n_{split}": int(rows.size),
-              f"n_{split}_users": int(np.unique(groups).size)}
-    report.update(evidence(values[:, columns], {b: v[:, columns] for b, v in baselines.items()}, names,
-                           headline_name(kind, top_k), groups))
-    if split != "test":  # stats.evidence names the baselines' scores on the rows it was given "test"
-        report["baseline"] = {name: {(split if key == "test" else key): value for key, value in entry.items()}
-                              for name, entry in report["baseline"].items()}
+    report = evidence_report(kind, split, values, baseline_values(data, kind, train_rows, rows, index, top_k),
+                             data.rows(rows), top_k)
     ceiling = known_ceiling(record["datapath"]) if record.get("datapath") else None
     if ceiling is not None:
         report["ceiling"] = ceiling
+    return report
+
+
+def retest_report(model: NextItNet, number: int, record: dict, data: TaskData, index: ItemIndex, stage: int, s: float,
+                  batch_size: int, device: torch.device, top_k: int, eval_users: int | None = None) -> dict | None:
+    """--protocol time: earlier task `number` on its re-test file after stage `stage` (data_loader.retest_path; None
+    when there is none), against every item of the grown index (task 1) or its own classes: the report of
+    task_report over every user of the file, over the users whose input holds an item newer than the task's stage
+    (`with_new`) and over the others (`without_new`), each with its ceiling where the generator knows it; the
+    baselines are fitted on the task's own training split (`data`: what it knew).
+    → {"file", "left_out" (examples whose target the head does not know), "all", "with_new", "without_new"}."""
+    path = retest_path(record["datapath"], stage)
+    if not os.path.isfile(path):
+        return None
+    later, left_out = (load_task_data(1, path, index)[0], 0) if number == 1 else load_retest(path, index, data)
+    rows = np.arange(len(later.targets))
+    rows = limit_users(rows, later.rows(rows), eval_users, record["seed"])
+    kind = record["kind"]
+    values = score_values(model, number - 1, later, rows, s, batch_size, device, top_k, desc=f"re-test task {number}")
+    train_rows = split_indices(len(data.targets), record["seed"], record["split_percentage"])[0]
+    baselines = baseline_values(data, kind, train_rows, rows, index, top_k, test_data=later)
+    users = later.rows(rows)                                                        # [n] each example's user
+    newer = (later.sources[users] >= index.size_at(number)).any(1)                 # [n] holds a later item
+    report: dict = {"file": path, "left_out": int(left_out)}
+    for part, chosen in zip(RETEST_PARTS, (np.ones_like(newer), newer, ~newer)):
+        if not chosen.any():
+            continue
+        report[part] = evidence_report(kind, "test", values[chosen], {name: value[chosen] for name, value in
+                                                                      baselines.items()}, users[chosen], top_k)
+        ceiling = known_ceiling(path, "ceiling" if part == "all" else f"ceiling_{part}")
+        if ceiling is not None:
+            report[part]["ceiling"] = ceiling
     return report
 
 
@@ -164,9 +208,11 @@ def kept_report(earlier: NextItNet, later: NextItNet, number: int, record: dict,
 def evaluate_tasks(model: NextItNet, checkpoint_tasks: list[dict], index: ItemIndex, s: float,
                    batch_size: int, device: torch.device, top_k: int,
                    cache: dict[int, TaskData] | None = None, eval_users: int | None = None,
-                   timings: list[dict] | None = None) -> dict[str, dict]:
+                   timings: list[dict] | None = None, retest_after: int | None = None) -> dict[str, dict]:
     """Every task of the model, each on its own test split (at most eval_users of its users) → {"1": task_report,
-    ...}; `timings`, when given, gets each task's {task, users, seconds} of scoring (loading excluded)."""
+    ...}; `timings`, when given, gets each task's {task, users, seconds} of scoring (loading excluded). With
+    `retest_after` K (--protocol time), every earlier task that has a re-test file after stage K is also scored on it
+    (its report's "retest": retest_report)."""
     results = {}
     for number, record in enumerate(checkpoint_tasks, start=1):
         if record["datapath"] is None and not (cache and number in cache):
@@ -179,6 +225,10 @@ def evaluate_tasks(model: NextItNet, checkpoint_tasks: list[dict], index: ItemIn
         started = time.perf_counter()
         results[str(number)] = task_report(model, number, record, data, index, s, batch_size, device, top_k,
                                            eval_users=eval_users)
+        retest = (retest_report(model, number, record, data, index, retest_after, s, batch_size, device, top_k,
+                                eval_users) if retest_after and number < retest_after else None)
+        if retest is not None:
+            results[str(number)]["retest"] = retest
         if timings is not None:
             timings.append({"task": number, "users": results[str(number)]["n_test_users"],
                             "seconds": round(time.perf_counter() - started, 2)})

@@ -423,7 +423,8 @@ def finish(run: RunConfig, model: NextItNet, method: Method, stage: Stage, check
                             checkpoint["valid"], extra, finished=True)
     del checkpoint
     tasks = evaluate_tasks(model, saved["tasks"], inputs.index, run.smax, run.eval_batch, device, run.top_k,
-                           {run.stage: inputs.data}, run.eval_users, resources.evaluation)
+                           {run.stage: inputs.data}, run.eval_users, resources.evaluation,
+                           run.stage if run.protocol == "time" else None)
     started = time.perf_counter()               # marked finished only once every task is scored
     atomic_torch_save(saved, checkpoint_path)
     resources.checkpoint_write_seconds = time.perf_counter() - started
