@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from continual.methods import teracon
 from continual.methods.base import (DISTANCE_BUFFERS, WIDE_OUTPUT_BYTES, chunk_rows, distillation_kl,
-                                    head_cross_entropy, head_distance, next_item_loss)
+                                    head_cross_entropy, head_distance, next_item_loss, sampled_cross_entropy)
 
 
 def gradients(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -92,6 +92,45 @@ def test_the_stage_one_loss_in_chunks_is_the_whole_one(tiny_model):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
     for got, want in zip(gradients(chunked, parameters), wanted):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_sampled_cross_entropy_by_hand_never_against_the_target_and_only_through_the_drawn_rows():
+    """--negatives N: each row's target against the N items one uniform draw gives the batch (1..n − 1: never <UNK>),
+    a drawn item equal to the row's target left out; the head's gradient reaches only the targets' and the drawn
+    rows."""
+    torch.manual_seed(3)
+    head = torch.nn.Linear(4, 12)
+    hidden = torch.randn(5, 4)
+    targets = torch.tensor([3, 7, 7, 1, 11])
+    torch.manual_seed(21)
+    drawn = torch.randint(1, 12, (6,))
+    assert set(drawn.tolist()) & set(targets.tolist()) and 0 not in drawn.tolist()   # a collision to leave out
+    torch.manual_seed(21)
+    loss = sampled_cross_entropy(head, hidden, targets, 6)
+    with torch.no_grad():
+        logits = hidden @ head.weight.t() + head.bias                                  # [5, 12]
+    expected = 0.0
+    for row, target in enumerate(targets.tolist()):
+        others = [logits[row, item] for item in drawn.tolist() if item != target]
+        expected += -(logits[row, target] - torch.logsumexp(torch.stack([logits[row, target], *others]), 0))
+    torch.testing.assert_close(loss, expected / 5, rtol=1e-6, atol=1e-7)
+    loss.backward()
+    touched = set(head.weight.grad.abs().sum(1).nonzero().squeeze(1).tolist())
+    assert touched <= set(drawn.tolist()) | set(targets.tolist()) and touched >= set(targets.tolist())
+
+
+def test_the_stage_one_loss_with_negatives_is_a_sampled_softmax(tiny_model):
+    """next_item_loss with negatives > 0 is sampled_cross_entropy over the same rows (the same draw), else the full
+    cross-entropy."""
+    model = tiny_model(task_classes=(30,), channels=8)
+    sequence = torch.randint(1, 30, (6, 9))
+    masks = model.task_masks(0, 3.0)
+    torch.manual_seed(5)
+    sampled = next_item_loss(model, sequence, masks, negatives=4)
+    hidden = model.hidden(sequence[:, :-1], masks, last_only=False).reshape(-1, 8)
+    torch.manual_seed(5)
+    torch.testing.assert_close(sampled, sampled_cross_entropy(model.heads[0], hidden, sequence[:, 1:].reshape(-1), 4))
+    assert not torch.equal(sampled, next_item_loss(model, sequence, masks))
 
 
 def test_distillation_kl_with_a_temperature_by_hand_and_gradient():

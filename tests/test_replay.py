@@ -291,6 +291,7 @@ def test_stage2_under_the_revised_streams(tmp_path, revised_stage1):
     (["--preset", "uniform_sampling", "--own_blocks", "1"], "an ablation or an option beyond"),
     (["--method", "finetune"], "not with --method finetune"),
     (["--resume"], "--resume"),
+    (["--negatives", "5"], "--negatives"),
 ])
 def test_authors_streams_refuse_what_they_do_not_replay(extra, message):
     argv = ["--datapath", "d.csv", "--datapath_index", "i.csv", "--savepath", "o", "--paths", "p.t7",

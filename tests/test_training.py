@@ -312,3 +312,21 @@ def test_time_protocol_scores_every_earlier_task_on_its_retest_file_split_by_new
 
 def tasks_at(out: Path, stage: int) -> dict:
     return json.loads((out / f"t{stage}.metrics.json").read_text())["tasks"]
+
+
+def test_negatives_train_stage_one_by_a_sampled_softmax_and_are_recorded(tmp_path, data_writer, capsys):
+    """--negatives N: stage 1 trains against N sampled items (another model than the full softmax's from the same
+    seed), records N in its run config, and still scores task 1 over every item; a negative N is refused at parse
+    time."""
+    data = data_writer(tmp_path / "data", n_users=120, seed=4)
+    common = ["--datapath", str(data.task1), "--datapath_index", str(tmp_path / "index.csv"), "--channels", "8",
+              "--device", "cpu", "--epochs", "1", "--batch", "32", "--method", "finetune"]
+    sampled = loop.main(1, [*common, "--savepath", str(tmp_path / "sampled"), "--negatives", "5"])
+    full = loop.main(1, [*common, "--savepath", str(tmp_path / "full")])
+    saved = [torch.load(tmp_path / f"{name}.t7", weights_only=True) for name in ("sampled", "full")]
+    assert saved[0]["run_config"]["negatives"] == 5 and saved[1]["run_config"]["negatives"] == 0
+    assert not torch.equal(saved[0]["model_state"]["heads.0.weight"], saved[1]["model_state"]["heads.0.weight"])
+    assert sampled["tasks"]["1"]["n_test"] == full["tasks"]["1"]["n_test"]
+    with pytest.raises(SystemExit):
+        config.parse_args(1, [*common, "--savepath", "x", "--negatives", "-1"])
+    assert "--negatives" in capsys.readouterr().err

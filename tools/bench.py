@@ -82,6 +82,8 @@ def parse() -> argparse.Namespace:
     add("--amp", action="store_true")
     add("--ce_chunk", type=flags.nonnegative_int, default=None,
         help="rows a wide head's loss computes at a time (train_task1's flag); default: by size, 0 = all at once")
+    add("--negatives", type=flags.nonnegative_int, default=0,
+        help="task-1 step: a sampled softmax against N items (the scripts' --negatives); 0 = every item")
     add("--compile", action="store_true", help="torch.compile the residual stacks (as the scripts' --compile)")
     add("--rules", action="store_true",
         help="time only the stage-K step of the paper rule as it runs once the masks saturate (every earlier task's "
@@ -189,14 +191,16 @@ def run_phase(args: argparse.Namespace) -> dict:
         if args.compile:
             compile_backbone(model)
         optimizer = adam(model.parameters(), 1e-3)
-        method = method_for("teracon", TeraconOptions(L2=0.75), 1, None, rng, device=device, ce_chunk=args.ce_chunk)
+        method = method_for("teracon", TeraconOptions(L2=0.75), 1, None, rng, device=device, ce_chunk=args.ce_chunk,
+                            negatives=args.negatives)
 
         def step() -> None:
             rows = rng.integers(0, args.users, args.batch1)
             train_step(model, method, optimizer, Step(sequences[rows].to(device), None, 25.0, Shard(args.batch1)),
                        args.amp)
         seconds = timed(step, args.steps, device)
-        return {"phase": "task1 train step", "batch": args.batch1, "seconds": seconds,
+        negatives = f" ({args.negatives} sampled negatives)" if args.negatives else ""
+        return {"phase": f"task1 train step{negatives}", "batch": args.batch1, "seconds": seconds,
                 "samples_per_s": args.batch1 / seconds, "peak_mib": peak_memory_mib(device)}
     model, teacher = stage_models(args, device)
     if args.compile:

@@ -246,16 +246,36 @@ def chunk_rows(n_rows: int, width: int, ce_chunk: int | None = None, whole_buffe
 
 
 def next_item_loss(model: NextItNet, sequence: torch.Tensor, masks: torch.Tensor,
-                   ce_chunk: int | None = None) -> torch.Tensor:
-    """Stage 1: mean CE of every next item (inputs seq[:-1], targets seq[1:]) under `masks` [n_layers, C]."""
+                   ce_chunk: int | None = None, negatives: int = 0) -> torch.Tensor:
+    """Stage 1: mean CE of every next item (inputs seq[:-1], targets seq[1:]) under `masks` [n_layers, C], over every
+    item (the paper's objective) or, with --negatives N > 0, against N sampled ones (sampled_cross_entropy)."""
     hidden = model.hidden(sequence[:, :-1], masks, last_only=False)          # [B, L−1, C]
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), sequence[:, 1:].reshape(-1)
+    if negatives:
+        return sampled_cross_entropy(model.heads[0], hidden, targets, negatives)
     return head_cross_entropy(model.heads[0], hidden, targets, chunk_rows(hidden.shape[0], model.heads[0].out_features,
                                                                           ce_chunk))
 
 
+def sampled_cross_entropy(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, negatives: int,
+                          first_item: int = 1) -> torch.Tensor:
+    """--negatives N: mean CE of each row's target against N items drawn uniformly, with replacement, from items
+    first_item .. n − 1 (1: never <UNK>), one draw shared by the batch's rows, from torch's CPU generator (which
+    --resume restores): a sampled softmax. A drawn item equal to a row's target is left out of that row, so no row's negatives
+    hold its target. Not the paper's objective (the full softmax, head_cross_entropy), which it approximates at a
+    fraction of the cost over a wide head: [n, 1 + N] logits instead of [n, n_items].
+    hidden [n, C], targets [n] → a scalar."""
+    drawn = torch.randint(first_item, head.out_features, (negatives,)).to(hidden.device)        # [N] (CPU generator:
+                                                                                                # the resume file's)
+    positive = (hidden * head.weight[targets]).sum(1) + head.bias[targets]                      # [n]
+    negative = torch.addmm(head.bias[drawn], hidden, head.weight[drawn].t())                    # [n, N]
+    negative = negative.masked_fill(drawn[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([positive[:, None], negative], 1).float()                                # [n, 1 + N]
+    return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
 def task_loss(model: NextItNet, number: int, data: "TaskData", rows: np.ndarray, s: float,
-              ce_chunk: int | None = None) -> torch.Tensor:
+              ce_chunk: int | None = None, negatives: int = 0) -> torch.Tensor:
     """Task `number`'s own loss on its examples `rows` with their true labels: next-item CE over every position of
     the whole sequence (source + target) for task 1, CE of its head else."""
     device = next(model.parameters()).device
@@ -263,7 +283,7 @@ def task_loss(model: NextItNet, number: int, data: "TaskData", rows: np.ndarray,
     targets = torch.from_numpy(data.targets[rows]).to(device)                                # [n]
     if number == 1:
         sequence = torch.cat([sources, targets[:, None]], 1)                                 # [n, L + 1]
-        return next_item_loss(model, sequence, model.task_masks(0, s), ce_chunk)
+        return next_item_loss(model, sequence, model.task_masks(0, s), ce_chunk, negatives)
     return F.cross_entropy(model(sources, number - 1, s)[0].float(), targets)
 
 

@@ -28,5 +28,5 @@ class FineTune(Method):
     def new_task_loss(self, model: NextItNet, step: Step) -> torch.Tensor:
         """The new task's own loss: next-item CE at stage 1, CE of its head at stage K ≥ 2."""
         if self.stage.number == 1:
-            return next_item_loss(model, step.x, model.task_masks(0, step.s), self.run.ce_chunk)
+            return next_item_loss(model, step.x, model.task_masks(0, step.s), self.run.ce_chunk, self.run.negatives)
         return F.cross_entropy(model(step.x, self.stage.task, step.s)[0].float(), step.y)

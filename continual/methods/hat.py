@@ -79,7 +79,7 @@ class HAT(Method):
         task = self.stage.task
         masks = model.task_masks(task, step.s)                                          # [n_layers, C]
         if task == 0:
-            loss = next_item_loss(model, step.x, masks, self.run.ce_chunk)
+            loss = next_item_loss(model, step.x, masks, self.run.ce_chunk, self.run.negatives)
         else:
             loss = F.cross_entropy(model(step.x, task, step.s, masks=masks)[0].float(), step.y)
         yield loss + self.options.hat_lambda * capacity(masks, self.used)

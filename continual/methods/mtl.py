@@ -40,7 +40,7 @@ class MTL(FineTune):
             data, train_rows = self.stage.examples(number)
             rows = self.draw(train_rows, size)[step.shard.rank::step.shard.world]   # this rank's part
             if rows.size:
-                yield task_loss(model, number, data, rows, step.s, self.run.ce_chunk)
+                yield task_loss(model, number, data, rows, step.s, self.run.ce_chunk, self.run.negatives)
 
     def draw(self, train_rows: np.ndarray, size: int) -> np.ndarray:
         """`size` rows of `train_rows`, uniformly with replacement, from the run's generator (the same on every

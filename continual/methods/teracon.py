@@ -200,7 +200,8 @@ class Teracon(Method):
     def terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
         if self.stage.number == 1:
             masks = model.task_masks(0, step.s)                            # [n_layers, C], Eq. 11
-            yield next_item_loss(model, step.x, masks, self.run.ce_chunk) + self.options.L2 * masks.mean()
+            yield (next_item_loss(model, step.x, masks, self.run.ce_chunk, self.run.negatives)
+                   + self.options.L2 * masks.mean())
             return
         yield from self.stage_terms(model, step)
 

@@ -100,6 +100,11 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
              "exactly, so that the [rows, classes] outputs never exist whole; 0 = all at once; default: all at once "
              "while the outputs fit in 1 GiB (the demo's and the benchmark's always do), else 1 GiB at a time "
              "(TTL's task 1: 415 rows)")
+    add("--negatives", type=flags.nonnegative_int, default=0,
+        help="task 1's next-item loss (stage 1 of every method, MTL's replay of task 1): 0 = the cross-entropy over "
+             "every item (the paper's objective; default); N > 0 = a sampled softmax of the target against N items "
+             "drawn uniformly per batch, shared by its rows (a departure from the paper's objective, far cheaper a "
+             "step over TTL's 645,974 items); scoring always ranks every item")
     add("--resume", action="store_true",
         help="continue an interrupted stage where it stopped: after its last finished epoch, or at the step where a "
              "SIGTERM stopped it")
@@ -195,6 +200,7 @@ def check_authors_streams(run: RunConfig) -> None:
     refusal = method_class(run.method).replay_refusal(run.options)
     unsupported = [(run.stage == 1, "stage 1"), (run.resume, "--resume"), (distributed.launched(), "torchrun"),
                    (run.rerun > 0, "--rerun"), (run.protocol == "time", "--protocol time"),
+                   (run.negatives > 0, "--negatives"),
                    (refusal is not None, refusal)]
     found = [what for bad, what in unsupported if bad]
     if found:

@@ -566,12 +566,12 @@ def run_stage(run: RunConfig) -> dict:
 
 def method_for(name: str, options, number: int, previous: NextItNet | None, rng: np.random.Generator,
                smax: float = 50.0, device: torch.device | None = None, record: dict | None = None,
-               ce_chunk: int | None = None, n_train: int = 0) -> Method:
+               ce_chunk: int | None = None, n_train: int = 0, negatives: int = 0) -> Method:
     """A method begun on stage `number` outside a run (bench.py, tests): `previous` is the frozen stage-(K−1)
     model, the sampler ours with `rng`; nothing is read from or written to disk. Steps whose `ids` lie in
     0 .. n_train − 1 may let the method keep per-row outputs of its frozen models."""
     run = RunConfig(stage=number, datapath="", datapath_index="", savepath="", method=name, options=options,
-                    smax=smax, ce_chunk=ce_chunk)
+                    smax=smax, ce_chunk=ce_chunk, negatives=negatives)
     device = device or torch.device("cpu")
     checkpoint = ({"model_config": previous.config_dict(), "run_config": {"method": name}}  # the method's own chain
                   if previous is not None else None)

@@ -39,6 +39,7 @@ class RunConfig:
     amp: bool = False
     compile: bool = False
     ce_chunk: int | None = None           # rows a wide head's loss computes at a time; None: by size (base.chunk_rows)
+    negatives: int = 0                    # task 1's next-item loss: 0 the full softmax; N against N sampled items
     resume: bool = False
     overwrite: bool = False               # train again over this stage's finished checkpoint
     max_steps: int | None = None          # at most this many optimiser steps a phase (a dry run); None: no limit
