@@ -2,9 +2,9 @@
 
     python compare.py --dataset demo --seeds 3 [--out runs/compare] [--jobs 2] [--threads 1] [--data DIR]
                       [--methods teracon,finetune,no_relation,no_retention,uniform_sampling,recommended,lwf,ewc,
-                                 sinmo,fineall,peterrec,piggyback,conure,hat,mtl]
-                      [--synth_seed D] [--draws N]              (--dataset synth: draws D .. D+N−1 of the data)
-                      [--settings dataset|paper] [--later_epochs N]
+                                 sinmo,fineall,peterrec,piggyback,conure,hat,mtl,ditto]
+                      [--synth_seed D] [--draws N]    (--dataset synth or synth_time: draws D .. D+N−1 of the data)
+                      [--settings dataset|paper] [--later_epochs N] [--protocol static|time]
                       [-- flags for every stage]
 
 --methods takes the registered methods (continual/methods/) and their presets (TERACON's no_relation,
@@ -73,20 +73,32 @@ PAPER_LATER = ["--batch", "1024", "--epochs", "100", "--patience", "5"]
 SETTINGS = ("dataset", "paper")
 
 
-def later_flags(dataset: str, settings: str = "dataset", later_epochs: int = 0) -> list[str]:
+def later_flags(dataset: str, settings: str = "dataset", later_epochs: int = 0, protocol: str | None = None) -> list[str]:
     """The flags of stages >= 2 under --settings (the dataset's, as run_all.sh, or the paper's), then
-    --later_epochs (a fixed budget of epochs a stage, when given)."""
+    --later_epochs (a fixed budget of epochs a stage, when given) and --protocol (when given: it wins over the
+    dataset's)."""
     later = stage_flags(dataset, 2)
     if settings == "paper":
         replaced = {"--batch", "--lr", "--epochs", "--patience"}
         pairs = [later[i:i + 2] for i in range(0, len(later), 2)]  # the dataset's flags are flag-value pairs
         later = [word for pair in pairs if pair[0] not in replaced for word in pair] + PAPER_LATER
-    return later + (["--epochs", str(later_epochs)] if later_epochs else [])
+    return (later + (["--epochs", str(later_epochs)] if later_epochs else [])
+            + (["--protocol", protocol] if protocol else []))
 
 
 def prepare_synth(synth_seed: int = 0) -> None:
     from continual.generators import synth
     synth.main(["--out", DATASETS["synth"]["folder"], "--seed", str(synth_seed)])
+
+
+def prepare_synth_time(synth_seed: int = 0) -> None:
+    """The benchmark with items arriving at each stage (its preset's generator flags), its re-test files beside."""
+    from continual.generators import synth
+    preset = DATASETS["synth_time"]
+    synth.main(["--out", preset["folder"], "--seed", str(synth_seed), *preset["generator"]])
+
+
+SYNTHETIC = ("synth", "synth_time")   # generated data: --synth_seed and --draws choose the draw
 
 
 def prepare_ttl_shaped(synth_seed: int = 0) -> None:
@@ -112,7 +124,8 @@ def prepare_demo(synth_seed: int = 0) -> None:
 
 
 # The data run_all.sh regenerates before every run, with the same settings.
-PREPARE = {"synth": prepare_synth, "demo": prepare_demo, "ttl_shaped": prepare_ttl_shaped}
+PREPARE = {"synth": prepare_synth, "synth_time": prepare_synth_time, "demo": prepare_demo,
+           "ttl_shaped": prepare_ttl_shaped}
 
 Results = dict[str, dict[int, dict[int, dict]]]  # {method: {seed: {stage: metrics.json}}}
 
@@ -588,17 +601,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=flags.existing_dir,
                         help="read the dataset's files (its preset's file names) from this folder instead of its preset "
                              "folder, which is then neither read nor generated (e.g. TTL-shaped data of another size)")
+    parser.add_argument("--protocol", choices=["static", "time"], default=None,
+                        help="stages >= 2: static (every item is task 1's) or time (items arrive with the tasks; "
+                             "every earlier task is also scored on its re-test files); default: the dataset's "
+                             "(time for synth_time, static for the others)")
     parser.add_argument("--later_epochs", type=flags.positive_int, default=0,
                         help="stages >= 2: a fixed budget of N epochs a stage (default: the settings' epochs)")
     args = parser.parse_args(own)
     for flag, given in (("--synth_seed", args.synth_seed), ("--draws", args.draws > 1)):
-        if given and args.dataset != "synth":
+        if given and args.dataset not in SYNTHETIC:
             parser.error(f"{flag} applies to --dataset synth, not {args.dataset}")
     if args.recorded and (args.settings != "dataset" or args.later_epochs):
         parser.error("--recorded holds runs at the dataset's settings: it cannot be mixed with --settings paper or "
                      "--later_epochs")
     for name in args.methods:  # every stage's flags are checked as the method's stages will parse them, before any runs
-        check_stage_flags(later_flags(args.dataset, args.settings, args.later_epochs) + extra
+        check_stage_flags(later_flags(args.dataset, args.settings, args.later_epochs, args.protocol) + extra
                           + split_overrides(name)[1], resolve(name)[0])
     for name in DATASETS[args.dataset]["files"] if args.data else []:   # before anything is written
         if not os.path.isfile(os.path.join(args.data, name)):
@@ -618,7 +635,7 @@ def recorded_files(folder: str | None, dataset: str, synth_seed: int) -> list[st
     """--recorded's file for this dataset and draw, if the folder has one."""
     if not folder:
         return []
-    path = os.path.join(folder, f"{dataset}_draw{synth_seed}.csv" if dataset == "synth" else f"{dataset}.csv")
+    path = os.path.join(folder, f"{dataset}_draw{synth_seed}.csv" if dataset in SYNTHETIC else f"{dataset}.csv")
     return [path] if os.path.isfile(path) else []
 
 
@@ -643,14 +660,15 @@ def compare_draw(args: argparse.Namespace, out: str, synth_seed: int, extra: lis
     seeds = list(range(args.seeds))
     started = time.time()
     print(f"{command}\n{len(seeds)} seeds x {len(methods)} methods, {stages} stages, {args.jobs} jobs, out {out}"
-          + (f", synth_seed {synth_seed}" if args.dataset == "synth" else ""), flush=True)
+          + (f", synth_seed {synth_seed}" if args.dataset in SYNTHETIC else ""), flush=True)
     carried = recorded_chains(recorded_files(args.recorded, args.dataset, synth_seed), seeds, methods, stages)
     recorded = {(r["seed"], r["method"]) for r in carried}
     if recorded:
         print(f"{len(recorded)} chain(s) taken from --recorded, not run: "
               + ", ".join(f"seed {seed} {method}" for seed, method in sorted(recorded)), flush=True)
     failed = run_all(args.dataset, out, seeds, methods, stages, extra, args.jobs, recorded,
-                     later_flags(args.dataset, args.settings, args.later_epochs), args.threads, args.data)
+                     later_flags(args.dataset, args.settings, args.later_epochs, args.protocol), args.threads,
+                     args.data)
 
     results = load_results(out, seeds, methods, stages)
     rows = summary_rows(results, stages) + reference_rows(results, stages)

@@ -12,6 +12,7 @@ import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -454,11 +455,19 @@ def load_task(path: str, index: ItemIndex) -> TaskData:
     return _task_data(path, tokens, raw, index)
 
 
-def load_task_growing(path: str, index: ItemIndex, stage: int) -> tuple[TaskData, ItemIndex]:
+def load_task_growing(path: str, index: ItemIndex, stage: int,
+                      targets_join: Callable[[int], bool] | None = None) -> tuple[TaskData, ItemIndex]:
     """load_task for --protocol time: the file read once, its sources' items that `index` lacks added as `stage`'s
-    (ItemIndex.grow; the raw 0 left-pads short sources and is no item it brings) → (the task, the grown index)."""
+    (ItemIndex.grow; the raw 0 left-pads short sources and is no item it brings), and its targets' too where
+    `targets_join(the task's class count)` says they are items a method scores through their rows (DITTO's item
+    tasks) → (the task, the grown index)."""
     tokens, raw = _task_sources(path)
-    grown = index.grow(raw[raw > 0], stage)
+    brought = raw[raw > 0]
+    if targets_join is not None:
+        keys = dense_unique(_target_raw(tokens))[0]
+        if targets_join(int(keys.size) + index.offset):
+            brought = np.concatenate([brought, keys[keys > 0]])
+    grown = index.grow(brought, stage)
     return _task_data(path, tokens, raw, grown), grown
 
 
@@ -491,14 +500,18 @@ def _task_sources(path: str) -> tuple[Tokens, np.ndarray]:
     return tokens, segments(tokens.values, tokens.line_start[:-1], tokens.split, pad_value=-1)
 
 
+def _target_raw(tokens: Tokens) -> np.ndarray:
+    """Every example's raw target, in line order (a line with m targets gives m)."""
+    target_raw = segments(tokens.values, tokens.split + 1, tokens.line_start[1:], pad_value=-1)
+    return target_raw[target_raw >= 0] if target_raw.min() < 0 else target_raw.reshape(-1)
+
+
 def _task_data(path: str, tokens: Tokens, raw: np.ndarray, index: ItemIndex) -> TaskData:
     """The task's examples from its tokens and raw sources, mapped through `index`."""
     # short sources are left-padded with the item "0" (index 0, <UNK>, when "0" is not an item)
     sources = index.lookup(raw, path, pad=index.lookup(np.zeros(1, np.int64), path)[0] if index.has_zero else 0)
     targets_per_line = tokens.line_start[1:] - tokens.split - 1         # [n_lines]
-    target_raw = segments(tokens.values, tokens.split + 1, tokens.line_start[1:], pad_value=-1)
-    target_raw = target_raw[target_raw >= 0] if target_raw.min() < 0 else target_raw.reshape(-1)
-    target_keys, target_ids = dense_unique(target_raw)
+    target_keys, target_ids = dense_unique(_target_raw(tokens))
     source_row = None if np.all(targets_per_line == 1) else np.repeat(np.arange(tokens.n_lines), targets_per_line)
     return TaskData(sources, target_ids + index.offset, int(target_keys.size) + index.offset, source_row, target_keys)
 

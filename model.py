@@ -39,6 +39,8 @@ class ModelConfig:
     task_parts: list[str] = field(default_factory=list)      # per task: the BLOCK_PARTS kind its blocks add, or ""
     weight_owners: bool = False                   # CONURE: each convolution weight belongs to one task, or is free
     open_task: int = -1                           # the task that also reads the free weights (-1: none)
+    item_heads: list[bool] = field(default_factory=list)  # per task (DITTO): its head maps the hidden state to a
+                                                  # C-vector scored against its classes' item rows (empty: none)
     item_counts: list[int] = field(default_factory=list)  # --protocol time: n_items as each stage left it (task 1's
                                                   # first); empty: never grown. Row r was created at the first stage
                                                   # k (1-based) with r < item_counts[k − 1]
@@ -56,6 +58,9 @@ class ModelConfig:
         """The first item row that the last stage created (--protocol time), None when it created none."""
         counts = self.item_counts
         return counts[-2] if len(counts) >= 2 and counts[-1] > counts[-2] else None
+
+    def has_item_head(self, task: int) -> bool:
+        return task < len(self.item_heads) and self.item_heads[task]
 
     def own_block_count(self, task: int) -> int:
         return self.own_blocks[task] if task < len(self.own_blocks) else 0
@@ -277,7 +282,11 @@ class NextItNet(nn.Module):
         bound = math.sqrt(1.0 / config.n_items)
         self.item_embedding.weight.data.uniform_(-bound, bound)
         self.blocks = nn.ModuleList(ResidualBlock(channels, config.kernel_size, d) for d in config.dilations)
-        self.heads = nn.ModuleList(_init_head(nn.Linear(channels, n)) for n in config.task_classes)
+        self.heads = nn.ModuleList(_init_head(nn.Linear(channels, channels if config.has_item_head(task) else n))
+                                   for task, n in enumerate(config.task_classes))
+        for task, n in enumerate(config.task_classes):
+            if task and config.has_item_head(task):
+                self.register_buffer(f"class_items_{task}", torch.zeros(n, dtype=torch.long))
         self.task_embedding = nn.Parameter(self._new_task_rows(config.n_tasks))  # [N, n_layers, C]
         self.task_blocks = nn.ModuleDict({
             str(task): nn.ModuleList(ResidualBlock(channels, config.kernel_size, d) for d in config.dilations[-count:])
@@ -318,12 +327,14 @@ class NextItNet(nn.Module):
         self.relation_bias = nn.Parameter(torch.full((n_tasks, n_layers), 0.1, device=device))
 
     def add_task(self, n_classes: int, relation: bool = True, own_blocks: int = 0, own_embedding: bool = False,
-                 part: str = "") -> None:
+                 part: str = "", class_items: torch.Tensor | None = None) -> None:
         """Grow by one task: a new head, a new task-embedding row, fresh relation layers for every task (as the
         authors: every earlier task's masks move at each stage; docs/retention.md has the study that kept them). With
         `own_blocks` = k > 0 (not in the paper), the new task reads its own copies of the top k residual blocks,
         copied from the shared ones now: only its own terms train them, so the retention that holds the shared
-        blocks for the earlier tasks never pulls on them.
+        blocks for the earlier tasks never pulls on them. With `class_items` [n_classes] (DITTO's item task), the item
+        row of each class: the new head maps the hidden state to a C-vector scored against those rows (class 0,
+        <UNK>, reads row 0).
         """
         if not 0 <= own_blocks <= len(self.blocks):
             raise ValueError(f"own_blocks must be in 0..{len(self.blocks)} (got {own_blocks})")
@@ -340,8 +351,14 @@ class NextItNet(nn.Module):
             self.config.task_parts = [self.config.part_kind(t) for t in range(self.config.n_tasks)] + [part]
             if part:
                 self.task_parts[str(self.config.n_tasks)] = self._new_parts(part).to(device)
+        if class_items is not None or self.config.item_heads:
+            self.config.item_heads = [self.config.has_item_head(t) for t in range(self.config.n_tasks)] + [
+                class_items is not None]
+            if class_items is not None:
+                self.register_buffer(f"class_items_{self.config.n_tasks}", class_items.to(device, torch.long).clone())
+        width = self.config.channels if class_items is not None else n_classes
         self.config.task_classes = [*self.config.task_classes, n_classes]
-        self.heads.append(_init_head(nn.Linear(self.config.channels, n_classes)).to(device))
+        self.heads.append(_init_head(nn.Linear(self.config.channels, width)).to(device))
         rows = self._new_task_rows(1).to(device)
         self.task_embedding = nn.Parameter(torch.cat([self.task_embedding.data, rows]))
         self.config.relation = relation
@@ -368,22 +385,26 @@ class NextItNet(nn.Module):
         bound = math.sqrt(1.0 / n_items)
         device = self.item_embedding.weight.device
         frozen = not self.item_embedding.weight.requires_grad
+        if rows_from is not None and rows_from.config.n_items != n_items:
+            raise ValueError(f"rows_from has {rows_from.config.n_items} items, not {n_items}")
         if rows_from is None:
             rows = torch.empty(n_new, config.channels, device=device).uniform_(-bound, bound)   # [n_new, C]
-            weight = torch.empty(n_new, config.channels, device=device).normal_(0.0, 0.01)      # [n_new, C]
-            bias = torch.full((n_new,), 0.1, device=device)                                    # [n_new]
         else:
-            if rows_from.config.n_items != n_items:
-                raise ValueError(f"rows_from has {rows_from.config.n_items} items, not {n_items}")
-            rows, weight, bias = (tensor.detach()[config.n_items:].to(device) for tensor in (
-                rows_from.item_embedding.weight, rows_from.heads[0].weight, rows_from.heads[0].bias))
+            rows = rows_from.item_embedding.weight.detach()[config.n_items:].to(device)
         for embedding in [self.item_embedding, *self.task_item_embeddings.values()]:
             embedding.weight = nn.Parameter(torch.cat([embedding.weight.data, rows]), requires_grad=not frozen)
             embedding.num_embeddings = n_items
-        head = self.heads[0]
-        head.weight = nn.Parameter(torch.cat([head.weight.data, weight]), requires_grad=not frozen)
-        head.bias = nn.Parameter(torch.cat([head.bias.data, bias]), requires_grad=not frozen)
-        head.out_features = n_items
+        if not config.has_item_head(0):                   # an item head (DITTO) scores every row: nothing to grow
+            head = self.heads[0]
+            if rows_from is None:
+                weight = torch.empty(n_new, config.channels, device=device).normal_(0.0, 0.01)  # [n_new, C]
+                bias = torch.full((n_new,), 0.1, device=device)                                # [n_new]
+            else:
+                weight, bias = (t.detach()[config.n_items:].to(device) for t in (rows_from.heads[0].weight,
+                                                                                 rows_from.heads[0].bias))
+            head.weight = nn.Parameter(torch.cat([head.weight.data, weight]), requires_grad=not frozen)
+            head.bias = nn.Parameter(torch.cat([head.bias.data, bias]), requires_grad=not frozen)
+            head.out_features = n_items
         config.n_items, config.task_classes = n_items, [n_items, *config.task_classes[1:]]
         config.item_counts = [*counts, n_items]
 
@@ -457,7 +478,20 @@ class NextItNet(nn.Module):
         """Logits of head `task` ([B, n_classes] or [B, L, n_classes]) and the masks used [n_layers, C]."""
         if masks is None:
             masks = self.task_masks(task, s)
-        return self.heads[task](self.hidden(items, masks, last_only, task)), masks
+        return self.logits(task, self.hidden(items, masks, last_only, task)), masks
+
+    def logits(self, task: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Head `task` on hidden states [..., C] → [..., n_classes]; an item head (DITTO) scores its output
+        (W_t h + b) [..., C] against its classes' item rows (task 1: every item)."""
+        out = self.heads[task](hidden)
+        if not self.config.has_item_head(task):
+            return out
+        return out @ self.class_item_rows(task).t()
+
+    def class_item_rows(self, task: int) -> torch.Tensor:
+        """An item-head task's class rows of the item embedding [n_classes, C] (task 1: the whole table)."""
+        weight = self.item_embedding.weight
+        return weight if task == 0 else weight[getattr(self, f"class_items_{task}")]
 
     # ------------------------------------------------------------ checkpoints
 

@@ -2,6 +2,8 @@
 # Run all six TERACON stages in order and print the forgetting matrix.
 #   bash run_all.sh demo        # MovieLens-100K from RecBole's wheel, small settings, CPU, ~2 minutes
 #   bash run_all.sh synth       # the controlled benchmark (tools/synth.py), small settings, CPU, ~3 minutes
+#   bash run_all.sh synth_time  # the benchmark with items arriving at each stage, under --protocol time
+#                               # (`bash run_all.sh synth_time --method ditto` runs DITTO's chain)
 #   bash run_all.sh ttl         # Data/TTL/ (download first), the paper's settings
 #   bash run_all.sh movielens   # Data/movielens/ (python prepare_data.py --source <ml-folder> --out Data/movielens)
 # Extra arguments are passed to every stage, e.g. `bash run_all.sh demo --device cpu --seed 3`.
@@ -38,10 +40,17 @@ case "$dataset" in
         # The controlled benchmark (tools/synth.py; regenerated each time: deterministic, a few seconds).
         $python tools/synth.py --out Data/synth
         ;;
+    synth_time)
+        # The benchmark with items arriving at each later stage, and its re-test files (deterministic, seconds); the
+        # generator's flags are continual/datasets.py's, which compare.py reads too.
+        generator_flags=$($python -m continual.datasets synth_time generator)
+        read -ra generator <<< "$generator_flags"
+        $python tools/synth.py --out Data/synth_time "${generator[@]}"
+        ;;
     ttl|movielens)
         ;;
     *)
-        echo "usage: bash run_all.sh demo|synth|ttl|movielens [flags for every stage]" >&2
+        echo "usage: bash run_all.sh demo|synth|synth_time|ttl|movielens [flags for every stage]" >&2
         exit 2
         ;;
 esac

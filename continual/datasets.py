@@ -35,6 +35,10 @@ DATASETS: dict[str, dict[str, Any]] = {
               "names": ["next_item", "click", "like", "age", "gender", "life_status"],
               "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
               "missing": "generate it first: python tools/synth.py --out Data/synth"},
+    "synth_time": {"folder": "Data/synth_time", "files": PREPARED_FILES, "generator": ["--new_items", "20"],
+                   "names": ["next_item", "click", "like", "age", "gender", "life_status"],
+                   "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
+                   "missing": "generate it first: python tools/synth.py --out Data/synth_time --new_items 20"},
     "demo": {"folder": "Data/demo", "files": PREPARED_FILES,
              "names": ["next_item", "watch", "like", "age", "gender", "occupation"],
              "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
@@ -71,11 +75,15 @@ VARIANT_STAGES: dict[str, dict[int, dict[str, Any]]] = {
 #   selection on NDCG@20 (MRR@5 on 95 users jumps between epochs) with patience 15 / 5; batch 256 and lr 1e-3 after
 #   stage 1 (943 users make few batches of 1024). README, "The demo".
 # - synth (the controlled benchmark): demo-sized settings, 64 channels, at most 10 epochs a stage, batch 256 and lr
-#   1e-3 after stage 1.
+#   1e-3 after stage 1; synth_time (the benchmark with items arriving: tools/synth.py --new_items 20): the same, with
+#   --protocol time after stage 1.
 # Other datasets (ttl, movielens, ttl_shaped) run at the paper's settings: no flags.
 SMALL_RUN_FLAGS: dict[str, tuple[list[str], list[str]]] = {
     "synth": (["--channels", "64", "--epochs", "10", "--patience", "3", "--select_on", "mrr@5"],
               ["--epochs", "10", "--patience", "3", "--select_on", "mrr@5", "--batch", "256", "--lr", "1e-3"]),
+    "synth_time": (["--channels", "64", "--epochs", "10", "--patience", "3", "--select_on", "mrr@5"],
+                   ["--epochs", "10", "--patience", "3", "--select_on", "mrr@5", "--batch", "256", "--lr", "1e-3",
+                    "--protocol", "time"]),
     "demo": (["--channels", "64", "--epochs", "80", "--patience", "15", "--select_on", "ndcg@20",
               "--split_percentage", "0.4"],
              ["--epochs", "20", "--patience", "5", "--select_on", "ndcg@20", "--batch", "256", "--lr", "1e-3",
@@ -130,6 +138,9 @@ def preset_paths(dataset: str, stage: int, check: bool = True) -> dict[str, str]
     return paths
 
 
-if __name__ == "__main__":  # run_all.sh: `python -m continual.datasets DATASET STAGE` prints the stage's flags
-    import sys
-    print(" ".join(stage_flags(sys.argv[1], int(sys.argv[2]))))
+if __name__ == "__main__":  # run_all.sh: `python -m continual.datasets DATASET STAGE` prints the stage's flags;
+    import sys             # `... DATASET generator` the flags tools/synth.py writes the data set with
+    if sys.argv[2] == "generator":
+        print(" ".join(DATASETS[sys.argv[1]].get("generator", [])))
+    else:
+        print(" ".join(stage_flags(sys.argv[1], int(sys.argv[2]))))

@@ -337,6 +337,28 @@ def test_paper_settings_use_the_stage_defaults_lr_and_batch_1024():
     assert compare.later_flags("synth") == datasets.stage_flags("synth", 2)
 
 
+def test_the_protocol_reaches_stages_two_on_and_synth_time_is_generated_with_its_preset(tmp_path, monkeypatch):
+    """--protocol X is given to every stage >= 2 after the dataset's flags (so it wins over synth_time's own
+    --protocol time), never to stage 1; DITTO's chain starts from its own stage 1; synth_time is drawn with its preset's
+    generator flags (items arriving, re-test files), which run_all.sh reads through `python -m continual.datasets`."""
+    later = compare.later_flags("synth_time", protocol="static")
+    assert later[-2:] == ["--protocol", "static"] and later[:-2] == datasets.stage_flags("synth_time", 2)
+    assert "--protocol" in datasets.stage_flags("synth_time", 2) and "--protocol" not in compare.later_flags("synth")
+    run = parse_args(2, ["--datapath", "d.csv", "--datapath_index", "i.csv", "--paths", "p.t7", "--savepath", "s",
+                         *later])
+    assert run.protocol == "static"
+    first = compare.stage_command("synth_time", "runs/c", 0, "ditto", 1, [], later)
+    assert "--protocol" not in first and first[first.index("--method") + 1] == "ditto"
+    assert first[first.index("--savepath") + 1] == os.path.join("runs/c", "seed0", "stage1_ditto", "task1")
+    from continual.generators import synth
+    real_main = synth.main
+    monkeypatch.setattr(synth, "main", lambda argv: real_main(argv + ["--users", "60", "--items", "30"]))
+    monkeypatch.setitem(compare.DATASETS["synth_time"], "folder", str(tmp_path / "time"))
+    compare.prepare_synth_time(0)
+    meta = json.loads((tmp_path / "time" / "tasks.json").read_text())
+    assert meta["new_items"] == int(datasets.DATASETS["synth_time"]["generator"][1]) and len(meta["retests"]) == 15
+
+
 def test_candidate_names(tmp_path):
     assert comparison.split_overrides("recommended+alpha=0+no_relation") == (
         "recommended", ["--alpha", "0", "--no_relation"])

@@ -18,6 +18,7 @@ METHODS: dict[str, str] = {            # name → "module:Class", imported when 
     "piggyback": "continual.methods.piggyback:Piggyback",
     "conure": "continual.methods.conure:Conure",
     "hat": "continual.methods.hat:HAT",
+    "ditto": "continual.methods.ditto:Ditto",
 }
 
 

@@ -42,7 +42,7 @@ from utils import DataError
 
 if TYPE_CHECKING:
     from continual.training.run_config import RunConfig
-    from data_loader import TaskData
+    from data_loader import ItemIndex, TaskData
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ class Stage:
     frozen: Callable[[dict], NextItNet]          # a checkpoint → its model on the device, frozen (compiled under
                                                  # --compile), as `previous` is built
     n_train: int = 0                             # the new task's training rows (Step.ids lie in 0 .. n_train − 1)
+    index: "ItemIndex | None" = None             # the stage's item index (grown under --protocol time); None outside
+                                                 # a run
 
     @property
     def task(self) -> int:
@@ -99,6 +101,8 @@ class Method:
     retired: ClassVar[dict[str, str]] = {}       # a flag the method no longer has → why, said when one is given
     stage1_method: ClassVar[str] = ""            # compare.py: the method whose stage 1 a chain starts from ("" = the
                                                  # default stage 1 that every other chain of the seed shares)
+    item_targets: ClassVar[bool] = False         # the method scores a rec task's classes through their items' rows
+                                                 # (DITTO): under --protocol time its target items join the index too
 
     def __init__(self, options: Any, run: "RunConfig"):
         self.options, self.run = options, run

@@ -151,8 +151,10 @@ def later_inputs(run: RunConfig, sampler: OurSampler | AuthorsSampler, device: t
     """Stage K ≥ 2: the previous checkpoint and the index, checked against each other; task K's data and split."""
     checkpoint, index = load_previous(run)
     run.channels = checkpoint["model_config"]["channels"]  # the model's shape comes from the checkpoint
-    if run.protocol == "time":                              # this task's new source items join the index
-        data, index = load_task_growing(run.datapath, index, run.stage)
+    if run.protocol == "time":                              # this task's new source items join the index (and its
+        joins = method_class(run.method).item_targets      # target items, for a method that scores them by rows)
+        data, index = load_task_growing(run.datapath, index, run.stage,
+                                        (lambda n: task_record(run, n)["kind"] == "rec") if joins else None)
         print(f"task {run.stage}: {index.size - checkpoint['model_config']['n_items']} new items "
               f"({index.size} in all)")
     else:
@@ -465,7 +467,7 @@ def run_stage(run: RunConfig) -> dict:
     previous = frozen_model(inputs.checkpoint, device, run.compile) if inputs.checkpoint else None
     stage = Stage(run.stage, run, device, previous, inputs.checkpoint, inputs.record, sampler,
                   examples_of(inputs, run), lambda checkpoint: frozen_model(checkpoint, device, run.compile),
-                  inputs.parts[0].size)
+                  inputs.parts[0].size, inputs.index)
     method.begin_stage(stage)
     if inputs.checkpoint is None:
         model = NextItNet(ModelConfig(n_items=inputs.index.size, task_classes=[inputs.index.size],
