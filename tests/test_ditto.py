@@ -133,17 +133,56 @@ def test_fkt_by_hand():
     negatives drawn from the old items by the method's generator."""
     teacher, student, method = stage_two()
     inputs = torch.randint(1, 12, (4, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        h_teacher = teacher.hidden(inputs, teacher.task_masks(0, 2.0), True, 0)
     state = method.generator.get_state()
-    got = method.forward_transfer(student, teacher, inputs, 0, 2.0, teacher.task_masks(0, 2.0))
+    got = method.forward_transfer(student, inputs, 0, 2.0, h_teacher)
     method.generator.set_state(state)
     drawn = torch.randint(1, 12, (4, 5), generator=method.generator)
     assert drawn.max() < 12 and drawn.min() >= 1
-    with torch.no_grad():
-        h_teacher = teacher.hidden(inputs, teacher.task_masks(0, 2.0), True, 0)
     h_student = student.hidden(inputs, student.task_masks(0, 2.0), True, 0)
     rows = student.item_embedding.weight.detach()
     expected = sum(((h_student[u] - h_teacher[u]) @ rows[drawn[u, k]]) ** 2 for u in range(4) for k in range(5)) / 20
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fkt_and_bkt2_choose_their_users_by_the_stage_means_and_weigh_fkt_by_the_ratios():
+    """Stage 3 (two earlier tasks, both item tasks): FKT of task i reads the n_i = min(B, max(⌊B r_i⌋, 20)) users whose
+    previous-model hidden state is most similar to the stage-i item mean, less those holding an item new at this
+    stage (task 1 without the last item), weighted α r_i / Σr with the ratios before the batch; BKT2 of task 2 reads
+    the n_2 least similar users holding an item newer than task 2."""
+    teacher = item_head_model(seed=1)
+    teacher.add_items(3)                                            # stage 2 brought items 12..14
+    teacher.add_task(4, relation=True, class_items=torch.tensor([0, 3, 13, 9]))
+    teacher = teacher.eval().requires_grad_(False)
+    student = NextItNet.from_checkpoint({"model_config": teacher.config_dict(), "model_state": teacher.state_dict()})
+    student.add_items(3)                                            # stage 3 brings 15..17
+    teacher.add_items(3, rows_from=student)
+    student.add_task(3, relation=True, class_items=torch.tensor([0, 16, 2]))
+    method = method_for("ditto", ditto.DittoOptions(ditto_negatives=5), 3, teacher, np.random.default_rng(0),
+                        record={"kind": "rec"})
+    method.old_items, method.ratios = 15, [0.5, 0.4]
+    method.means = [torch.randn(8, generator=torch.Generator().manual_seed(k)) for k in (7, 8)]
+    seen = {"fkt": {}, "bkt2": {}}
+    method.forward_transfer = lambda model, inputs, task, s, previous: (
+        seen["fkt"].__setitem__(task, inputs), torch.ones((), requires_grad=True))[1]
+    method.rest_backward = lambda model, users, task, s: (seen["bkt2"].__setitem__(task, users),
+                                                          torch.ones((), requires_grad=True))[1]
+    method.task1_backward = lambda model, x, s: None
+    generator = torch.Generator().manual_seed(9)
+    x, y = torch.randint(1, 18, (64, 6), generator=generator), torch.randint(1, 3, (64,), generator=generator)
+    terms = list(method.terms(student, Step(x, y, 2.0, Shard(64))))
+    with torch.no_grad():
+        similarity = [F.cosine_similarity(teacher.hidden(x, teacher.task_masks(i, 2.0), True, i),
+                                          method.means[i][None, :], dim=1) for i in (0, 1)]
+    old_only, newer = (x < 15).all(1), (x >= 15).any(1)
+    most = [torch.topk(similarity[i], count).indices for i, count in ((0, 32), (1, 25))]
+    least = torch.topk(-similarity[1], 25).indices
+    assert torch.equal(seen["fkt"][0], x[most[0][old_only[most[0]]], :-1])
+    assert torch.equal(seen["fkt"][1], x[most[1][old_only[most[1]]]])
+    assert torch.equal(seen["bkt2"][1], x[least[newer[least]]])
+    assert [float(term.detach()) for term in terms[1:]] == pytest.approx([0.7 * 0.5 / 0.9, 0.7 * 0.4 / 0.9, 0.8])
+    assert method.ratios != [0.5, 0.4]
 
 
 def test_task1_backward_chooses_the_users_with_most_distinct_new_items():

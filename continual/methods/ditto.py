@@ -146,8 +146,8 @@ class Ditto(Method):
         teacher, options = self.stage.previous, self.options
         with torch.no_grad():
             teacher_masks = [teacher.task_masks(i, s) for i in range(task)]               # K−1 × [n_layers, C]
-            similarity = [rank_users(teacher.hidden(x, teacher_masks[i], True, i), self.means[i].to(x.device))
-                          for i in range(task)]                                           # K−1 × [B]
+            teacher_hidden = [teacher.hidden(x, teacher_masks[i], True, i) for i in range(task)]   # K−1 × [B, C]
+            similarity = [rank_users(hidden, mean.to(x.device)) for hidden, mean in zip(teacher_hidden, self.means)]
         current_masks = model.task_masks(task, s)                                          # [n_layers, C]
         yield self.current_loss(model, step, current_masks)
         old_only = (x < self.old_items).all(1)                                             # [B] no item new here
@@ -157,9 +157,14 @@ class Ditto(Method):
             for i in range(task):
                 chosen = torch.topk(similarity[i], counts[i]).indices                      # most similar users
                 rows = chosen[old_only[chosen]]
-                if rows.numel():
-                    yield options.ditto_alpha * self.ratios[i] / total * self.forward_transfer(
-                        model, teacher, x[rows, :-1] if i == 0 else x[rows], i, s, teacher_masks[i])
+                if not rows.numel():
+                    continue
+                inputs = x[rows, :-1] if i == 0 else x[rows]                               # task 1: without the last
+                with torch.no_grad():
+                    previous = (teacher.hidden(inputs, teacher_masks[0], True, 0) if i == 0
+                                else teacher_hidden[i][rows])                              # [n, C]
+                yield options.ditto_alpha * self.ratios[i] / total * self.forward_transfer(model, inputs, i, s,
+                                                                                           previous)
         if options.task1_bkt and options.ditto_beta > 0:
             term = self.task1_backward(model, x, s)
             if term is not None:
@@ -193,12 +198,11 @@ class Ditto(Method):
         drawn = uniform_negatives(targets, self.options.ditto_negatives, model.config.n_items, self.generator)
         return bpr_sum(model.heads[task](hidden), model.item_embedding.weight, targets, drawn)
 
-    def forward_transfer(self, model: NextItNet, teacher: NextItNet, inputs: torch.Tensor, task: int, s: float,
-                         teacher_masks: torch.Tensor) -> torch.Tensor:
-        """FKT for earlier task `task` on `inputs` [n, L'] (users with old items only): an item task's mean squared
-        difference of h · E_neg (99 old items a user, the student's rows detached), else of the hidden states."""
-        with torch.no_grad():
-            previous = teacher.hidden(inputs, teacher_masks, True, task)                   # [n, C]
+    def forward_transfer(self, model: NextItNet, inputs: torch.Tensor, task: int, s: float,
+                         previous: torch.Tensor) -> torch.Tensor:
+        """FKT for earlier task `task` on `inputs` [n, L'] (users with old items only), `previous` [n, C] the previous
+        model's hidden states of them: an item task's mean squared difference of h · E_neg (99 old items a user, the
+        student's rows detached), else of the hidden states."""
         student = model.hidden(inputs, model.task_masks(task, s), True, task)               # [n, C]
         if not model.config.has_item_head(task):
             return F.mse_loss(student, previous)
