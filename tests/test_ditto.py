@@ -263,3 +263,11 @@ def test_ditto_refuses_torchrun_at_parse_time(monkeypatch, capsys):
         config.parse_args(2, ["--datapath", "d.csv", "--datapath_index", "i.csv", "--paths", "p.t7", "--savepath", "s",
                               "--method", "ditto"])
     assert stopped.value.code == 2 and "--method ditto runs in one process" in capsys.readouterr().err
+
+
+def test_ditto_stage1_takes_its_own_lr_unless_given():
+    from continual.training import config
+    common = ["--datapath", "d.csv", "--datapath_index", "i.csv", "--savepath", "s", "--method", "ditto"]
+    assert config.parse_args(1, common).lr == 0.01
+    assert config.parse_args(1, [*common, "--lr", "1e-3"]).lr == 1e-3
+    assert config.parse_args(2, [*common, "--paths", "p.t7"]).lr == 1e-3          # the stage's, as every method's

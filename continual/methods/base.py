@@ -96,6 +96,7 @@ class Method:
     phases: ClassVar[int] = 1                    # training phases of a stage, each fitted with early stopping
     loop_defaults: ClassVar[dict] = {}           # the loop's flags this method defaults otherwise (HAT: smax 400);
                                                  # explicit flags win
+    stage1_defaults: ClassVar[dict] = {}         # the same, for its own stage 1 only (DITTO: lr 0.01)
     variant_defaults: ClassVar[dict[str, dict]] = {}  # --variant NAME → the option defaults where the authors'
                                                  # codes differ
     retired: ClassVar[dict[str, str]] = {}       # a flag the method no longer has → why, said when one is given

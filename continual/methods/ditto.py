@@ -26,8 +26,9 @@ classification tasks keep their head's cross-entropy. At stage K ≥ 2 (train_di
 
 Its own stage 1 (train_task1.py): the same masked model with task 1's item head, trained by BPR over every
 position against 99 negatives drawn by popularity rank, p ∝ exp(−(rank + 1) / (ρ V)), ρ 0.3 (by rank: the code
-assigns the decay by item index, an accident). Every parameter of the student trains (the code's Adam over
-model.parameters()); its lr 5e-4 and batch 512 (stage 1: lr 0.01) are here the stage's, as every method's.
+assigns the decay by item index, an accident), at its lr 0.01 unless --lr is given (a BPR sum learns slowly at
+the suite's stage-1 lr 1e-3). Every parameter of the student trains (the code's Adam over model.parameters()); its
+lr 5e-4 and batch 512 at later stages are here the stage's, as every method's.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ class Ditto(Method):
     Options = DittoOptions
     stage1_method = "ditto"             # compare.py: its own stage 1 (task 1's item head, BPR, popularity negatives)
     item_targets = True                 # its item tasks score their classes through their items' rows
+    stage1_defaults = {"lr": 0.01}      # its stage 1's (train_task1.py:32); later stages take the stage's, as all
 
     @classmethod
     def check(cls, options: DittoOptions, run: "RunConfig", fail: Callable[[str], None]) -> None:

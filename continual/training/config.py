@@ -150,7 +150,8 @@ def parse_args(stage: int | None, argv: list[str] | None = None,
     args.stage = stage
     cls = method_class(method)
     loop_defaults = {"smax": RunConfig.smax, **stage_defaults(stage, args.variant),
-                     **cls.variant_defaults.get(args.variant, {}), **cls.loop_defaults}
+                     **cls.variant_defaults.get(args.variant, {}), **cls.loop_defaults,
+                     **(cls.stage1_defaults if stage == 1 else {})}
     for key, value in loop_defaults.items():
         if getattr(args, key, value) is None:  # explicit flags win; a default of a flag the method lacks is skipped
             setattr(args, key, value)
