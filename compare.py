@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from continual import flags
-from continual.checkpoints import load_checkpoint
+from continual.methods.checkpoints import load_checkpoint
 from continual.comparison import (chains_first, known_name, method_names, read_records, records_csv,
                                   resolve, split_overrides)
 from continual.datasets import DATASETS, preset_paths, stage_flags

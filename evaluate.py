@@ -17,7 +17,7 @@ import time
 import torch
 
 from continual import flags
-from continual.checkpoints import load_checkpoint
+from continual.methods.checkpoints import load_checkpoint
 from continual.evaluation.reports import forgetting_matrix, matrix_lines, retest_matrix
 from continual.evaluation.scoring import kept_report, load_task_data, task_report
 from continual.training.resources import peak_memory_mib

@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from continual import flags
-from continual.checkpoints import load_checkpoint
+from continual.methods.checkpoints import load_checkpoint
 from continual.evaluation.scoring import score
 from continual.training.loop import autocast
 from data_loader import ItemIndex, TaskData, load_task, read_index, segments, split_indices, tokenize

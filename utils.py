@@ -1,6 +1,6 @@
 """Shared pieces: the error a user can fix and the CLI wrapper that reports it, atomic writes, seeding, the
 device and the allocator. Dataset presets are in continual/datasets.py, metrics and reports in
-continual/evaluation/, checkpoint loading in continual/checkpoints.py."""
+continual/evaluation/, checkpoint loading in continual/methods/checkpoints.py."""
 from __future__ import annotations
 
 import contextlib

@@ -11,7 +11,7 @@ import torch
 
 from continual.methods.base import Step
 from continual.methods.teracon import PRESETS, Teracon, TeraconOptions
-from continual.training.distributed import Shard
+from continual.distributed import Shard
 from continual.training.loop import method_for
 from model import ModelConfig, NextItNet
 

@@ -13,7 +13,7 @@ import pytest
 from continual import comparison
 import torch
 
-from continual import checkpoints
+from continual.methods import checkpoints
 from continual.evaluation import scoring
 from continual.methods.conure import prune
 from continual.methods.mtl import MTL

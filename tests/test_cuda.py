@@ -16,7 +16,7 @@ import torch
 import data_loader
 from continual.methods.base import Step
 from continual.training import loop
-from continual.training.distributed import Shard
+from continual.distributed import Shard
 from model import ModelConfig, NextItNet
 from teracon_helpers import teracon_loss, teracon_method, teracon_options
 

@@ -40,8 +40,8 @@ import torch.distributed as dist
 
 torch.set_num_threads(1)
 import data_loader
-from continual.training import distributed
-from continual.training.distributed import Shard
+from continual import distributed
+from continual.distributed import Shard
 from model import ModelConfig, NextItNet
 from teracon_helpers import task1_loss, teracon_loss, teracon_options
 

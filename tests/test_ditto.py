@@ -15,7 +15,7 @@ from continual.generators import synth
 from continual.methods import ditto
 from continual.methods.base import Step
 from continual.training import loop
-from continual.training.distributed import Shard
+from continual.distributed import Shard
 from continual.training.loop import method_for, train_step
 from continual.training.samplers import adam
 from model import ModelConfig, NextItNet

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from continual import checkpoints
+from continual.methods import checkpoints
 from continual.methods import hat
 from continual.methods.base import Step
 from continual.training import config, loop
-from continual.training.distributed import Shard
+from continual.distributed import Shard
 from model import TASK_EMBEDDING_CLAMP, ModelConfig, NextItNet
 from utils import DataError
 

@@ -19,14 +19,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from continual import checkpoints
+from continual.methods import checkpoints
 from continual.evaluation import scoring
 from continual.methods import METHODS, method_class
 from continual.methods.base import Step
 from continual.methods import ewc
 from continual.methods.ewc import EWC, shared_parameters
 from continual.training import config, loop
-from continual.training.distributed import Shard
+from continual.distributed import Shard
 from data_loader import TaskData, read_index
 from model import ModelConfig, NextItNet
 
@@ -36,7 +36,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "legacy"
 # ------------------------------------------------------------------ the registry and the loop
 
 SHARED_MODULES = ["continual/training/loop.py", "continual/training/config.py", "continual/training/samplers.py",
-                  "continual/datasets.py", "continual/evaluation/scoring.py", "continual/checkpoints.py"]
+                  "continual/datasets.py", "continual/evaluation/scoring.py", "continual/methods/checkpoints.py"]
 GENERIC_OPTION_WORDS = {"rows", "weights", "distance", "alpha", "preset"}  # option names that are also plain words
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import utils
-from continual import checkpoints
+from continual.methods import checkpoints
 from continual.methods.base import next_item_loss
 from continual.training import config, loop
 from model import ModelConfig, NextItNet, causal_conv

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from continual import checkpoints  # noqa: E402
+from continual.methods import checkpoints  # noqa: E402
 from continual.original_checkpoints import KEY_MAP, convert_original  # noqa: E402
 from model import CHECKPOINT_FORMAT, NextItNet  # noqa: E402
 from utils import DataError  # noqa: E402

@@ -44,7 +44,7 @@ def chain(tmp_path_factory, data_writer):
 @pytest.fixture(scope="module")
 def loaded(chain):
     """(model, index, smax) of the stage-3 checkpoint."""
-    from continual.checkpoints import load_checkpoint
+    from continual.methods.checkpoints import load_checkpoint
     from data_loader import read_index
     from model import NextItNet
 
@@ -84,7 +84,7 @@ def read_csv(path) -> list[dict]:
 
 def task_split(chain, task: int) -> tuple[int, float]:
     """(seed, split_percentage) the stage-3 checkpoint records for `task`."""
-    from continual.checkpoints import load_checkpoint
+    from continual.methods.checkpoints import load_checkpoint
 
     record = load_checkpoint(str(chain[1] / "task3.t7"))["tasks"][task - 1]
     return record["seed"], record["split_percentage"]

@@ -202,7 +202,7 @@ def test_checkpoints_load_weights_only(trained):
 @pytest.mark.slow
 def test_kill_midway_keeps_earlier_and_partial_checkpoints(trained, tmp_path):
     """A kill during stage 2 leaves stage 1 intact and stage 2's best-so-far loadable; --resume continues."""
-    from continual.checkpoints import load_checkpoint
+    from continual.methods.checkpoints import load_checkpoint
     from model import NextItNet
 
     big = synthetic(str(tmp_path), users=1500, length=8, seed=1)
@@ -335,7 +335,7 @@ def test_overwrite_removes_the_earlier_runs_metrics_once_it_replaces_the_checkpo
     """Stopped in its second epoch (after its first best model), an --overwrite run leaves its own unfinished
     checkpoint and no metrics of the model it replaced (compare.py would take them as this checkpoint's)."""
     import utils
-    from continual.checkpoints import load_checkpoint
+    from continual.methods.checkpoints import load_checkpoint
     from continual.training import loop
     save = str(tmp_path / "task2")
     common = ["--datapath", trained["t2"], "--paths", trained["task1"], "--datapath_index", trained["index"],
@@ -358,7 +358,7 @@ def test_overwrite_removes_the_earlier_runs_metrics_once_it_replaces_the_checkpo
 def test_a_stage_stopped_while_it_scores_is_not_marked_finished(trained, tmp_path, monkeypatch, capsys):
     """The checkpoint is marked finished only after every task is scored: an interrupt while scoring leaves it
     unfinished (the next stage refuses it) and writes no metrics.json."""
-    from continual.checkpoints import load_checkpoint
+    from continual.methods.checkpoints import load_checkpoint
     from continual.training import loop
 
     def interrupted(*args, **kwargs):
@@ -389,7 +389,7 @@ def test_a_finished_stage_is_not_trained_again_without_overwrite(trained, tmp_pa
 def test_the_next_stage_refuses_an_unfinished_stage_naming_resume(trained, tmp_path):
     """The best model so far, written while a stage trains, is marked unfinished: the next stage (and --expert)
     refuse it in one line naming --resume; evaluate.py still reads it."""
-    from continual.checkpoints import load_checkpoint
+    from continual.methods.checkpoints import load_checkpoint
     from utils import atomic_torch_save
     checkpoint = load_checkpoint(trained["task1"])
     checkpoint["finished"] = False
@@ -406,7 +406,7 @@ def test_the_next_stage_refuses_an_unfinished_stage_naming_resume(trained, tmp_p
 
 
 def test_a_stage_checkpoint_is_final_only_when_the_stage_is(trained, tmp_path):
-    from continual.checkpoints import is_finished, load_checkpoint
+    from continual.methods.checkpoints import is_finished, load_checkpoint
     assert is_finished(load_checkpoint(trained["task1"]))
     legacy = load_checkpoint(trained["task1"])
     legacy.pop("finished")
@@ -496,7 +496,7 @@ def resume_for(tmp_path, max_steps: int = 0):
 def test_a_resume_within_an_epoch_gives_each_rank_its_own_rows(tmp_path, monkeypatch):
     """Under torchrun each rank's rows of the stopped epoch are saved, and each rank resumes with its own; on another
     number of processes the file is refused in one line."""
-    from continual.training import distributed
+    from continual import distributed
     parts = [{"batch": 3, "shards": [(np.array([rank, rank + 2]), 0.5, 4)], "stats": {"loss": float(rank)}}
              for rank in (0, 1)]
     resume_for(tmp_path).save(1, 0.5, 0, parts)

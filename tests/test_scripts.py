@@ -93,7 +93,7 @@ def _check_metrics_file(metrics, stage, expected_kinds):
 
 @pytest.mark.slow
 def test_three_stages_one_epoch_each(smoke_run):
-    from continual.checkpoints import load_checkpoint
+    from continual.methods.checkpoints import load_checkpoint
     from data_loader import read_index
 
     data, out, metrics = smoke_run
@@ -170,7 +170,7 @@ def test_evaluate_valid_split_is_what_training_selected_on(long_run, repo_root, 
     run_script(repo_root, subprocess_env, "evaluate.py", "--paths", out / "task2.t7", "--task", 2,
                "--datapath", data.task2, "--datapath_index", out / "index.csv", "--device", "cpu",
                "--split", "valid", "--json", target)
-    from continual.checkpoints import load_checkpoint
+    from continual.methods.checkpoints import load_checkpoint
 
     result = json.loads(target.read_text())
     stored = load_checkpoint(str(out / "task2.t7"))["valid"]

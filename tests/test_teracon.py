@@ -18,7 +18,7 @@ from continual.methods import teracon
 from continual.methods.base import Step, distillation_kl
 from continual.methods.teracon import FrozenOutputs, Teracon, own_parameters, plan_frozen_outputs
 from continual.training import config, loop, samplers
-from continual.training.distributed import Shard
+from continual.distributed import Shard
 from model import NextItNet
 from teracon_helpers import (KL_EVERY_ROW, option_flags, stage4_models, teracon_loss, teracon_method, teracon_options,
                              teracon_terms)

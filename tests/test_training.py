@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import utils
-from continual import checkpoints
+from continual.methods import checkpoints
 from continual.methods.base import Step
 from continual.training import config, loop, samplers
 from continual.evaluation import reports, scoring
 from continual.generators import synth
-from continual.training.distributed import Shard
+from continual.distributed import Shard
 from data_loader import read_index
 from model import ModelConfig, NextItNet
 from teracon_helpers import stage4_models, task1_loss, teracon_loss, teracon_method, teracon_options

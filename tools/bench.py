@@ -30,7 +30,7 @@ from continual import flags
 from continual.evaluation.scoring import score
 from continual.methods.base import Step
 from continual.methods.teracon import INITIAL_RATIO, PRESETS, TeraconOptions, retention_plan, sampling_ratio
-from continual.training.distributed import Shard
+from continual.distributed import Shard
 from continual.training.loop import autocast, compile_backbone, method_for, train_step
 from continual.training.resources import peak_memory_mib, synchronize
 from continual.training.samplers import adam

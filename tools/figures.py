@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file (python tools/…): import the su
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from continual import flags
-from continual.checkpoints import load_checkpoint
+from continual.methods.checkpoints import load_checkpoint
 from continual.evaluation.reports import matrix_cells
 from model import NextItNet
 from utils import DataError, cli

@@ -36,13 +36,21 @@ import torch
 import torch.nn.functional as F
 
 from continual import flags
-from continual.training.distributed import Shard
+from continual.distributed import Shard
 from model import NextItNet
 from utils import DataError
 
 if TYPE_CHECKING:
-    from continual.training.run_config import RunConfig
+    from continual.run_config import RunConfig
     from data_loader import ItemIndex, TaskData
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Row `index` of `parameter` (a table with a row per task, e.g. the task embeddings) named in a parameter group
+    of its own, so that it steps at that group's learning rate while the table's other rows step at theirs."""
+    parameter: torch.nn.Parameter
+    index: int
 
 
 @dataclass(frozen=True)
@@ -172,7 +180,7 @@ class Method:
 
     def param_groups(self, model: NextItNet, lr: float) -> list[dict]:
         """The optimiser's parameter groups, as torch's dicts ("params", "lr"; a group's params may name
-        samplers.Rows, a row of a table): every parameter at the stage's --lr by default. The loop builds Adam from
+        Rows, a row of a table): every parameter at the stage's --lr by default. The loop builds Adam from
         them (--streams authors: its one group)."""
         return [{"params": list(model.parameters()), "lr": lr}]
 

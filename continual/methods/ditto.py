@@ -42,11 +42,11 @@ import torch.nn.functional as F
 
 from continual import flags
 from continual.methods.base import Method, Stage, Step
-from continual.training import distributed
+from continual import distributed
 from model import NextItNet
 
 if TYPE_CHECKING:
-    from continual.training.run_config import RunConfig
+    from continual.run_config import RunConfig
 
 INITIAL_RATIO = 0.9      # r_i at the stage's start (train_ditto.py:194)
 FEWEST_USERS = 20        # the smallest sampled subset (train_ditto.py:246, 256, 343)

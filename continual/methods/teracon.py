@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from continual import flags
-from continual.checkpoints import load_checkpoint, require_finished
-from continual.methods.base import (DISTANCE_BUFFERS, Method, Stage, Step, chunk_rows, distillation_kl, head_distance,
+from continual.methods.checkpoints import load_checkpoint, require_finished
+from continual.methods.base import (DISTANCE_BUFFERS, Method, Rows, Stage, Step, chunk_rows, distillation_kl, head_distance,
                                     next_item_loss, retention_inputs, tensor_bytes)
-from continual.training.samplers import Rows
 from model import NextItNet
 from utils import DataError
 

@@ -1,11 +1,11 @@
-"""The command line that fills a stage's typed run config (continual/training/run_config.py), and the config a
+"""The command line that fills a stage's typed run config (continual/run_config.py), and the config a
 checkpoint carries.
 
 `parse_args` reads the loop's flags (every method has them) and the chosen method's own flags (its
 `add_arguments`), fills the per-stage and per-variant defaults and the --dataset paths, and returns a
 RunConfig whose `options` are the method's typed options. Checkpoints carry `RunConfig.to_dict()`;
 checkpoints written before it existed (format 1, with the parsed command line under "args") are read
-through `legacy_run_config`.
+through `continual.methods.checkpoints.legacy_run_config`.
 """
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import argparse
 from dataclasses import fields
 from typing import Callable
 
-from continual import flags
+from continual import distributed, flags
 from continual.datasets import DATASETS, VARIANTS, preset_paths, stage_defaults
 from continual.methods import DEFAULT_METHOD, METHODS, method_class
-from continual.training import distributed
-from continual.training.run_config import RunConfig
+from continual.run_config import LOOP_FLAGS, RunConfig
 from continual.training.samplers import STREAMS
 from utils import DataError
 
@@ -34,9 +33,6 @@ def run_config_from_dict(values: dict) -> RunConfig:
     names = {f.name for f in fields(options_class)}
     config.options = options_class(**{k: v for k, v in (values.get("options") or {}).items() if k in names})
     return config
-
-
-LOOP_FLAGS = [f.name for f in fields(RunConfig) if f.name not in ("options", "method", "stage")]
 
 
 def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
@@ -137,7 +133,7 @@ def parse_args(stage: int | None, argv: list[str] | None = None,
     """The stage's RunConfig from the command line: explicit flags, then the stage's and the variant's defaults,
     then --dataset's paths. Every domain is checked here, before any file is read or written. With `stage` None
     (train_teracon.py): --stage, or the stage after `stage_of(--paths)` (the caller reads the checkpoint; this
-    layer sits below continual.checkpoints)."""
+    layer sits below continual.methods.checkpoints)."""
     method = chosen_method(argv)
     parser = build_parser(stage, method)
     args = parser.parse_args(argv)
@@ -207,14 +203,3 @@ def check_authors_streams(run: RunConfig) -> None:
     if found:
         raise DataError(f"--streams authors replays the authors' stages >= 2 in one process; not with "
                         f"{', '.join(found)}")
-
-
-# ---------------------------------------------------------------- checkpoints written before RunConfig
-
-def legacy_run_config(args: dict) -> dict:
-    """A format-1 checkpoint's parsed command line (`vars(args)`) → RunConfig.to_dict()'s layout (the method's options
-    from its legacy_options)."""
-    run = {name: args[name] for name in ["stage", *LOOP_FLAGS] if name in args}
-    run["method"] = args.get("method", DEFAULT_METHOD)
-    run["options"] = method_class(run["method"]).legacy_options(args)
-    return run

@@ -18,16 +18,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from continual import flags
-from continual.checkpoints import is_finished, load_checkpoint, require_finished
+from continual import distributed, flags
 from continual.datasets import preset_kind, preset_paths, stage_script, task_name
 from continual.evaluation.reports import format_evidence, format_limits, format_table
 from continual.evaluation.scoring import evaluate_tasks, load_task_data, score
+from continual.distributed import Shard
 from continual.methods import method_class
 from continual.methods.base import Method, Stage, Step
-from continual.training import distributed
+from continual.methods.checkpoints import is_finished, load_checkpoint, require_finished
 from continual.training.config import RunConfig, parse_args
-from continual.training.distributed import Shard
 from continual.training.resources import Resources, SavedForBackward
 from continual.training.samplers import AuthorsSampler, OurSampler, make_sampler
 from data_loader import (ItemIndex, Staging, TaskData, check_split, limit_users, load_sequences, load_task,

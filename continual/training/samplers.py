@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 import torch
 
-from continual.training import distributed
+from continual import distributed
+from continual.methods.base import Rows
 from data_loader import ItemIndex, split_indices, split_permutation
 from model import NextItNet
 from utils import DataError
@@ -48,14 +48,6 @@ STREAMS = ("ours", "authors")
 
 
 Shards = list[tuple[np.ndarray, float, int]]  # per batch: (this rank's rows, its share, the global batch's rows)
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Row `index` of `parameter` (a table with a row per task, e.g. the task embeddings) named in a parameter group
-    of its own, so that it steps at that group's learning rate while the table's other rows step at theirs."""
-    parameter: torch.nn.Parameter
-    index: int
 
 
 ParamGroups = list[dict]  # torch's parameter groups ("params", "lr"); a group's params may hold Rows

@@ -7,8 +7,9 @@ import os
 
 import torch
 
+from continual.methods import DEFAULT_METHOD, method_class
 from continual.original_checkpoints import convert_original
-from continual.training.config import legacy_run_config
+from continual.run_config import LOOP_FLAGS
 from model import CHECKPOINT_FORMAT, LEGACY_FORMAT
 from utils import DataError
 
@@ -47,3 +48,12 @@ def require_finished(checkpoint: dict, path: str, what: str) -> None:
     if not is_finished(checkpoint):
         raise DataError(f"{path}: {what}: stage {checkpoint.get('stage')} did not finish there (its run ended before "
                         "it scored and saved its final model); finish it first: its command again with --resume")
+
+
+def legacy_run_config(args: dict) -> dict:
+    """A format-1 checkpoint's parsed command line (`vars(args)`) → RunConfig.to_dict()'s layout (the method's options
+    from its legacy_options)."""
+    run = {name: args[name] for name in ["stage", *LOOP_FLAGS] if name in args}
+    run["method"] = args.get("method", DEFAULT_METHOD)
+    run["options"] = method_class(run["method"]).legacy_options(args)
+    return run

@@ -49,3 +49,6 @@ class RunConfig:
         """Plain values only (the checkpoint is loaded with weights_only): the options as a dict."""
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"},
                 "options": asdict(self.options) if self.options is not None else {}}
+
+
+LOOP_FLAGS = [f.name for f in fields(RunConfig) if f.name not in ("options", "method", "stage")]
