@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(own)
     for flag, given in (("--synth_seed", args.synth_seed), ("--draws", args.draws > 1)):
         if given and args.dataset not in SYNTHETIC:
-            parser.error(f"{flag} applies to --dataset synth, not {args.dataset}")
+            parser.error(f"{flag} applies to --dataset synth or synth_time, not {args.dataset}")
     if args.recorded and (args.settings != "dataset" or args.later_epochs):
         parser.error("--recorded holds runs at the dataset's settings: it cannot be mixed with --settings paper or "
                      "--later_epochs")

@@ -478,11 +478,22 @@ def retest_path(task_path: str, stage: int) -> str:
     return f"{stem}.retest{stage}.csv"
 
 
-def load_retest(path: str, index: ItemIndex, task: TaskData) -> tuple[TaskData, int]:
-    """An earlier task k ≥ 2's re-test file (its format) mapped through the grown `index`, its targets numbered as
-    the task's own classes (task.target_keys: the head's); examples whose target the head does not know are left
-    out → (the examples, how many were left out)."""
+def load_retest(path: str, index: ItemIndex, task: TaskData | None) -> tuple[TaskData, int, np.ndarray]:
+    """An earlier task's re-test file (its format) mapped through the grown `index`: task 1's (`task` None) ranked
+    among every item, a line whose last item the index lacks left out; task k ≥ 2's with its targets numbered as the
+    task's own classes (task.target_keys: the head's), an example whose target the head does not know left out →
+    (the examples, how many were left out, [n_lines] whether a line's input holds an item the index lacks: newer
+    than every stage, read as <UNK>)."""
+    if task is None:
+        raw = _task1_rows(path)                                                       # [n, L]
+        known = index.positions(raw) >= 0
+        kept = np.flatnonzero(known[:, -1])
+        sequences = index.lookup(raw[kept], path)
+        unknown = (~known[kept, :-1] & (raw[kept, :-1] > 0)).any(1)
+        return (TaskData(sequences[:, :-1], sequences[:, -1], index.size), int(raw.shape[0] - kept.size),
+                unknown)
     tokens, raw = _task_sources(path)
+    unknown = ((index.positions(np.maximum(raw, 0)) < 0) & (raw > 0)).any(1)          # [n_lines]
     data = _task_data(path, tokens, raw, index)
     labels = data.target_keys[data.targets - index.offset]                            # [n] raw label per example
     position = np.minimum(np.searchsorted(task.target_keys, labels), task.target_keys.size - 1)
@@ -490,8 +501,8 @@ def load_retest(path: str, index: ItemIndex, task: TaskData) -> tuple[TaskData, 
     kept = np.flatnonzero(known)
     rows = data.source_row if data.source_row is not None else np.arange(labels.size)
     source_row = None if kept.size == labels.size and data.source_row is None else rows[kept]
-    return TaskData(data.sources, position[kept] + index.offset, task.n_classes, source_row,
-                    task.target_keys), int(labels.size - kept.size)
+    return (TaskData(data.sources, position[kept] + index.offset, task.n_classes, source_row, task.target_keys),
+            int(labels.size - kept.size), unknown)
 
 
 def _task_sources(path: str) -> tuple[Tokens, np.ndarray]:

@@ -114,6 +114,10 @@ def main() -> None:
         raise DataError(f"{args.datapath_index or checkpoint['index_path']}: index has {index.size} items, "
                         f"the checkpoint {model.config.n_items} (made from other data)")
     data, _ = load_task_data(args.task, record["datapath"], index, model.config.items_at(1))
+    head_classes = model.config.task_classes[args.task - 1]
+    if args.task > 1 and data.n_classes != head_classes:
+        raise DataError(f"{record['datapath']}: has {data.n_classes} classes; task {args.task} of {args.paths} was "
+                        f"trained on {head_classes} (made from another file)")
     flags.check_top_k(args.top_k, record["kind"], data.n_classes, f"task {args.task}")
     if args.split_percentage is not None:  # a split too small for this data names the flag
         check_split(record["datapath"], len(data.targets),

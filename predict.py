@@ -185,7 +185,7 @@ def outputs(model: NextItNet, task: int, inputs: np.ndarray, masks: torch.Tensor
     items = torch.from_numpy(inputs).to(device)                        # [b, L]
     with autocast(device, amp):
         hidden = model.hidden(items, masks, last_only=True, task=task)  # [b, C]
-        logits = model.heads[task](hidden)                              # [b, n_classes]
+        logits = model.logits(task, hidden)                             # [b, n_classes]
     return hidden.float(), logits.float()
 
 

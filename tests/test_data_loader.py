@@ -243,10 +243,17 @@ def test_a_retest_file_lies_beside_its_task_and_numbers_its_targets_as_the_tasks
     index = data_loader.build_index(np.array([[1, 2, 3, 4]])).grow(np.array([8, 9]), 2)   # 1..4 → 1..4, 8, 9 → 5, 6
     (tmp_path / "task2.csv").write_text("1,2,,30,10\n3,4,,20\n")              # classes: 10 → 1, 20 → 2, 30 → 3
     task = data_loader.load_task(str(tmp_path / "task2.csv"), index)
-    (tmp_path / "task2.retest3.csv").write_text("8,2,,30\n9,1,,99,10\n2,3,,20\n")
-    later, left_out = data_loader.load_retest(str(tmp_path / "task2.retest3.csv"), index, task)
-    assert left_out == 1 and later.n_classes == task.n_classes == 4
-    assert later.targets.tolist() == [3, 1, 2] and later.rows(np.arange(3)).tolist() == [0, 1, 2]
-    assert later.inputs.tolist() == [[5, 2], [6, 1], [2, 3]]
+    (tmp_path / "task2.retest3.csv").write_text("8,2,,30\n9,1,,99,10\n2,3,,20\n77,3,,20\n")
+    with pytest.warns(UserWarning, match="1 item token"):                     # 77: newer than the index
+        later, left_out, unknown = data_loader.load_retest(str(tmp_path / "task2.retest3.csv"), index, task)
+    assert left_out == 1 and later.n_classes == task.n_classes == 4 and unknown.tolist() == [False] * 3 + [True]
+    assert later.targets.tolist() == [3, 1, 2, 2] and later.rows(np.arange(4)).tolist() == [0, 1, 2, 3]
+    assert later.inputs.tolist() == [[5, 2], [6, 1], [2, 3], [0, 3]]
     (tmp_path / "task2.retest4.csv").write_text("8,2,,30\n2,3,,20\n")
     assert data_loader.load_retest(str(tmp_path / "task2.retest4.csv"), index, task)[0].source_row is None
+    (tmp_path / "task1.retest2.csv").write_text("1,8,9\n2,3,77\n77,4,8\n")    # task 1: the last item is the target
+    with pytest.warns(UserWarning, match="1 item token"):
+        later, left_out, unknown = data_loader.load_retest(str(tmp_path / "task1.retest2.csv"), index, None)
+    assert left_out == 1 and later.n_classes == index.size == 7                 # 77's line: no row to score it by
+    assert later.sources.tolist() == [[1, 5], [0, 4]] and later.targets.tolist() == [6, 5]
+    assert unknown.tolist() == [False, True]

@@ -271,3 +271,35 @@ def test_ditto_stage1_takes_its_own_lr_unless_given():
     assert config.parse_args(1, common).lr == 0.01
     assert config.parse_args(1, [*common, "--lr", "1e-3"]).lr == 1e-3
     assert config.parse_args(2, [*common, "--paths", "p.t7"]).lr == 1e-3          # the stage's, as every method's
+
+
+def test_another_method_refuses_a_ditto_checkpoint_and_ditto_refuses_negatives(capsys):
+    """A model whose heads score item rows is continued only by DITTO: fine-tuning from it ends in one line; and
+    --negatives (the next-item loss's sampled softmax) is DITTO's own business (--ditto_negatives)."""
+    from continual.training import config
+    from utils import DataError
+    teacher = item_head_model().eval().requires_grad_(False)
+    with pytest.raises(DataError, match="its heads score item rows .* --method finetune cannot continue it"):
+        method_for("finetune", None, 2, teacher, np.random.default_rng(0))
+    with pytest.raises(SystemExit):
+        config.parse_args(1, ["--datapath", "d.csv", "--datapath_index", "i.csv", "--savepath", "s", "--method",
+                              "ditto", "--negatives", "5"])
+    assert "--method ditto draws its own negatives" in capsys.readouterr().err
+
+
+def test_stage1_negatives_are_never_unk_nor_the_padding_and_follow_the_popularity_rank():
+    """p ∝ exp(−(rank + 1) / (ρ V)) by each item's frequency in the training users' items (the padding item and <UNK>
+    get 0), by hand on four items."""
+    from continual.methods.base import Stage
+    from data_loader import TaskData
+    sequences = np.array([[1, 1, 2, 3], [1, 3, 3, 4], [1, 1, 1, 3]])   # item 1 pads (raw "0" as an item)
+    data = TaskData(sequences[:, :-1], sequences[:, -1], 6)
+    method = ditto.Ditto(ditto.DittoOptions(), None)
+    method.pad = 1
+    stage = Stage(1, None, torch.device("cpu"), None, None, {}, None, lambda number: (data, np.arange(3)),
+                  lambda saved: None)
+    weights = method.stage1_popularity(stage)
+    ranks = {3: 0, 2: 1, 4: 2, 5: 3}                                   # counts 4, 1, 1, 0 (ties by index)
+    expected = torch.tensor([0.0] * 2 + [math.exp(-(ranks[j] + 1) / (0.3 * 6)) for j in (2, 3, 4, 5)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(weights, expected / expected.sum())

@@ -180,8 +180,9 @@ def test_synth_time_variant_brings_items_stage_by_stage_and_retests_every_earlie
         assert scoring.known_ceiling(str(tmp_path / "time" / entry["file"]), "ceiling_with_new") == parts[0][1]
     static = synth.main(["--out", str(tmp_path / "static"), *shape])
     assert "retests" not in static and not list((tmp_path / "static").glob("*.retest*"))
-    with pytest.raises(SystemExit):
-        synth.main(["--out", str(tmp_path / "refused"), "--drift", "0.5", *shape])
+    for given in (["--drift", "0.5"], ["--drift=0.5"], ["--retest_users", "30"]):
+        with pytest.raises(SystemExit):
+            synth.main(["--out", str(tmp_path / "refused"), *given, *shape])
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,9 @@ def load_task_data(stage: int, datapath: str, index: ItemIndex,
 @torch.no_grad()
 def score_values(model: NextItNet, task: int, data: TaskData, rows: np.ndarray, s: float, batch_size: int,
                  device: torch.device, top_k: int = 5, desc: str = "eval") -> np.ndarray:
-    """Per-example metrics [n_rows, 7] (order of `metric_names`) of head `task` on data rows, ranking its first
-    data.n_classes classes (task 1 of a grown model: the items of its own stage); masks at scale s."""
+    """Per-example metrics [n_rows, 7] (order of `metric_names`) of head `task` on data rows (task 1: among its
+    first data.n_classes items, the items of its own stage for a grown model's original test users); masks at
+    scale s."""
     model.eval()
     masks = model.task_masks(task, s)
     values = [torch.zeros((0, 7), dtype=torch.float64, device=device)]
@@ -41,7 +42,8 @@ def score_values(model: NextItNet, task: int, data: TaskData, rows: np.ndarray, 
         chunk = rows[start:start + batch_size]
         inputs, targets = stage_sources(data.rows(chunk)), stage_targets(chunk)   # [b, L], [b]
         logits, _ = model(inputs, task, s, last_only=True, masks=masks)                  # [b, classes]
-        values.append(ranking_values(logits[:, :data.n_classes].float(), targets, top_k))              # [b, 7], stays on the device
+        ranked = logits[:, :data.n_classes] if task == 0 else logits                    # task 1: its stage's items
+        values.append(ranking_values(ranked.float(), targets, top_k))              # [b, 7], stays on the device
     return torch.cat(values).cpu().numpy()
 
 
@@ -162,12 +164,13 @@ def retest_report(model: NextItNet, number: int, record: dict, data: TaskData, i
     when there is none), against every item of the grown index (task 1) or its own classes: the report of
     task_report over every user of the file, over the users whose input holds an item newer than the task's stage
     (`with_new`) and over the others (`without_new`), each with its ceiling where the generator knows it; the
-    baselines are fitted on the task's own training split (`data`: what it knew).
-    → {"file", "left_out" (examples whose target the head does not know), "all", "with_new", "without_new"}."""
+    baselines are fitted on the task's own training split (`data`: what it knew). An input item the index lacks
+    counts as new.
+    → {"file", "left_out" (examples whose target the model does not know), "all", "with_new", "without_new"}."""
     path = retest_path(record["datapath"], stage)
     if not os.path.isfile(path):
         return None
-    later, left_out = (load_task_data(1, path, index)[0], 0) if number == 1 else load_retest(path, index, data)
+    later, left_out, unknown = load_retest(path, index, data if number > 1 else None)
     rows = np.arange(len(later.targets))
     rows = limit_users(rows, later.rows(rows), eval_users, record["seed"])
     kind = record["kind"]
@@ -175,7 +178,7 @@ def retest_report(model: NextItNet, number: int, record: dict, data: TaskData, i
     train_rows = split_indices(len(data.targets), record["seed"], record["split_percentage"])[0]
     baselines = baseline_values(data, kind, train_rows, rows, index, top_k, test_data=later)
     users = later.rows(rows)                                                        # [n] each example's user
-    newer = (later.sources[users] >= index.size_at(number)).any(1)                 # [n] holds a later item
+    newer = (later.sources[users] >= index.size_at(number)).any(1) | unknown[users]   # [n] holds a later item
     report: dict = {"file": path, "left_out": int(left_out)}
     for part, chosen in zip(RETEST_PARTS, (np.ones_like(newer), newer, ~newer)):
         if not chosen.any():
@@ -225,12 +228,12 @@ def evaluate_tasks(model: NextItNet, checkpoint_tasks: list[dict], index: ItemIn
         started = time.perf_counter()
         results[str(number)] = task_report(model, number, record, data, index, s, batch_size, device, top_k,
                                            eval_users=eval_users)
+        if timings is not None:
+            timings.append({"task": number, "users": results[str(number)]["n_test_users"],
+                            "seconds": round(time.perf_counter() - started, 2)})
         retest = (retest_report(model, number, record, data, index, retest_after, s, batch_size, device, top_k,
                                 eval_users) if retest_after and number < retest_after else None)
         if retest is not None:
             results[str(number)]["retest"] = retest
-        if timings is not None:
-            timings.append({"task": number, "users": results[str(number)]["n_test_users"],
-                            "seconds": round(time.perf_counter() - started, 2)})
         del data
     return results

@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="time passes between tasks: items that arrive at each stage after the first (default 0: the static "
              "benchmark); task K is drawn from the world at stage K, and taskU.retestK.csv re-tests each task U "
              "after every later stage K (for --protocol time)")
-    add("--drift", type=flags.real(0.0, 1.0, low_open=True), default=0.8,
+    add("--drift", type=flags.real(0.0, 1.0, low_open=True), default=None,
         help="with --new_items: an item's popularity fades by this factor per stage since its arrival, in (0, 1] "
              "(default 0.8; 1: no fading)")
     add("--retest_users", type=flags.integer(20), default=None,
@@ -417,8 +417,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.items < args.clusters:
         parser.error(f"--items must be >= --clusters ({args.clusters}) (got {args.items})")
-    if not args.new_items and ("--drift" in (argv or []) or args.retest_users is not None):
+    if not args.new_items and (args.drift is not None or args.retest_users is not None):
         parser.error("--drift and --retest_users need --new_items N > 0")
+    args.drift = 0.8 if args.drift is None else args.drift
     args.retest_users = args.retest_users or max(20, args.users // 5)
     meta = write(args.out, args)
     for entry in meta["tasks"] + meta.get("retests", []):

@@ -159,8 +159,14 @@ class Method:
     # ------------------------------------------------------------------ hooks
 
     def begin_stage(self, stage: Stage) -> None:
-        """Before the stage's model is built: load what the method needs (stage.previous is the frozen model)."""
+        """Before the stage's model is built: load what the method needs (stage.previous is the frozen model). A
+        checkpoint whose heads score item rows (ModelConfig.item_heads) is refused by a method that does not."""
         self.stage = stage
+        config = (stage.previous_checkpoint or {}).get("model_config") or {}
+        if any(config.get("item_heads") or []) and not self.item_targets:
+            written_by = (stage.previous_checkpoint.get("run_config") or {}).get("method")
+            raise DataError(f"{stage.run.paths}: its heads score item rows (--method {written_by}); --method "
+                            f"{self.name} cannot continue it")
 
     def require_own_chain(self, stage: Stage, fits: bool, where: str) -> None:
         """Refuse in one line a previous checkpoint that another method wrote, or that lacks what this method's own

@@ -85,6 +85,8 @@ class Ditto(Method):
 
     @classmethod
     def check(cls, options: DittoOptions, run: "RunConfig", fail: Callable[[str], None]) -> None:
+        if run.negatives:
+            fail("--negatives: --method ditto draws its own negatives (--ditto_negatives; stage 1 by popularity)")
         if distributed.launched():
             fail("--method ditto runs in one process: its BPR and NT-Xent terms are sums over the batch, which "
                  "torchrun's averaging of gradients over ranks would rescale against FKT's means")
@@ -108,17 +110,18 @@ class Ditto(Method):
         self.old_items = config["n_items"]                                              # V_{K−1}
 
     def stage1_popularity(self, stage: Stage) -> torch.Tensor:
-        """Stage 1's negative distribution [n_items]: item j (never <UNK>) with p ∝ exp(−(rank_j + 1) / (ρ V)),
-        rank_j its place by frequency in the training users' sequences (most frequent 0; ties by index)."""
+        """Stage 1's negative distribution [n_items]: item j (never <UNK> nor the padding) with
+        p ∝ exp(−(rank_j + 1) / (ρ V)), rank_j its place by frequency in the training users' sequences (most frequent
+        0; ties by index)."""
         data, rows = stage.examples(1)
         n_items = data.n_classes
         seen = np.concatenate([data.sources[data.rows(rows)].reshape(-1), data.targets[rows]])
         counts = np.bincount(seen, minlength=n_items)[:n_items].astype(np.float64)
-        counts[0] = -1.0                                                                # <UNK>: last, then p 0
+        counts[[0, self.pad]] = -1.0                                                    # <UNK>, padding: last, p 0
         rank = np.empty(n_items, dtype=np.int64)
         rank[np.argsort(-counts, kind="stable")] = np.arange(n_items)
         weights = np.exp(-(rank + 1) / (self.options.ditto_rho * n_items))
-        weights[0] = 0.0
+        weights[[0, self.pad]] = 0.0
         return torch.from_numpy(weights / weights.sum())
 
     def model_config(self) -> dict:
