@@ -330,3 +330,18 @@ def test_negatives_train_stage_one_by_a_sampled_softmax_and_are_recorded(tmp_pat
     with pytest.raises(SystemExit):
         config.parse_args(1, [*common, "--savepath", "x", "--negatives", "-1"])
     assert "--negatives" in capsys.readouterr().err
+
+
+def test_time_protocol_accepts_an_expert_of_the_same_grown_stage(tmp_path, data_writer):
+    """The recommended preset's --expert (fine-tuning's stage-2 checkpoint under --protocol time) holds the grown item
+    count, as the stage it serves does: accepted, where the stage-1 count would refuse it."""
+    data = data_writer(tmp_path / "data", n_users=120, seed=3)
+    with_new_items(data.task2, 500, 5)
+    common = ["--datapath_index", str(tmp_path / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1",
+              "--batch", "32"]
+    loop.main(1, ["--datapath", str(data.task1), "--savepath", str(tmp_path / "t1"), *common])
+    stage2 = ["--datapath", str(data.task2), "--paths", str(tmp_path / "t1.t7"), "--protocol", "time", *common]
+    loop.main(2, [*stage2, "--savepath", str(tmp_path / "expert"), "--method", "finetune"])
+    metrics = loop.main(2, [*stage2, "--savepath", str(tmp_path / "recommended"), "--preset", "recommended",
+                            "--expert", str(tmp_path / "expert.t7")])
+    assert set(metrics["tasks"]) == {"1", "2"}

@@ -417,8 +417,9 @@ def load_expert(path: str, stage: Stage) -> NextItNet:
     theirs = (checkpoint.get("stage"), task.get("name"), task.get("n_classes"), task.get("seed"),
               task.get("split_percentage"), checkpoint["model_config"]["n_items"])
     record, run = stage.record, stage.run
-    ours = (stage.number, record["name"], record["n_classes"], run.seed, run.split_percentage,
-            stage.previous_checkpoint["model_config"]["n_items"])
+    items = stage.index.size if stage.index is not None else stage.previous_checkpoint["model_config"]["n_items"]
+    ours = (stage.number, record["name"], record["n_classes"], run.seed, run.split_percentage, items)  # items: grown
+                                                                                                      # (--protocol time)
     if theirs != ours:
         raise DataError(f"{path}: --expert must be a stage-{stage.number} checkpoint of this task on the same "
                         f"split (stage, task, classes, seed, split_percentage, items: {theirs}; here: {ours})")
