@@ -293,6 +293,19 @@ def test_evaluate(stage1, tmp_path, capsys, monkeypatch, extra, expected):
     assert files_under(tmp_path) == [] and files_under(stage1["folder"]) == before
 
 
+def test_evaluate_refuses_a_task_file_of_another_class_count(stage1, tmp_path, capsys, monkeypatch):
+    """--datapath of a file whose classes are not the head's (another task's file) ends in one line naming it."""
+    out = tmp_path / "stage2"
+    loop.main(2, [*stage2_argv(stage1, out, "--epochs", "1", "--method", "finetune"), "--channels", "8"])
+    other = tmp_path / "other.csv"
+    other.write_text("".join(f"{line.split(',,')[0]},,{n % 3}\n"
+                             for n, line in enumerate(open(stage1["t2"]).read().splitlines())))
+    argv = ["--paths", str(out / "task2.t7"), "--task", "2", "--datapath", str(other), "--datapath_index",
+            stage1["index"], "--device", "cpu"]
+    line = argv_error_line(capsys, monkeypatch, "evaluate.py", evaluate.main, argv)
+    assert f"{other}: has 4 classes; task 2 of {out / 'task2.t7'} was trained on {stage1['rec2']}" in line, line
+
+
 def test_evaluate_needs_paths_and_task(capsys, monkeypatch):
     assert "--paths and --task" in argv_error_line(capsys, monkeypatch, "evaluate.py", evaluate.main, ["--batch", "8"])
 
