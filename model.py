@@ -55,9 +55,11 @@ class ModelConfig:
         return self.item_counts[stage - 1] if stage <= len(self.item_counts) else self.n_items
 
     def first_new_item(self) -> int | None:
-        """The first item row that the last stage created (--protocol time), None when it created none."""
+        """The first item row that the stage of the model's last task created (--protocol time), None when it created
+        none (or the model did not grow at that stage: item_counts then ends at an earlier stage)."""
         counts = self.item_counts
-        return counts[-2] if len(counts) >= 2 and counts[-1] > counts[-2] else None
+        grew_now = len(counts) == self.n_tasks and len(counts) >= 2 and counts[-1] > counts[-2]
+        return counts[-2] if grew_now else None
 
     def has_item_head(self, task: int) -> bool:
         return task < len(self.item_heads) and self.item_heads[task]

@@ -328,6 +328,7 @@ def test_growing_the_items_keeps_every_existing_row_and_round_trips(tiny_model, 
     assert model.config.n_items == 37 and model.config.task_classes == [37, 6, 5, 4]
     assert model.config.item_counts == [30, 30, 30, 37]
     assert [model.config.item_stage(row) for row in (0, 29, 30, 36)] == [1, 1, 4, 4]
+    assert model.config.first_new_item() == 30 and model.config.items_at(1) == 30
     with torch.no_grad():
         task1 = model(old_items, 0, 50.0)[0]
         new_items = torch.randint(30, 37, (4, 9), generator=torch.Generator().manual_seed(2))
@@ -339,6 +340,8 @@ def test_growing_the_items_keeps_every_existing_row_and_round_trips(tiny_model, 
     assert loaded.config.item_counts == [30, 30, 30, 37]
     with torch.no_grad():
         assert torch.equal(loaded(new_items, 0, 50.0)[0], model(new_items, 0, 50.0)[0])
+    loaded.add_task(3, relation=True)                      # a stage that brought no items (no add_items): none new
+    assert loaded.config.first_new_item() is None
 
 
 def test_growing_the_items_before_any_relation_keeps_the_scores_of_earlier_items(tiny_model):
