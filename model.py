@@ -493,7 +493,11 @@ class NextItNet(nn.Module):
     def class_item_rows(self, task: int) -> torch.Tensor:
         """An item-head task's class rows of the item embedding [n_classes, C] (task 1: the whole table)."""
         weight = self.item_embedding.weight
-        return weight if task == 0 else weight[getattr(self, f"class_items_{task}")]
+        return weight if task == 0 else weight[self.class_items(task)]
+
+    def class_items(self, task: int) -> torch.Tensor:
+        """An item-head task k ≥ 2's item row of each class [n_classes] (its buffer class_items_k)."""
+        return getattr(self, f"class_items_{task}")
 
     # ------------------------------------------------------------ checkpoints
 

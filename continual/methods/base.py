@@ -228,20 +228,20 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def open_new_item_rows(model: NextItNet) -> int | None:
+def open_new_item_rows(model: NextItNet) -> None:
     """--protocol time, a method that keeps the item embedding frozen: make it trainable when this stage created rows
-    (model.add_items), so that they learn; → the first of them (None: no new rows, the embedding stays frozen).
-    `keep_earlier_item_rows` then holds every earlier row where it was."""
+    (model.add_items), so that they learn (no new rows: it stays frozen). `keep_earlier_item_rows` then holds every
+    earlier row where it was."""
+    model.item_embedding.weight.requires_grad_(model.config.first_new_item() is not None)
+
+
+def keep_earlier_item_rows(model: NextItNet) -> None:
+    """After the backward pass: zero the gradient of every item row before the first that this stage created
+    (ModelConfig.first_new_item), so that Adam (no weight decay) leaves them bit-identical: their moments stay 0 and
+    so does their update."""
     first = model.config.first_new_item()
-    model.item_embedding.weight.requires_grad_(first is not None)
-    return first
-
-
-def keep_earlier_item_rows(model: NextItNet, first_new_item: int | None) -> None:
-    """After the backward pass: zero the gradient of every item row before `first_new_item`, so that Adam (no weight
-    decay) leaves them bit-identical: their moments stay 0 and so does their update."""
-    if first_new_item is not None and model.item_embedding.weight.grad is not None:
-        model.item_embedding.weight.grad[:first_new_item] = 0
+    if first is not None and model.item_embedding.weight.grad is not None:
+        model.item_embedding.weight.grad[:first] = 0
 
 
 # ---------------------------------------------------------------------- losses every method builds on
@@ -280,9 +280,9 @@ def sampled_cross_entropy(head: torch.nn.Linear, hidden: torch.Tensor, targets: 
                           first_item: int = 1) -> torch.Tensor:
     """--negatives N: mean CE of each row's target against N items drawn uniformly, with replacement, from items
     first_item .. n − 1 (1: never <UNK>), one draw shared by the batch's rows, from torch's CPU generator (which
-    --resume restores): a sampled softmax. A drawn item equal to a row's target is left out of that row, so no row's negatives
-    hold its target. Not the paper's objective (the full softmax, head_cross_entropy), which it approximates at a
-    fraction of the cost over a wide head: [n, 1 + N] logits instead of [n, n_items].
+    --resume restores): a sampled softmax. A drawn item equal to a row's target is left out of that row, so no row's
+    negatives hold its target. Not the paper's objective (the full softmax, head_cross_entropy), which it approximates
+    at a fraction of the cost over a wide head: [n, 1 + N] logits instead of [n, n_items].
     hidden [n, C], targets [n] → a scalar."""
     drawn = torch.randint(first_item, head.out_features, (negatives,)).to(hidden.device)        # [N] (CPU generator:
                                                                                                 # the resume file's)

@@ -49,7 +49,6 @@ class Conure(FineTune):
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
         self.phase = 0
-        self.first_new_item: int | None = None   # --protocol time: the first item row new at this stage (grow)
         if stage.number >= 2:
             self.require_own_chain(stage, bool(stage.previous_checkpoint["model_config"].get("weight_owners")),
                                    ", from its own stage 1 (train_task1.py --method conure)")
@@ -65,14 +64,14 @@ class Conure(FineTune):
                                                   *block.ln2.parameters())]
         for parameter in frozen:
             parameter.requires_grad_(False)
-        self.first_new_item = open_new_item_rows(model)
+        open_new_item_rows(model)
 
     def trainable(self, owners: torch.Tensor) -> torch.Tensor:
         """The convolution weights this phase trains: the free ones (phase 0), then the new task's own (phase 1)."""
         return owners == (0 if self.phase == 0 else self.stage.number)
 
     def after_backward(self, model: NextItNet) -> None:
-        keep_earlier_item_rows(model, self.first_new_item)
+        keep_earlier_item_rows(model)
         for block, owners in zip(model.blocks, model.weight_owners):
             for conv, owned in ((block.conv1, owners.conv1), (block.conv2, owners.conv2)):
                 if conv.weight.grad is not None:

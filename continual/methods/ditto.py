@@ -199,7 +199,7 @@ class Ditto(Method):
         hidden = model.hidden(step.x, masks, True, task)                                       # [B, C]
         if not model.config.has_item_head(task):
             return F.cross_entropy(model.heads[task](hidden).float(), step.y)
-        targets = getattr(model, f"class_items_{task}")[step.y]                                # [B] item rows
+        targets = model.class_items(task)[step.y]                                             # [B] item rows
         drawn = uniform_negatives(targets, self.options.ditto_negatives, model.config.n_items, self.generator)
         return bpr_sum(model.heads[task](hidden), model.item_embedding.weight, targets, drawn)
 

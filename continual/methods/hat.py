@@ -56,7 +56,6 @@ class HAT(Method):
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
         self.s, self.used = 1.0, None
-        self.first_new_item: int | None = None   # --protocol time: the first item row new at this stage (grow)
         if stage.number == 1:
             return
         config = stage.previous_checkpoint["model_config"]
@@ -71,7 +70,7 @@ class HAT(Method):
         """The new task; the item embedding frozen, but for the rows of items new at this stage (--protocol time: the
         loop grew them before), which train by this stage's terms and freeze from the next stage on."""
         model.add_task(n_classes, relation=False)
-        self.first_new_item = open_new_item_rows(model)
+        open_new_item_rows(model)
 
     def terms(self, model: NextItNet, step: Step) -> Iterator[torch.Tensor]:
         """CE of the new task + λ · the capacity regulariser on its gates at the annealed s (Eq. 5)."""
@@ -85,7 +84,7 @@ class HAT(Method):
         yield loss + self.options.hat_lambda * capacity(masks, self.used)
 
     def after_backward(self, model: NextItNet) -> None:
-        keep_earlier_item_rows(model, self.first_new_item)
+        keep_earlier_item_rows(model)
         if self.used is not None:
             compensate_units(model, self.used)
         compensate_embedding(model.task_embedding, self.stage.task, self.s, self.run.smax)

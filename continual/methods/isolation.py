@@ -34,7 +34,6 @@ class Isolation(FineTune):
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
-        self.first_new_item: int | None = None   # --protocol time, freeze_backbone: the first item row new here
         checkpoint = stage.previous_checkpoint or {}
         written_by = (checkpoint.get("run_config") or {}).get("method")
         if stage.number >= 3:
@@ -49,7 +48,8 @@ class Isolation(FineTune):
         if self.freeze_backbone:
             for parameter in [*model.item_embedding.parameters(), *model.blocks.parameters()]:
                 parameter.requires_grad_(False)
-            self.first_new_item = open_new_item_rows(model)
+            open_new_item_rows(model)
 
     def after_backward(self, model: NextItNet) -> None:
-        keep_earlier_item_rows(model, self.first_new_item)
+        if self.freeze_backbone:
+            keep_earlier_item_rows(model)
