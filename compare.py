@@ -73,7 +73,8 @@ PAPER_LATER = ["--batch", "1024", "--epochs", "100", "--patience", "5"]
 SETTINGS = ("dataset", "paper")
 
 
-def later_flags(dataset: str, settings: str = "dataset", later_epochs: int = 0, protocol: str | None = None) -> list[str]:
+def later_flags(dataset: str, settings: str = "dataset", later_epochs: int = 0,
+                protocol: str | None = None) -> list[str]:
     """The flags of stages >= 2 under --settings (the dataset's, as run_all.sh, or the paper's), then
     --later_epochs (a fixed budget of epochs a stage, when given) and --protocol (when given: it wins over the
     dataset's)."""

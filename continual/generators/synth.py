@@ -144,7 +144,8 @@ def behave(rng: np.random.Generator, world: World, latents: tuple[np.ndarray, ..
     return Users(age, gender, status, favourite, sequences, clicks, likes)
 
 
-def draw_among(rng: np.random.Generator, probabilities: np.ndarray, count: int, labels: np.ndarray | None) -> np.ndarray:
+def draw_among(rng: np.random.Generator, probabilities: np.ndarray, count: int,
+               labels: np.ndarray | None) -> np.ndarray:
     """`draw`, restricted to the items `labels` (renormalised) where given → [N, count] item indices."""
     if labels is None:
         return draw(rng, probabilities, count)
@@ -279,15 +280,15 @@ def time_tasks(rng: np.random.Generator, world: World, arrival: np.ndarray, late
                args: argparse.Namespace) -> tuple[list[list[str]], list[dict], list[np.ndarray | None]]:
     """Task K's file drawn from the world at stage K, by the same users (their behaviour drawn again then) → (the six
     files' lines, each task's ceiling, the class items of tasks 2 and 3 as their heads know them)."""
-    task_lines, task_ceilings, labels = [], [], [None, None]
+    files, task_ceilings, labels = [], [], [None, None]
     for stage in range(1, len(NAMES) + 1):
         now = world_at(world, arrival, stage, args.drift)
         users = behave(rng, now, latents, args.length, N_CLICK, N_LIKE)
-        task_lines.append(lines(users)[stage - 1])
+        files.append(task_lines(users, stage))
         if stage in (2, 3):
             labels[stage - 2] = np.unique(users.clicks if stage == 2 else users.likes)
         task_ceilings.append(means(task_values(now, users, stage, labels[stage - 2] if stage in (2, 3) else None)))
-    return task_lines, task_ceilings, labels
+    return files, task_ceilings, labels
 
 
 def retest(world: World, arrival: np.ndarray, task: int, stage: int, args: argparse.Namespace,
@@ -308,7 +309,7 @@ def retest(world: World, arrival: np.ndarray, task: int, stage: int, args: argpa
     for name, rows in (("ceiling_with_new", newer), ("ceiling_without_new", ~newer)):
         if rows.any():
             entry[name] = means(values, rows)
-    return lines(users)[task - 1], entry
+    return task_lines(users, task), entry
 
 
 def retest_name(task: int, stage: int) -> str:
@@ -318,13 +319,18 @@ def retest_name(task: int, stage: int) -> str:
 
 def lines(users: Users) -> list[list[str]]:
     """The six files' lines (raw item ids are index + 1; attribute labels are value + 1)."""
+    return [task_lines(users, task) for task in range(1, len(NAMES) + 1)]
+
+
+def task_lines(users: Users, task: int) -> list[str]:
+    """Task `task`'s (1-based) file lines: the sequence (task 1), or the sequence,, the targets of tasks 2–6."""
     sources = [",".join(map(str, row)) for row in (users.sequences + 1).tolist()]
-    task1 = [source + "\n" for source in sources]
-    rec = [[f"{source},,{','.join(map(str, targets))}\n" for source, targets in zip(sources, (t + 1).tolist())]
-           for t in (users.clicks, users.likes)]
-    cls = [[f"{source},,{label}\n" for source, label in zip(sources, (values + 1).tolist())]
-           for values in (users.age, users.gender, users.status)]
-    return [task1, *rec, *cls]
+    if task == 1:
+        return [source + "\n" for source in sources]
+    targets = (users.clicks, users.likes, users.age, users.gender, users.status)[task - 2] + 1
+    if targets.ndim == 1:
+        return [f"{source},,{label}\n" for source, label in zip(sources, targets.tolist())]
+    return [f"{source},,{','.join(map(str, row))}\n" for source, row in zip(sources, targets.tolist())]
 
 
 def generate(seed: int, n_users: int, n_items: int, length: int, n_clusters: int, strength: float = 1.5,
@@ -346,14 +352,14 @@ def write(out: str, args: argparse.Namespace) -> dict:
     if not args.new_items:
         world, users = generate(args.seed, args.users, args.items, args.length, args.clusters, args.strength,
                                 args.favourite, args.series, classes=classes)
-        task_lines, task_ceilings = lines(users), ceilings(world, users)
+        files, task_ceilings = lines(users), ceilings(world, users)
         latents = (users.age, users.gender, users.status, users.favourite)
     else:
         rng = np.random.default_rng(args.seed)
         world, arrival = add_arrivals(rng, make_world(rng, args.items, args.clusters, args.strength, args.favourite,
                                                       args.series, classes), args.new_items)
         latents = draw_latents(rng, world, args.users)
-        task_lines, task_ceilings, labels = time_tasks(rng, world, arrival, latents, args)
+        files, task_ceilings, labels = time_tasks(rng, world, arrival, latents, args)
         definitions = [f"{text}, at stage {number}" for number, text in enumerate(definitions, 1)]
         for task in range(1, len(NAMES)):
             for stage in range(task + 1, len(NAMES) + 1):
@@ -370,7 +376,7 @@ def write(out: str, args: argparse.Namespace) -> dict:
                                   "users whose input holds an item that arrived after stage U",
                      "retests": retests}
     entries = []
-    for number, (name, one_task, ceiling) in enumerate(zip(NAMES, task_lines, task_ceilings), 1):
+    for number, (name, one_task, ceiling) in enumerate(zip(NAMES, files, task_ceilings), 1):
         path = os.path.join(out, f"task{number}.csv")
         atomic_write_text(path, "".join(one_task))
         entries.append({"file": f"task{number}.csv", "name": name, "kind": "rec" if number <= 3 else "cls",

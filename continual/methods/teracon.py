@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from continual import flags
 from continual.methods.checkpoints import load_checkpoint, require_finished
-from continual.methods.base import (DISTANCE_BUFFERS, Method, Rows, Stage, Step, chunk_rows, distillation_kl, head_distance,
-                                    next_item_loss, retention_inputs, tensor_bytes)
+from continual.methods.base import (DISTANCE_BUFFERS, Method, Rows, Stage, Step, chunk_rows, distillation_kl,
+                                    head_distance, next_item_loss, retention_inputs, tensor_bytes)
 from model import NextItNet
 from utils import DataError
 
@@ -419,7 +419,6 @@ def load_expert(path: str, stage: Stage) -> NextItNet:
     record, run = stage.record, stage.run
     items = stage.index.size if stage.index is not None else stage.previous_checkpoint["model_config"]["n_items"]
     ours = (stage.number, record["name"], record["n_classes"], run.seed, run.split_percentage, items)  # items: grown
-                                                                                                      # (--protocol time)
     if theirs != ours:
         raise DataError(f"{path}: --expert must be a stage-{stage.number} checkpoint of this task on the same "
                         f"split (stage, task, classes, seed, split_percentage, items: {theirs}; here: {ours})")
