@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--eval_users", type=flags.positive_int, default=None,
                         help="score at most N of the split's users, the draw the stage scripts' --eval_users makes "
                              "(default: every user)")
+    parser.add_argument("--eval_negatives", type=flags.nonnegative_int, default=None,
+                        help="rank each rec target among N sampled items and itself, as the stage scripts' "
+                             "--eval_negatives (DITTO's evaluation); 0: every item (default: the checkpoint's)")
     parser.add_argument("--json", type=flags.output_file, help="write {'kind': ..., 'test': {...}} here")
     parser.add_argument("--matrix", nargs="+", type=flags.existing_file,
                         help="metrics.json files of a run: print the forgetting matrix")
@@ -77,6 +80,8 @@ def main() -> None:
                         help="with --matrix: also write it as CSV (and, where stages scored re-test files under "
                              "--protocol time, their rows as <csv without .csv>.retest.csv)")
     args = parser.parse_args()
+    if args.eval_negatives is not None:
+        flags.check_eval_negatives(parser, args.eval_negatives, args.top_k)
 
     if args.matrix:
         header, rows = forgetting_matrix(args.matrix)
@@ -123,18 +128,20 @@ def main() -> None:
         check_split(record["datapath"], len(data.targets),
                     split_indices(len(data.targets), record["seed"], args.split_percentage), args.split_percentage)
     smax = args.smax if args.smax is not None else checkpoint["run_config"]["smax"]
+    negatives = (args.eval_negatives if args.eval_negatives is not None
+                 else checkpoint["run_config"].get("eval_negatives", 0))
     if args.kept_from:  # checked before anything is scored
         earlier_checkpoint = load_checkpoint(args.kept_from)
         check_kept_from(args.kept_from, earlier_checkpoint, args.task, record, index.size)
     started = time.perf_counter()
     result = task_report(model, args.task, record, data, index, smax, args.batch, device, args.top_k, args.split,
-                         args.eval_users)
+                         args.eval_users, negatives)
     seconds, users = time.perf_counter() - started, result[f"n_{args.split}_users"]
     if args.kept_from:
         earlier = NextItNet.from_checkpoint(earlier_checkpoint).to(device)
         earlier_smax = args.smax if args.smax is not None else earlier_checkpoint["run_config"]["smax"]
-        result["kept"] = kept_report(earlier, model, args.task, record, data, (earlier_smax, smax), args.batch,
-                                     device, args.top_k, args.split, args.eval_users)
+        result["kept"] = kept_report(earlier, model, args.task, record, data, index, (earlier_smax, smax), args.batch,
+                                     device, args.top_k, args.split, args.eval_users, negatives)
     print(json.dumps(result, indent=2))
     print(f"scored {users} users of task {args.task} in {seconds:.1f} s ({seconds / max(users, 1) * 10_000:.1f} s per "
           f"10,000 users, baselines and intervals included; peak memory {peak_memory_mib(device):.0f} MiB)",

@@ -172,6 +172,14 @@ def check_select_on(parser: argparse.ArgumentParser, select_on: str, top_k: int)
                      f"{name}@{top_k} or {name}@{top_k + LONG_K}")
 
 
+def check_eval_negatives(parser: argparse.ArgumentParser, eval_negatives: int, top_k: int) -> None:
+    """--eval_negatives N: 0, or enough candidates (N + 1 with the target) for both cut-offs, top_k and top_k + 15,
+    to rank inside them (a larger cut-off would count every candidate as a hit)."""
+    if 0 < eval_negatives < top_k + LONG_K - 1:
+        parser.error(f"--eval_negatives {eval_negatives}: give 0 (every item) or at least {top_k + LONG_K - 1}, "
+                     f"so that the cut-offs @{top_k} and @{top_k + LONG_K} fall among its candidates")
+
+
 def check_top_k(top_k: int, kind: str, n_classes: int, what: str) -> None:
     """After the data is read: a rec task's metrics at top_k and top_k+15 need top_k + 15 ≤ its class count
     (a larger cut-off would be clipped to the class count under the wrong name). cls tasks report acc only."""

@@ -48,3 +48,28 @@ def rank_metrics(rank: torch.Tensor, top_k: int, n_classes: int, first: torch.Te
 def ranking_sums(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> torch.Tensor:
     """Per-batch sums of `ranking_values`: logits [B, n], targets [B] → [7]."""
     return ranking_values(logits, targets, top_k).sum(0)
+
+
+def candidate_rank(scores: torch.Tensor, candidates: torch.Tensor, removed: torch.Tensor | None = None) -> torch.Tensor:
+    """--eval_negatives (DITTO's evaluation): the target's 0-based rank among its sampled candidates. scores and
+    candidates [n, 1 + N] (column 0: the target, its score and class; then its N negatives) → [n] float64: how many
+    negatives score higher, or equal with a lower class (the tie rule of a popularity ranking: lower class first).
+    removed [n, 1 + N] (a baseline's own source items): a removed negative never counts; a removed target is not
+    ranked (inf)."""
+    target_score, target_class = scores[:, :1], candidates[:, :1]                                   # [n, 1]
+    ahead = (scores[:, 1:] > target_score) | ((scores[:, 1:] == target_score) & (candidates[:, 1:] < target_class))
+    if removed is not None:
+        ahead &= ~removed[:, 1:]
+    rank = ahead.sum(1).to(torch.float64)                                                           # [n]
+    if removed is not None:
+        rank = torch.where(removed[:, 0], torch.tensor(float("inf"), dtype=torch.float64, device=rank.device), rank)
+    return rank
+
+
+def sampled_ranking_values(logits: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+                           top_k: int) -> torch.Tensor:
+    """`ranking_values` among sampled candidates: the target against its own negatives [B, N] (DITTO's 99) instead
+    of every class. logits [B, n], targets [B] → [B, 7] (hit@1: the target ranked first among its candidates)."""
+    candidates = torch.cat([targets[:, None], negatives], dim=1)                                    # [B, 1 + N]
+    rank = candidate_rank(logits.gather(1, candidates), candidates)                                 # [B]
+    return rank_metrics(rank, top_k, candidates.shape[1])

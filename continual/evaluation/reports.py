@@ -20,16 +20,20 @@ def format_table(stage: int, tasks: dict[str, dict]) -> str:
 
 
 def format_limits(limits: dict | None) -> str:
-    """The line that marks a stage run with --max_steps or --eval_users (metrics.json's "limits"); "" otherwise."""
+    """The line that marks a stage run with --max_steps, --eval_users or --eval_negatives (metrics.json's "limits");
+    "" otherwise."""
     if not limits:
         return ""
+    sampled = (f"SAMPLED RANKING (--eval_negatives {limits['eval_negatives']}): each rec target ranked among "
+               f"{limits['eval_negatives']} sampled items, not every item" if limits.get("eval_negatives") else "")
     parts = []
     if limits.get("max_steps"):
         parts.append(f"--max_steps {limits['max_steps']}: {limits['steps']} optimiser step(s) trained")
     if limits.get("eval_users"):
         parts.append(f"--eval_users {limits['eval_users']}: every task scored on at most {limits['eval_users']} "
                      "of its users")
-    return "LIMITED RUN, not comparable with a full one: " + "; ".join(parts)
+    limited = "LIMITED RUN, not comparable with a full one: " + "; ".join(parts) if parts else ""
+    return "; ".join(part for part in (limited, sampled) if part)
 
 
 def headline_metric(task: dict) -> str:

@@ -115,6 +115,12 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
         help="every scoring pass (validation, the test at each new best, the final scores of every task) reads at "
              "most N users of each task, a draw seeded by the task's --seed (the same users at every stage). Recorded "
              "in metrics.json and printed with the scores (default: every user)")
+    add("--eval_negatives", type=flags.nonnegative_int, default=0,
+        help="DITTO's evaluation: every scoring pass ranks each rec task's target among N items drawn uniformly from "
+             "the task's classes (never the target, padding or <UNK>; seeded by the task's --seed, the same at every "
+             "stage), the trivial baselines among the same; with the default 80/5/15 split and --patience 2 it is "
+             "DITTO's protocol (docs/methods.md). Recorded in metrics.json and printed with the scores. Default 0: "
+             "every item is ranked (this suite's protocol)")
     method_class(method).add_arguments(parser.add_argument_group(f"--method {method}"))
     parser.explain_unknown = lambda words: unknown_flags_message(words, stage, method)
     return parser
@@ -152,6 +158,7 @@ def parse_args(stage: int | None, argv: list[str] | None = None,
         if getattr(args, key, value) is None:  # explicit flags win; a default of a flag the method lacks is skipped
             setattr(args, key, value)
     flags.check_select_on(parser, args.select_on, args.top_k)
+    flags.check_eval_negatives(parser, args.eval_negatives, args.top_k)
     if args.dataset:
         for key, value in preset_paths(args.dataset, stage, check=args.datapath is None).items():
             if getattr(args, key) is None:  # explicit flags win

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from continual import distributed, flags
 from continual.datasets import preset_kind, preset_paths, stage_script, task_name
 from continual.evaluation.reports import format_evidence, format_limits, format_table
-from continual.evaluation.scoring import evaluate_tasks, load_task_data, score
+from continual.evaluation.scoring import evaluate_tasks, load_task_data, sampled_negatives, score
 from continual.distributed import Shard
 from continual.methods import method_class
 from continual.methods.base import Method, Stage, Step
@@ -413,8 +413,8 @@ def finish(run: RunConfig, model: NextItNet, method: Method, stage: Stage, check
            inputs: StageInputs, device: torch.device, extra: dict, resources: Resources, steps: list[int]) -> dict:
     """Reload the best checkpoint, let the method end its stage on it (saved again), and score every task 1..K
     on its own test split (rank 0 only), then mark the checkpoint finished; metrics.json records --max_steps (and
-    the optimiser steps taken, `steps` summed over phases) and --eval_users when given, resources.json what the
-    stage cost."""
+    the optimiser steps taken, `steps` summed over phases), --eval_users and --eval_negatives when given,
+    resources.json what the stage cost."""
     if not distributed.is_main():
         return {}
     checkpoint = load_checkpoint(checkpoint_path, "this stage's checkpoint")
@@ -425,14 +425,15 @@ def finish(run: RunConfig, model: NextItNet, method: Method, stage: Stage, check
     del checkpoint
     tasks = evaluate_tasks(model, saved["tasks"], inputs.index, run.smax, run.eval_batch, device, run.top_k,
                            {run.stage: inputs.data}, run.eval_users, resources.evaluation,
-                           run.stage if run.protocol == "time" else None)
+                           run.stage if run.protocol == "time" else None, run.eval_negatives)
     started = time.perf_counter()               # marked finished only once every task is scored
     atomic_torch_save(saved, checkpoint_path)
     resources.checkpoint_write_seconds = time.perf_counter() - started
     resources.checkpoint_mib = os.path.getsize(checkpoint_path) / 2**20
     metrics = {"stage": run.stage, "method": run.method, "parameters": parameter_count(model), "tasks": tasks}
-    if run.max_steps or run.eval_users:
-        metrics["limits"] = {"max_steps": run.max_steps, "steps": sum(steps), "eval_users": run.eval_users}
+    if run.max_steps or run.eval_users or run.eval_negatives:
+        metrics["limits"] = {"max_steps": run.max_steps, "steps": sum(steps), "eval_users": run.eval_users,
+                             **({"eval_negatives": run.eval_negatives} if run.eval_negatives else {})}
     write_json(run.savepath + ".metrics.json", metrics)
     write_json(run.savepath + ".resources.json", resources.summary())
     print(format_table(run.stage, tasks))
@@ -537,7 +538,9 @@ def run_stage(run: RunConfig) -> dict:
     def scored(rows: np.ndarray) -> dict:
         rows = sampler.scored_rows(rows, run.batch)
         rows = limit_users(rows, inputs.data.rows(rows), run.eval_users, run.seed)
-        return score(model, task, inputs.data, rows, kind, run.smax, run.eval_batch, device, run.top_k)
+        negatives = sampled_negatives(inputs.data, inputs.index, rows, kind, run.eval_negatives, run.seed, run.stage)
+        return score(model, task, inputs.data, rows, kind, run.smax, run.eval_batch, device, run.top_k,
+                     negatives=negatives)
 
     phase = [0]                             # the phase under way
 
