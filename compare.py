@@ -117,16 +117,22 @@ def prepare_ttl_shaped(synth_seed: int = 0) -> None:
     ttl_shaped.main(["--out", folder])
 
 
-def prepare_demo(synth_seed: int = 0) -> None:
+def prepare_demo(synth_seed: int = 0, dataset: str = "demo") -> None:
+    """MovieLens-100K from RecBole's wheel, made with its preset's flags (demo_time: time passing between tasks)."""
     del synth_seed  # the demo is one fixed download
     import prepare_data
-    if prepare_data.main(["--source", "recbole", "--out", DATASETS["demo"]["folder"], "--seq_len", "100"]):
+    preset = DATASETS[dataset]
+    if prepare_data.main(["--source", "recbole", "--out", preset["folder"], *preset["generator"]]):
         raise DataError("the demo data could not be prepared (pip install --no-deps recbole==1.2.1)")
+
+
+def prepare_demo_time(synth_seed: int = 0) -> None:
+    prepare_demo(synth_seed, "demo_time")
 
 
 # The data run_all.sh regenerates before every run, with the same settings.
 PREPARE = {"synth": prepare_synth, "synth_time": prepare_synth_time, "demo": prepare_demo,
-           "ttl_shaped": prepare_ttl_shaped}
+           "demo_time": prepare_demo_time, "ttl_shaped": prepare_ttl_shaped}
 
 Results = dict[str, dict[int, dict[int, dict]]]  # {method: {seed: {stage: metrics.json}}}
 
@@ -605,7 +611,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocol", choices=["static", "time"], default=None,
                         help="stages >= 2: static (every item is task 1's) or time (items arrive with the tasks; "
                              "every earlier task is also scored on its re-test files); default: the dataset's "
-                             "(time for synth_time, static for the others)")
+                             "(time for synth_time and demo_time, static for the others)")
     parser.add_argument("--later_epochs", type=flags.positive_int, default=0,
                         help="stages >= 2: a fixed budget of N epochs a stage (default: the settings' epochs)")
     args = parser.parse_args(own)

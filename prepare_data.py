@@ -2,7 +2,7 @@
 
 Usage:
     python prepare_data.py --source SRC --out Data/<name> [--seq_len 50] [--window 10]
-                           [--min_interactions 20] [--like_threshold 4]
+                           [--min_interactions 20] [--like_threshold 4] [--periods 6 [--first_share 0.5]]
 
 SRC is a folder of raw files (ml-100k, ml-1m, ml-25m / ml-latest / ml-latest-small, or RecBole atomic
 files) or the word `recbole` for the ml-100k copy shipped in the recbole 1.2.1 wheel. Each user's
@@ -10,6 +10,12 @@ interactions are sorted by timestamp (stable, so ties keep the raw file's order)
 interactions are held out and the up-to-`seq_len` interactions just before them form the task-1
 sequence, left-padded with 0. Tasks 2..6 use that same sequence as the source of every line. Everything
 is vectorised with numpy / pandas; the output text is encoded digit by digit with numpy in chunks.
+
+--periods 6 (time passing between tasks, for `--protocol time`): the ratings' timeline is cut into six periods
+(the first holding --first_share of the ratings, the others equal shares of the rest); stage K's task file is built
+as above from the ratings up to the end of period K (users, their histories and so their items as they stood then),
+and beside each earlier task U's file a re-test file `taskU.retestK.csv`: task U built from the same ratings, over
+the users who rated after period U ended (its later users). Labels keep one code over all stages.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ NO_GENRE = "(no genres listed)"
 RECBOLE_HINT = "recbole's wheel is not installed; run: pip install --no-deps recbole==1.2.1"
 POW10 = 10 ** np.arange(19, dtype=np.int64)
 CHUNK_TOKENS = 1 << 20
+STAGES = 6                                   # the tasks of a file set, one per stage
 SEP_COMMA, SEP_DOUBLE, SEP_NEWLINE = 0, 1, 2
 
 
@@ -264,20 +271,27 @@ def rec_targets(hist: Histories, window: pd.DataFrame) -> tuple[np.ndarray, np.n
     return rows[fresh], items[fresh]
 
 
-def code_labels(values: pd.Series) -> tuple[np.ndarray, dict[str, int]]:
-    """Codes 1..K in sorted order of the raw values, and the map raw value (as text) → code."""
-    codes, uniques = pd.factorize(values, sort=True)
+def code_labels(values: pd.Series, universe: pd.Series | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """Codes 1..K in sorted order of the raw values (of `universe` when given: every stage's file codes a value
+    alike), and the map raw value (as text) → code."""
+    if universe is None:
+        codes, uniques = pd.factorize(values, sort=True)
+    else:
+        uniques = pd.Index(np.sort(pd.unique(universe)))
+        codes = uniques.get_indexer(values)
     return codes.astype(np.int64) + 1, {str(value): index + 1 for index, value in enumerate(uniques)}
 
 
-def demographic_tasks(hist: Histories, users: pd.DataFrame) -> list[Task]:
-    """T4 age bracket, T5 gender, T6 occupation, for kept users present in the users file."""
+def demographic_tasks(hist: Histories, users: pd.DataFrame, every_user: pd.DataFrame | None = None) -> list[Task]:
+    """T4 age bracket, T5 gender, T6 occupation, for kept users present in the users file (occupations coded over
+    `every_user`'s when given)."""
     table = pd.DataFrame({"user": hist.users, "row": np.arange(hist.users.size)})
     table = table.merge(users, on="user", how="inner", sort=True)
     rows = table["row"].to_numpy().astype(np.int64)
     age = np.digitize(table["age"].to_numpy(), AGE_BINS).astype(np.int64) + 1
     gender = table["gender"].map(GENDER_CODES).to_numpy().astype(np.int64)
-    occupation, occupation_map = code_labels(table["occupation"])
+    occupation, occupation_map = code_labels(table["occupation"],
+                                             None if every_user is None else every_user["occupation"])
     return [
         Task("age", "cls", "age bracket of the user (ml-1m brackets <18,18-24,25-34,35-44,45-49,50-55,56+ -> 1..7)",
              rows, age, {name: code + 1 for code, name in enumerate(AGE_NAMES)}),
@@ -287,13 +301,14 @@ def demographic_tasks(hist: Histories, users: pd.DataFrame) -> list[Task]:
     ]
 
 
-def favourite_genre(hist: Histories, genres: pd.DataFrame) -> Task:
-    """Most frequent genre over the window's interactions; ties go to the alphabetically first genre."""
+def favourite_genre(hist: Histories, genres: pd.DataFrame, coded_alike: bool = False) -> Task:
+    """Most frequent genre over the window's interactions; ties go to the alphabetically first genre (coded over
+    every genre of the file when `coded_alike`)."""
     pairs = hist.window[["row", "item"]].merge(genres, on="item", how="inner")
     counts = pairs.groupby(["row", "genre"], sort=True).size().reset_index(name="count")
     counts = counts.sort_values(["row", "count", "genre"], ascending=[True, False, True], kind="stable")
     best = counts.drop_duplicates("row", keep="first")
-    codes, genre_map = code_labels(best["genre"])
+    codes, genre_map = code_labels(best["genre"], genres["genre"] if coded_alike else None)
     return Task("favourite_genre", "cls",
                 "most frequent genre among the held-out window's interactions (ties: alphabetically first; "
                 "codes in sorted genre order)", best["row"].to_numpy().astype(np.int64), codes, genre_map)
@@ -308,9 +323,16 @@ def rating_band(hist: Histories) -> Task:
                 {name: code + 1 for code, name in enumerate(RATING_BAND_NAMES)})
 
 
-def activity_band(hist: Histories) -> Task:
-    """Total interaction count in terciles over kept users (np.quantile, linear): 1 low, 2 middle, 3 high."""
+def activity_bounds(hist: Histories) -> tuple[int, int]:
+    """The terciles of the kept users' interaction counts (np.quantile, linear, floored)."""
     low, high = (int(np.floor(q)) for q in np.quantile(hist.counts.astype(np.float64), [1 / 3, 2 / 3]))
+    return low, high
+
+
+def activity_band(hist: Histories, bounds: tuple[int, int] | None = None) -> Task:
+    """Total interaction count in terciles over kept users (`bounds`: another stage's terciles): 1 low, 2 middle,
+    3 high."""
+    low, high = bounds or activity_bounds(hist)
     band = 1 + (hist.counts > low).astype(np.int64) + (hist.counts > high).astype(np.int64)
     label_map = {f"<={low}": 1, f"{low + 1}-{high}": 2, f">={high + 1}": 3}
     return Task("activity_band", "cls",
@@ -318,8 +340,11 @@ def activity_band(hist: Histories) -> Task:
                 np.arange(hist.users.size, dtype=np.int64), band, label_map)
 
 
-def build_tasks(raw: Raw, hist: Histories, like_threshold: float) -> list[Task]:
-    """Tasks 2..6 for the raw format (demographics where present, window-derived substitutes otherwise)."""
+def build_tasks(raw: Raw, hist: Histories, like_threshold: float, coded_alike: bool = False,
+                activity: tuple[int, int] | None = None) -> list[Task]:
+    """Tasks 2..6 for the raw format (demographics where present, window-derived substitutes otherwise); with
+    `coded_alike` (--periods), every label coded over the whole file's values, and the activity terciles
+    `activity` when given (a re-test's: its task's own stage's)."""
     watch_rows, watch_items = rec_targets(hist, hist.window)
     liked = hist.window[hist.window["rating"] >= like_threshold]
     like_rows, like_items = rec_targets(hist, liked)
@@ -329,8 +354,8 @@ def build_tasks(raw: Raw, hist: Histories, like_threshold: float) -> list[Task]:
         Task("like", "rec", f"as watch, only window items rated >= {like_threshold:g}", like_rows, like_items),
     ]
     if raw.users is not None:
-        return tasks + demographic_tasks(hist, raw.users)
-    return tasks + [favourite_genre(hist, raw.genres), rating_band(hist), activity_band(hist)]
+        return tasks + demographic_tasks(hist, raw.users, raw.users if coded_alike else None)
+    return tasks + [favourite_genre(hist, raw.genres, coded_alike), rating_band(hist), activity_band(hist, activity)]
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -414,6 +439,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min_interactions", type=flags.positive_int, default=20,
                         help="drop users with fewer interactions; must exceed --window")
     parser.add_argument("--like_threshold", type=flags.finite_float, default=4.0, help="task-3 'like': rating >= this")
+    parser.add_argument("--periods", type=int, choices=[1, STAGES], default=1,
+                        help=f"1 (default): every task from the whole timeline; {STAGES}: time passes between tasks, "
+                             "stage K's task from the ratings up to the end of period K, with re-test files of the "
+                             "earlier tasks (for --protocol time)")
+    parser.add_argument("--first_share", type=flags.fraction, default=None,
+                        help=f"with --periods {STAGES}: the share of the ratings in the first period, in (0, 1) "
+                             f"(default 1/{STAGES}); the later periods split the rest equally")
     return parser.parse_args(argv)
 
 
@@ -428,6 +460,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Settings that would leave a kept user without a task-1 sequence (each flag's own domain: parse_args)."""
     if args.min_interactions <= args.window:
         raise PrepError("--min_interactions must exceed --window so every kept user has a task-1 sequence")
+    if args.first_share is not None and args.periods == 1:
+        raise PrepError(f"--first_share applies to --periods {STAGES} only")
 
 
 def task_stats(task: Task) -> dict[str, int]:
@@ -438,17 +472,10 @@ def task_stats(task: Task) -> dict[str, int]:
 
 def describe(args: argparse.Namespace, raw: Raw, hist: Histories, tasks: list[Task]) -> dict[str, Any]:
     """The tasks.json content."""
-    t1_items = np.unique(hist.t1[hist.t1 > 0])
-    entries = [{"file": "task1.csv", "name": "next_item", "kind": "rec",
-                "definition": f"up to {args.seq_len} interactions just before the held-out window, "
-                              "chronological, left-padded with 0",
-                "lines": int(hist.users.size), "examples": int(hist.users.size), "targets": int(t1_items.size)}]
-    for number, task in enumerate(tasks, start=2):
-        entries.append({"file": f"task{number}.csv", "name": task.name, "kind": task.kind,
-                        "definition": task.definition, **task_stats(task)})
     return {"source": args.source, "format": raw.format, "seq_len": args.seq_len, "window": args.window,
             "min_interactions": args.min_interactions, "like_threshold": args.like_threshold,
-            "users": int(hist.users.size), "tasks": entries,
+            "users": int(hist.users.size),
+            "tasks": [task_entry(number, args, hist, tasks) for number in range(1, len(tasks) + 2)],
             "label_maps": {task.name: task.label_map for task in tasks if task.label_map is not None}}
 
 
@@ -461,17 +488,25 @@ def print_table(meta: dict[str, Any]) -> None:
               f"{entry['examples']:>9} {entry['targets']:>8}")
 
 
+def histories_of(ratings: pd.DataFrame, args: argparse.Namespace, what: str) -> Histories:
+    """The kept users' histories of `ratings`; one line if none is kept or no held-out rating makes a 'like'."""
+    hist = split_histories(ratings, args.seq_len, args.window, args.min_interactions)
+    if hist.users.size == 0:
+        raise PrepError(f"{args.source}: no user has >= {args.min_interactions} interactions{what}")
+    held_out = hist.window["rating"]
+    if not (held_out >= args.like_threshold).any():
+        raise PrepError(f"--like_threshold {args.like_threshold:g}: no held-out rating reaches it{what} (they range "
+                        f"{held_out.min():g}..{held_out.max():g}), so task 3 'like' would be empty")
+    return hist
+
+
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Read, split, build and write all six tasks plus tasks.json; return the metadata."""
     check_args(args)
     raw = read_source(args.source)
-    hist = split_histories(raw.ratings, args.seq_len, args.window, args.min_interactions)
-    if hist.users.size == 0:
-        raise PrepError(f"{args.source}: no user has >= {args.min_interactions} interactions")
-    ratings = hist.window["rating"]
-    if not (ratings >= args.like_threshold).any():
-        raise PrepError(f"--like_threshold {args.like_threshold:g}: no held-out rating reaches it (they range "
-                        f"{ratings.min():g}..{ratings.max():g}), so task 3 'like' would be empty")
+    if args.periods > 1:
+        return prepare_periods(args, raw)
+    hist = histories_of(raw.ratings, args, "")
     tasks = [sort_task(task) for task in build_tasks(raw, hist, args.like_threshold)]
     os.makedirs(args.out, exist_ok=True)
     write_tokens(os.path.join(args.out, "task1.csv"), *task1_tokens(hist.t1))
@@ -480,6 +515,100 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     meta = describe(args, raw, hist, tasks)
     write_atomic(os.path.join(args.out, "tasks.json"), [(json.dumps(meta, indent=2) + "\n").encode("utf-8")])
     return meta
+
+
+# ------------------------------------------------------------------------------------ time passing
+
+
+def period_ends(timestamps: np.ndarray, periods: int, first_share: float) -> np.ndarray:
+    """The last timestamp of each period [periods]: the first ends once `first_share` of the ratings (in time order)
+    are made, the others split the rest into equal shares; the last ends with the last rating."""
+    ordered = np.sort(timestamps, kind="stable")
+    shares = first_share + (1.0 - first_share) * np.arange(periods) / (periods - 1)
+    return ordered[np.ceil(shares * ordered.size).astype(np.int64) - 1]
+
+
+def stage_lines(number: int, hist: Histories, tasks: list[Task],
+                rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Task `number`'s file from one stage's histories (only the histories `rows` when given): its tokens (values,
+    separators) and its source sequences [lines, seq_len]."""
+    if number == 1:
+        t1 = hist.t1 if rows is None else hist.t1[rows]
+        return *task1_tokens(t1), t1
+    task = tasks[number - 2]
+    keep = np.ones(task.rows.size, dtype=bool) if rows is None else np.isin(task.rows, rows)
+    if not keep.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int8), hist.t1[:0]
+    return *task_tokens(hist.t1, task.rows[keep], task.targets[keep]), hist.t1[np.unique(task.rows[keep])]
+
+
+def rated_after(ratings: pd.DataFrame, hist: Histories, moment: float) -> np.ndarray:
+    """The histories (rows of `hist`) whose user rated after `moment`."""
+    last = ratings.groupby("user")["timestamp"].max()
+    return np.flatnonzero(last.reindex(hist.users).to_numpy() > moment)
+
+
+def day(moment: float) -> str:
+    """A timestamp (seconds since 1970, UTC) as its date."""
+    return pd.Timestamp(moment, unit="s").strftime("%Y-%m-%d")
+
+
+def prepare_periods(args: argparse.Namespace, raw: Raw) -> dict[str, Any]:
+    """--periods: stage K's task from the ratings up to the end of period K; each earlier task U's re-test file
+    beside its own (task U from the same ratings, over the users who rated after period U); tasks.json with each
+    stage's period, new items and re-tests. → the metadata."""
+    first_share = args.first_share if args.first_share is not None else 1.0 / STAGES
+    ends = period_ends(raw.ratings["timestamp"].to_numpy(), STAGES, first_share)
+    os.makedirs(args.out, exist_ok=True)
+    known: list[set[int]] = []              # items of the sources of the files of stages 1..K
+    entries, retests, bounds = [], [], []
+    for stage, end in enumerate(ends, start=1):
+        ratings = raw.ratings[raw.ratings["timestamp"] <= end]
+        hist = histories_of(ratings, args, f" by the end of period {stage} ({day(end)})")
+        bounds.append(activity_bounds(hist))
+        tasks = [sort_task(task) for task in build_tasks(raw, hist, args.like_threshold, coded_alike=True)]
+        for task in range(1, stage):                               # the earlier tasks' later users
+            later = [sort_task(t) for t in build_tasks(raw, hist, args.like_threshold, True, bounds[task - 1])]
+            values, seps, sources = stage_lines(task, hist, later, rated_after(ratings, hist, ends[task - 1]))
+            if sources.shape[0] == 0:
+                continue
+            name = f"task{task}.retest{stage}.csv"
+            write_tokens(os.path.join(args.out, name), values, seps)
+            with_new = int(sum(bool(set(np.unique(line[line > 0]).tolist()) - known[task - 1]) for line in sources))
+            retests.append({"file": name, "task": task, "stage": stage, "kind": "rec" if task <= 3 else "cls",
+                            "lines": int(sources.shape[0]), "users_with_new": with_new})
+        values, seps, sources = stage_lines(stage, hist, tasks)
+        if sources.shape[0] == 0:
+            raise PrepError(f"{args.source}: task {stage} has no example by the end of period {stage} ({day(end)})")
+        write_tokens(os.path.join(args.out, f"task{stage}.csv"), values, seps)
+        items = set(np.unique(sources[sources > 0]).tolist())
+        entries.append({"stage": stage, "period_end": day(end), "ratings": int(len(ratings)),
+                        "users": int(hist.users.size), "new_items": len(items - (known[-1] if known else set())),
+                        **(task_entry(stage, args, hist, tasks))})
+        known.append(items | (known[-1] if known else set()))
+    meta = {"source": args.source, "format": raw.format, "seq_len": args.seq_len, "window": args.window,
+            "min_interactions": args.min_interactions, "like_threshold": args.like_threshold,
+            "users": entries[-1]["users"], "periods": STAGES, "first_share": first_share,
+            "time_note": "stage K's task is built from the ratings up to the end of period K; taskU.retestK.csv is "
+                         "task U built from the same ratings over the users who rated after period U; new_items: "
+                         "source items no earlier stage's file holds; users_with_new: re-test lines holding one",
+            "tasks": entries, "retests": retests,
+            "label_maps": {task.name: task.label_map for task in tasks if task.label_map is not None}}
+    write_atomic(os.path.join(args.out, "tasks.json"), [(json.dumps(meta, indent=2) + "\n").encode("utf-8")])
+    return meta
+
+
+def task_entry(stage: int, args: argparse.Namespace, hist: Histories, tasks: list[Task]) -> dict[str, Any]:
+    """A task's tasks.json entry (file, name, kind, definition, lines, examples, targets)."""
+    if stage == 1:
+        return {"file": "task1.csv", "name": "next_item", "kind": "rec",
+                "definition": f"up to {args.seq_len} interactions just before the held-out window, "
+                              "chronological, left-padded with 0",
+                "lines": int(hist.users.size), "examples": int(hist.users.size),
+                "targets": int(np.unique(hist.t1[hist.t1 > 0]).size)}
+    task = tasks[stage - 2]
+    return {"file": f"task{stage}.csv", "name": task.name, "kind": task.kind, "definition": task.definition,
+            **task_stats(task)}
 
 
 def main(argv: list[str] | None = None) -> int:

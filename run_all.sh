@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run all six TERACON stages in order and print the forgetting matrix.
 #   bash run_all.sh demo        # MovieLens-100K from RecBole's wheel, small settings, CPU, ~2 minutes
+#   bash run_all.sh demo_time   # the same ratings with time passing between tasks, under --protocol time
 #   bash run_all.sh synth       # the controlled benchmark (tools/synth.py), small settings, CPU, ~3 minutes
 #   bash run_all.sh synth_time  # the benchmark with items arriving at each stage, under --protocol time
 #                               # (`bash run_all.sh synth_time --method ditto` runs DITTO's chain)
@@ -30,11 +31,14 @@ then
 fi
 
 case "$dataset" in
-    demo)
+    demo|demo_time)
         $python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('recbole') is None)" \
             || $python -m pip install --quiet --no-deps recbole==1.2.1
-        # Regenerated each time (deterministic, a second), so the files always match these settings.
-        $python prepare_data.py --source recbole --out Data/demo --seq_len 100
+        # Regenerated each time (deterministic, seconds), so the files always match these settings; the preparation's
+        # flags are continual/datasets.py's (demo_time: six periods of the timeline, with re-test files).
+        prepare_flags=$($python -m continual.datasets "$dataset" generator)
+        read -ra prepare <<< "$prepare_flags"
+        $python prepare_data.py --source recbole --out "Data/$dataset" "${prepare[@]}"
         ;;
     synth)
         # The controlled benchmark (tools/synth.py; regenerated each time: deterministic, a few seconds).
@@ -50,7 +54,7 @@ case "$dataset" in
     ttl|movielens)
         ;;
     *)
-        echo "usage: bash run_all.sh demo|synth|synth_time|ttl|movielens [flags for every stage]" >&2
+        echo "usage: bash run_all.sh demo|demo_time|synth|synth_time|ttl|movielens [flags for every stage]" >&2
         exit 2
         ;;
 esac

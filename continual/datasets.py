@@ -39,11 +39,18 @@ DATASETS: dict[str, dict[str, Any]] = {
                    "names": ["next_item", "click", "like", "age", "gender", "life_status"],
                    "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
                    "missing": "generate it first: python tools/synth.py --out Data/synth_time --new_items 20"},
-    "demo": {"folder": "Data/demo", "files": PREPARED_FILES,
+    "demo": {"folder": "Data/demo", "files": PREPARED_FILES, "generator": ["--seq_len", "100"],
              "names": ["next_item", "watch", "like", "age", "gender", "occupation"],
              "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
              "missing": "prepare it first: python prepare_data.py --source recbole --out Data/demo --seq_len 100 "
                         "(needs: pip install --no-deps recbole==1.2.1)"},
+    "demo_time": {"folder": "Data/demo_time", "files": PREPARED_FILES,
+                  "generator": ["--seq_len", "100", "--periods", "6", "--first_share", "0.5"],
+                  "names": ["next_item", "watch", "like", "age", "gender", "occupation"],
+                  "kinds": ["rec", "rec", "rec", "cls", "cls", "cls"],
+                  "missing": "prepare it first: python prepare_data.py --source recbole --out Data/demo_time "
+                             "--seq_len 100 --periods 6 --first_share 0.5 (needs: pip install --no-deps "
+                             "recbole==1.2.1)"},
 }
 
 # Per-stage training defaults (paper / authors' run script): stage 1 lr 1e-3 batch 32; stage 2 lr 1e-3
@@ -73,7 +80,9 @@ VARIANT_STAGES: dict[str, dict[int, dict[str, Any]]] = {
 # - demo: the last 100 interactions instead of 50 (users have 106 on average: prepare_data's --seq_len); 60/10/30
 #   splits (--split_percentage 0.4: 95 validation and 282 test users instead of 47 and 141); 64 channels; model
 #   selection on NDCG@20 (MRR@5 on 95 users jumps between epochs) with patience 15 / 5; batch 256 and lr 1e-3 after
-#   stage 1 (943 users make few batches of 1024). README, "The demo".
+#   stage 1 (943 users make few batches of 1024). README, "The demo". demo_time (the demo with time passing between
+#   tasks: prepare_data.py --periods 6, stage 1 on the first half of the ratings' timeline): the same, with
+#   --protocol time after stage 1.
 # - synth (the controlled benchmark): demo-sized settings, 64 channels, at most 10 epochs a stage, batch 256 and lr
 #   1e-3 after stage 1; synth_time (the benchmark with items arriving: tools/synth.py --new_items 20): the same, with
 #   --protocol time after stage 1.
@@ -88,6 +97,10 @@ SMALL_RUN_FLAGS: dict[str, tuple[list[str], list[str]]] = {
               "--split_percentage", "0.4"],
              ["--epochs", "20", "--patience", "5", "--select_on", "ndcg@20", "--batch", "256", "--lr", "1e-3",
               "--split_percentage", "0.4"]),
+    "demo_time": (["--channels", "64", "--epochs", "80", "--patience", "15", "--select_on", "ndcg@20",
+                   "--split_percentage", "0.4"],
+                  ["--epochs", "20", "--patience", "5", "--select_on", "ndcg@20", "--batch", "256", "--lr", "1e-3",
+                   "--split_percentage", "0.4", "--protocol", "time"]),
 }
 
 
@@ -139,7 +152,7 @@ def preset_paths(dataset: str, stage: int, check: bool = True) -> dict[str, str]
 
 
 if __name__ == "__main__":  # run_all.sh: `python -m continual.datasets DATASET STAGE` prints the stage's flags;
-    import sys             # `... DATASET generator` the flags tools/synth.py writes the data set with
+    import sys             # `... DATASET generator` the flags tools/synth.py or prepare_data.py make it with
     if sys.argv[2] == "generator":
         print(" ".join(DATASETS[sys.argv[1]].get("generator", [])))
     else:

@@ -309,3 +309,105 @@ def test_recbole_demo(tmp_path):
     for number in range(2, 7):
         sources = [line.split(",,")[0] for line in (out / f"task{number}.csv").read_text().splitlines()]
         assert set(sources) <= set(task1)
+
+
+def timeline_rows() -> list[tuple[int, int, float, int]]:
+    """Twelve users rating over 1,200 seconds, each item from a pool that grows with time (so later periods bring
+    new items); users 10–12 start late. Every timestamp distinct."""
+    rng = np.random.default_rng(11)
+    rows, stamps = [], rng.permutation(np.arange(1, 1201))
+    used = 0
+    for user in range(1, 13):
+        count = int(rng.integers(MIN_INTER + 1, MIN_INTER + 12))
+        times = np.sort(stamps[used:used + count]) + (600 if user >= 10 else 0)
+        used += count
+        for stamp in times:
+            rows.append((user, int(rng.integers(1, 5 + int(stamp) // 60)), float(rng.integers(1, 6)), int(stamp)))
+    return rows
+
+
+def test_periods_build_each_stage_and_its_retests_from_their_own_time(tmp_path):
+    rows = timeline_rows()
+    users_file = [(u, AGES_100K[(u - 1) % 9], OCCUPATIONS[(u - 1) % 9]) for u in range(1, 13)]
+    folder = tmp_path / "raw"
+    write_ml100k(folder, rows, {})
+    (folder / "u.user").write_text("".join(f"{u}|{a}|{'F' if u % 3 == 0 else 'M'}|{o}|0{u}123\n"
+                                           for u, a, o in users_file))
+    meta = run(folder, tmp_path / "out", ["--periods", "6", "--first_share", "0.5"])
+    out = tmp_path / "out"
+    stamps = np.sort([t for *_, t in rows])
+    ends = [stamps[int(np.ceil((0.5 + 0.1 * k) * stamps.size)) - 1] for k in range(6)]
+    assert [entry["period_end"] for entry in meta["tasks"]] == [prepare_data.day(end) for end in ends]
+    known: set[int] = set()
+    for stage, end in enumerate(ends, start=1):
+        cut = [row for row in rows if row[3] <= end]
+        ref = reference(cut)
+        lines = read_task(out, stage)
+        if stage == 1:
+            assert [source for source, _ in lines] == [ref[u]["line"] for u in ref]
+        elif stage == 2:
+            watchers = [u for u in ref if ref[u]["watch"]]
+            sources_by_user(ref, lines, watchers)
+            assert [targets for _, targets in lines] == [ref[u]["watch"] for u in watchers]
+        elif stage == 5:
+            sources_by_user(ref, lines, list(ref))
+            assert [t[0] for _, t in lines] == [2 if u % 3 else 1 for u in ref]
+        items = {int(x) for source, _ in lines for x in source.split(",") if x != "0"}
+        assert meta["tasks"][stage - 1]["new_items"] == len(items - known)
+        assert meta["tasks"][stage - 1]["users"] == len(ref)
+        for task in range(1, stage):                      # re-tests: task U over the users who rated after period U
+            later = [u for u in ref if max(t for user, *_, t in cut if user == u) > ends[task - 1]]
+            path = out / f"task{task}.retest{stage}.csv"
+            if task == 1:
+                assert path.read_text().splitlines() == [ref[u]["line"] for u in later]
+            if task == 5:
+                assert [t for _, t in read_task_file(path)] == [[2 if u % 3 else 1] for u in later]
+        known |= items
+    assert any(entry["users_with_new"] > 0 for entry in meta["retests"])
+    retest = next(entry for entry in meta["retests"] if entry["task"] == 1 and entry["stage"] == 6)
+    stage1_items = {int(x) for x in (out / "task1.csv").read_text().replace("\n", ",").split(",") if x not in ("", "0")}
+    with_new = sum(bool({int(x) for x in line.split(",")} - stage1_items - {0})
+                   for line in (out / "task1.retest6.csv").read_text().splitlines())
+    assert retest["users_with_new"] == with_new > 0
+    order = sorted(set(OCCUPATIONS))                      # coded over every user's occupation at every stage
+    assert meta["label_maps"]["occupation"] == {value: k + 1 for k, value in enumerate(order)}
+    again = {p.name: p.read_bytes() for p in out.iterdir()}
+    run(folder, out, ["--periods", "6", "--first_share", "0.5"])
+    assert again == {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def read_task_file(path: Path) -> list[tuple[str, list[int]]]:
+    """(source text, targets) per line of a task file of tasks 2..6."""
+    return [(source, [int(x) for x in targets.split(",")]) for source, targets in
+            (line.split(",,") for line in path.read_text().splitlines())]
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--first_share", "0.5"], "error: --first_share applies to --periods 6 only\n"),
+    (["--periods", "6", "--first_share", "1.5"], "--first_share"),
+    (["--periods", "3"], "--periods"),
+])
+def test_periods_flags_are_checked(tmp_path, extra, expected):
+    rows, genres = make_data()
+    write_ml100k(tmp_path / "raw", rows, genres)
+    done = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--source", str(tmp_path / "raw"), "--out",
+                           str(tmp_path / "out"), *SMALL, *extra], capture_output=True, text=True)
+    assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") <= 2 and not (tmp_path / "out").exists()
+
+
+def test_recbole_demo_time_with_its_preset_flags(tmp_path):
+    """--dataset demo_time's data: MovieLens-100K in six periods (its preset's flags), items arriving at every stage
+    and a re-test file for every earlier task at every later stage."""
+    if importlib.util.find_spec("recbole") is None:
+        pytest.skip("recbole's wheel is not installed (pip install --no-deps recbole==1.2.1)")
+    from continual.datasets import DATASETS
+    out = tmp_path / "demo_time"
+    assert prepare_data.main(["--source", "recbole", "--out", str(out), *DATASETS["demo_time"]["generator"]]) == 0
+    meta = json.loads((out / "tasks.json").read_text())
+    users = [entry["users"] for entry in meta["tasks"]]
+    assert users == sorted(users) and users[-1] == 943 and users[0] < 943
+    assert all(entry["new_items"] > 0 for entry in meta["tasks"])
+    assert sorted((entry["task"], entry["stage"]) for entry in meta["retests"]) == [
+        (task, stage) for task in range(1, 6) for stage in range(task + 1, 7)]
+    assert all(entry["users_with_new"] > 0 for entry in meta["retests"])
