@@ -53,7 +53,8 @@ from continual.methods.checkpoints import load_checkpoint
 from continual.comparison import (chains_first, known_name, method_names, read_records, records_csv,
                                   resolve, split_overrides)
 from continual.datasets import DATASETS, preset_paths, stage_flags
-from continual.evaluation.reports import headline_metric
+from continual.evaluation.metrics import RETEST_PARTS
+from continual.evaluation.reports import headline_metric, matrix_cell
 from continual.evaluation.stats import mean_sd, paired_difference, t_interval
 from continual.methods import DEFAULT_METHOD, METHODS, method_class
 from continual.training.config import check_stage_flags
@@ -560,6 +561,71 @@ def result_records(out: str, results: Results) -> list[dict]:
     return records
 
 
+RETEST_COLUMNS = ["seed", "method", "stage", "task", "part", "users", "value", "baseline", "original"]
+
+
+def retest_records(results: Results) -> list[dict]:
+    """--protocol time: one record per (seed, method, stage, earlier task, part of its re-test users: all, with_new,
+    without_new): users, the headline value, its strongest trivial baseline's, and the task's score on its original
+    test users after the same stage (`original`)."""
+    records = []
+    for method, by_seed in results.items():
+        for seed, stages in sorted(by_seed.items()):
+            for stage, metrics in sorted(stages.items()):
+                for task, entry in sorted(metrics["tasks"].items(), key=lambda item: int(item[0])):
+                    retest = entry.get("retest") or {}
+                    for part in (name for name in RETEST_PARTS if name in retest):
+                        cell = matrix_cell(retest[part])
+                        records.append({"seed": seed, "method": method, "stage": stage, "task": int(task),
+                                        "part": part, "users": retest[part]["n_test_users"], "value": cell["value"],
+                                        "baseline": cell["baseline_value"], "original": headline(entry)})
+    return records
+
+
+def retest_table(paths: list[str], final_stage: int) -> str:
+    """The re-test summary of one or several draws' retests.csv: per method, earlier task and part of its users,
+    after `final_stage`, the mean over (draw, seed) units with its 95 % t-interval, beside the strongest trivial
+    baseline's mean and the task's mean on its original test users."""
+    units: dict[tuple[str, int, str], list[dict]] = {}
+    for path in paths:
+        with open(path, encoding="utf-8", newline="") as handle:
+            for row in csv.DictReader(handle):
+                if int(row["stage"]) == final_stage:
+                    units.setdefault((row["method"], int(row["task"]), row["part"]), []).append(row)
+    lines = ["| method | task | users (count) | units | re-test [95 % CI] | trivial baseline | original test users |",
+             "|---|---|---|---|---|---|---|"]
+    for (method, task, part), rows in units.items():
+        value, baseline, original = ([float(row[name]) for row in rows] for name in ("value", "baseline", "original"))
+        users = round(statistics.mean(int(row["users"]) for row in rows))
+        lines.append(f"| {method} | {task} | {part} ({users}) | {len(rows)} | "
+                     f"{_cell(statistics.mean(value), t_interval(value))} | {statistics.mean(baseline):.4f} | "
+                     f"{_cell(statistics.mean(original), t_interval(original))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_retests(out: str, results: Results, final_stage: int) -> str | None:
+    """<out>/retests.csv (retest_records) and retests.md (retest_table) when a stage scored re-test files; → the CSV's
+    path, or None."""
+    records = retest_records(results)
+    if not records:
+        return None
+    path = os.path.join(out, "retests.csv")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, RETEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(os.path.join(out, "retests.md"), retest_header(final_stage) + retest_table([path], final_stage))
+    return path
+
+
+def retest_header(final_stage: int) -> str:
+    return (f"Re-tests after stage {final_stage} (--protocol time): each earlier task on its re-test file's later "
+            "users (all, with an item newer than the task, without), headline metric (MRR@5 rec, accuracy cls), "
+            "mean over (draw, seed) units and its 95 % t-interval; the strongest trivial baseline (fitted on the "
+            "task's own training split) and the task's score on its original test users after the same stage.\n\n")
+
+
 def csv_table(rows: list[dict], n_tasks: int) -> str:
     """Mean, sd and the 95 % interval over seeds in separate columns, full precision."""
     names = [f"task{k}" for k in range(1, n_tasks + 1)] + ["retention"]
@@ -636,6 +702,11 @@ def main(argv: list[str] | None = None) -> None:
     results = [compare_draw(args, out if args.draws == 1 else os.path.join(out, f"draw{d}"), d, extra, command)
                for d in draws]
     paper_tables(results, out, args.methods)
+    retests = [os.path.join(os.path.dirname(path), "retests.csv") for path in results]
+    retests = [path for path in retests if os.path.isfile(path)]
+    if len(retests) > 1:             # pooled over the draws
+        stages = len(DATASETS[args.dataset]["files"])
+        atomic_write_text(os.path.join(out, "retests.md"), retest_header(stages) + retest_table(retests, stages))
 
 
 def recorded_files(folder: str | None, dataset: str, synth_seed: int) -> list[str]:
@@ -708,6 +779,7 @@ def compare_draw(args: argparse.Namespace, out: str, synth_seed: int, extra: lis
     atomic_write_text(os.path.join(out, "compare.csv"), csv_table(rows, stages))
     ran = [r for r in result_records(out, results) if (r["seed"], r["method"]) not in recorded]
     atomic_write_text(os.path.join(out, "results.csv"), records_csv(carried + ran))
+    write_retests(out, results, stages)
     print("\n" + table + f"\nwritten to {os.path.join(out, 'compare.md')}, {os.path.join(out, 'compare.csv')} and "
           f"{os.path.join(out, 'results.csv')}")
     if failed:

@@ -381,3 +381,30 @@ def test_refused_before_anything_runs(argv, message, tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0] and "Traceback" not in error[0]
     assert not (tmp_path / "c").exists()
+
+
+def test_retest_records_and_their_pooled_table(tmp_path):
+    """--protocol time: compare.py's retests.csv holds every (seed, method, stage, earlier task, part) re-test score
+    beside the strongest baseline and the original test users' score; retests.md pools the final stage's units."""
+    def part(value: float, users: int, baseline: float) -> dict:
+        return {"kind": "rec", "test": {"mrr@5": value}, "n_test_users": users,
+                "vs_baseline": {"metric": "mrr@5", "baseline": "popularity", "above": value > baseline},
+                "baseline": {"popularity": {"test": {"mrr@5": baseline}}}}
+
+    def stage(task1: float, all_: float, new: float) -> dict:
+        return {"tasks": {"1": {"kind": "rec", "test": {"mrr@5": task1},
+                                "retest": {"all": part(all_, 10, 0.1), "with_new": part(new, 4, 0.05)}},
+                          "2": {"kind": "rec", "test": {"mrr@5": 0.2}}}}
+
+    results = {"ditto": {0: {2: stage(0.3, 0.25, 0.2)}, 1: {2: stage(0.5, 0.35, 0.4)}}}
+    records = compare.retest_records(results)
+    assert [(r["seed"], r["part"], r["value"], r["baseline"], r["original"], r["users"]) for r in records] == [
+        (0, "all", 0.25, 0.1, 0.3, 10), (0, "with_new", 0.2, 0.05, 0.3, 4),
+        (1, "all", 0.35, 0.1, 0.5, 10), (1, "with_new", 0.4, 0.05, 0.5, 4)]
+    path = compare.write_retests(str(tmp_path), results, 2)
+    assert path == str(tmp_path / "retests.csv") and len((tmp_path / "retests.csv").read_text().splitlines()) == 5
+    rows = [line for line in (tmp_path / "retests.md").read_text().splitlines() if line.startswith("| ditto")]
+    low, high = compare.t_interval([0.25, 0.35])
+    assert rows[0].startswith(f"| ditto | 1 | all (10) | 2 | 0.3000 [{low:.4f}, {high:.4f}] | 0.1000 | 0.4000 ")
+    assert rows[1].startswith("| ditto | 1 | with_new (4) | 2 | 0.3000 ")
+    assert compare.write_retests(str(tmp_path / "none"), {"finetune": {0: {2: {"tasks": {}}}}}, 2) is None
