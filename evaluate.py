@@ -80,8 +80,6 @@ def main() -> None:
                         help="with --matrix: also write it as CSV (and, where stages scored re-test files under "
                              "--protocol time, their rows as <csv without .csv>.retest.csv)")
     args = parser.parse_args()
-    if args.eval_negatives is not None:
-        flags.check_eval_negatives(parser, args.eval_negatives, args.top_k)
 
     if args.matrix:
         header, rows = forgetting_matrix(args.matrix)
@@ -130,6 +128,7 @@ def main() -> None:
     smax = args.smax if args.smax is not None else checkpoint["run_config"]["smax"]
     negatives = (args.eval_negatives if args.eval_negatives is not None
                  else checkpoint["run_config"].get("eval_negatives", 0))
+    flags.check_eval_negatives(parser, negatives, args.top_k)
     if args.kept_from:  # checked before anything is scored
         earlier_checkpoint = load_checkpoint(args.kept_from)
         check_kept_from(args.kept_from, earlier_checkpoint, args.task, record, index.size)

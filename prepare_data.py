@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -323,16 +324,9 @@ def rating_band(hist: Histories) -> Task:
                 {name: code + 1 for code, name in enumerate(RATING_BAND_NAMES)})
 
 
-def activity_bounds(hist: Histories) -> tuple[int, int]:
-    """The terciles of the kept users' interaction counts (np.quantile, linear, floored)."""
+def activity_band(hist: Histories) -> Task:
+    """Total interaction count in terciles over kept users (np.quantile, linear): 1 low, 2 middle, 3 high."""
     low, high = (int(np.floor(q)) for q in np.quantile(hist.counts.astype(np.float64), [1 / 3, 2 / 3]))
-    return low, high
-
-
-def activity_band(hist: Histories, bounds: tuple[int, int] | None = None) -> Task:
-    """Total interaction count in terciles over kept users (`bounds`: another stage's terciles): 1 low, 2 middle,
-    3 high."""
-    low, high = bounds or activity_bounds(hist)
     band = 1 + (hist.counts > low).astype(np.int64) + (hist.counts > high).astype(np.int64)
     label_map = {f"<={low}": 1, f"{low + 1}-{high}": 2, f">={high + 1}": 3}
     return Task("activity_band", "cls",
@@ -340,11 +334,9 @@ def activity_band(hist: Histories, bounds: tuple[int, int] | None = None) -> Tas
                 np.arange(hist.users.size, dtype=np.int64), band, label_map)
 
 
-def build_tasks(raw: Raw, hist: Histories, like_threshold: float, coded_alike: bool = False,
-                activity: tuple[int, int] | None = None) -> list[Task]:
+def build_tasks(raw: Raw, hist: Histories, like_threshold: float, coded_alike: bool = False) -> list[Task]:
     """Tasks 2..6 for the raw format (demographics where present, window-derived substitutes otherwise); with
-    `coded_alike` (--periods), every label coded over the whole file's values, and the activity terciles
-    `activity` when given (a re-test's: its task's own stage's)."""
+    `coded_alike` (--periods), every label coded over the whole file's values."""
     watch_rows, watch_items = rec_targets(hist, hist.window)
     liked = hist.window[hist.window["rating"] >= like_threshold]
     like_rows, like_items = rec_targets(hist, liked)
@@ -355,7 +347,7 @@ def build_tasks(raw: Raw, hist: Histories, like_threshold: float, coded_alike: b
     ]
     if raw.users is not None:
         return tasks + demographic_tasks(hist, raw.users, raw.users if coded_alike else None)
-    return tasks + [favourite_genre(hist, raw.genres, coded_alike), rating_band(hist), activity_band(hist, activity)]
+    return tasks + [favourite_genre(hist, raw.genres, coded_alike), rating_band(hist), activity_band(hist)]
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -509,6 +501,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     hist = histories_of(raw.ratings, args, "")
     tasks = [sort_task(task) for task in build_tasks(raw, hist, args.like_threshold)]
     os.makedirs(args.out, exist_ok=True)
+    remove_retests(args.out)                # an earlier --periods run's: --protocol time would score them
     write_tokens(os.path.join(args.out, "task1.csv"), *task1_tokens(hist.t1))
     for number, task in enumerate(tasks, start=2):
         write_tokens(os.path.join(args.out, f"task{number}.csv"), *task_tokens(hist.t1, task.rows, task.targets))
@@ -518,6 +511,13 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ time passing
+
+
+def remove_retests(folder: str) -> None:
+    """Delete the re-test files (taskU.retestK.csv) an earlier run left in `folder`."""
+    for name in os.listdir(folder):
+        if re.fullmatch(r"task\d+\.retest\d+\.csv", name):
+            os.remove(os.path.join(folder, name))
 
 
 def period_ends(timestamps: np.ndarray, periods: int, first_share: float) -> np.ndarray:
@@ -561,20 +561,20 @@ def prepare_periods(args: argparse.Namespace, raw: Raw) -> dict[str, Any]:
     ends = period_ends(raw.ratings["timestamp"].to_numpy(), STAGES, first_share)
     os.makedirs(args.out, exist_ok=True)
     known: list[set[int]] = []              # items of the sources of the files of stages 1..K
-    entries, retests, bounds = [], [], []
+    entries, retests = [], []
+    remove_retests(args.out)
     for stage, end in enumerate(ends, start=1):
         ratings = raw.ratings[raw.ratings["timestamp"] <= end]
         hist = histories_of(ratings, args, f" by the end of period {stage} ({day(end)})")
-        bounds.append(activity_bounds(hist))
         tasks = [sort_task(task) for task in build_tasks(raw, hist, args.like_threshold, coded_alike=True)]
-        for task in range(1, stage):                               # the earlier tasks' later users
-            later = [sort_task(t) for t in build_tasks(raw, hist, args.like_threshold, True, bounds[task - 1])]
-            values, seps, sources = stage_lines(task, hist, later, rated_after(ratings, hist, ends[task - 1]))
+        for task in range(1, stage):                               # the earlier tasks' later users (tasks 1..5)
+            values, seps, sources = stage_lines(task, hist, tasks, rated_after(ratings, hist, ends[task - 1]))
             if sources.shape[0] == 0:
                 continue
             name = f"task{task}.retest{stage}.csv"
             write_tokens(os.path.join(args.out, name), values, seps)
-            with_new = int(sum(bool(set(np.unique(line[line > 0]).tolist()) - known[task - 1]) for line in sources))
+            inputs = sources[:, :-1] if task == 1 else sources              # task 1's last item is its target
+            with_new = int(sum(bool(set(np.unique(line[line > 0]).tolist()) - known[task - 1]) for line in inputs))
             retests.append({"file": name, "task": task, "stage": stage, "kind": "rec" if task <= 3 else "cls",
                             "lines": int(sources.shape[0]), "users_with_new": with_new})
         values, seps, sources = stage_lines(stage, hist, tasks)

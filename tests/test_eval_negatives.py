@@ -118,3 +118,13 @@ def test_eval_negatives_domain_is_checked_at_parse_time(value, subprocess_env, r
                           cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--eval_negatives" in done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_a_stage_refuses_another_eval_negatives_than_its_chains(sampled_stages, subprocess_env, repo_root, tmp_path):
+    folder, _ = sampled_stages
+    done = subprocess.run([sys.executable, "train_teracon_t3.py", "--datapath", str(folder / "data" / "task3.csv"),
+                           "--paths", str(folder / "task2.t7"), "--datapath_index", str(folder / "index.csv"),
+                           "--savepath", str(tmp_path / "task3"), "--device", "cpu", "--epochs", "1"],
+                          cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "--eval_negatives 99, this one with 0" in done.stderr and not list(tmp_path.iterdir())

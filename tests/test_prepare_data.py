@@ -366,7 +366,7 @@ def test_periods_build_each_stage_and_its_retests_from_their_own_time(tmp_path):
     assert any(entry["users_with_new"] > 0 for entry in meta["retests"])
     retest = next(entry for entry in meta["retests"] if entry["task"] == 1 and entry["stage"] == 6)
     stage1_items = {int(x) for x in (out / "task1.csv").read_text().replace("\n", ",").split(",") if x not in ("", "0")}
-    with_new = sum(bool({int(x) for x in line.split(",")} - stage1_items - {0})
+    with_new = sum(bool({int(x) for x in line.split(",")[:-1]} - stage1_items - {0})   # the input, not the target
                    for line in (out / "task1.retest6.csv").read_text().splitlines())
     assert retest["users_with_new"] == with_new > 0
     order = sorted(set(OCCUPATIONS))                      # coded over every user's occupation at every stage
@@ -374,6 +374,8 @@ def test_periods_build_each_stage_and_its_retests_from_their_own_time(tmp_path):
     again = {p.name: p.read_bytes() for p in out.iterdir()}
     run(folder, out, ["--periods", "6", "--first_share", "0.5"])
     assert again == {p.name: p.read_bytes() for p in out.iterdir()}
+    run(folder, out)                                      # the static files: no re-test file is left behind
+    assert sorted(p.name for p in out.iterdir()) == [f"task{k}.csv" for k in range(1, 7)] + ["tasks.json"]
 
 
 def read_task_file(path: Path) -> list[tuple[str, list[int]]]:

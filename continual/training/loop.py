@@ -180,6 +180,10 @@ def load_previous(run: RunConfig) -> tuple[dict, ItemIndex]:
     checkpoint = load_checkpoint(run.paths)
     previous = checkpoint.get("stage")
     require_finished(checkpoint, run.paths, "--paths")
+    sampled = (checkpoint.get("run_config") or {}).get("eval_negatives", 0)
+    if sampled != run.eval_negatives:
+        raise DataError(f"{run.paths}: its stage ranked with --eval_negatives {sampled}, this one with "
+                        f"{run.eval_negatives}; give every stage of a chain the same, so its scores compare")
     if previous != run.stage - 1:
         maker = stage_script(run.stage - 1)
         raise DataError(f"{run.paths}: is stage {previous}'s checkpoint; stage {run.stage} needs task "
