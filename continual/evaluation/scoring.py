@@ -144,8 +144,9 @@ def sampled_popularity_values(counts: np.ndarray, targets: np.ndarray, negatives
     scores = torch.from_numpy(counts)[candidates]                                           # [n, 1 + N]
     sources = torch.from_numpy(np.ascontiguousarray(source_classes))                        # [n, L]
     width = candidates.shape[1]
-    removed = torch.cat([(candidates[start:start + chunk, :, None] == sources[start:start + chunk, None, :]).any(2)
-                         for start in range(0, candidates.shape[0], chunk)] or [candidates.new_zeros((0, width), dtype=torch.bool)])
+    removed = [(candidates[start:start + chunk, :, None] == sources[start:start + chunk, None, :]).any(2)
+               for start in range(0, candidates.shape[0], chunk)]                         # [n, 1 + N] in chunks
+    removed = torch.cat(removed) if removed else torch.zeros((0, width), dtype=torch.bool)
     return {"popularity": rank_metrics(candidate_rank(scores, candidates), top_k, width).numpy(),
             "popularity_unseen": rank_metrics(candidate_rank(scores, candidates, removed), top_k, width).numpy()}
 
