@@ -45,6 +45,7 @@ class RunConfig:
     max_steps: int | None = None          # at most this many optimiser steps a phase (a dry run); None: no limit
     eval_users: int | None = None         # every scoring pass reads at most this many users a task; None: all
     eval_negatives: int = 0               # every scoring pass ranks a rec target among N sampled items; 0: every item
+    tensorboard: str | None = None        # also write each epoch's history as TensorBoard scalars under this folder
 
     def to_dict(self) -> dict:
         """Plain values only (the checkpoint is loaded with weights_only): the options as a dict."""

@@ -20,6 +20,7 @@ import utils
 from continual import comparison, datasets
 from continual.training import config, loop
 from continual.training.config import parse_args
+from continual.training.history import History
 from model import ModelConfig, NextItNet
 from tools import figures
 
@@ -92,10 +93,19 @@ def test_figures_writes_png_files(tmp_path):
     utils.atomic_torch_save(loop.checkpoint_dict(args, model, {}, tasks, 0, {"acc": 0.5}, finished=True), str(checkpoint))
     first = metrics_file(tmp_path / "task1.metrics.json", 1, {1: 0.2})
     second = metrics_file(tmp_path / "task2.metrics.json", 2, {1: 0.1, 2: 0.6})
+    curves = []
+    for stage in (1, 2):
+        history = History(str(tmp_path / f"task{stage}"), resume=False)
+        for epoch in range(3):
+            history.add(0, epoch, {"loss": 2.0 - epoch / 3, "retention": 0.1 * stage, "skipped": 0, "finite_steps": 9},
+                        {"acc": 0.1 * epoch, "mrr@5": 0.05 * epoch}, epoch != 1, 1.0, 1.2)
+        curves.append(history.path)
     out = tmp_path / "figures"
-    written = figures.main(["--paths", str(checkpoint), "--out", str(out), "--matrix", second, first])
+    written = figures.main(["--paths", str(checkpoint), "--out", str(out), "--matrix", second, first,
+                            "--curves", *curves])
     names = {os.path.basename(path) for path in written}
-    assert names == {"task_relation_layers.png", "task_relation_mean.png", "forgetting_matrix.png"}
+    assert names == {"task_relation_layers.png", "task_relation_mean.png", "forgetting_matrix.png",
+                     "learning_curves.png"}
     for path in written:
         with open(path, "rb") as handle:
             data = handle.read()

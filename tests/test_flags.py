@@ -354,7 +354,7 @@ def test_compare_needs_dataset(tmp_path, capsys):
     (["--paths", "{dir}/no.t7"], "error: --paths: {dir}/no.t7: file not found"),
     (["--matrix", "{dir}/metrics.json", "{dir}/no.json"], "error: --matrix: {dir}/no.json: file not found"),
     (["--paths", "{ckpt}", "--out", "{ckpt}"], "error: --out: {ckpt} is a file, not a folder"),
-    ([], "give --paths and/or --matrix"),
+    ([], "give --paths, --matrix and/or --curves"),
 ])
 def test_figures(stage1, tmp_path, capsys, argv, expected):
     names = {"dir": str(stage1["folder"]), "ckpt": stage1["ckpt"]}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from continual.training.history import read_history
 from utils import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -456,6 +458,39 @@ def test_sigterm_stops_at_a_step_and_resume_reaches_the_uninterrupted_metrics(tr
     whole, resumed, stderr = preempted_then_resumed(tmp_path, trained, monkeypatch, capsys, method, 11)
     assert "stopped: SIGTERM: stage 2 stopped after step 5 of epoch 1" in stderr and "--resume" in stderr
     assert resumed == whole
+    histories = [[{k: v for k, v in row.items() if not k.endswith("seconds")}
+                  for row in read_history(str(tmp_path / f"{name}.history.csv"))] for name in ("whole", "cut")]
+    assert histories[0] == histories[1] and [row["epoch"] for row in histories[0]] == ["0", "1", "2"]
+
+
+def test_the_history_holds_the_printed_epochs(trained, tmp_path, capsys):
+    """<savepath>.history.csv: a row per epoch with the loss, retention, skipped steps, validation metrics and new
+    bests the stage printed."""
+    from continual.training import loop
+    loop.main(2, ["--datapath", trained["t2"], "--paths", trained["task1"], "--datapath_index", trained["index"],
+                  "--batch", "8", "--epochs", "3", "--patience", "9", "--channels", "8", "--device", "cpu",
+                  "--savepath", str(tmp_path / "t2")])
+    pattern = r"epoch (\d+): loss (\S+) retention (\S+) skipped (\d+) \| valid (.*?) \| train .*?s, all .*?s( \*)?$"
+    printed = [re.match(pattern, line) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("epoch ") and ": loss" in line]
+    rows = read_history(str(tmp_path / "t2.history.csv"))
+    assert len(rows) == len(printed) == 3 and all(printed)
+    for row, match in zip(rows, printed):
+        epoch, loss, retention, skipped, valid, best = match.groups()
+        assert (row["epoch"], f"{float(row['loss']):.4f}", f"{float(row['retention']):.3g}", row["skipped"]) == (
+            epoch, loss, retention, skipped)
+        assert row["best"] == ("1" if best else "0")
+        for name, value in (pair.split("=") for pair in valid.split()):
+            assert f"{float(row['valid_' + name]):.4f}" == value
+        assert float(row["seconds"]) >= float(row["train_seconds"]) > 0
+
+
+def test_tensorboard_without_its_package_is_refused_in_one_line(trained, tmp_path, monkeypatch):
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    result = stage2({**trained, "folder": str(tmp_path)}, trained["task1"], "--tensorboard", str(tmp_path / "tb"))
+    assert_clean_error(result, "--tensorboard", "pip install tensorboard")
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.slow

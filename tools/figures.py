@@ -1,12 +1,14 @@
-"""Figures of a run: how related the tasks' masks are, and the forgetting matrix.
+"""Figures of a run: how related the tasks' masks are, the forgetting matrix, and the learning curves.
 
-    python tools/figures.py --paths CKPT [--out DIR] [--matrix metrics.json ...]
+    python tools/figures.py --paths CKPT [--out DIR] [--matrix metrics.json ...] [--curves history.csv ...]
 
 --paths writes task_relation_layers.png (the cosine similarity of every pair of tasks' masks at s = smax,
 one small heatmap per masked layer) and task_relation_mean.png (the same averaged over layers), the
 paper's task-embedding figure. --matrix writes forgetting_matrix.png: rows = after stage, columns = task,
 cells = the headline metric (MRR@5 for rec tasks, accuracy for cls tasks); the colour is the value over
-the task's best value in any stage, so forgetting reads the same for rec and cls tasks.
+the task's best value in any stage, so forgetting reads the same for rec and cls tasks. --curves writes
+learning_curves.png from the stages' <savepath>.history.csv files (one column per stage: the training loss and its
+retention part, then the validation metrics, new bests marked).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ if __package__ in (None, ""):  # run as a file (python tools/…): import the su
 from continual import flags
 from continual.methods.checkpoints import load_checkpoint
 from continual.evaluation.reports import matrix_cells
+from continual.training.history import read_history
 from model import NextItNet
 from utils import DataError, cli
 
@@ -166,17 +169,55 @@ def forgetting_figure(metric_files: list[str], out: str, name: str = "") -> str:
     return path
 
 
+def curves_figure(history_files: list[str], out: str, name: str = "") -> str:
+    """learning_curves.png from stages' history CSVs (continual/training/history.py); returns its path. Column =
+    stage (file), top = mean training loss and its retention part per epoch, bottom = every validation metric
+    (dots: the epochs that were a new best). A stage with several phases (CONURE) counts its epochs on."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(history_files), figsize=(3.4 * len(history_files) + 0.6, 5.6), squeeze=False,
+                             constrained_layout=True)
+    for column, path in enumerate(history_files):
+        rows = read_history(path)
+        if not rows:
+            raise DataError(f"{path}: holds no epoch")
+        x = np.arange(len(rows))                                     # epochs in the order trained, phases in turn
+        top, bottom = axes[0, column], axes[1, column]
+        for key in ("loss", "retention"):
+            top.plot(x, [float(row[key]) for row in rows], marker=".", label=key)
+        best = np.array([row["best"] == "1" for row in rows])
+        for key in (k for k in rows[0] if k.startswith("valid_")):
+            values = np.array([float(row[key]) if row.get(key) else math.nan for row in rows])
+            line, = bottom.plot(x, values, label=key[len("valid_"):])
+            bottom.plot(x[best], values[best], "o", color=line.get_color(), markersize=4)
+        top.set_title(os.path.basename(path).replace(".history.csv", ""), fontsize=9)
+        bottom.set_xlabel("epoch")
+        for ax in (top, bottom):
+            ax.legend(fontsize=6)
+    axes[0, 0].set_ylabel("training loss (mean over steps)")
+    axes[1, 0].set_ylabel("validation (dots: new best)")
+    fig.suptitle(f"{name}learning curves", fontsize=10)
+    path = os.path.join(out, "learning_curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", type=flags.existing_file, help="checkpoint (.t7): task-relation heatmaps of its masks")
     parser.add_argument("--matrix", nargs="+", type=flags.existing_file,
                         help="metrics.json files of one run: forgetting-matrix heatmap")
+    parser.add_argument("--curves", nargs="+", type=flags.existing_file,
+                        help="<savepath>.history.csv files of a chain's stages, in order: learning curves")
     parser.add_argument("--out", type=flags.output_dir, default="figures",
                         help="folder for the PNG files (default: figures)")
     parser.add_argument("--title", default="", help="prefix of every figure's title, e.g. the run's name")
     args = parser.parse_args(argv)
-    if not args.paths and not args.matrix:
-        parser.error("give --paths and/or --matrix")
+    if not args.paths and not args.matrix and not args.curves:
+        parser.error("give --paths, --matrix and/or --curves")
     if importlib.util.find_spec("matplotlib") is None:
         raise DataError("matplotlib is not installed (pip install matplotlib)")
     os.makedirs(args.out, exist_ok=True)
@@ -186,6 +227,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         written += relation_figures(load_checkpoint(args.paths), args.out, prefix)
     if args.matrix:
         written.append(forgetting_figure(args.matrix, args.out, prefix))
+    if args.curves:
+        written.append(curves_figure(args.curves, args.out, prefix))
     for path in written:
         print(f"wrote {path}")
     return written

@@ -17,6 +17,7 @@ from continual import distributed, flags
 from continual.datasets import DATASETS, VARIANTS, preset_paths, stage_defaults
 from continual.methods import DEFAULT_METHOD, METHODS, method_class
 from continual.run_config import LOOP_FLAGS, RunConfig
+from continual.training.history import check_tensorboard
 from continual.training.samplers import STREAMS
 from utils import DataError
 
@@ -121,6 +122,9 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
              "stage), the trivial baselines among the same; with the default 80/5/15 split and --patience 2 it is "
              "DITTO's protocol (docs/methods.md). Recorded in metrics.json and printed with the scores. Default 0: "
              "every item is ranked (this suite's protocol)")
+    add("--tensorboard", type=flags.output_dir, default=None,
+        help="also write each epoch's row of <savepath>.history.csv (the learning curve every stage writes) as "
+             "TensorBoard scalars under DIR/<savepath's name>; needs the optional tensorboard package")
     method_class(method).add_arguments(parser.add_argument_group(f"--method {method}"))
     parser.explain_unknown = lambda words: unknown_flags_message(words, stage, method)
     return parser
@@ -159,6 +163,7 @@ def parse_args(stage: int | None, argv: list[str] | None = None,
             setattr(args, key, value)
     flags.check_select_on(parser, args.select_on, args.top_k)
     flags.check_eval_negatives(parser, args.eval_negatives, args.top_k)
+    check_tensorboard(args.tensorboard)
     if args.dataset:
         for key, value in preset_paths(args.dataset, stage, check=args.datapath is None).items():
             if getattr(args, key) is None:  # explicit flags win

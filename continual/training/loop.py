@@ -27,6 +27,7 @@ from continual.methods import method_class
 from continual.methods.base import Method, Stage, Step
 from continual.methods.checkpoints import is_finished, load_checkpoint, require_finished
 from continual.training.config import RunConfig, parse_args
+from continual.training.history import History
 from continual.training.resources import Resources, SavedForBackward
 from continual.training.samplers import AuthorsSampler, OurSampler, make_sampler
 from data_loader import (ItemIndex, Staging, TaskData, check_split, limit_users, load_sequences, load_task,
@@ -292,18 +293,20 @@ class StopAtStep(Exception):
 
 
 def fit(run: RunConfig, train_epoch: Callable[[int, dict | None], dict], validate: Callable[[], dict],
-        on_best: Callable[[int, dict], None], resume: Resume) -> None:
+        on_best: Callable[[int, dict], None], resume: Resume, history: History | None = None) -> None:
     """Early stopping: validate after each epoch, `on_best` at each new best, stop after `patience` misses, or after
     the epoch in which train_epoch reported that --max_steps ran out ("budget_spent").
 
     After every epoch the training state is saved so that `--resume` continues from the next epoch; after a SIGTERM
     (utils.stop_at_a_step), at the step where the epoch stopped (its batches, the generators and the epoch's sums so
-    far included), and the run ends with Preempted.
+    far included), and the run ends with Preempted. `history` (rank 0's) gets a row per finished epoch.
     """
     best, misses, start, within = resume.restore()
     if start >= run.epochs or misses >= run.patience:
         print(f"resume: stage already finished at epoch {start - 1}")
         return
+    if history is not None:
+        history.begin(resume.phase, start)
     for epoch in range(start, run.epochs):
         started = time.time()
         try:
@@ -325,6 +328,8 @@ def fit(run: RunConfig, train_epoch: Callable[[int, dict | None], dict], validat
               f"{' *' if improved else ''}", flush=True)
         if stats["finite_steps"] == 0:
             raise DataError(f"{run.datapath}: no finite loss in epoch {epoch}; nothing saved (try a lower --lr)")
+        if history is not None:
+            history.add(resume.phase, epoch, stats, valid, improved, trained - started, time.time() - started)
         if improved:
             best, misses = value, 0
             if distributed.is_main():
@@ -557,6 +562,7 @@ def run_stage(run: RunConfig) -> dict:
             if os.path.exists(run.savepath + stale):
                 os.remove(run.savepath + stale)
 
+    history = History(run.savepath, run.resume, run.tensorboard) if distributed.is_main() else None
     with stop_at_a_step():                  # a SIGTERM while training: stop after the step, resumably
         for phase[0] in range(method.phases):
             if phase[0]:                       # the next phase starts from the best model so far (e.g. after a pruning)
@@ -567,7 +573,9 @@ def run_stage(run: RunConfig) -> dict:
                 optimizer = sampler.optimizer(method.param_groups(model, run.lr), run.lr)
                 print(f"phase {phase[0]} of {method.phases}: from the best model of the phase before", flush=True)
             fit(run, train_epoch, lambda: scored(valid_rows), on_best,
-                Resume(run, model, optimizer, rng, method, phase[0], steps))
+                Resume(run, model, optimizer, rng, method, phase[0], steps), history)
+    if history is not None:
+        history.close()
     optimizer = None                        # its state (two copies of the model) is not needed to score
     return finish(run, model, method, stage, checkpoint_path, inputs, device, extra, resources, steps)
 
