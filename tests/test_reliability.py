@@ -571,3 +571,19 @@ def test_compare_names_its_log_when_the_disk_is_full(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "open", full, raising=False)
     with pytest.raises(DataError, match=r"s/task2\.log: could not be written: No space left on device"):
         compare.run_stage([sys.executable, "-c", "pass"], str(tmp_path / "s" / "task2"), "seed 0 stage 2")
+
+
+def test_tensorboard_writes_the_history_as_scalars(trained, tmp_path):
+    """With the optional package: the stage's history rows as TensorBoard scalars under DIR/<savepath's name>."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    result = stage2({**trained, "folder": str(tmp_path)}, trained["task1"], "--tensorboard", str(tmp_path / "tb"),
+                    "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(tmp_path / "tb" / "task2"))
+    events.Reload()
+    rows = read_history(str(tmp_path / "task2.history.csv"))
+    loss = events.Scalars("loss")
+    assert [event.step for event in loss] == [0, 1] and len(rows) == 2
+    assert [round(event.value, 5) for event in loss] == [round(float(row["loss"]), 5) for row in rows]
+    assert "valid_acc" in events.Tags()["scalars"]
