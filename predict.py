@@ -32,181 +32,20 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
-import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from continual import flags
-from continual.methods.checkpoints import load_checkpoint
 from continual.evaluation.scoring import score
+from continual.inference import (TaskView, Users, embed_rows, file_view, fit_width, load_trained, outputs, pad_item,
+                                 read_users, row_batches, special_classes, task_view, user_inputs)
 from continual.training.loop import autocast
-from data_loader import ItemIndex, TaskData, load_task, read_index, segments, split_indices, tokenize
+from data_loader import ItemIndex, split_indices
 from model import NextItNet
 from utils import DataError, atomic_save_npy, atomic_write_text, cli, keep_freed_memory, resolve_device, write_json
-
-UNK = "<UNK>"
-
-
-@dataclass
-class TaskView:
-    """What predict.py needs of one task of a checkpoint."""
-
-    number: int                    # 1-based task number; 0: a task file the checkpoint does not hold
-    name: str
-    kind: str                      # rec or cls
-    length: int                    # input positions its head was trained and scored on
-    labels: np.ndarray             # [n_classes] str: raw item id / raw label of each class, "<UNK>" for 0
-    names: dict[str, str]          # raw label → name (tasks.json); empty when none
-    data: TaskData | None = None   # the task file's examples (task K ≥ 2)
-
-
-@dataclass
-class Users:
-    """The input's users as one stream of item indices."""
-
-    items: np.ndarray       # [n_tokens] int64 item indices (0 = <UNK>)
-    line_start: np.ndarray  # [n_users + 1]: user i is items[line_start[i]:line_start[i + 1]]
-    file_line: np.ndarray   # [n_users] 1-based line number in the input file
-
-    @property
-    def size(self) -> int:
-        return int(self.file_line.size)
-
-
-# ---------------------------------------------------------------- tasks and inputs
-
-def pad_item(index: ItemIndex) -> int:
-    """The loader's left-padding token: the item "0" when the index has it, else <UNK> (0)."""
-    return 1 if index.has_zero else 0
-
-
-def label_names(datapath: str) -> dict[str, str]:
-    """raw label → name from a tasks.json beside the task file (prepare_data.py's), else {}."""
-    path = os.path.join(os.path.dirname(os.path.abspath(datapath)), "tasks.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path}: not readable as JSON ({error})") from None
-    entries = [entry for entry in meta.get("tasks", []) if entry.get("file") == os.path.basename(datapath)]
-    codes = meta.get("label_maps", {}).get(entries[0].get("name"), {}) if entries else {}
-    return {str(code): str(name) for name, code in codes.items()}
-
-
-def task_view(checkpoint: dict, number: int, index: ItemIndex, datapath: str | None, source: str) -> TaskView:
-    """Task `number` of the checkpoint, its input length and class labels read from its task file."""
-    tasks = checkpoint["tasks"]
-    if not 1 <= number <= len(tasks):
-        raise DataError(f"{source}: holds tasks 1..{len(tasks)}, not task {number}")
-    record = tasks[number - 1]
-    path = datapath or record.get("datapath")
-    if path is None:
-        raise DataError(f"{source}: does not record task {number}'s data file; give --datapath")
-    n_classes = checkpoint["model_config"]["task_classes"][number - 1]
-    data = None
-    if number == 1:
-        tokens = tokenize(path, fields=1)
-        width = int(np.diff(tokens.line_start).max())                   # the loader pads every line to this
-        if width < 2:
-            raise DataError(f"{path}: every line has a single item; task 1 reads at least 2")
-        length, keys = width - 1, index.keys
-    else:
-        data = quiet_load_task(path, index)
-        length, keys = data.sources.shape[1], data.target_keys
-    labels = np.concatenate([[UNK], keys.astype(str)])
-    if labels.size != n_classes:
-        raise DataError(f"{path}: has {labels.size} classes with <UNK>, task {number}'s head in {source} "
-                        f"{n_classes} (not the file it was trained on)")
-    return TaskView(number, record.get("name") or f"task{number}", record["kind"], length, labels,
-                    label_names(path) if number > 1 else {}, data)
-
-
-def quiet_load_task(path: str, index: ItemIndex) -> TaskData:
-    """A task file's examples; the loader's warnings about it are the training run's business, not ours."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_task(path, index)
-
-
-def file_view(path: str, index: ItemIndex, max_classes: int) -> TaskView:
-    """A cls task file the checkpoint does not hold (--probe_file): its examples and labels, number 0."""
-    data = quiet_load_task(path, index)
-    if data.target_keys.size > max_classes:
-        raise DataError(f"{path}: has {data.target_keys.size} classes, a rec task's; the probe fits a classifier "
-                        f"to a cls task's labels (at most {max_classes})")
-    labels = np.concatenate([[UNK], data.target_keys.astype(str)])
-    return TaskView(0, os.path.basename(path), "cls", data.sources.shape[1], labels, label_names(path), data)
-
-
-def read_users(path: str, index: ItemIndex) -> Users:
-    """Parse --input (task-1 lines; a malformed line is one error naming path:line) and map it to indices,
-    with ONE warning line counting the items missing from the index."""
-    tokens = tokenize(path, fields=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                                 # counted below, in one line
-        items = index.lookup(tokens.values, path)                       # [n_tokens]
-    unknown = int(items.size - np.count_nonzero(items))
-    if unknown:
-        print(f"warning: {path}: {unknown} item token(s) not in the index, mapped to {UNK} (index 0)",
-              file=sys.stderr)
-    return Users(items, tokens.line_start, tokens.file_line)
-
-
-def fit_width(rows: np.ndarray, length: int, pad: int) -> np.ndarray:
-    """[n, w] left-padded rows → [n, length]: the last `length` columns, or left-padded with `pad`."""
-    if rows.shape[1] >= length:
-        return np.array(rows[:, rows.shape[1] - length:], dtype=np.int64)    # a copy: torch wants it writable
-    out = np.full((rows.shape[0], length), pad, dtype=np.int64)
-    out[:, length - rows.shape[1]:] = rows
-    return out
-
-
-def user_inputs(users: Users, rows: np.ndarray, length: int, pad: int) -> np.ndarray:
-    """Users `rows` → [b, length]: each user's last `length` items, left-padded with `pad`."""
-    stops = users.line_start[rows + 1]
-    starts = np.maximum(users.line_start[rows], stops - length)
-    return fit_width(segments(users.items, starts, stops, pad_value=pad), length, pad)
-
-
-# ---------------------------------------------------------------- the model
-
-@torch.no_grad()
-def outputs(model: NextItNet, task: int, inputs: np.ndarray, masks: torch.Tensor, device: torch.device,
-            amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """inputs [b, L] item indices → (hidden [b, C], logits [b, n_classes]) of head `task`, float32."""
-    items = torch.from_numpy(inputs).to(device)                        # [b, L]
-    with autocast(device, amp):
-        hidden = model.hidden(items, masks, last_only=True, task=task)  # [b, C]
-        logits = model.logits(task, hidden)                             # [b, n_classes]
-    return hidden.float(), logits.float()
-
-
-def row_batches(n: int, batch: int, desc: str) -> tqdm:
-    return tqdm(range(0, n, batch), desc=desc, leave=False, disable=None)
-
-
-def embed_rows(model: NextItNet, views: list[TaskView], rows_of, n: int, s: float, batch: int,
-               device: torch.device, amp: bool) -> np.ndarray:
-    """[n, C · len(views)] float32: row i's hidden vector under each view's mask, in the views' order.
-
-    rows_of(chunk, length) → [b, length] item indices of rows chunk."""
-    masks = [model.task_masks(view.number - 1, s) for view in views]  # each [n_layers, C]
-    channels = model.config.channels
-    vectors = np.empty((n, channels * len(views)), dtype=np.float32)
-    for start in row_batches(n, batch, "embed"):
-        chunk = np.arange(start, min(start + batch, n))
-        for j, view in enumerate(views):
-            hidden, _ = outputs(model, view.number - 1, rows_of(chunk, view.length), masks[j], device, amp)
-            vectors[chunk, j * channels:(j + 1) * channels] = hidden.cpu().numpy()
-    return vectors
 
 
 # ---------------------------------------------------------------- predictions
@@ -242,11 +81,6 @@ def cls_lines(view: TaskView, lines: np.ndarray, logits: torch.Tensor) -> list[s
         name = [csv_cell(view.names.get(label, ""))] if view.names else []
         rows.append(",".join([str(line), label, *name, *(f"{value:.6g}" for value in p)]))
     return rows
-
-
-def special_classes(view: TaskView, index: ItemIndex) -> np.ndarray:
-    """Classes --skip_padding leaves out: <UNK> (0) and, for task 1, the padding item "0"."""
-    return np.array([0, 1] if view.number == 1 and index.has_zero else [0], dtype=np.int64)
 
 
 def prediction_csv(model: NextItNet, view: TaskView, users: Users, s: float, top: int, batch: int,
@@ -398,18 +232,10 @@ def main() -> None:
     check_args(parser, args)
     keep_freed_memory()
     device = resolve_device(args.device, None)
-    checkpoint = load_checkpoint(args.paths)
+    checkpoint, index, model = load_trained(args.paths, args.datapath_index, device)
     for flag, number in (("--task", args.task), ("--probe_task", args.probe_task)):
         if number is not None and number > len(checkpoint["tasks"]):
             raise DataError(f"{flag} {number}: {args.paths} holds tasks 1..{len(checkpoint['tasks'])}")
-    index_path = args.datapath_index or checkpoint.get("index_path")
-    if not index_path:
-        raise DataError(f"{args.paths}: does not record the item index; give --datapath_index")
-    index = read_index(index_path)
-    if index.size != checkpoint["model_config"]["n_items"]:
-        raise DataError(f"{index_path}: index has {index.size} items, {args.paths} "
-                        f"{checkpoint['model_config']['n_items']} (made from other data)")
-    model = NextItNet.from_checkpoint(checkpoint).to(device).eval()
     s, pad = float(checkpoint["run_config"]["smax"]), pad_item(index)
     view = task_view(checkpoint, args.task, index, args.datapath, args.paths)
     views = [view] + ([task_view(checkpoint, 1, index, None, args.paths)] if args.embed_task1 else [])

@@ -302,3 +302,33 @@ def test_amp_vectors_close_to_fp32(chain, capsys, tmp_path):
     assert vectors[1].dtype == np.float32 and vectors[1].shape == (3, 16)
     error = np.linalg.norm(vectors[1] - vectors[0], axis=1) / np.linalg.norm(vectors[0], axis=1)
     assert error.max() < 0.05, error                                                     # bf16 branch, fp32 stream
+
+
+def test_the_python_snippet_gives_what_predict_py_writes(chain, capsys, tmp_path, repo_root):
+    """docs/predictions.md's "From Python" block, run on this chain's stage-3 checkpoint (its task 3 for the
+    page's task 5), equals predict.py's outputs for the same users: vectors, top items and class probabilities."""
+    page = (repo_root / "docs" / "predictions.md").read_text(encoding="utf-8")
+    block = page.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    _, out = chain
+    code = block.replace('"saved_models/demo/task6.t7"', repr(str(out / "task3.t7"))).replace("task=5", "task=3")
+    names: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, "docs/predictions.md", "exec"), names)
+    users = write_users(tmp_path / "users.csv", [",".join(map(str, user)) for user in names["users"]])
+    assert run_predict(capsys, "--paths", out / "task3.t7", "--task", 2, "--input", users, "--embed", "--out",
+                       tmp_path / "v.npy", "--device", "cpu")[0] == 0
+    np.testing.assert_allclose(names["vectors"], np.load(tmp_path / "v.npy"), rtol=0, atol=1e-6)
+    assert run_predict(capsys, "--paths", out / "task3.t7", "--task", 1, "--input", users, "--top", 10,
+                       "--skip_padding", "--out", tmp_path / "top.csv", "--device", "cpu")[0] == 0
+    rows = read_csv(tmp_path / "top.csv")
+    for line, items in enumerate(names["items"], start=1):
+        expected = [(row["item"], float(row["prob"])) for row in rows if row["line"] == str(line)]
+        assert [item for item, _ in items] == [item for item, _ in expected]
+        np.testing.assert_allclose([p for _, p in items], [p for _, p in expected], rtol=1e-5)
+    assert run_predict(capsys, "--paths", out / "task3.t7", "--task", 3, "--input", users, "--out",
+                       tmp_path / "cls.csv", "--device", "cpu")[0] == 0
+    rows = read_csv(tmp_path / "cls.csv")
+    assert [f"p_{label}" for label in names["labels"]] == [key for key in rows[0] if key.startswith("p_")]
+    np.testing.assert_allclose(names["probabilities"], [[float(row[f"p_{label}"]) for label in names["labels"]]
+                                                        for row in rows], rtol=1e-5)
