@@ -643,9 +643,11 @@ def main(argv: list[str] | None = None) -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     own, extra = argv[:split], argv[split + 1:]
     parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS),
+                        help="the data set: its preset's files and run_all.sh's flags (continual/datasets.py)")
     parser.add_argument("--seeds", type=flags.positive_int, default=3, help="number of seeds: 0 .. seeds-1")
-    parser.add_argument("--out", type=flags.output_dir, default="runs/compare")
+    parser.add_argument("--out", type=flags.output_dir, default="runs/compare",
+                        help="folder of the chains (seedS/METHOD/taskK) and the tables")
     names = list(method_names())
     parser.add_argument("--methods", type=flags.comma_list(names, known_name), default=DEFAULT_METHODS,
                         help="comma-separated: a method (" + ", ".join(METHODS) + ") or a method's preset (" +
@@ -666,14 +668,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recorded", type=flags.existing_dir,
                         help="a folder of earlier results.csv files of this comparison, <dataset>.csv (or "
                              "synth_drawD.csv per draw), e.g. docs/experiments/data: a chain they hold whole is not "
-                             "run again, its records go into results.csv and the paper table (not compare.md)")
+                             "run again, its records go into results.csv and the paper table (not compare.md); "
+                             "default: none, every chain runs")
     parser.add_argument("--settings", choices=SETTINGS, default="dataset",
                         help="stages >= 2: the dataset's flags (run_all.sh's; default) or the paper's: batch 1024, lr "
                              "1e-3 at stage 2 and 1e-4 after, up to 100 epochs with patience 5 (stage 1 stays the "
                              "dataset's)")
     parser.add_argument("--data", type=flags.existing_dir,
                         help="read the dataset's files (its preset's file names) from this folder instead of its preset "
-                             "folder, which is then neither read nor generated (e.g. TTL-shaped data of another size)")
+                             "folder, which is then neither read nor generated (e.g. TTL-shaped data of another size; "
+                             "default: the preset's folder)")
     parser.add_argument("--protocol", choices=["static", "time"], default=None,
                         help="stages >= 2: static (every item is task 1's) or time (items arrive with the tasks; "
                              "every earlier task is also scored on its re-test files); default: the dataset's "

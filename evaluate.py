@@ -50,18 +50,23 @@ def csv_text(header: list[str], rows: list[list[str]]) -> str:
 
 def main() -> None:
     parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", type=flags.existing_file, help="checkpoint to score")
-    parser.add_argument("--task", type=flags.positive_int, help="task number (1-based)")
+    parser.add_argument("--paths", type=flags.existing_file, help="checkpoint to score (required unless --matrix)")
+    parser.add_argument("--task", type=flags.positive_int, help="task number (1-based; required with --paths)")
     parser.add_argument("--datapath", type=flags.existing_file,
                         help="the task's data file (default: as stored in the checkpoint)")
     parser.add_argument("--datapath_index", type=flags.existing_file,
                         help="item index (default: as stored in the checkpoint)")
     parser.add_argument("--seed", type=flags.seed, help="split seed (default: as stored in the checkpoint)")
-    parser.add_argument("--split_percentage", type=flags.fraction, default=None, help="in (0, 1)")
-    parser.add_argument("--batch", type=flags.positive_int, default=256)
-    parser.add_argument("--smax", type=flags.smax, default=None)
-    parser.add_argument("--top_k", type=flags.positive_int, default=5)
-    parser.add_argument("--device", type=flags.device, default=None)
+    parser.add_argument("--split_percentage", type=flags.fraction, default=None,
+                        help="valid+test share, in (0, 1) (default: as stored in the checkpoint)")
+    parser.add_argument("--batch", type=flags.positive_int, default=256, help="users a forward pass (no effect on "
+                        "results)")
+    parser.add_argument("--smax", type=flags.smax, default=None,
+                        help="the mask scale s the task is scored at (default: the checkpoint's smax)")
+    parser.add_argument("--top_k", type=flags.positive_int, default=5, help="the ranking metrics' cut-offs: @top_k "
+                        "and @top_k+15")
+    parser.add_argument("--device", type=flags.device, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--split", choices=["test", "valid"], default="test",
                         help="the split scored: test, or valid (the rows each stage selects its epoch on)")
     parser.add_argument("--kept_from", type=flags.existing_file,

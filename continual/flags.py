@@ -25,12 +25,30 @@ LONG_K = 15           # the metrics report top_k and top_k + 15 (metrics.metric_
 METRIC_PATTERN = re.compile(r"(mrr|hit|ndcg)@([1-9][0-9]*)")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's own line breaks and shows each flag's default where its help does not say it
+    already: its value, or "none" (not given: not done); a flag whose default depends on something says so in its
+    help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default is False
+                or action.default == argparse.SUPPRESS or action.nargs == 0 or "default" in text.lower()):
+            return text
+        return text + (" (default: none)" if action.default is None else " (default: %(default)s)")
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse.ArgumentParser whose errors are ONE line `error: --flag ...` on stderr, exit 2 (--help unchanged).
+    """argparse.ArgumentParser whose errors are ONE line `error: --flag ...` on stderr, exit 2, and whose --help shows
+    every default (HelpFormatter).
 
     `explain_unknown`, when set, turns argparse's "unrecognized arguments: ..." into a better line (e.g. that
     the flag belongs to another --method)."""
     explain_unknown: Callable[[list[str]], str] | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         prefix = "unrecognized arguments: "
@@ -142,6 +160,9 @@ def add_options(parser: argparse.ArgumentParser, options_class: type, unset: boo
             continue
         keywords = {key: value for key, value in declared.metadata.items() if key not in NOT_ARGPARSE}
         keywords.setdefault("default", None if unset else declared.default)
+        if unset and "default" not in keywords["help"].lower():
+            keywords["help"] += (f" (default: {declared.default}, unless --preset or --variant sets another: "
+                                 "docs/methods.md)").replace("%", "%%")
         parser.add_argument(f"--{declared.name}", **keywords)
         for alias, alias_keywords in declared.metadata.get("aliases", []):
             parser.add_argument(alias, dest=declared.name, **alias_keywords)

@@ -6,6 +6,8 @@ whole file stays fast; three subprocess runs prove the real shell behaviour.
 """
 from __future__ import annotations
 
+import argparse
+import inspect
 import re
 import signal
 import subprocess
@@ -506,3 +508,59 @@ def test_tools_run_as_files_and_as_modules(repo_root, subprocess_env, tool):
                     [sys.executable, "-m", f"tools.{tool}", "--help"]):
         done = subprocess.run(command, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "usage" in done.stdout, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ help: every flag of every script
+
+def script_parsers(monkeypatch) -> dict[str, argparse.ArgumentParser]:
+    """Each script's parser as its main() builds it (caught at parse_args), and the stage scripts' for every
+    method at stage 1, stage 2 and train_teracon.py's any stage."""
+    import importlib
+
+    from continual.methods import METHODS
+    from continual.training import config
+
+    class Caught(Exception):
+        pass
+
+    caught: list = []
+
+    def catch(self, *args, **kwargs):
+        caught.append(self)
+        raise Caught
+
+    parsers = {f"stage {stage} --method {method}": config.build_parser(stage, method)
+               for stage in (1, 2, None) for method in METHODS}
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+    monkeypatch.setattr(sys, "argv", ["script"])
+    modules = ["compare", "evaluate", "predict", "prepare_data", "continual.evaluation.paper_table",
+               "continual.generators.synth", "continual.generators.ttl_shaped", "tools.figures", "tools.bench",
+               "tools.scale_report", "tools.gpu_check", "tools.replay_check"]
+    for name in modules:
+        main = importlib.import_module(name).main
+        caught.clear()
+        with pytest.raises(Caught):
+            main() if not inspect.signature(main).parameters else main([])
+        parsers[name] = caught[0]
+    return parsers
+
+
+def test_every_flag_of_every_script_has_help_that_shows_its_default(monkeypatch):
+    """--help: each flag says what it does and, unless it is a switch or required, its default (its value, "none",
+    or what the default depends on); the stage scripts' --method says how to list a method's own flags."""
+    parsers = script_parsers(monkeypatch)
+    assert len(parsers) == 3 * 12 + 12
+    silent = []
+    for name, parser in parsers.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            text = formatter._get_help_string(action) or ""
+            switch = action.nargs == 0 or action.required
+            if not action.help or not (switch or "default" in text.lower()):
+                silent.append(f"{name}: {action.option_strings[0]}")
+    assert not silent, silent
+    method = next(a for a in parsers["stage 2 --method teracon"]._actions if "--method" in a.option_strings)
+    assert "--method NAME --help" in method.help

@@ -54,7 +54,7 @@ def parse() -> argparse.Namespace:
     add("--items", type=flags.integer(2), default=5000, help="vocabulary (task-1 classes), >= 2")
     add("--users", type=flags.positive_int, default=4096, help="synthetic users (rows) per task")
     add("--length", type=flags.integer(2), default=50, help="sequence length, >= 2")
-    add("--channels", type=flags.positive_int, default=256)
+    add("--channels", type=flags.positive_int, default=256, help="residual channels of the timed model")
     add("--batch1", type=flags.positive_int, default=32, help="task-1 batch")
     add("--batch", type=flags.positive_int, default=1024, help="task-K batch")
     add("--stage", type=flags.integer(2), default=2, help="K >= 2: task-K step with retention over K−1 earlier tasks")
@@ -78,8 +78,8 @@ def parse() -> argparse.Namespace:
         help="task-K step: every earlier task's sampling ratio (held fixed; 0.9: the ratio before the first batch)")
     add("--steps", type=flags.positive_int, default=5, help="timed steps per phase (after one warm-up step)")
     add("--load_lines", type=flags.positive_int, default=1_000_000, help="lines of the task file timed by the load phase")
-    add("--device", type=flags.device, default="cpu")
-    add("--amp", action="store_true")
+    add("--device", type=flags.device, default="cpu", help="cpu, cuda or cuda:N")
+    add("--amp", action="store_true", help="bf16 autocast (the scripts' --amp)")
     add("--ce_chunk", type=flags.nonnegative_int, default=None,
         help="rows a wide head's loss computes at a time (train_task1's flag); default: by size, 0 = all at once")
     add("--negatives", type=flags.nonnegative_int, default=0,

@@ -36,6 +36,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file (python tools/…): import the suite from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from continual import flags  # noqa: E402  (after the path is set)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the repository root: where this suite's stages run
 VIEW = (r"\.view\(\[-1\]\)", ".reshape([-1])")           # a strided copy cannot be viewed on torch 2.x
@@ -276,17 +278,19 @@ def yardstick(loop_out: str, fused_out: str, label: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = flags.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--authors", required=True,
                         help="a checkout of Sein-Kim/TERACON_original (--variant original) or Sein-Kim/TERACON (revised)")
-    parser.add_argument("--variant", choices=sorted(CODES), default="original")
+    parser.add_argument("--variant", choices=sorted(CODES), default="original", help="which authors' code --authors is")
     parser.add_argument("--work", help="working folder (default: a new temporary folder)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--later_users", type=int, default=600,
+    parser.add_argument("--steps", type=flags.positive_int, default=50, help="training steps compared")
+    parser.add_argument("--batch", type=flags.positive_int, default=32, help="users a step")
+    parser.add_argument("--later_users", type=flags.positive_int, default=600,
                         help="users of tasks 2 and 3 (12000 lets --batch 1024 draw retention rows at every step)")
-    parser.add_argument("--loss_tol", type=float, default=1e-4)
-    parser.add_argument("--param_tol", type=float, default=1e-3)
+    parser.add_argument("--loss_tol", type=flags.positive_float, default=1e-4,
+                        help="largest relative difference of a step's loss counted as equal")
+    parser.add_argument("--param_tol", type=flags.positive_float, default=1e-3,
+                        help="largest absolute difference of the parameters after the last step counted as equal")
     parser.add_argument("--_authors", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--_ours", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--_fused", action="store_true", help=argparse.SUPPRESS)
@@ -321,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not os.path.isfile(task1 + ".t7"):
         print("the authors' stage 1, one epoch (about a minute and a half) …", flush=True)
-        script, *flags = CODES[args.variant]["stage1"]
-        child("--_authors", code, script, os.path.join(runs, "a_task1"), *flags, "--epochs", "1", "--lr", "0.001",
+        script, *stage_flags = CODES[args.variant]["stage1"]
+        child("--_authors", code, script, os.path.join(runs, "a_task1"), *stage_flags, "--epochs", "1", "--lr", "0.001",
               "--datapath", data[1], "--datapath_index", index, "--savepath", task1, steps=0)
     ok = True
     start = task1 + ".t7"
@@ -332,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         common = ["--batch", str(args.batch), "--epochs", "100", "--datapath", data[stage], "--datapath_index", index,
                   "--paths", start, "--lr", str(CODES[args.variant]["lr"][stage])]
         print(f"stage {stage}: the authors' code, then this suite, {args.steps} steps each …", flush=True)
-        script, *flags = CODES[args.variant]["stage"](stage)
-        child("--_authors", code, script, authors_out, *flags, *common,
+        script, *stage_flags = CODES[args.variant]["stage"](stage)
+        child("--_authors", code, script, authors_out, *stage_flags, *common,
               "--savepath", os.path.join(runs, f"a_{name}"), steps=args.steps)
         child("--_ours", ours_out, "--stage", str(stage), "--variant", args.variant, "--streams", "authors", *common,
               "--savepath", os.path.join(runs, f"o_{name}"), steps=args.steps)

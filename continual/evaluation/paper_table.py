@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=flags.existing_file, nargs="+", required=True,
                         help="results.csv of compare.py runs, one per draw of the data")
-    parser.add_argument("--out", type=flags.output_dir, default="runs/paper_table")
+    parser.add_argument("--out", type=flags.output_dir, default="runs/paper_table",
+                        help="folder of paper_table.md and paper_figure.png")
     names = list(method_names())
     parser.add_argument("--reference", type=flags.comma_list(names, known_name), default=["finetune"],
                         help="the method new-task scores are divided by")

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     add("--length", type=flags.integer(2), default=100, help="items a task-1 line, left-padded with 0 (TTL: 100)")
     add("--classes", type=flags.int_list(5, low=2), default=list(TTL_CLASSES),
         help="head sizes with <UNK> of tasks 2-6, comma-separated (TTL: 17880,7540,9,3,7)")
-    add("--seed", type=flags.seed, default=0)
+    add("--seed", type=flags.seed, default=0, help="the generator's seed")
     args = parser.parse_args(argv)
     check(args, parser)
     meta = write(args)

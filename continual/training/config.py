@@ -42,36 +42,51 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
     parser = flags.Parser(description=f"Continual user representation learning, {title}.")
     add = parser.add_argument
     add("--method", choices=list(METHODS), default=DEFAULT_METHOD,
-        help="the continual-learning method (continual/methods/); its own flags are listed under its name")
-    add("--dataset", choices=sorted(DATASETS), help="fill --datapath/--datapath_index/--paths/--savepath")
+        help="the continual-learning method (continual/methods/; default teracon); its own flags are listed under "
+             "its name at the end of this help: `--method NAME --help` lists NAME's")
+    add("--dataset", choices=sorted(DATASETS),
+        help="fill --datapath/--datapath_index/--paths/--savepath from the data set's preset (continual/datasets.py; "
+             "default: none, give the paths)")
     if stage is None:
         add("--stage", type=flags.integer(2),
             help="task number being learned, >= 2 (default: the stage after --paths)")
-    add("--datapath", type=flags.input_file, help="this task's data file")
-    add("--datapath_index", type=flags.input_file, help="item index (written by task 1, read by later tasks)")
-    add("--paths", type=flags.input_file, help="previous stage's checkpoint (.t7)")
+    add("--datapath", type=flags.input_file, help="this task's data file (default: --dataset's)")
+    add("--datapath_index", type=flags.input_file,
+        help="item index (written by task 1, read by later tasks; default: --dataset's saved_models/DATASET/index.csv)")
+    add("--paths", type=flags.input_file,
+        help="previous stage's checkpoint (.t7; default: --dataset's saved_models/DATASET/task<K-1>.t7)")
     add("--savepath", type=flags.output_prefix,
-        help="checkpoint written as <savepath>.t7, metrics as <savepath>.metrics.json")
-    add("--epochs", type=flags.positive_int)
-    add("--lr", type=flags.positive_float)
-    add("--batch", type=flags.positive_int)
+        help="checkpoint written as <savepath>.t7, metrics as <savepath>.metrics.json, the learning curve as "
+             "<savepath>.history.csv (default: --dataset's saved_models/DATASET/task<K>)")
+    add("--epochs", type=flags.positive_int,
+        help="most epochs of the stage (default by stage: 10 at stage 1, 100 later; run_all.sh and compare.py give "
+             "the small-data runs their own, continual/datasets.py; docs/cli.md has the table)")
+    add("--lr", type=flags.positive_float,
+        help="Adam's learning rate (default by stage: 1e-3 at stages 1 and 2, 1e-4 later; --variant original: 1e-4 "
+             "at stage 2; a method may set its stage 1's, DITTO 0.01; docs/cli.md)")
+    add("--batch", type=flags.positive_int, help="training users a step (default by stage: 32 at stage 1, 1024 later)")
     add("--eval_batch", type=flags.positive_int, default=256,
         help="batch size for validation/test (no effect on results)")
     add("--smax", type=flags.smax, help="the top of the annealing of s (Eq. 19); masks are scored there (default 50; "
         "HAT's 400 under --method hat)")
     add("--variant", choices=sorted(VARIANTS), default="revised",
         help="which of the authors' two codes the flags default to: revised (Sein-Kim/TERACON) or original "
-             "(Sein-Kim/TERACON_original); README, Faithfulness")
-    add("--seed", type=flags.seed, help="original 10, revised 0")
+             "(Sein-Kim/TERACON_original); README, Faithfulness (default: revised)")
+    add("--seed", type=flags.seed, help="the split's seed, and the training's unless --rerun (default by --variant: "
+        "original 10, revised 0)")
     add("--rerun", type=flags.nonnegative_int, default=0,
         help="N > 0: draw the training randomness (new weights, batch order, retention rows) from seed + 1000·N "
              "while the split stays --seed's: the N-th rerun of a stage on the same users, for run-to-run spread")
-    add("--top_k", type=flags.positive_int, default=5)
+    add("--top_k", type=flags.positive_int, default=5,
+        help="the ranking metrics' cut-offs: @top_k and @top_k+15 (MRR, HR, NDCG)")
     add("--split_percentage", type=flags.fraction, default=0.2, help="valid+test share, in (0, 1)")
-    add("--gpu_num", type=flags.gpu_num, default=None, help="the original's device flag: an int (cuda:N) or 'cpu'")
+    add("--gpu_num", type=flags.gpu_num, default=None,
+        help="the original's device flag: an int (cuda:N) or 'cpu' (default: --device's)")
     add("--device", type=flags.device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    add("--channels", type=flags.positive_int, default=256)
-    add("--patience", type=flags.positive_int, default=5)
+    add("--channels", type=flags.positive_int, default=256,
+        help="residual channels of stage 1's new model (later stages take the checkpoint's)")
+    add("--patience", type=flags.positive_int, default=5,
+        help="epochs without a better validation score before the stage stops")
     add("--task_kind", choices=["rec", "cls"],
         help="default: rec for task 1, later tasks rec when they have more than top_k+15 classes")
     add("--select_on", type=flags.metric,
@@ -80,7 +95,7 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
              "(hit@1) everywhere, the original t2/t3 scripts mrr@5")
     add("--ties", type=flags.on_off, nargs="?", const="on",
         help="on: a validation score equal to the best so far counts as an improvement (the original's t2/t3 "
-             "scripts); off: only a higher one")
+             "scripts); off: only a higher one (default by --variant: off; the original's stages 2-3 on)")
     add("--streams", choices=STREAMS, default="ours",
         help="stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
              "parameters as the authors' code does (drops partial batches; with --variant original, from an "
@@ -124,7 +139,7 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
              "every item is ranked (this suite's protocol)")
     add("--tensorboard", type=flags.output_dir, default=None,
         help="also write each epoch's row of <savepath>.history.csv (the learning curve every stage writes) as "
-             "TensorBoard scalars under DIR/<savepath's name>; needs the optional tensorboard package")
+             "TensorBoard scalars under DIR/<savepath's name>; needs the optional tensorboard package (default: none)")
     method_class(method).add_arguments(parser.add_argument_group(f"--method {method}"))
     parser.explain_unknown = lambda words: unknown_flags_message(words, stage, method)
     return parser
