@@ -125,6 +125,28 @@ def data_writer():
 
 
 @pytest.fixture(scope="session")
+def two_stages(data_writer, subprocess_env):
+    """Factory: two_stages(folder, *flags) writes conftest's data into folder/data, runs train_task1.py and
+    train_teracon_t2.py on it as subprocesses with `flags` (each must succeed) → (folder, [the two stdouts])."""
+    import subprocess
+
+    def run(folder: Path, *flags: str) -> tuple[Path, list[str]]:
+        data = data_writer(folder / "data")
+        common = ["--datapath_index", str(folder / "index.csv"), "--channels", "8", "--device", "cpu", *flags]
+        outputs = []
+        for script, own in (("train_task1.py", ["--datapath", str(data.task1), "--savepath", str(folder / "task1")]),
+                            ("train_teracon_t2.py", ["--datapath", str(data.task2), "--paths",
+                                                     str(folder / "task1.t7"), "--savepath", str(folder / "task2")])):
+            done = subprocess.run([sys.executable, script, *own, *common], cwd=REPO_ROOT, env=subprocess_env,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            outputs.append(done.stdout)
+        return folder, outputs
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def subprocess_env() -> dict:
     """Environment for script runs: one thread per process (stable timings on two shared cores)."""
     env = dict(os.environ)

@@ -68,21 +68,9 @@ def test_sampled_popularity_baselines_by_hand():
 
 
 @pytest.fixture(scope="module")
-def sampled_stages(tmp_path_factory, data_writer, subprocess_env, repo_root):
+def sampled_stages(tmp_path_factory, two_stages):
     """Stages 1 and 2 for one epoch with --eval_negatives 99 on 400 users of 100 items."""
-    folder = tmp_path_factory.mktemp("sampled")
-    data = data_writer(folder / "data")
-    common = ["--datapath_index", str(folder / "index.csv"), "--channels", "8", "--device", "cpu", "--epochs", "1",
-              "--eval_negatives", "99"]
-    outputs = []
-    for script, extra in (("train_task1.py", ["--datapath", str(data.task1), "--savepath", str(folder / "task1")]),
-                          ("train_teracon_t2.py", ["--datapath", str(data.task2), "--paths", str(folder / "task1.t7"),
-                                                   "--savepath", str(folder / "task2")])):
-        done = subprocess.run([sys.executable, script, *extra, *common], cwd=repo_root, env=subprocess_env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        outputs.append(done.stdout)
-    return folder, outputs
+    return two_stages(tmp_path_factory.mktemp("sampled"), "--epochs", "1", "--eval_negatives", "99")
 
 
 def test_a_stage_records_and_prints_its_sampled_ranking(sampled_stages):

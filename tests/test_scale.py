@@ -83,21 +83,10 @@ def test_limit_users_keeps_every_row_of_a_seeded_draw_of_users():
 
 
 @pytest.fixture(scope="module")
-def limited_stages(tmp_path_factory, data_writer, subprocess_env, repo_root):
+def limited_stages(tmp_path_factory, two_stages):
     """Stage 1 and stage 2 with --max_steps 3 --eval_users 20 on 400 users (batch 16: 20 batches an epoch)."""
-    folder = tmp_path_factory.mktemp("limited")
-    data = data_writer(folder / "data")
-    common = ["--datapath_index", str(folder / "index.csv"), "--channels", "8", "--device", "cpu", "--batch", "16",
-              "--max_steps", "3", "--eval_users", "20", "--epochs", "4"]
-    outputs = []
-    for script, extra in (("train_task1.py", ["--datapath", str(data.task1), "--savepath", str(folder / "task1")]),
-                          ("train_teracon_t2.py", ["--datapath", str(data.task2), "--paths", str(folder / "task1.t7"),
-                                                   "--savepath", str(folder / "task2")])):
-        done = subprocess.run([sys.executable, script, *extra, *common], cwd=repo_root, env=subprocess_env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        outputs.append(done.stdout)
-    return folder, outputs
+    return two_stages(tmp_path_factory.mktemp("limited"), "--batch", "16", "--max_steps", "3", "--eval_users", "20",
+                      "--epochs", "4")
 
 
 @pytest.mark.slow
