@@ -229,3 +229,63 @@ def test_a_broken_command_or_link_is_caught(tmp_path):
     assert [name for name in named_methods(shlex.split(commands[2])) if not comparison.known_name(name)] == ["not_a_method"]
     _, prose = fenced_and_prose(page.read_text())
     assert LINK.findall(prose) == ["missing.md"] and not (tmp_path / "missing.md").exists()
+
+
+# ------------------------------------------------------------------ prose: flags, method lists, dates
+
+SCRIPTS_WITH_FLAGS = ("train_task1.py", "train_teracon.py", "compare.py", "evaluate.py", "predict.py",
+                      "prepare_data.py", "tools/synth.py", "tools/ttl_shaped.py", "tools/paper_table.py",
+                      "tools/figures.py", "tools/bench.py", "tools/scale_report.py", "tools/gpu_check.py",
+                      "tools/replay_check.py")
+DATING = re.compile(r"\b(this|that) (evening|morning|afternoon|night|session)\b|\b(yesterday|tonight)\b", re.I)
+
+
+@functools.lru_cache(maxsize=None)
+def every_flag() -> frozenset[str]:
+    """The flags any script lists, with every method's own."""
+    found = frozenset().union(*(help_flags(script) for script in SCRIPTS_WITH_FLAGS))
+    return found.union(*(help_flags("train_teracon.py", method) for method in compare.METHODS))
+
+
+def retired_flags() -> set[str]:
+    """Flags that existed once: the studies' of 2026-11-29 to 12-01 and the methods' retired options."""
+    from continual.methods import method_class
+    return HISTORICAL_FLAGS | {"--no_retention"} | {flag for method in compare.METHODS
+                                                    for flag in method_class(method).retired}
+
+
+def prose_problems(text: str, record: bool = False) -> list[str]:
+    """What a page's prose gets wrong: an inline `--flag ...` that no script has (a retired one only on a page that
+    records the past: a study, or `record`), a `--method a|b|...` list that is not every registered method, and a
+    phrase that dates the page by when it was written ("that evening", "this session") where a date belongs."""
+    _, prose = fenced_and_prose(text)
+    allowed = every_flag() | defined_on_page(text)[1] | (retired_flags() if record or HISTORICAL_MARKER in text
+                                                         else set())
+    problems = []
+    for span in INLINE.findall(prose.replace("\n", " ")):
+        if not span.startswith("--"):                 # a command: test_every_command_names_a_script_and_its_flags
+            continue
+        for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", span):
+            if flag not in allowed:
+                problems.append(f"`{span}`: {flag} is no script's flag")
+        listed = re.fullmatch(r"--method ([\w\\|]+)", span)
+        if listed and "|" in listed.group(1):
+            names = set(listed.group(1).replace("\\", "").split("|"))
+            if names != set(compare.METHODS):
+                problems.append(f"`{span}`: lists {len(names)} of the {len(compare.METHODS)} methods")
+    problems += [f"{match.group(0)!r}: a date belongs here" for match in DATING.finditer(prose)]
+    return problems
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_prose_names_real_flags_every_method_and_dates(page):
+    """A study page (docs/experiments/) and the page that translates the retired flags record the past."""
+    record = "experiments" in page.parts or page.name in ("retention.md", "CHANGELOG.md")
+    problems = prose_problems(page.read_text(encoding="utf-8"), record)
+    assert not problems, "\n".join(problems)
+
+
+def test_prose_checks_catch_a_removed_flag_a_short_method_list_and_a_relative_date():
+    found = prose_problems("Use `--retention paper` or `--method teracon|finetune`; that evening's machine ran slow.")
+    assert prose_problems("`--retention paper` of 2026-11-30.", record=True) == []
+    assert len(found) == 3 and "--retention" in found[0] and "lists 2 of" in found[1] and "evening" in found[2]
