@@ -140,32 +140,44 @@ def on_off_bool(text: str) -> bool:
 
 # ---------------------------------------------------------------- a method's options: field and flag, one declaration
 
-NOT_ARGPARSE = ("rule", "aliases", "recorded")  # option() metadata that is not argparse's
+NOT_ARGPARSE = ("rule", "aliases", "recorded", "stages")  # option() metadata that is not argparse's
 
 
 def option(value: Any, help: str, **flag: Any) -> Any:
     """A method's option and its flag --NAME in one declaration: a dataclass field whose metadata is the flag's
     argparse keywords (type, choices, action, ...; `default` when the flag's differs from the field's `value`), plus
     `rule=True` for an option of a retention rule (the rule is the authors' when every such option is at its
-    default), `aliases`, [(flag, argparse keywords)] of further flags setting it, and `recorded=True` for an option
-    whose recorded value may lie outside its flag's choices (a checkpoint's label)."""
+    default), `aliases`, [(flag, argparse keywords)] of further flags setting it, `recorded=True` for an option
+    whose recorded value may lie outside its flag's choices (a checkpoint's label), and `stages` "first" (stage 1
+    only) or "later" (stages >= 2 only) for an option the other stages do not read (default: every stage)."""
     return field(default=value, metadata={"help": help, **flag})
 
 
-def add_options(parser: argparse.ArgumentParser, options_class: type, unset: bool = False) -> None:
+def used_at(stages: str | None, stage: int | None) -> bool:
+    """Whether a flag of `stages` ("first", "later" or None: every stage) is read at `stage` (None: any stage >= 2,
+    train_teracon.py's)."""
+    return stages is None or (stages == "first") == (stage == 1)
+
+
+def add_options(parser: argparse.ArgumentParser, options_class: type, unset: bool = False,
+                stage: int | None = None) -> None:
     """--NAME for every option() field of `options_class`; its default the field's, or None with `unset` (a preset
-    fills what no flag gave: Method.options_from)."""
+    fills what no flag gave: Method.options_from). An option `stage` does not read is accepted (run_all.sh passes
+    the same flags to every stage) but left out of --help."""
     for declared in fields(options_class):
         if "help" not in declared.metadata:
             continue
         keywords = {key: value for key, value in declared.metadata.items() if key not in NOT_ARGPARSE}
+        if not used_at(declared.metadata.get("stages"), stage):
+            keywords["help"] = argparse.SUPPRESS
         keywords.setdefault("default", None if unset else declared.default)
-        if unset and "default" not in keywords["help"].lower():
+        if unset and keywords["help"] != argparse.SUPPRESS and "default" not in keywords["help"].lower():
             keywords["help"] += (f" (default: {declared.default}, unless --preset or --variant sets another: "
                                  "docs/methods.md)").replace("%", "%%")
         parser.add_argument(f"--{declared.name}", **keywords)
         for alias, alias_keywords in declared.metadata.get("aliases", []):
-            parser.add_argument(alias, dest=declared.name, **alias_keywords)
+            hidden = {"help": argparse.SUPPRESS} if keywords["help"] == argparse.SUPPRESS else {}
+            parser.add_argument(alias, dest=declared.name, **{**alias_keywords, **hidden})
 
 
 def check_choices(options: Any) -> None:

@@ -244,7 +244,7 @@ DATING = re.compile(r"\b(this|that) (evening|morning|afternoon|night|session)\b|
 def every_flag() -> frozenset[str]:
     """The flags any script lists, with every method's own."""
     found = frozenset().union(*(help_flags(script) for script in SCRIPTS_WITH_FLAGS))
-    return found.union(*(help_flags("train_teracon.py", method) for method in compare.METHODS))
+    return found.union(*(help_flags(script, method) for script in STAGE_SCRIPTS for method in compare.METHODS))
 
 
 def retired_flags() -> set[str]:

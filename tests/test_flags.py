@@ -564,3 +564,29 @@ def test_every_flag_of_every_script_has_help_that_shows_its_default(monkeypatch)
     assert not silent, silent
     method = next(a for a in parsers["stage 2 --method teracon"]._actions if "--method" in a.option_strings)
     assert "--method NAME --help" in method.help
+
+
+def listed(stage: int | None, method: str) -> set[str]:
+    """The flags stage `stage`'s --help lists for `method`."""
+    from continual.training import config
+    return {name for action in config.build_parser(stage, method)._actions if action.help != argparse.SUPPRESS
+            for name in action.option_strings}
+
+
+def test_a_stage_lists_only_the_flags_it_reads_and_notes_the_others(capsys):
+    """Stage 1 lists task 1's flags (TERACON's --L2, DITTO's --ditto_rho, --channels), not the retention's or the
+    later stages' (--expert, --alpha, --paths, --protocol, --streams, LwF's, DITTO's FKT weight); stages >= 2 the
+    reverse. An unlisted flag is still accepted (run_all.sh gives every stage the same), with one note naming it."""
+    from continual.training import config
+    first, later = listed(1, "teracon"), listed(None, "teracon")
+    assert {"--L2", "--channels"} <= first and not {"--expert", "--alpha", "--paths", "--protocol", "--streams",
+                                                   "--no_embedding_clamp"} & first
+    assert {"--expert", "--alpha", "--paths", "--protocol"} <= later and not {"--L2", "--channels"} & later
+    assert "--ditto_rho" in listed(1, "ditto") and "--ditto_alpha" not in listed(1, "ditto")
+    assert "--ditto_alpha" in listed(2, "ditto") and "--ditto_rho" not in listed(2, "ditto")
+    assert "--lwf_weight" not in listed(1, "lwf") and {"--hat_lambda", "--conure_keep"} <= listed(1, "hat") | listed(
+        1, "conure")
+    run = config.parse_args(1, ["--datapath", "t1.csv", "--datapath_index", "i.csv", "--savepath", "out/t1",
+                                "--alpha", "2", "--protocol", "time"])
+    assert run.options.L2 == 0.0
+    assert capsys.readouterr().err == "note: stage 1 does not read --alpha, --protocol (flags of stages >= 2 only)\n"

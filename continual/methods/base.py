@@ -119,10 +119,11 @@ class Method:
     # ------------------------------------------------------------------ flags
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(cls, parser: argparse.ArgumentParser, stage: int | None = None) -> None:
         """The method's own flags: --NAME for every field of `Options` declared with flags.option (its domain, help and
-        default in that one declaration; None where presets fill the defaults, options_from)."""
-        flags.add_options(parser, cls.Options, unset=bool(cls.presets))
+        default in that one declaration; None where presets fill the defaults, options_from); an option `stage` does
+        not read (its `stages`) is accepted but left out of --help (stage None: any stage >= 2)."""
+        flags.add_options(parser, cls.Options, unset=bool(cls.presets), stage=stage)
 
     @classmethod
     def options_from(cls, args: argparse.Namespace) -> Any:

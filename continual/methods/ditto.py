@@ -55,24 +55,25 @@ FEWEST_USERS = 20        # the smallest sampled subset (train_ditto.py:246, 256,
 @dataclass(frozen=True)
 class DittoOptions:
     ditto_alpha: float = flags.option(0.7, "α: weight of forward knowledge transfer, FKT (DITTO: 0.7)",
-                                      type=flags.nonnegative_float)
+                                      type=flags.nonnegative_float, stages="later")
     ditto_beta: float = flags.option(0.4, "β: weight of task 1's backward transfer, BKT1 (DITTO: 0.4)",
-                                     type=flags.nonnegative_float)
+                                     type=flags.nonnegative_float, stages="later")
     ditto_gamma: float = flags.option(0.8, "γ: weight of the later item tasks' backward transfer, BKT2 (DITTO: 0.8)",
-                                      type=flags.nonnegative_float)
+                                      type=flags.nonnegative_float, stages="later")
     ditto_negatives: int = flags.option(99, "negatives per positive of each BPR sum and per user of FKT (DITTO: 99)",
                                         type=flags.positive_int)
     ditto_augment: float = flags.option(0.2, "share of a sequence's items that BKT2's deletion and substitution "
                                         "views change (DITTO: 0.2)",
-                                        type=flags.real(0.0, 1.0, high_open=True, what="a share in [0, 1)"))
+                                        type=flags.real(0.0, 1.0, high_open=True, what="a share in [0, 1)"),
+                                        stages="later")
     ditto_rho: float = flags.option(0.3, "ρ: stage 1's popularity negatives, p ∝ exp(−(rank + 1) / (ρ · items)) "
-                                    "(DITTO: 0.3)", type=flags.positive_float)
+                                    "(DITTO: 0.3)", type=flags.positive_float, stages="first")
     fkt: bool = flags.option(True, "on|off: forward knowledge transfer (DITTO's --fkt; off: its ablation)",
-                             type=flags.on_off_bool)
+                             type=flags.on_off_bool, stages="later")
     task1_bkt: bool = flags.option(True, "on|off: task 1's backward transfer (DITTO's --task1_bkt)",
-                                   type=flags.on_off_bool)
+                                   type=flags.on_off_bool, stages="later")
     rest_bkt: bool = flags.option(True, "on|off: the later item tasks' backward transfer (DITTO's --rest_bkt)",
-                                  type=flags.on_off_bool)
+                                  type=flags.on_off_bool, stages="later")
 
 
 class Ditto(Method):

@@ -35,10 +35,10 @@ SHARED = ("item_embedding.", "blocks.")  # the parameters every task reads: the 
 class EWCOptions:
     ewc_lambda: float = flags.option(1e4, "λ: weight of the penalty (λ/2) Σ_j F_j (θ − θ*_j)² (default 1e4, chosen "
                                      "on a draw of the benchmark that no reported number uses; README, Methods)",
-                                     type=flags.nonnegative_float)
+                                     type=flags.nonnegative_float, stages="later")
     ewc_samples: int = flags.option(1000, "training examples per task the Fisher is estimated from, one backward pass "
                                     "each, the first of the split's random order (default 1000); 0 = all",
-                                    type=flags.nonnegative_int)
+                                    type=flags.nonnegative_int, stages="later")
 
 
 class EWC(FineTune):

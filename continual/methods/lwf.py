@@ -24,9 +24,9 @@ from model import NextItNet
 @dataclass(frozen=True)
 class LwFOptions:
     lwf_weight: float = flags.option(1.0, "λ_o: weight of the earlier heads' distillation (Li & Hoiem: 1)",
-                                     type=flags.nonnegative_float)
+                                     type=flags.nonnegative_float, stages="later")
     lwf_temperature: float = flags.option(2.0, "T: the outputs are compared as softmax(logits / T) (Li & Hoiem: 2)",
-                                          type=flags.positive_float)
+                                          type=flags.positive_float, stages="later")
 
 
 class LwF(FineTune):

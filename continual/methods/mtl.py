@@ -24,7 +24,7 @@ from model import NextItNet
 @dataclass(frozen=True)
 class MTLOptions:
     mtl_batch: int = flags.option(0, "rows of each earlier task's training split per step, drawn with replacement "
-                                  "(default 0: the stage's --batch)", type=flags.nonnegative_int)
+                                  "(default 0: the stage's --batch)", type=flags.nonnegative_int, stages="later")
 
 
 class MTL(FineTune):

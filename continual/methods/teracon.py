@@ -62,52 +62,55 @@ class TeraconOptions:
     preset: str = option("paper", "a named combination of the options below (explicit flags win): paper (the authors' "
                          "rule), its ablations no_relation, no_retention, uniform_sampling, and recommended (README, "
                          "Retention rules; needs --expert)", choices=list(PRESETS), default="paper",
-                         recorded=True)
+                         recorded=True, stages="later")
     alpha: float = option(0.7, "weight of the knowledge-retention loss (Eq. 18; default 0.7); 0 = no retention",
-                          type=flags.nonnegative_float)
+                          type=flags.nonnegative_float, stages="later")
     no_relation: bool = option(False, "ablation: plain σ(s·e) masks for every task (Eq. 11 only)",
-                               action="store_const", const=True, rule=True)
+                               action="store_const", const=True, rule=True, stages="later")
     uniform_sampling: bool = option(False, "ablation: fixed sampling ratio 0.9 (no Eq. 15)", action="store_const",
-                                    const=True)
+                                    const=True, stages="later")
     rows: str = option("sampled", "retention rows of earlier task j: sampled = int(B · ratio_j) (the paper's), all = "
                        "every row, share = B // (K-1) rows of each of the K-1 earlier tasks (one batch of retention "
-                       "rows in all)", choices=["sampled", "all", "share"], rule=True)
+                       "rows in all)", choices=["sampled", "all", "share"], rule=True, stages="later")
     weights: str = option("sum", "retention weights c_j = ratio_j / Σ_k ratio_k (sum, the paper's) or ratio_j / "
                           "mean_k ratio_k (mean: near 1 for each earlier task however many there are)",
-                          choices=["sum", "mean"], rule=True)
+                          choices=["sum", "mean"], rule=True, stages="later")
     retention_at: str = option("annealed", "the teacher's pseudo-labels and the student's outputs at the annealed s "
-                               "(the paper's) or at smax", choices=["annealed", "smax"], rule=True)
+                               "(the paper's) or at smax", choices=["annealed", "smax"], rule=True, stages="later")
     distance: str = option("mse", "retention term: mse of the logits (the paper's, Eq. 16) or kl = "
-                           "KL(softmax(teacher) ‖ softmax(student))", choices=["mse", "kl"], rule=True)
+                           "KL(softmax(teacher) ‖ softmax(student))", choices=["mse", "kl"], rule=True, stages="later")
     own_blocks: int = option(0, "stages >= 2: the new task reads its own copies of the top K residual blocks, copied "
                              "from the shared ones at the start of the stage and trained only by its own terms (not in "
-                             "the paper); 0 = all shared", type=flags.nonnegative_int, rule=True)
+                             "the paper); 0 = all shared", type=flags.nonnegative_int, rule=True, stages="later")
     expert: str | None = option(None, "stages >= 2: a checkpoint of this stage trained on the same task and split "
                                 "without retention (e.g. the fine-tuning chain's); the new task is also distilled from "
-                                "it, β · KL(expert ‖ model) at smax", type=flags.input_file)
-    expert_weight: float = option(1.0, "β of --expert (default 1)", type=flags.nonnegative_float)
+                                "it, β · KL(expert ‖ model) at smax", type=flags.input_file, stages="later")
+    expert_weight: float = option(1.0, "β of --expert (default 1)", type=flags.nonnegative_float, stages="later")
     L2: float = option(0.0, "task 1: weight of the mean-mask regulariser (original 0.75, revised 0)",
-                       type=flags.nonnegative_float)
+                       type=flags.nonnegative_float, stages="first")
     embedding_clamp: str = option("on", "stages ≥ 2: clamp task embeddings to [-6, 6] after each step (revised: on; "
                                   "the original t2–t6 scripts' clamp never fires: off)", type=flags.on_off,
                                   choices=["on", "off"], nargs="?", const="on",
                                   aliases=[("--no_embedding_clamp", {"action": "store_const", "const": "off",
-                                                                     "help": "the same as --embedding_clamp off"})])
+                                                                     "help": "the same as --embedding_clamp off"})],
+                                  stages="later")
     nested_samples: bool = option(False, "on: earlier tasks' retention rows are prefixes of one shuffle (original); "
-                                  "off: a shuffle each (revised)", type=flags.on_off_bool, nargs="?", const=True)
+                                  "off: a shuffle each (revised)", type=flags.on_off_bool, nargs="?", const=True,
+                                  stages="later")
     ratio_weights: str = option("previous", "retention weights c_j from the previous batch's ratios (revised) or this "
-                                "batch's (original)", choices=["previous", "current"])
+                                "batch's (original)", choices=["previous", "current"], stages="later")
     new_task_at: str = option("annealed", "stages >= 2: the new task's cross-entropy at the annealed s (the paper's) "
                               "or at smax, where it is scored (the sampling ratios stay at the annealed s)",
-                              choices=["annealed", "smax"], rule=True)
+                              choices=["annealed", "smax"], rule=True, stages="later")
     own_lr: float | None = option(None, "stages >= 2: Adam's learning rate for the new task's own parameters (its "
                                   "head, task-embedding row, relation layer and --own_blocks), a parameter group of "
-                                  "their own; default the stage's --lr", type=flags.positive_float, rule=True)
+                                  "their own; default the stage's --lr", type=flags.positive_float, rule=True,
+                                  stages="later")
     frozen_cache_mib: int = option(1024, "stages >= 2: MiB of memory (on the device) for the frozen teacher's and "
                                    "expert's outputs at s = smax, kept per training row from the first use on instead "
                                    "of recomputed every epoch (the same values: speed only); the cheapest tasks' "
                                    "outputs first, a task that does not fit is recomputed; 0 = keep nothing "
-                                   "(default 1024)", type=flags.nonnegative_int)
+                                   "(default 1024)", type=flags.nonnegative_int, stages="later")
 
     def __post_init__(self) -> None:
         flags.check_choices(self)

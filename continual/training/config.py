@@ -10,6 +10,7 @@ through `continual.methods.checkpoints.legacy_run_config`.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 from typing import Callable
 
@@ -41,6 +42,11 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
     title = f"stage {stage}" if stage else "any stage ≥ 2 (--stage, or the stage after --paths)"
     parser = flags.Parser(description=f"Continual user representation learning, {title}.")
     add = parser.add_argument
+
+    def scoped(text: str, stages: str) -> str:
+        """A loop flag's help at this stage: hidden where the stage does not read it (accepted all the same)."""
+        return text if flags.used_at(stages, stage) else argparse.SUPPRESS
+
     add("--method", choices=list(METHODS), default=DEFAULT_METHOD,
         help="the continual-learning method (continual/methods/; default teracon); its own flags are listed under "
              "its name at the end of this help: `--method NAME --help` lists NAME's")
@@ -54,7 +60,7 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
     add("--datapath_index", type=flags.input_file,
         help="item index (written by task 1, read by later tasks; default: --dataset's saved_models/DATASET/index.csv)")
     add("--paths", type=flags.input_file,
-        help="previous stage's checkpoint (.t7; default: --dataset's saved_models/DATASET/task<K-1>.t7)")
+        help=scoped("previous stage's checkpoint (.t7; default: --dataset's saved_models/DATASET/task<K-1>.t7)", "later"))
     add("--savepath", type=flags.output_prefix,
         help="checkpoint written as <savepath>.t7, metrics as <savepath>.metrics.json, the learning curve as "
              "<savepath>.history.csv (default: --dataset's saved_models/DATASET/task<K>)")
@@ -84,7 +90,7 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
         help="the original's device flag: an int (cuda:N) or 'cpu' (default: --device's)")
     add("--device", type=flags.device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     add("--channels", type=flags.positive_int, default=256,
-        help="residual channels of stage 1's new model (later stages take the checkpoint's)")
+        help=scoped("residual channels of stage 1's new model (later stages take the checkpoint's)", "first"))
     add("--patience", type=flags.positive_int, default=5,
         help="epochs without a better validation score before the stage stops")
     add("--task_kind", choices=["rec", "cls"],
@@ -97,13 +103,13 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
         help="on: a validation score equal to the best so far counts as an improvement (the original's t2/t3 "
              "scripts); off: only a higher one (default by --variant: off; the original's stages 2-3 on)")
     add("--streams", choices=STREAMS, default="ours",
-        help="stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
+        help=scoped("stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
              "parameters as the authors' code does (drops partial batches; with --variant original, from an "
-             "authors' checkpoint), to replay it step for step (tools/replay_check.py); ours = this suite's draws")
+             "authors' checkpoint), to replay it step for step (tools/replay_check.py); ours = this suite's draws", "later"))
     add("--protocol", choices=PROTOCOLS, default="static",
-        help="stages >= 2: static = every item is task 1's (the paper's protocol); time = time passes between tasks: "
+        help=scoped("stages >= 2: static = every item is task 1's (the paper's protocol); time = time passes between tasks: "
              "a task's sources may hold items no earlier stage saw, which grow the item index (written beside the "
-             "checkpoint as <savepath>.index.csv, read by the next stage) and the model's item rows")
+             "checkpoint as <savepath>.index.csv, read by the next stage) and the model's item rows", "later"))
     add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
     add("--compile", action="store_true", help="torch.compile the residual stack of the model (and of the frozen "
         "models); the first steps of each shape are slower while it compiles")
@@ -140,7 +146,7 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
     add("--tensorboard", type=flags.output_dir, default=None,
         help="also write each epoch's row of <savepath>.history.csv (the learning curve every stage writes) as "
              "TensorBoard scalars under DIR/<savepath's name>; needs the optional tensorboard package (default: none)")
-    method_class(method).add_arguments(parser.add_argument_group(f"--method {method}"))
+    method_class(method).add_arguments(parser.add_argument_group(f"--method {method}"), stage)
     parser.explain_unknown = lambda words: unknown_flags_message(words, stage, method)
     return parser
 
@@ -162,6 +168,7 @@ def parse_args(stage: int | None, argv: list[str] | None = None,
     method = chosen_method(argv)
     parser = build_parser(stage, method)
     args = parser.parse_args(argv)
+    note_unread_flags(parser, sys.argv[1:] if argv is None else argv, stage)
     if stage is None:
         stage = args.stage
         if stage is None and args.paths and stage_of is not None:
@@ -193,6 +200,17 @@ def parse_args(stage: int | None, argv: list[str] | None = None,
     if run.streams == "authors":
         check_authors_streams(run)
     return run
+
+
+def note_unread_flags(parser: argparse.ArgumentParser, argv: list[str], stage: int | None) -> None:
+    """One line on stderr naming the flags given that this stage does not read (hidden from its --help; accepted so
+    that run_all.sh can give every stage the same flags)."""
+    hidden = {name for action in parser._actions if action.help == argparse.SUPPRESS for name in action.option_strings}
+    given = [word.split("=")[0] for word in argv if word.split("=")[0] in hidden]
+    if given:
+        which = "stages >= 2" if stage == 1 else "stage 1"
+        print(f"note: stage {stage or 'K'} does not read {', '.join(dict.fromkeys(given))} (flags of {which} only)",
+              file=sys.stderr)
 
 
 def check_stage_flags(argv: list[str], method: str) -> None:
