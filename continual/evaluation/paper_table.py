@@ -219,19 +219,22 @@ def paired_table(pool: Pool, against: list[str], methods: list[str], reference: 
 
 
 def figure(pool: Pool, methods: list[str], reference: str, path: str) -> None:
-    """x = mean kept share, y = mean own-stage score over the reference's, area ∝ parameters ÷ one model."""
+    """x = mean kept share, y = mean own-stage score over the reference's, area ∝ parameters ÷ one model; each
+    method its own colour (up to 14)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    for method in methods:
+    palette = [*plt.get_cmap("tab10").colors, "black", "darkgoldenrod", "navy", "magenta"]   # one per method
+    for number, method in enumerate(methods):
         kept, learned, size = summary(pool.kept(method)), summary(pool.learned(method, reference)), pool.size(method)
         if math.isnan(kept[0]) or math.isnan(learned[0]):
             continue
         xerr = [[kept[0] - kept[1]], [kept[2] - kept[0]]] if not math.isnan(kept[1]) else None
         yerr = [[learned[0] - learned[1]], [learned[2] - learned[0]]] if not math.isnan(learned[1]) else None
         ax.errorbar(kept[0], learned[0], xerr=xerr, yerr=yerr, fmt="none", ecolor="0.6", lw=0.8, zorder=1)
-        ax.scatter([kept[0]], [learned[0]], s=60 * (size if not math.isnan(size) else 1.0), alpha=0.6, zorder=2)
+        ax.scatter([kept[0]], [learned[0]], s=60 * (size if not math.isnan(size) else 1.0), alpha=0.6, zorder=2,
+                   color=palette[number % len(palette)])
         ax.annotate(method, (kept[0], learned[0]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axhline(1.0, color="0.8", lw=0.8, zorder=0)
     ax.axvline(1.0, color="0.8", lw=0.8, zorder=0)
