@@ -305,16 +305,16 @@ def test_amp_vectors_close_to_fp32(chain, capsys, tmp_path):
 
 
 def test_the_python_snippet_gives_what_predict_py_writes(chain, capsys, tmp_path, repo_root):
-    """docs/predictions.md's "From Python" block, run on this chain's stage-3 checkpoint (its task 3 for the
-    page's task 5), equals predict.py's outputs for the same users: vectors, top items and class probabilities."""
-    page = (repo_root / "docs" / "predictions.md").read_text(encoding="utf-8")
+    """README.md's "From Python" block, run on this chain's stage-3 checkpoint (its task 3 for the README's task
+    5), equals predict.py's outputs for the same users: vectors, top items and class probabilities."""
+    page = (repo_root / "README.md").read_text(encoding="utf-8")
     block = page.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     _, out = chain
     code = block.replace('"saved_models/demo/task6.t7"', repr(str(out / "task3.t7"))).replace("task=5", "task=3")
     names: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exec(compile(code, "docs/predictions.md", "exec"), names)
+        exec(compile(code, "README.md", "exec"), names)
     users = write_users(tmp_path / "users.csv", [",".join(map(str, user)) for user in names["users"]])
     assert run_predict(capsys, "--paths", out / "task3.t7", "--task", 2, "--input", users, "--embed", "--out",
                        tmp_path / "v.npy", "--device", "cpu")[0] == 0
