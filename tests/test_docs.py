@@ -289,3 +289,16 @@ def test_prose_checks_catch_a_removed_flag_a_short_method_list_and_a_relative_da
     found = prose_problems("Use `--retention paper` or `--method teracon|finetune`; that evening's machine ran slow.")
     assert prose_problems("`--retention paper` of 2026-11-30.", record=True) == []
     assert len(found) == 3 and "--retention" in found[0] and "lists 2 of" in found[1] and "evening" in found[2]
+
+
+def test_the_readme_is_a_guide_of_at_most_300_lines_with_its_start_here_block_first():
+    """The README stays a newcomer's guide: at most 300 lines, a Start-here block of at most 15 lines first with the
+    two commands, and no machine model or commit hash (they belong to docs/performance.md, the study pages and
+    CHANGELOG.md)."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").split("\n")
+    assert len(lines) <= 301                                       # 300 lines and the final newline
+    block = [line for line in lines[1:20] if line.startswith(">")]
+    assert "Start here" in block[0] and len(block) <= 15
+    assert any("bash run_all.sh demo" in line for line in block) and any("pytest" in line for line in block)
+    prose = fenced_and_prose("\n".join(lines))[1]
+    assert not re.search(r"EPYC|Xeon|AVX|\bfrom a fresh clone of [0-9a-f]{7}", prose)
