@@ -132,7 +132,7 @@ def named_methods(arguments: list[str]) -> list[str]:
         if flag in ("--method", "--preset") and not value.startswith(("$", "<")) and value != "NAME":
             names.append(value)
         if flag == "--methods" and not value.startswith(("$", "<")):
-            names += [name for name in value.split(",") if name and name not in ("METHODS", "RULES")]
+            names += [name for name in value.split(",") if name and name not in ("METHODS", "RULES", "NAME")]
     return names
 
 
