@@ -85,6 +85,8 @@ def main() -> None:
                         help="with --matrix: also write it as CSV (and, where stages scored re-test files under "
                              "--protocol time, their rows as <csv without .csv>.retest.csv)")
     args = parser.parse_args()
+    if args.eval_negatives is not None:   # given: its domain at parse time; else the checkpoint's, once it is read
+        flags.check_eval_negatives(parser, args.eval_negatives, args.top_k)
 
     if args.matrix:
         header, rows = forgetting_matrix(args.matrix)

@@ -30,7 +30,11 @@ def read_history(path: str) -> list[dict[str, str]]:
         return []
     try:
         with open(path, encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+        missing = [name for name in ("phase", "epoch") if name not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"no {missing[0]} column")
         for row in rows:
             int(row["phase"]), int(row["epoch"])
     except (OSError, csv.Error, KeyError, TypeError, ValueError) as error:
