@@ -229,11 +229,12 @@ def check_metrics_close(a, b):
 
 
 def check_one_writer(done, folder, stem, extra=()):
-    """Rank 0 alone printed and wrote: one epoch line, one table, exactly the expected files."""
+    """Rank 0 alone printed and wrote: one epoch line, one table, exactly the expected files (its learning curve
+    among them)."""
     assert done.stdout.count("epoch 0:") == 1, done.stdout
     assert done.stdout.count("test metrics") == 1, done.stdout
     assert sorted(os.listdir(folder)) == sorted([f"{stem}.metrics.json", f"{stem}.resources.json", f"{stem}.t7",
-                                                 *extra])
+                                                 f"{stem}.history.csv", *extra])
 
 
 @pytest.fixture(scope="module")
