@@ -542,10 +542,9 @@ def stage_lines(number: int, hist: Histories, tasks: list[Task],
     return *task_tokens(hist.t1, task.rows[keep], task.targets[keep]), hist.t1[np.unique(task.rows[keep])]
 
 
-def rated_after(ratings: pd.DataFrame, hist: Histories, moment: float) -> np.ndarray:
-    """The histories (rows of `hist`) whose user rated after `moment`."""
-    last = ratings.groupby("user")["timestamp"].max()
-    return np.flatnonzero(last.reindex(hist.users).to_numpy() > moment)
+def last_ratings(ratings: pd.DataFrame, hist: Histories) -> np.ndarray:
+    """[n_users of hist] the timestamp of each kept user's last rating in `ratings`."""
+    return ratings.groupby("user")["timestamp"].max().reindex(hist.users).to_numpy()
 
 
 def day(moment: float) -> str:
@@ -560,32 +559,33 @@ def prepare_periods(args: argparse.Namespace, raw: Raw) -> dict[str, Any]:
     first_share = args.first_share if args.first_share is not None else 1.0 / STAGES
     ends = period_ends(raw.ratings["timestamp"].to_numpy(), STAGES, first_share)
     os.makedirs(args.out, exist_ok=True)
-    known: list[set[int]] = []              # items of the sources of the files of stages 1..K
+    known = [np.zeros(0, dtype=np.int64)]   # known[K]: the source items of the files of stages 1..K, ascending
     entries, retests = [], []
     remove_retests(args.out)
     for stage, end in enumerate(ends, start=1):
         ratings = raw.ratings[raw.ratings["timestamp"] <= end]
         hist = histories_of(ratings, args, f" by the end of period {stage} ({day(end)})")
         tasks = [sort_task(task) for task in build_tasks(raw, hist, args.like_threshold, coded_alike=True)]
+        last = last_ratings(ratings, hist)                         # [users]
         for task in range(1, stage):                               # the earlier tasks' later users (tasks 1..5)
-            values, seps, sources = stage_lines(task, hist, tasks, rated_after(ratings, hist, ends[task - 1]))
+            values, seps, sources = stage_lines(task, hist, tasks, np.flatnonzero(last > ends[task - 1]))
             if sources.shape[0] == 0:
                 continue
             name = f"task{task}.retest{stage}.csv"
             write_tokens(os.path.join(args.out, name), values, seps)
             inputs = sources[:, :-1] if task == 1 else sources              # task 1's last item is its target
-            with_new = int(sum(bool(set(np.unique(line[line > 0]).tolist()) - known[task - 1]) for line in inputs))
+            with_new = int(((inputs > 0) & ~np.isin(inputs, known[task])).any(1).sum())
             retests.append({"file": name, "task": task, "stage": stage, "kind": "rec" if task <= 3 else "cls",
                             "lines": int(sources.shape[0]), "users_with_new": with_new})
         values, seps, sources = stage_lines(stage, hist, tasks)
         if sources.shape[0] == 0:
             raise PrepError(f"{args.source}: task {stage} has no example by the end of period {stage} ({day(end)})")
         write_tokens(os.path.join(args.out, f"task{stage}.csv"), values, seps)
-        items = set(np.unique(sources[sources > 0]).tolist())
+        items = np.unique(sources[sources > 0])
         entries.append({"stage": stage, "period_end": day(end), "ratings": int(len(ratings)),
-                        "users": int(hist.users.size), "new_items": len(items - (known[-1] if known else set())),
-                        **(task_entry(stage, args, hist, tasks))})
-        known.append(items | (known[-1] if known else set()))
+                        "users": int(hist.users.size), "new_items": int(np.setdiff1d(items, known[-1]).size),
+                        **task_entry(stage, args, hist, tasks)})
+        known.append(np.union1d(known[-1], items))
     meta = {"source": args.source, "format": raw.format, "seq_len": args.seq_len, "window": args.window,
             "min_interactions": args.min_interactions, "like_threshold": args.like_threshold,
             "users": entries[-1]["users"], "periods": STAGES, "first_share": first_share,

@@ -60,7 +60,8 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
     add("--datapath_index", type=flags.input_file,
         help="item index (written by task 1, read by later tasks; default: --dataset's saved_models/DATASET/index.csv)")
     add("--paths", type=flags.input_file,
-        help=scoped("previous stage's checkpoint (.t7; default: --dataset's saved_models/DATASET/task<K-1>.t7)", "later"))
+        help=scoped("previous stage's checkpoint (.t7; default: --dataset's saved_models/DATASET/task<K-1>.t7)",
+                    "later"))
     add("--savepath", type=flags.output_prefix,
         help="checkpoint written as <savepath>.t7, metrics as <savepath>.metrics.json, the learning curve as "
              "<savepath>.history.csv (default: --dataset's saved_models/DATASET/task<K>)")
@@ -104,12 +105,14 @@ def build_parser(stage: int | None, method: str = DEFAULT_METHOD) -> argparse.Ar
              "scripts); off: only a higher one (default by --variant: off; the original's stages 2-3 on)")
     add("--streams", choices=STREAMS, default="ours",
         help=scoped("stages >= 2: authors = draw batches, retention rows, evaluation rows and the new stage's fresh "
-             "parameters as the authors' code does (drops partial batches; with --variant original, from an "
-             "authors' checkpoint), to replay it step for step (tools/replay_check.py); ours = this suite's draws", "later"))
+                    "parameters as the authors' code does (drops partial batches; with --variant original, from an "
+                    "authors' checkpoint), to replay it step for step (tools/replay_check.py); ours = this suite's "
+                    "draws", "later"))
     add("--protocol", choices=PROTOCOLS, default="static",
-        help=scoped("stages >= 2: static = every item is task 1's (the paper's protocol); time = time passes between tasks: "
-             "a task's sources may hold items no earlier stage saw, which grow the item index (written beside the "
-             "checkpoint as <savepath>.index.csv, read by the next stage) and the model's item rows", "later"))
+        help=scoped("stages >= 2: static = every item is task 1's (the paper's protocol); time = time passes between "
+                    "tasks: a task's sources may hold items no earlier stage saw, which grow the item index (written "
+                    "beside the checkpoint as <savepath>.index.csv, read by the next stage) and the model's item rows",
+                    "later"))
     add("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
     add("--compile", action="store_true", help="torch.compile the residual stack of the model (and of the frozen "
         "models); the first steps of each shape are slower while it compiles")
