@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -261,23 +261,20 @@ class Predictor:
     def users(self, users: Iterable[Sequence[int | str]] | str) -> Users:
         return read_users(users, self.index) if isinstance(users, str) else users_from_lists(users, self.index)
 
-    def forward(self, users: Users, number: int) -> tuple[np.ndarray, np.ndarray]:
-        """(hidden [n, C], logits [n, n_classes]) of task `number`'s mask and head for every user."""
+    def batches(self, users: Users, number: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(hidden [b, C], logits [b, n_classes]) of task `number`'s mask and head, a batch of users at a time (a
+        head of TTL's 645,974 items never holds every user's logits at once)."""
         view, pad = self.task(number), pad_item(self.index)
         masks = self.model.task_masks(number - 1, self.s)                     # [n_layers, C]
-        hidden, logits = [], []
-        for start in range(0, users.size, self.batch):
+        for start in row_batches(users.size, self.batch, "predict"):
             chunk = np.arange(start, min(start + self.batch, users.size))
-            h, z = outputs(self.model, number - 1, user_inputs(users, chunk, view.length, pad), masks, self.device,
-                           False)
-            hidden.append(h.cpu().numpy())
-            logits.append(z.cpu().numpy())
-        return np.concatenate(hidden), np.concatenate(logits)
+            yield outputs(self.model, number - 1, user_inputs(users, chunk, view.length, pad), masks, self.device,
+                          False)
 
     def embed(self, users: Iterable[Sequence[int | str]] | str, task: int = 1) -> np.ndarray:
         """[n_users, C] float32: each user's last-position hidden vector under task `task`'s mask (predict.py
         --embed)."""
-        return self.forward(self.users(users), task)[0]
+        return np.concatenate([hidden.cpu().numpy() for hidden, _ in self.batches(self.users(users), task)])
 
     def top_items(self, users: Iterable[Sequence[int | str]] | str, task: int = 1,
                   k: int = 10) -> list[list[tuple[str, float]]]:
@@ -286,19 +283,22 @@ class Predictor:
         view = self.task(task)
         if view.kind != "rec":
             raise DataError(f"task {task} is a {view.kind} task; top_items ranks a rec task's items")
-        logits = torch.from_numpy(self.forward(self.users(users), task)[1])            # [n, n_classes]
-        probabilities = torch.softmax(logits, dim=1)                                    # over every class of the head
-        skipped = special_classes(view, self.index)
-        logits[:, skipped] = -torch.inf
-        best = torch.topk(logits, k=min(k, logits.shape[1] - skipped.size), dim=1)      # [n, k]
-        probabilities = probabilities.gather(1, best.indices).numpy()
-        return [[(str(view.labels[c]), float(p)) for c, p in zip(row, probs)]
-                for row, probs in zip(best.indices.numpy(), probabilities)]
+        skipped = torch.from_numpy(special_classes(view, self.index))
+        found = []
+        for _, logits in self.batches(self.users(users), task):                         # [b, n_classes]
+            probabilities = torch.softmax(logits, dim=1)                                # over every class of the head
+            logits[:, skipped.to(logits.device)] = -torch.inf
+            best = torch.topk(logits, k=min(k, logits.shape[1] - skipped.numel()), dim=1)   # [b, k]
+            chosen = probabilities.gather(1, best.indices).cpu().numpy()
+            found += [[(str(view.labels[c]), float(p)) for c, p in zip(row, probs)]
+                      for row, probs in zip(best.indices.cpu().numpy(), chosen)]
+        return found
 
     def class_probabilities(self, users: Iterable[Sequence[int | str]] | str,
                             task: int) -> tuple[list[str], np.ndarray]:
         """(the classes' raw labels with <UNK> first, [n_users, n_classes] softmax of cls task `task`'s head), as
         predict.py's p_<label> columns."""
         view = self.task(task)
-        logits = torch.from_numpy(self.forward(self.users(users), task)[1])
-        return [str(label) for label in view.labels], torch.softmax(logits, dim=1).numpy()
+        probabilities = [torch.softmax(logits, dim=1).cpu().numpy() for _, logits in
+                         self.batches(self.users(users), task)]
+        return [str(label) for label in view.labels], np.concatenate(probabilities)
