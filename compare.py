@@ -53,8 +53,7 @@ from continual.methods.checkpoints import load_checkpoint
 from continual.comparison import (chains_first, known_name, method_names, read_records, records_csv,
                                   resolve, split_overrides)
 from continual.datasets import DATASETS, preset_paths, stage_flags
-from continual.evaluation.metrics import RETEST_PARTS
-from continual.evaluation.reports import headline_metric, matrix_cell
+from continual.evaluation.reports import headline_metric, retest_cells
 from continual.evaluation.stats import mean_sd, paired_difference, t_interval
 from continual.methods import DEFAULT_METHOD, METHODS, method_class
 from continual.training.config import check_stage_flags
@@ -571,14 +570,11 @@ def retest_records(results: Results) -> list[dict]:
     records = []
     for method, by_seed in results.items():
         for seed, stages in sorted(by_seed.items()):
-            for stage, metrics in sorted(stages.items()):
-                for task, entry in sorted(metrics["tasks"].items(), key=lambda item: int(item[0])):
-                    retest = entry.get("retest") or {}
-                    for part in (name for name in RETEST_PARTS if name in retest):
-                        cell = matrix_cell(retest[part])
-                        records.append({"seed": seed, "method": method, "stage": stage, "task": int(task),
-                                        "part": part, "users": retest[part]["n_test_users"], "value": cell["value"],
-                                        "baseline": cell["baseline_value"], "original": headline(entry)})
+            entries = [{**metrics, "stage": stage} for stage, metrics in sorted(stages.items())]
+            for stage, task, part, users, cell, original in retest_cells(entries):
+                records.append({"seed": seed, "method": method, "stage": stage, "task": int(task), "part": part,
+                                "users": users, "value": cell["value"], "baseline": cell["baseline_value"],
+                                "original": original["value"]})
     return records
 
 

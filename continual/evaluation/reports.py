@@ -3,6 +3,7 @@ baseline and 95 % interval, and the matrix of headlines after every stage."""
 from __future__ import annotations
 
 import json
+from typing import Iterable, Iterator
 
 from continual.evaluation.metrics import RETEST_PARTS, headline_name
 from utils import DataError
@@ -191,14 +192,21 @@ def retest_matrix(metric_files: list[str]) -> tuple[list[str], list[list[str]]]:
     header = ["stage", "task", "part", "users", "value", "lo", "hi", "baseline_name", "baseline", "above_baseline",
               "ceiling", "original"]
     rows = []
-    for entry in load_stages(metric_files):
+    for stage, key, part, users, cell, original in retest_cells(load_stages(metric_files)):
+        low, high = cell["ci95"] or (None, None)
+        rows.append([str(stage), key, part, str(users), _number(cell["value"]), _number(low), _number(high),
+                     cell["baseline"] or "", _number(cell["baseline_value"]),
+                     "" if cell["above"] is None else str(int(cell["above"])), _number(cell["ceiling"]),
+                     _number(original["value"])])
+    return header, rows
+
+
+def retest_cells(stages: Iterable[dict]) -> Iterator[tuple[int, str, str, int, dict, dict]]:
+    """--protocol time: (stage, task key, part of its re-test users, their count, the re-test's matrix_cell, the task's
+    matrix_cell on its original test users) for every re-test the stages' metrics.json entries scored."""
+    for entry in stages:
         for key, task in entry["tasks"].items():
             retest = task.get("retest") or {}
             for part in (name for name in RETEST_PARTS if name in retest):
-                cell = matrix_cell(retest[part])
-                low, high = cell["ci95"] or (None, None)
-                rows.append([str(entry["stage"]), key, part, str(retest[part]["n_test_users"]), _number(cell["value"]),
-                             _number(low), _number(high), cell["baseline"] or "", _number(cell["baseline_value"]),
-                             "" if cell["above"] is None else str(int(cell["above"])), _number(cell["ceiling"]),
-                             _number(matrix_cell(task)["value"])])
-    return header, rows
+                yield (entry["stage"], key, part, retest[part]["n_test_users"], matrix_cell(retest[part]),
+                       matrix_cell(task))
