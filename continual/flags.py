@@ -369,3 +369,11 @@ def comma_list(choices: list[str], known: Callable[[str], bool] | None = None) -
             _fail(f"unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(choices)}")
         return names
     return _validator("comma_list", check)
+
+
+def name_pair(text: str) -> list[str]:
+    """Two comma-separated names, neither empty: "static,time"."""
+    names = [name.strip() for name in text.split(",")]
+    if len(names) != 2 or not all(names):
+        _fail(f"must be two comma-separated names (got {text!r})")
+    return names

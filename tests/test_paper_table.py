@@ -21,12 +21,12 @@ SCORES = {
 SHIFT = {(0, 0): 0.0, (0, 1): 0.01, (1, 0): -0.02, (1, 1): 0.03}      # each unit's own offset
 
 
-def write_results(folder, draw: int) -> str:
-    path = folder / f"results{draw}.csv"
+def write_results(folder, draw: int, scores_by_method: dict = SCORES, name: str = "results") -> str:
+    path = folder / f"{name}{draw}.csv"
     with open(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, comparison.RESULT_COLUMNS)
         writer.writeheader()
-        for method, scores in SCORES.items():
+        for method, scores in scores_by_method.items():
             for seed in (0, 1):
                 for (stage, task), value in scores.items():
                     size = 100.0 * (1 if method == "finetune" else stage)
@@ -74,6 +74,57 @@ def test_each_earlier_tasks_kept_share_with_its_lowest_unit_by_hand(tmp_path):
     mean, low, high = paper_table.summary(task1)
     assert row[2].startswith(f"| finetune | 4 | {mean:.3f} [{low:.3f}, {high:.3f}] ({min(task1.values()):.3f}) |")
     assert row[3] == "| fineall | 4 | 1.000 [1.000, 1.000] (1.000) | 1.000 [1.000, 1.000] (1.000) |"
+
+
+def hand_verdict(differences: list[float]) -> str:
+    """▲/=/▼ of the 95 % t-interval of four paired differences, by hand: mean ± t(0.975, 3) · sd / √4."""
+    mean, half = statistics.fmean(differences), 3.182 * statistics.stdev(differences) / 2
+    return "▲" if mean - half > 0 else "▼" if mean + half < 0 else "="
+
+
+def hand_kept_and_new(scores: dict) -> tuple[str, str]:
+    """The verdicts of fineall − finetune on the kept share (tasks 1–2) and on new tasks ÷ finetune's (tasks 2–3)."""
+    kept = [statistics.fmean([(scores["fineall"][3, k] + s) / (scores["fineall"][k, k] + s)
+                              - (scores["finetune"][3, k] + s) / (scores["finetune"][k, k] + s) for k in (1, 2)])
+            for s in SHIFT.values()]
+    new = [statistics.fmean([(scores["fineall"][k, k] + s) / (scores["finetune"][k, k] + s) - 1 for k in (2, 3)])
+           for s in SHIFT.values()]
+    return hand_verdict(kept), hand_verdict(new)
+
+
+def test_orderings_name_every_cell_whose_verdict_changes_between_two_pools_by_hand(tmp_path):
+    """Under the second protocol fineall loses task 1 below finetune (a reversal) and ties it on task 2 (a lost
+    verdict); task 3 keeps its ▼. The kept and new-task cells' verdicts are computed by hand per unit."""
+    time = {"finetune": SCORES["finetune"], "fineall": {**SCORES["fineall"], (3, 1): 0.02, (3, 2): 0.15}}
+    first = paper_table.Pool(paper_table.read_records([write_results(tmp_path, d) for d in (0, 1)]))
+    second = paper_table.Pool(paper_table.read_records([write_results(tmp_path, d, time, "time") for d in (0, 1)]))
+    text = paper_table.ordering_changes(first, second, ["fineall", "finetune"], "finetune", ["static", "time"])
+    assert ("| fineall − finetune | task 1 (mrr@5) | ▲ 0.300 [0.300, 0.300] | ▼ -0.080 [-0.080, -0.080] | reversed |"
+            in text)
+    assert "| fineall − finetune | task 2 (mrr@5) | ▲ 0.090 [0.090, 0.090] | = 0.000 [0.000, 0.000] | lost |" in text
+    assert "task 3 (acc)" not in text                                          # ▼ under both: no change
+    changes = {"reversed": 1, "lost": 1, "new": 0, "same": 1}
+    for was, now in zip(hand_kept_and_new(SCORES), hand_kept_and_new(time)):
+        changes["same" if was == now else "reversed" if "=" not in (was, now) else "lost" if now == "=" else "new"] += 1
+    assert (f"Of 5 paired cells (2 methods, every pair, 5 cells a pair, each judged over its own pool's units), "
+            f"{changes['same']} keep their verdict from static to time, {changes['reversed']} reverse (▲ ↔ ▼), "
+            f"{changes['lost']} lose theirs (→ =) and {changes['new']} gain one (= →)") in text
+    assert "- static: fineall 1.000 > finetune" in text                        # ranked by kept share, highest first
+
+
+def test_versus_writes_the_orderings_and_refuses_pools_that_do_not_match(tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = [write_results(tmp_path, 0)]
+    written = paper_table.main(["--results", *paths, "--versus", *paths, "--labels", "static,time",
+                                "--out", str(tmp_path / "out"), "--against", "fineall"])
+    assert [os.path.basename(p) for p in written] == ["paper_table.md", "paper_figure.png", "orderings.md"]
+    assert "keep their verdict from static to time, 0 reverse" in open(written[2], encoding="utf-8").read()
+    one = write_results(tmp_path, 0, {"finetune": SCORES["finetune"]}, "one")
+    with pytest.raises(paper_table.DataError, match=r"one0.csv: fewer than two of the methods"):
+        paper_table.main(["--results", *paths, "--versus", one, "--out", str(tmp_path / "out2"),
+                          "--against", "fineall"])
+    with pytest.raises(SystemExit):
+        paper_table.main(["--results", *paths, "--versus", *paths, "--labels", "static"])
 
 
 def test_the_table_and_figure_are_written(tmp_path):

@@ -2,6 +2,7 @@
 
     python tools/paper_table.py --results runs/paper_synth/draw0/results.csv runs/paper_synth/draw1/results.csv ...
                                 [--out DIR] [--reference finetune] [--against teracon,recommended] [--methods a,b,...]
+                                [--versus OTHER_RESULTS ... --labels static,time]
 
 Each --results file is one compare.py run (one draw of the data); a unit is one (file, seed): its own data draw,
 split and stage 1. Over the units that finished every stage, it writes to --out:
@@ -13,7 +14,9 @@ split and stage 1. Over the units that finished every stage, it writes to --out:
   own-stage score, marked against its trivial baseline; then paired differences of each --against method with
   every other method: ▲ beats (the interval lies above 0), ▼ loses (below), = ties;
 - paper_figure.png: each method a point, x = mean kept share, y = mean new-task score over the reference's,
-  marker area ∝ parameters over one model, with the 95 % intervals as bars.
+  marker area ∝ parameters over one model, with the 95 % intervals as bars;
+- orderings.md, with --versus (results of the same methods under another protocol or data): the rankings by kept
+  share and by new tasks under each, and every paired cell whose verdict changes from --results to --versus.
 """
 from __future__ import annotations
 
@@ -218,6 +221,52 @@ def paired_table(pool: Pool, against: list[str], methods: list[str], reference: 
     return "\n".join(lines) + "\n"
 
 
+def ranking(pool: Pool, methods: list[str], numbers) -> str:
+    """The methods by mean of `numbers(method)` ({unit: value}), highest first: "a 0.98 > b 0.81 > ..."."""
+    means = {m: summary(numbers(m))[0] for m in methods}
+    ordered = sorted((m for m in methods if not math.isnan(means[m])), key=lambda m: -means[m])
+    return " > ".join(f"{m} {means[m]:.3f}" for m in ordered)
+
+
+def verdict_cells(pool: Pool, a: str, b: str, reference: str) -> list[tuple[str, str]]:
+    """a − b over paired_cells' cells → (verdict, "mean [low, high]") each ("" where a cell has no units)."""
+    return [(verdict(low, high), cell((mean, low, high), 3)) if not math.isnan(mean) else ("", "")
+            for mean, low, high, _ in paired_cells(pool, a, b, reference)]
+
+
+def ordering_changes(first: Pool, second: Pool, methods: list[str], reference: str, labels: list[str]) -> str:
+    """Which orderings change between two pools of the same methods (two protocols): the rankings by kept share
+    and by new tasks over the reference under each, then every pair a − b (a before b in `methods`) and cell of
+    paired_cells whose verdict differs (▲ beats, = ties, ▼ loses), each pool's verdict judged over its own units.
+    A change is a reversal (▲ ↔ ▼), a lost verdict (▲ or ▼ → =) or a new one (= → ▲ or ▼)."""
+    names = [*task_headers(first), f"own-stage ÷ {reference}", "kept"]
+    lines, counts = [], {"reversed": 0, "lost": 0, "new": 0, "same": 0}
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            for name, (was, was_text), (now, now_text) in zip(names, verdict_cells(first, a, b, reference),
+                                                               verdict_cells(second, a, b, reference)):
+                if not was or not now:
+                    continue
+                kind = ("same" if was == now else "reversed" if "=" not in (was, now)
+                        else "lost" if now == "=" else "new")
+                counts[kind] += 1
+                if kind != "same":
+                    lines.append(table_row([f"{a} − {b}", name, f"{was} {was_text}", f"{now} {now_text}", kind]))
+    total = sum(counts.values())
+    head = (f"Rankings by mean kept share (tasks 1–{first.stages - 1}):\n\n"
+            + "".join(f"- {label}: {ranking(pool, methods, pool.kept)}\n" for label, pool in zip(labels,
+                                                                                                (first, second)))
+            + f"\nRankings by mean new-task score ÷ {reference}'s:\n\n"
+            + "".join(f"- {label}: {ranking(pool, methods, lambda m, p=pool: p.learned(m, reference))}\n"
+                      for label, pool in zip(labels, (first, second)))
+            + f"\nOf {total} paired cells ({len(methods)} methods, every pair, {len(names)} cells a pair, each judged "
+              f"over its own pool's units), {counts['same']} keep their verdict from {labels[0]} to {labels[1]}, "
+              f"{counts['reversed']} reverse (▲ ↔ ▼), {counts['lost']} lose theirs (→ =) and {counts['new']} gain "
+              "one (= →):\n\n")
+    columns = ["a − b", "cell", labels[0], labels[1], "change"]
+    return head + "\n".join([table_row(columns), "|" + "---|" * len(columns), *lines]) + "\n"
+
+
 def figure(pool: Pool, methods: list[str], reference: str, path: str) -> None:
     """x = mean kept share, y = mean own-stage score over the reference's, area ∝ parameters ÷ one model; each
     method its own colour (up to 14)."""
@@ -260,6 +309,11 @@ def main(argv: list[str] | None = None) -> list[str]:
                         help="methods whose paired differences with every other method are shown")
     parser.add_argument("--methods", type=flags.comma_list(names, known_name), default=None,
                         help="the methods shown, in this order (default: every method in the results)")
+    parser.add_argument("--versus", type=flags.existing_file, nargs="+", default=None,
+                        help="results.csv of the same methods under another protocol: writes orderings.md, what "
+                             "changes from --results to these, over the methods in both")
+    parser.add_argument("--labels", type=flags.name_pair, default=["results", "versus"],
+                        help="the names of --results and --versus in orderings.md")
     args = parser.parse_args(argv)
     if len(args.reference) != 1:
         parser.error("--reference takes one method")
@@ -287,6 +341,18 @@ def main(argv: list[str] | None = None) -> list[str]:
     table_path, figure_path = os.path.join(args.out, "paper_table.md"), os.path.join(args.out, "paper_figure.png")
     atomic_write_text(table_path, text)
     figure(pool, methods, args.reference, figure_path)
-    print(text + f"\nwritten to {table_path} and {figure_path}")
-    return [table_path, figure_path]
+    written = [table_path, figure_path]
+    if args.versus:
+        other = Pool(read_records(args.versus))
+        if other.stages != pool.stages:
+            raise DataError(f"{args.versus[0]}: {other.stages} stages, but --results have {pool.stages}")
+        both = [m for m in methods if other.units(m) and pool.units(m)]
+        if len(both) < 2:
+            raise DataError(f"{args.versus[0]}: fewer than two of the methods ({', '.join(methods)}) finished in "
+                            "both --results and --versus")
+        written.append(os.path.join(args.out, "orderings.md"))
+        atomic_write_text(written[-1], ordering_changes(pool, other, both, args.reference, args.labels))
+        text += "\n" + open(written[-1], encoding="utf-8").read()
+    print(text + "\nwritten to " + ", ".join(written))
+    return written
 
