@@ -123,6 +123,7 @@ def test_versus_writes_the_orderings_and_refuses_pools_that_do_not_match(tmp_pat
     with pytest.raises(paper_table.DataError, match=r"one0.csv: fewer than two of the methods"):
         paper_table.main(["--results", *paths, "--versus", one, "--out", str(tmp_path / "out2"),
                           "--against", "fineall"])
+    assert not (tmp_path / "out2").exists()                                    # refused before anything is written
     with pytest.raises(SystemExit):
         paper_table.main(["--results", *paths, "--versus", *paths, "--labels", "static"])
 

@@ -296,6 +296,19 @@ def figure(pool: Pool, methods: list[str], reference: str, path: str) -> None:
     plt.close(fig)
 
 
+def versus_pool(paths: list[str], pool: Pool, methods: list[str]) -> tuple[Pool, list[str]]:
+    """--versus's pool and the methods finished in both pools; a DataError naming the file when it has another
+    number of stages or fewer than two such methods."""
+    other = Pool(read_records(paths))
+    if other.stages != pool.stages:
+        raise DataError(f"{paths[0]}: {other.stages} stages, but --results have {pool.stages}")
+    both = [m for m in methods if other.units(m) and pool.units(m)]
+    if len(both) < 2:
+        raise DataError(f"{paths[0]}: fewer than two of the methods ({', '.join(methods)}) finished in both "
+                        "--results and --versus")
+    return other, both
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     parser = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=flags.existing_file, nargs="+", required=True,
@@ -323,6 +336,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     for name in dict.fromkeys([args.reference, *args.against, *methods]):
         if name not in pool.scores:
             raise DataError(f"{args.results[0]}: no method {name!r} in the results (have {', '.join(pool.scores)})")
+    other, both = (versus_pool(args.versus, pool, methods) if args.versus else (None, []))   # checked before writing
     os.makedirs(args.out, exist_ok=True)
     units = sorted({u for m in methods for u in pool.units(m)})
     text = (f"Pooled over {len(units)} units ({len(args.results)} result files × their seeds): "
@@ -343,13 +357,6 @@ def main(argv: list[str] | None = None) -> list[str]:
     figure(pool, methods, args.reference, figure_path)
     written = [table_path, figure_path]
     if args.versus:
-        other = Pool(read_records(args.versus))
-        if other.stages != pool.stages:
-            raise DataError(f"{args.versus[0]}: {other.stages} stages, but --results have {pool.stages}")
-        both = [m for m in methods if other.units(m) and pool.units(m)]
-        if len(both) < 2:
-            raise DataError(f"{args.versus[0]}: fewer than two of the methods ({', '.join(methods)}) finished in "
-                            "both --results and --versus")
         written.append(os.path.join(args.out, "orderings.md"))
         atomic_write_text(written[-1], ordering_changes(pool, other, both, args.reference, args.labels))
         text += "\n" + open(written[-1], encoding="utf-8").read()
