@@ -221,7 +221,7 @@ def paired_table(pool: Pool, against: list[str], methods: list[str], reference: 
     return "\n".join(lines) + "\n"
 
 
-def ranking(pool: Pool, methods: list[str], numbers) -> str:
+def ranking(methods: list[str], numbers) -> str:
     """The methods by mean of `numbers(method)` ({unit: value}), highest first: "a 0.98 > b 0.81 > ..."."""
     means = {m: summary(numbers(m))[0] for m in methods}
     ordered = sorted((m for m in methods if not math.isnan(means[m])), key=lambda m: -means[m])
@@ -254,10 +254,9 @@ def ordering_changes(first: Pool, second: Pool, methods: list[str], reference: s
                     lines.append(table_row([f"{a} − {b}", name, f"{was} {was_text}", f"{now} {now_text}", kind]))
     total = sum(counts.values())
     head = (f"Rankings by mean kept share (tasks 1–{first.stages - 1}):\n\n"
-            + "".join(f"- {label}: {ranking(pool, methods, pool.kept)}\n" for label, pool in zip(labels,
-                                                                                                (first, second)))
+            + "".join(f"- {label}: {ranking(methods, pool.kept)}\n" for label, pool in zip(labels, (first, second)))
             + f"\nRankings by mean new-task score ÷ {reference}'s:\n\n"
-            + "".join(f"- {label}: {ranking(pool, methods, lambda m, p=pool: p.learned(m, reference))}\n"
+            + "".join(f"- {label}: {ranking(methods, lambda m, p=pool: p.learned(m, reference))}\n"
                       for label, pool in zip(labels, (first, second)))
             + f"\nOf {total} paired cells ({len(methods)} methods, every pair, {len(names)} cells a pair, each judged "
               f"over its own pool's units), {counts['same']} keep their verdict from {labels[0]} to {labels[1]}, "
@@ -357,9 +356,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     figure(pool, methods, args.reference, figure_path)
     written = [table_path, figure_path]
     if args.versus:
+        orderings = ordering_changes(pool, other, both, args.reference, args.labels)
         written.append(os.path.join(args.out, "orderings.md"))
-        atomic_write_text(written[-1], ordering_changes(pool, other, both, args.reference, args.labels))
-        text += "\n" + open(written[-1], encoding="utf-8").read()
+        atomic_write_text(written[-1], orderings)
+        text += "\n" + orderings
     print(text + "\nwritten to " + ", ".join(written))
     return written
 
